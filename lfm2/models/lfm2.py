@@ -1,0 +1,247 @@
+"""LFM2 (dense), in plain PyTorch.
+
+The architecture, block by block (see `LFM2_SPEC.md` and transformers' `modeling_lfm2.py`):
+- token embedding, tied to the output head; the final RMSNorm is named `embedding_norm`;
+- each block is pre-norm: `x += op(operator_norm(x))`, then `x += feed_forward(ffn_norm(x))`,
+  where `op` is either a gated short convolution or grouped-query attention (`layer_types`);
+- gated short convolution: `in_proj` d -> 3d split into (B, C, x); `u = B*x`; a depthwise causal
+  conv1d of kernel L over time; `C * conv(u)`; `out_proj`. No activation anywhere;
+- attention: per-head RMSNorm on q and k BEFORE RoPE (rotate-half convention), GQA, `out_proj`;
+- feed-forward: SwiGLU `w2(silu(w1(x)) * w3(x))`; RMSNorm is `w * x / rms(x)` computed in float32.
+
+Module attribute names equal Hugging Face's parameter names, so a `model.safetensors` loads
+one-to-one. The model maps token ids to logits; it does not sample, stop or tokenize. A `Cache`
+passed in makes it incremental (prefill, then single-token decode); an `attention_mask` (B, T)
+marks the real tokens of left-padded rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm2.cache import Cache
+from lfm2.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Float32 statistics even for bf16 activations, as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin (B, T, head_dim) for RoPE at the given integer positions (B, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x (B, heads, T, hd) with cos/sin (B, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = hd = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_layernorm = RMSNorm(hd, config.norm_eps)
+        self.k_layernorm = RMSNorm(hd, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        # (B, T, heads*hd) -> (B, heads, T, hd), normed per head before RoPE.
+        q = self.q_layernorm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update_kv(self.layer_idx, ctx.start, k, v)
+        groups = self.n_heads // self.n_kv
+        if ctx.attn_mask is None:  # plain causal self-attention over this input alone
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            # GQA without copying K/V: fold each kv head's query group into the time axis.
+            # (B, h, T, hd) -> (B, kv, groups*T, hd); mask (B, 1, T, S) -> (B, 1, groups*T, S).
+            qg = q.reshape(B, self.n_kv, groups * T, self.head_dim)
+            mask = ctx.attn_mask[:, :, None].expand(B, 1, groups, T, -1).reshape(B, 1, groups * T, -1)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+            out = out.view(B, self.n_heads, T, self.head_dim)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class ShortConv(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        d, L = config.hidden_size, config.conv_L_cache
+        self.kernel = L
+        self.conv = nn.Conv1d(d, d, kernel_size=L, groups=d, bias=config.conv_bias, padding=L - 1)
+        self.in_proj = nn.Linear(d, 3 * d, bias=config.conv_bias)
+        self.out_proj = nn.Linear(d, d, bias=config.conv_bias)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        b, c, h = self.in_proj(x).chunk(3, dim=-1)
+        u = b * h
+        if ctx.token_mask is not None:  # pads must not leak into the row's real tokens
+            u = u * ctx.token_mask[..., None].to(u.dtype)
+        u = u.transpose(1, 2)  # (B, T, d) -> (B, d, T)
+        T = u.shape[-1]
+        if ctx.cache is not None:
+            state = ctx.cache.conv[self.layer_idx]
+            u = torch.cat((state, u), dim=-1)
+            state.copy_(u[..., -(self.kernel - 1) :])
+        else:
+            u = F.pad(u, (self.kernel - 1, 0))
+        v = F.conv1d(u, self.conv.weight, self.conv.bias, groups=u.shape[1])[..., -T:]
+        return self.out_proj(c * v.transpose(1, 2))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, feed_forward: nn.Module) -> None:
+        super().__init__()
+        self.is_attention = config.layer_types[layer_idx] == "full_attention"
+        if self.is_attention:
+            self.self_attn = Attention(config, layer_idx)
+        else:
+            self.conv = ShortConv(config, layer_idx)
+        self.feed_forward = feed_forward
+        self.operator_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        op = self.self_attn if self.is_attention else self.conv
+        x = x + op(self.operator_norm(x), ctx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class StepContext:
+    """What every layer needs to know about one forward call, computed once per call."""
+
+    def __init__(
+        self,
+        cache: Cache | None,
+        start: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+    ) -> None:
+        self.cache, self.start, self.cos, self.sin = cache, start, cos, sin
+        self.token_mask = token_mask  # (B, T) bool: real tokens of this call, None if all real
+        self.attn_mask = attn_mask  # (B, 1, T, S) bool: may query i see key slot s; None: causal
+
+
+class Backbone(nn.Module):
+    """`model.*` in Hugging Face's naming: embedding, blocks and final norm."""
+
+    def __init__(self, config: ModelConfig, make_feed_forward: Callable[[ModelConfig, int], nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, make_feed_forward(config, i)) for i in range(config.num_hidden_layers)
+        )
+        self.embedding_norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+def dense_feed_forward(config: ModelConfig, layer_idx: int) -> nn.Module:
+    return MLP(config.hidden_size, config.intermediate_size)
+
+
+class Lfm2ForCausalLM(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab); with a cache, logits of the new positions only."""
+
+    make_feed_forward: Callable[[ModelConfig, int], nn.Module] = staticmethod(dense_feed_forward)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config, self.make_feed_forward)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
+        """A cache for `batch_size` rows of up to `max_len` tokens, on the model's device."""
+        w = self.model.embed_tokens.weight
+        return Cache(self.config, batch_size, max_len, dtype or w.dtype, w.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run the model on `input_ids` (B, T).
+
+        `attention_mask` (B, T), 1 for real tokens and 0 for left padding, defaults to all real.
+        With a cache, the tokens continue each row's sequence and the cache advances.
+        `last_only` returns the logits of the last position only (B, 1, vocab), which is all that
+        generation needs after a prefill and saves the (T, vocab) head matmul.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+        if cache is not None:
+            start, positions = cache.reserve(mask if mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
+            S = start + T
+            slots = torch.arange(S, device=device)
+            query_slots = torch.arange(start, S, device=device)[:, None]
+            # (T, S) causal & (B, 1, 1, S) real keys; a query always sees itself (no empty rows).
+            attn_mask = ((slots <= query_slots) & cache.valid[:, None, None, :S]) | (slots == query_slots)
+        else:
+            start = 0
+            if mask is None:
+                positions = torch.arange(T, device=device).expand(B, T)
+                attn_mask = None
+            else:
+                positions = (torch.cumsum(mask, dim=1) - 1).clamp(min=0)
+                slots = torch.arange(T, device=device)
+                causal = slots[None, :] <= slots[:, None]
+                attn_mask = (causal & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+        if mask is not None and bool(mask.all()):
+            mask = None
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        ctx = StepContext(cache, start, cos, sin, mask, attn_mask)
+        for layer in self.model.layers:
+            x = layer(x, ctx)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.embedding_norm(x))

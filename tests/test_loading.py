@@ -1,0 +1,174 @@
+"""Config parsing, presets, and the errors a bad checkpoint gives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lfm2
+from lfm2.config import PRESETS, ModelConfig, preset
+from lfm2.errors import CheckpointError, ConfigError
+from lfm2.models import build_model, count_parameters
+from tests.conftest import REFERENCE
+
+CARD_COUNTS = {
+    "LFM2-350M": (354_483_968, 354_483_968),
+    "LFM2-700M": (742_489_344, 742_489_344),
+    "LFM2-1.2B": (1_170_340_608, 1_170_340_608),
+    "LFM2-2.6B": (2_569_272_320, 2_569_272_320),
+    "LFM2-8B-A1B": (8_339_930_560, 1_557_740_992),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_counts(name):
+    model = build_model(preset(name), device="meta")
+    total, active = count_parameters(model), count_parameters(model, active=True)
+    if name == "LFM2-24B-A2B":  # the card rounds: 24B total, 2.3B active (we count 23.79B / 2.27B)
+        assert round(total / 1e9, 2) == 23.79 and round(active / 1e9, 2) == 2.27
+    else:
+        assert (total, active) == CARD_COUNTS[name]
+
+
+def test_released_config_resolves_block_ff_dim():
+    path = REFERENCE / "configs" / "LFM2-1.2B.config.json"
+    if not path.is_file():
+        pytest.skip("shared/reference is not present")
+    cfg = ModelConfig.from_json(path)
+    assert cfg.intermediate_size == 8192  # block_ff_dim 12288 adjusted, not intermediate_size 8192 adjusted
+    assert cfg.attention_layers == [2, 5, 8, 10, 12, 14]
+    assert cfg.rope_theta == 1e6 and cfg.head_dim == 64 and cfg.tie_word_embeddings
+    assert count_parameters(build_model(cfg)) == 1_170_340_608
+
+
+def test_config_aliases():
+    base = {"model_type": "lfm2", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "block_ff_dim": 6656,
+            "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256, "something_new": [1, 2]}
+    a = ModelConfig.from_dict({**base, "rope_parameters": {"rope_theta": 5e6, "rope_type": "default"},
+                               "layer_types": ["conv", "full_attention", "conv"]})
+    b = ModelConfig.from_dict({**base, "rope_theta": 5e6, "full_attn_idxs": [1], "tie_embedding": False})
+    assert a.layer_types == b.layer_types == ["conv", "full_attention", "conv"]
+    assert a.rope_theta == b.rope_theta == 5e6
+    assert a.intermediate_size == 4608  # 2/3 of 6656, rounded up to 256
+    assert not b.tie_word_embeddings
+    no_adjust = ModelConfig.from_dict({**base, "block_auto_adjust_ff_dim": False})
+    assert no_adjust.intermediate_size == 6656
+    # Our own config.json round-trips.
+    assert ModelConfig.from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"model_type": "llama"}, ["model_type", "'llama'"]),
+        ({"hidden_size": "big"}, ["hidden_size", "'big'"]),
+        ({"layer_types": ["conv", "mamba"]}, ["layer_types", "mamba"]),
+        ({"num_key_value_heads": 3}, ["num_key_value_heads 3"]),
+    ],
+)
+def test_bad_config_fields(change, words):
+    base = {"model_type": "lfm2", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+            "block_auto_adjust_ff_dim": False}
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict({**base, **change}, source="x/config.json")
+    for w in words:
+        assert w in str(e.value)
+    assert "x/config.json" in str(e.value)
+
+
+def _rewrite(path, fn):
+    f = path / "model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f)
+
+
+def test_missing_tensor(tiny_checkpoint):
+    _rewrite(tiny_checkpoint, lambda t: t.pop("model.layers.1.self_attn.k_layernorm.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model\.layers\.1\.self_attn\.k_layernorm"):
+        lfm2.load(tiny_checkpoint)
+
+
+def test_wrong_shape(tiny_checkpoint):
+    def shrink(t):
+        t["model.layers.0.conv.in_proj.weight"] = torch.zeros(10, 64)
+
+    _rewrite(tiny_checkpoint, shrink)
+    with pytest.raises(CheckpointError) as e:
+        lfm2.load(tiny_checkpoint)
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "model.layers.0.conv.in_proj.weight" in msg
+    assert "[10, 64]" in msg and "[192, 64]" in msg
+
+
+def test_unexpected_tensor(tiny_checkpoint):
+    _rewrite(tiny_checkpoint, lambda t: t.update({"model.layers.9.extra": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor.*model.layers.9.extra"):
+        lfm2.load(tiny_checkpoint)
+
+
+def test_unknown_model_type(tiny_checkpoint):
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    cfg["model_type"] = "qwen3"
+    (tiny_checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: unsupported model_type 'qwen3'"):
+        lfm2.load(tiny_checkpoint)
+
+
+def test_truncated_safetensors(tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*' needs bytes .* truncated"):
+        lfm2.load(tiny_checkpoint)
+    f.write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: header claims .* truncated"):
+        lfm2.load(tiny_checkpoint)
+
+
+def test_missing_config(tiny_checkpoint):
+    (tiny_checkpoint / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json not found"):
+        lfm2.load(tiny_checkpoint)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        (tmp_path / "config.json").write_text(json.dumps(ModelConfig().to_dict()))
+        lfm2.load(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        lfm2.load(tmp_path / "nope" / "deeper")
+
+
+def test_offline_hub_id_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="LiquidAI/LFM2-350M: could not download.*local checkpoint"):
+        lfm2.load("LiquidAI/LFM2-350M")
+
+
+def test_sharded_checkpoint(tiny_checkpoint, tmp_path):
+    ref = lfm2.load(tiny_checkpoint).model
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoint, sharded)
+    tensors = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, sharded / fname)
+        weight_map.update({n: fname for n in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got = lfm2.load(sharded).model
+    x = torch.randint(0, 512, (1, 9))
+    assert torch.equal(got(x), ref(x))
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lists shard 'model-00002-of-00002.safetensors', which is missing"):
+        lfm2.load(sharded)
