@@ -23,3 +23,11 @@ class TokenizerError(LFM2Error):
 
 class GenerationError(LFM2Error):
     """A generation request is invalid (bad sampling value, prompt longer than the context, ...)."""
+
+
+class ToolError(GenerationError):
+    """A tool definition, a tool call or a message carrying tool calls is malformed.
+
+    A subclass of `GenerationError` so that code which turns bad requests into HTTP 400s or CLI
+    messages by catching `GenerationError` handles bad tools the same way.
+    """

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lfm2.config import ModelConfig
-from lfm2.errors import CheckpointError
+from lfm2.errors import CheckpointError, GenerationError
+from lfm2.generate import GenerationStats, stream_text
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
+from lfm2.sampling import SamplingParams
 from lfm2.weights import load_into, resolve_checkpoint
+
+DEFAULT_MAX_NEW_TOKENS = 512
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -31,12 +37,20 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 @dataclass
 class LLM:
-    """A loaded model: `.model` (the torch module), `.config`, `.tokenizer` (None if the checkpoint has none)."""
+    """A loaded model: `.model` (the torch module), `.config`, `.tokenizer` (None if the checkpoint has none).
+
+    Sampling keyword arguments, accepted by every generation method: `temperature` (0 means
+    greedy), `top_k`, `top_p`, `min_p`, `repetition_penalty`, `presence_penalty`,
+    `frequency_penalty`, `seed`; plus `max_new_tokens`, `stop` (strings) and `ignore_eos`. Unset
+    ones default to the checkpoint's `generation_config.json`, else the model card's
+    recommendation (temperature 0.3, min_p 0.15, repetition_penalty 1.05).
+    """
 
     model: Lfm2ForCausalLM
     config: ModelConfig
-    tokenizer: object | None
+    tokenizer: Any
     path: Path
+    last_stats: list[GenerationStats] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -45,6 +59,148 @@ class LLM:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.model.embed_tokens.weight.dtype
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[str], **sampling: Any) -> str | list[str]:
+        """Complete a prompt (or a batch of prompts, generated together); returns the new text."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        outs = [""] * len(prompts)
+        for row, piece in self._stream([self._encode_text(p) for p in prompts], sampling):
+            outs[row] += piece
+        return outs[0] if isinstance(prompt, str) else outs
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Complete a prompt, yielding text pieces as they are generated."""
+        for _, piece in self._stream([self._encode_text(prompt)], sampling):
+            yield piece
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict | Callable] | None = None,
+        tool_choice: str | dict | None = None,
+        run_tools: bool = False,
+        max_rounds: int = 5,
+        **sampling: Any,
+    ) -> dict[str, Any]:
+        """The assistant's reply to a conversation, as an OpenAI-style message dict.
+
+        Tool calls the model makes come back in `tool_calls`. With `run_tools=True` (tools given
+        as Python callables), the calls are run, each result (or the error it raised) is fed back
+        as a `tool` message, and the loop continues until a reply without calls or `max_rounds`.
+        The messages added along the way are appended to `messages` when it is a list.
+        """
+        if not run_tools:
+            return self._chat_once(messages, tools, tool_choice, sampling)
+        from lfm2.tools import run_tool_calls
+
+        functions = [t for t in tools or () if callable(t)]
+        if not functions:
+            raise GenerationError("run_tools=True needs tools given as Python callables")
+        convo = messages if isinstance(messages, list) else list(messages)
+        for _ in range(max_rounds):
+            reply = self._chat_once(convo, tools, tool_choice, sampling)
+            convo.append(reply)
+            if not reply.get("tool_calls"):
+                return reply
+            convo.extend(run_tool_calls(reply["tool_calls"], functions))
+            tool_choice = None if tool_choice in ("required",) or isinstance(tool_choice, dict) else tool_choice
+        return reply
+
+    def chat_stream(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict | Callable] | None = None,
+        tool_choice: str | dict | None = None,
+        **sampling: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Stream the assistant's reply as OpenAI-style deltas: `{"content": str}` pieces as they
+        come, and `{"tool_calls": [...]}` once a call block closes (text inside it is never shown)."""
+        from lfm2.tools import ToolCallStreamParser
+
+        ids, forced = self._chat_prompt(messages, tools, tool_choice)
+        parser = ToolCallStreamParser(tools if tools and tool_choice != "none" else None)
+        events = parser.feed(forced)
+        for kind, value in events:
+            yield {kind: value}
+        for _, piece in self._stream([ids], sampling):
+            for kind, value in parser.feed(piece):
+                yield {kind: value}
+        for kind, value in parser.finish():
+            yield {kind: value}
+
+    def _chat_once(self, messages, tools, tool_choice, sampling) -> dict[str, Any]:
+        from lfm2.tools import parse_tool_calls
+
+        ids, forced = self._chat_prompt(messages, tools, tool_choice)
+        text = forced + "".join(piece for _, piece in self._stream([ids], sampling))
+        content, calls = parse_tool_calls(text, tools if tools and tool_choice != "none" else None)
+        reply: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            reply["tool_calls"] = calls
+        return reply
+
+    def _chat_prompt(self, messages, tools, tool_choice) -> tuple[list[int], str]:
+        """Prompt ids, and the text we put in the model's mouth to honour `tool_choice`.
+
+        `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
+        named function starts it with `<|tool_call_start|>[name(`, so the model must call it.
+        """
+        tok = self._need_tokenizer()
+        if tool_choice not in (None, "auto", "none", "required") and not (
+            isinstance(tool_choice, dict) and isinstance(tool_choice.get("function", {}).get("name"), str)
+        ):
+            raise GenerationError(
+                f"tool_choice={tool_choice!r}: expected 'auto', 'none', 'required' or "
+                '{"type": "function", "function": {"name": ...}}'
+            )
+        if tool_choice in ("required",) or isinstance(tool_choice, dict):
+            if not tools:
+                raise GenerationError(f"tool_choice={tool_choice!r} needs tools")
+        use_tools = tools if tools and tool_choice != "none" else None
+        prompt = tok.apply_chat_template(list(messages), tools=use_tools, add_generation_prompt=True)
+        forced = ""
+        if tool_choice == "required":
+            forced = "<|tool_call_start|>["
+        elif isinstance(tool_choice, dict):
+            forced = f"<|tool_call_start|>[{tool_choice['function']['name']}("
+        return tok.encode(prompt + forced, add_special_tokens=False), forced
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def sampling_params(self, **sampling: Any) -> SamplingParams:
+        """The checkpoint's defaults (or the model card's) with `sampling` applied on top."""
+        return SamplingParams.from_generation_config(self.path, **sampling)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.path}: the checkpoint has no tokenizer.json, so it cannot take text")
+        return self.tokenizer
+
+    def _encode_text(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
+        return self._need_tokenizer().encode(prompt, add_special_tokens=True)
+
+    def _stream(self, prompts: list[list[int]], sampling: dict[str, Any]) -> Iterator[tuple[int, str]]:
+        sampling = dict(sampling)
+        max_new_tokens = sampling.pop("max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        stop = sampling.pop("stop", None) or ()
+        ignore_eos = bool(sampling.pop("ignore_eos", False))
+        params = self.sampling_params(**sampling)
+        max_new_tokens = min(max_new_tokens, self.config.max_position_embeddings - max(map(len, prompts)))
+        if max_new_tokens < 1:
+            raise GenerationError(
+                f"the prompt ({max(map(len, prompts))} tokens) fills the model's context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
+        self.last_stats = []
+        yield from stream_text(
+            self.model, self._need_tokenizer(), prompts, params, max_new_tokens, stop, ignore_eos, self.last_stats
+        )
 
 
 def load(

@@ -57,3 +57,35 @@ def write_checkpoint(path: Path, config: ModelConfig, seed: int = 0) -> Path:
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "tiny", tiny_config())
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, how are you today? I am fine, thank you.",
+    "What is the weather like in Paris? It is sunny and warm.",
+    "Numbers: 12345, 3.14159, and 2026 are all numbers.",
+    "今天天气很好，我们去公园散步吧。",
+    "مرحبا بك في عالم الذكاء الاصطناعي",
+    "Emoji time 😀🎉🚀 and more emoji 👍🏽",
+    "Liquid foundation models run fast on small devices.",
+    "def add(a, b):\n    return a + b\n",
+    "Привет, как дела? Всё хорошо.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory) -> Path:
+    """A random model with a real byte-level BPE tokenizer (trained here) and an untied head.
+
+    The untied head makes greedy output depend on the context (a tied random model repeats its
+    input token), so token-level comparisons with transformers mean something.
+    """
+    from lfm2.train.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("chat")
+    train_tokenizer(CORPUS, vocab_size=600, out_dir=path)
+    from lfm2.tokenizer import Tokenizer
+
+    vocab = Tokenizer.from_dir(path).vocab_size
+    cfg = tiny_config(vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=512)
+    return write_checkpoint(path, cfg, seed=3)

@@ -1,0 +1,156 @@
+"""The `lfm2` command: a thin layer that parses arguments and calls the Python API.
+
+    lfm2 generate --model M "prompt"      stream a completion to stdout
+    lfm2 chat --model M                   interactive multi-turn chat (/reset, /system, /exit)
+
+Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
+prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lfm2.errors import LFM2Error
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line instead of usage + message
+        sys.stderr.write(f"lfm2: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else the model card)")
+    g.add_argument("--temperature", type=float, help="0 means greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print timing (tokens/s) to stderr")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "max_new_tokens", "stop")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lfm2", description="Run Liquid AI's LFM2 models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("prompt", nargs="?", help="the prompt (read from stdin when absent)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (benchmarks)")
+    c = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    return parser
+
+
+def _print_stats(llm) -> None:
+    for s in llm.last_stats:
+        print(
+            f"[{s.prompt_tokens} prompt tokens, {s.completion_tokens} generated; "
+            f"first token {s.time_to_first_token_s * 1000:.0f} ms, prefill {s.prefill_tokens_per_s:.1f} tok/s, "
+            f"decode {s.decode_tokens_per_s:.1f} tok/s; finish: {s.finish_reason}]",
+            file=sys.stderr,
+        )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import lfm2
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device)
+    sampling = _sampling(args)
+    if args.chat:
+        pieces = (d.get("content", "") for d in llm.chat_stream([{"role": "user", "content": prompt}], **sampling))
+    else:
+        pieces = llm.stream(prompt, ignore_eos=args.ignore_eos, **sampling)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        _print_stats(llm)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import lfm2
+
+    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device)
+    system = args.system
+    history: list[dict[str, Any]] = []
+    sampling = _sampling(args)
+    print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit.")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = []
+            print("[conversation reset]")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system") :].strip() or None
+            history = []
+            print(f"[system prompt {'set' if system else 'cleared'}; conversation reset]")
+            continue
+        if text.startswith("/"):
+            print(f"[unknown command {text.split()[0]}; use /reset, /system TEXT or /exit]")
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        reply = ""
+        try:
+            for delta in llm.chat_stream(messages, **sampling):
+                piece = delta.get("content", "")
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+        if args.verbose:
+            _print_stats(llm)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except LFM2Error as e:
+        sys.stderr.write(f"lfm2: error: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

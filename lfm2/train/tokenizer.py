@@ -1,0 +1,140 @@
+"""Train a byte-level BPE tokenizer laid out the way LFM2's own tokenizer is.
+
+LFM2's `tokenizer.json` is a GPT-2 style byte-level BPE: the Llama-3 split regex as pre-tokenizer
+(spec section 6), then `ByteLevel(add_prefix_space=False, use_regex=False)`, a BPE model with
+`ignore_merges=True` (a pre-token that is itself in the vocabulary is taken whole, as llama.cpp's
+`lfm2` pre-tokenizer does), a ByteLevel decoder, and a post-processor that puts
+`<|startoftext|>` (BOS) in front when special tokens are asked for. A tokenizer trained here is
+a small stand-in for the real one: same structure, same special tokens at the same ids, so the
+engine, the chat templates and the tests behave as they would with a released checkpoint.
+
+Special-token ids follow the released vocabulary: 0 `<|pad|>`, 1 `<|startoftext|>`, 2
+`<|endoftext|>`, 3-5 the fill-in-the-middle markers, 6 `<|im_start|>`, 7 `<|im_end|>`, then the
+tool markers at 8-13 (`<|tool_list_start|>` ... `<|tool_response_end|>`). The released files put
+the tool markers directly after `<|im_end|>` with no gap (checked against public tokenizer.json
+fixtures of LFM2); code should still read ids from the tokenizer, never hard-code them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from lfm2.chat_template import DEFAULT_CHAT_TEMPLATE
+from lfm2.errors import TokenizerError
+
+# Llama-3 split regex, which llama.cpp uses for pre-tokenizer `lfm2` (spec section 6).
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|pad|>"
+
+# In id order: the trainer gives special tokens the first ids, in the order listed.
+SPECIAL_TOKENS = (
+    PAD_TOKEN,  # 0
+    BOS_TOKEN,  # 1
+    "<|endoftext|>",  # 2
+    "<|fim_pre|>",  # 3
+    "<|fim_mid|>",  # 4
+    "<|fim_suf|>",  # 5
+    "<|im_start|>",  # 6
+    EOS_TOKEN,  # 7: end of turn, what generation stops on
+    "<|tool_list_start|>",  # 8
+    "<|tool_list_end|>",  # 9
+    "<|tool_call_start|>",  # 10
+    "<|tool_call_end|>",  # 11
+    "<|tool_response_start|>",  # 12
+    "<|tool_response_end|>",  # 13
+)
+
+MODEL_MAX_LENGTH = 128_000  # LFM2's max_position_embeddings
+
+
+def build_tokenizer() -> Tokenizer:
+    """An untrained tokenizer with LFM2's pipeline; `train_tokenizer` fills in the vocabulary."""
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _bos_post_processor(bos_id: int) -> processors.TemplateProcessing:
+    """BOS in front of every sequence, as LFM2's tokenizer.json does with add_special_tokens=True."""
+    return processors.TemplateProcessing(
+        single=f"{BOS_TOKEN}:0 $A:0",
+        pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
+        special_tokens=[(BOS_TOKEN, bos_id)],
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temp file in the same folder and rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, chat_template: str | None = None
+) -> Path:
+    """Train on `texts` and save `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`.
+
+    `vocab_size` counts everything: the special tokens, the 256 byte symbols and the merges.
+    The folder loads with our `Tokenizer.from_dir` and with `transformers.AutoTokenizer`.
+    `chat_template` defaults to lfm2's own LFM2 template. Returns the output folder.
+    """
+    minimum = len(SPECIAL_TOKENS) + 256
+    if vocab_size < minimum:
+        raise TokenizerError(
+            f"train_tokenizer: vocab_size must be at least {minimum} ({len(SPECIAL_TOKENS)} special tokens "
+            f"+ 256 byte symbols), got {vocab_size}"
+        )
+    tokenizer = build_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        found = tokenizer.token_to_id(token)
+        if found != expected_id:
+            raise TokenizerError(f"train_tokenizer: {token} should have id {expected_id}, got {found}")
+    tokenizer.post_processor = _bos_post_processor(tokenizer.token_to_id(BOS_TOKEN))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_map,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "chat_template": DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template,
+    }
+    _write_atomic(out / "tokenizer.json", tokenizer.to_str(pretty=True))
+    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    return out

@@ -1,0 +1,74 @@
+"""The `lfm2` command, driven as a user would: a pseudo-terminal for chat, subprocesses for errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lfm2", *args], capture_output=True, text=True, input=stdin,
+                          timeout=120)
+
+
+def test_generate_streams_and_reports_speed(chat_checkpoint):
+    r = run("generate", "--model", str(chat_checkpoint), "--temperature", "0", "--max-new-tokens", "8",
+            "--verbose", "Hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "tok/s" in r.stderr and "8 generated" in r.stderr
+
+
+def test_generate_reads_stdin(chat_checkpoint):
+    r = run("generate", "-m", str(chat_checkpoint), "--temperature", "0", "--max-new-tokens", "4", stdin="Hello")
+    assert r.returncode == 0 and r.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["generate", "--model", "/does/not/exist", "hi"], ["/does/not/exist", "no such checkpoint"]),
+        (["generate", "--model", "X", "--temperature", "hot", "hi"], ["--temperature", "invalid float"]),
+        (["generate", "--model", "X", "--bogus", "hi"], ["unrecognized arguments: --bogus"]),
+        (["chat"], ["--model"]),
+    ],
+)
+def test_bad_invocations_print_one_line(args, words):
+    r = run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lfm2: error:"), r.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_bad_sampling_value_is_one_line(chat_checkpoint):
+    r = run("generate", "--model", str(chat_checkpoint), "--top-p", "3", "hi")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "top_p=3.0" in r.stderr
+
+
+def test_chat_two_turns_in_a_terminal(chat_checkpoint):
+    child = pexpect.spawn(sys.executable, ["-m", "lfm2", "chat", "--model", str(chat_checkpoint), "--temperature",
+                                           "0", "--max-new-tokens", "6", "--verbose"], encoding="utf-8", timeout=60)
+    child.expect("/exit")
+    child.expect("> ")
+    child.sendline("Hello there")
+    child.expect(r"\[(\d+) prompt tokens")
+    first_prompt = int(child.match.group(1))
+    child.expect("> ")
+    child.sendline("And again")
+    child.expect(r"\[(\d+) prompt tokens")
+    second_prompt = int(child.match.group(1))
+    assert second_prompt > first_prompt + 6  # the history (both turns) is in the second prompt
+    child.expect("> ")
+    child.sendline("/reset")
+    child.expect(r"conversation reset")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
