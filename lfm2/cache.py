@@ -62,11 +62,6 @@ class Cache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        """Real tokens held per row (B,)."""
-        return self.positions.clone()
-
     def reserve(self, mask: torch.Tensor) -> tuple[int, torch.Tensor]:
         """Claim the next T slots for a step whose real tokens are `mask` (B, T) bool.
 

@@ -90,7 +90,8 @@ class LLM:
 
         Tool calls the model makes come back in `tool_calls`. With `run_tools=True` (tools given
         as Python callables), the calls are run, each result (or the error it raised) is fed back
-        as a `tool` message, and the loop continues until a reply without calls or `max_rounds`.
+        as a `tool` message, and the loop continues until a reply without calls or `max_rounds`
+        replies (the calls of the last one are returned, not run).
         The messages added along the way are appended to `messages` when it is a list.
         """
         if not run_tools:
@@ -101,13 +102,16 @@ class LLM:
         if not functions:
             raise GenerationError("run_tools=True needs tools given as Python callables")
         convo = messages if isinstance(messages, list) else list(messages)
-        for _ in range(max_rounds):
+        if max_rounds < 1:
+            raise GenerationError(f"max_rounds={max_rounds} must be at least 1")
+        for round_ in range(max_rounds):
             reply = self._chat_once(convo, tools, tool_choice, sampling)
             convo.append(reply)
-            if not reply.get("tool_calls"):
-                return reply
+            if not reply.get("tool_calls") or round_ == max_rounds - 1:
+                return reply  # a final answer, or out of rounds: the last calls are left to the caller
             convo.extend(run_tool_calls(reply["tool_calls"], functions))
-            tool_choice = None if tool_choice in ("required",) or isinstance(tool_choice, dict) else tool_choice
+            if tool_choice == "required" or isinstance(tool_choice, dict):
+                tool_choice = None  # forcing a call every round would never let the model answer
         return reply
 
     def chat_stream(
@@ -122,9 +126,12 @@ class LLM:
         from lfm2.tools import ToolCallStreamParser
 
         ids, forced = self._chat_prompt(messages, tools, tool_choice)
-        parser = ToolCallStreamParser(tools if tools and tool_choice != "none" else None)
-        events = parser.feed(forced)
-        for kind, value in events:
+        if not tools or tool_choice == "none":  # no tools offered: the reply is plain content
+            for _, piece in self._stream([ids], sampling):
+                yield {"content": piece}
+            return
+        parser = ToolCallStreamParser(tools)
+        for kind, value in parser.feed(forced):
             yield {kind: value}
         for _, piece in self._stream([ids], sampling):
             for kind, value in parser.feed(piece):
@@ -137,7 +144,9 @@ class LLM:
 
         ids, forced = self._chat_prompt(messages, tools, tool_choice)
         text = forced + "".join(piece for _, piece in self._stream([ids], sampling))
-        content, calls = parse_tool_calls(text, tools if tools and tool_choice != "none" else None)
+        if not tools or tool_choice == "none":  # no tools offered: the reply is plain content
+            return {"role": "assistant", "content": text}
+        content, calls = parse_tool_calls(text, tools)
         reply: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             reply["tool_calls"] = calls
