@@ -88,7 +88,9 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
-    def from_generation_config(cls, path_or_dict: str | os.PathLike | dict | None = None, **overrides: Any):
+    def from_generation_config(
+        cls, path_or_dict: str | os.PathLike | dict | None = None, **overrides: Any
+    ) -> SamplingParams:
         """Defaults from a checkpoint's `generation_config.json`, else the LFM2 model card; then `overrides`.
 
         `path_or_dict` is a checkpoint folder, a generation_config.json path, an already-read dict,
@@ -144,9 +146,7 @@ class TokenHistory:
     Both are allocated once and updated in place, so decoding stays allocation-free.
     """
 
-    def __init__(
-        self, prompt_ids: torch.Tensor, vocab_size: int, pad_mask: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, prompt_ids: torch.Tensor, vocab_size: int, pad_mask: torch.Tensor | None = None) -> None:
         """`prompt_ids` (B, T); `pad_mask` (B, T) True where the position is padding, to be ignored."""
         if prompt_ids.dim() != 2:
             raise GenerationError(f"TokenHistory: prompt_ids should have shape (B, T), found {tuple(prompt_ids.shape)}")
@@ -249,16 +249,15 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return generator
 
 
-def process_logits(
-    logits: torch.Tensor, params: SamplingParams, history: TokenHistory | None = None
-) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: TokenHistory | None = None) -> torch.Tensor:
     """Every step of `sample_next` before the draw: the float32 logits (B, V) it samples from."""
     logits = logits.float()
     if params.needs_history:
         if history is None:
             raise GenerationError(
-                f"repetition_penalty={params.repetition_penalty}, presence_penalty={params.presence_penalty} and "
-                f"frequency_penalty={params.frequency_penalty} need the tokens seen so far: pass history=TokenHistory(...)"
+                f"repetition_penalty={params.repetition_penalty}, presence_penalty={params.presence_penalty} "
+                f"and frequency_penalty={params.frequency_penalty} need the tokens seen so far: "
+                "pass history=TokenHistory(...)"
             )
         logits = apply_repetition_penalty(logits, history.seen, params.repetition_penalty)
         logits = apply_presence_frequency_penalty(

@@ -122,7 +122,12 @@ class Tokenizer:
                 ) from exc
         jinja_path = root / "chat_template.jinja"
         if jinja_path.is_file():  # a separate template file takes priority, as in transformers
-            template = jinja_path.read_text(encoding="utf-8")
+            try:
+                template = jinja_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TokenizerError(
+                    f"{jinja_path}: expected a UTF-8 Jinja template, could not read it: {exc}"
+                ) from exc
         if template is not None and not isinstance(template, (str, dict)):
             raise TokenizerError(f"{config_path}: 'chat_template' should be a string, found {type(template).__name__}")
 

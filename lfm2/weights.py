@@ -62,8 +62,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:
+        detail = " ".join(str(e).split())  # one line: hub errors carry newlines
         raise CheckpointError(
-            f"{text}: could not download from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"{text}: could not download from the Hugging Face hub ({type(e).__name__}: {detail}). "
             f"If this machine is offline, fetch it elsewhere with `huggingface-cli download {text}` "
             "and copy the Hugging Face cache here, or pass the path of a local checkpoint directory."
         ) from None

@@ -67,7 +67,8 @@ def scripted(llm, replies):
 
 
 def test_chat_returns_openai_tool_calls(llm):
-    s = scripted(llm, ["Let me check.<|tool_call_start|>[get_weather(city='Paris', unit=\"celsius\")]<|tool_call_end|>"])
+    reply_text = "Let me check.<|tool_call_start|>[get_weather(city='Paris', unit=\"celsius\")]<|tool_call_end|>"
+    s = scripted(llm, [reply_text])
     try:
         reply = llm.chat([{"role": "user", "content": "Weather in Paris?"}], tools=[get_weather])
     finally:

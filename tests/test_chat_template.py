@@ -91,8 +91,11 @@ CONVERSATIONS = [
         ],
     ),
     conv("tools-no-system", [{"role": "user", "content": "Weather?"}], [WEATHER]),
-    conv("tools-with-system", [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Go"}],
-         [WEATHER, SEARCH]),
+    conv(
+        "tools-with-system",
+        [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Go"}],
+        [WEATHER, SEARCH],
+    ),
     conv("bare-function-tool", [{"role": "user", "content": "Find it"}], [SEARCH_BARE], hf_tools=[SEARCH]),
     conv(
         "tool-call-and-result",
@@ -116,7 +119,10 @@ CONVERSATIONS = [
             {"role": "user", "content": "Paris and Oslo, 3 days"},
             assistant_calls(
                 [
-                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}},
+                    {
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}},
+                    },
                     {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}},
                 ],
                 content="Checking both.",
@@ -155,7 +161,14 @@ CONVERSATIONS = [
                         "type": "function",
                         "function": {
                             "name": "f",
-                            "arguments": {"n": -2, "x": 1.5, "ok": True, "none": None, "tags": ["a", 2], "cfg": {"k": False}},
+                            "arguments": {
+                                "n": -2,
+                                "x": 1.5,
+                                "ok": True,
+                                "none": None,
+                                "tags": ["a", 2],
+                                "cfg": {"k": False},
+                            },
                         },
                     }
                 ]
@@ -176,7 +189,7 @@ CONVERSATIONS = [
         "non-ascii",
         [
             {"role": "system", "content": "Réponds en français. 用中文回答。"},
-            {"role": "user", "content": "مرحبا! 🎉 Ünïcödé \"quotes\" and \\backslash\\ <b>tags</b>"},
+            {"role": "user", "content": 'مرحبا! 🎉 Ünïcödé "quotes" and \\backslash\\ <b>tags</b>'},
             {"role": "assistant", "content": "你好 👋 — ça va?"},
         ],
         [WEATHER],
@@ -211,7 +224,10 @@ CONVERSATIONS = [
     conv(
         "content-parts",
         [
-            {"role": "user", "content": [{"type": "text", "text": "Part one. "}, {"type": "text", "text": "Part two."}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Part one. "}, {"type": "text", "text": "Part two."}],
+            },
         ],
     ),
     conv(
@@ -219,7 +235,9 @@ CONVERSATIONS = [
         [
             {"role": "system", "content": "Sys"},
             {"role": "user", "content": "Search cats"},
-            assistant_calls([{"type": "function", "function": {"name": "search", "arguments": {"query": "it's \"cats\""}}}]),
+            assistant_calls(
+                [{"type": "function", "function": {"name": "search", "arguments": {"query": 'it\'s "cats"'}}}]
+            ),
             {"role": "tool", "content": "[1, 2, 3]"},
             {"role": "assistant", "content": "Found 3."},
             {"role": "user", "content": "Thanks"},
@@ -341,9 +359,24 @@ def test_default_template_renders_calls_like_lfm2_tools() -> None:
     tools = pytest.importorskip("lfm2.tools")
     rng = random.Random(0)
     values = [
-        "plain", "it's", 'say "hi"', "back\\slash", "line\nbreak\ttab\r", "ünï 中文 🎉", "",
-        "<|tool_call_end|> sneaky", 0, -7, 2.5, 1e-07, True, False, None,
-        [1, "a", [True, None]], {"k": "v", "n": [1, 2], "x": "<|tool_call_end|>"}, [],
+        "plain",
+        "it's",
+        'say "hi"',
+        "back\\slash",
+        "line\nbreak\ttab\r",
+        "ünï 中文 🎉",
+        "",
+        "<|tool_call_end|> sneaky",
+        0,
+        -7,
+        2.5,
+        1e-07,
+        True,
+        False,
+        None,
+        [1, "a", [True, None]],
+        {"k": "v", "n": [1, 2], "x": "<|tool_call_end|>"},
+        [],
     ]
     for _ in range(30):
         arguments = {f"a{i}": rng.choice(values) for i in range(rng.randint(0, 4))}
@@ -418,7 +451,7 @@ def test_environment_matches_transformers(source: str) -> None:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     messages = [
-        {"role": "user", "content": "<b>ünï</b> & \"q\""},
+        {"role": "user", "content": '<b>ünï</b> & "q"'},
         {"role": "assistant", "content": None, "reasoning": "why"},
     ]
     kwargs = {"bos_token": "<s>", "extra": "!"}

@@ -85,6 +85,7 @@ def test_trained_files_follow_lfm2_layout(tok_dir: Path) -> None:
         "tokenizer.json",
         "tokenizer_config.json",
     ]  # also: no temp files left behind by the atomic writes
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tok_dir.iterdir())  # readable, not temp-file private
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
     assert spec["model"]["type"] == "BPE" and spec["model"]["ignore_merges"] is True
     split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
@@ -95,7 +96,11 @@ def test_trained_files_follow_lfm2_layout(tok_dir: Path) -> None:
     assert spec["post_processor"]["type"] == "TemplateProcessing"
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|startoftext|>", "<|im_end|>", "<|pad|>")
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (
+        "<|startoftext|>",
+        "<|im_end|>",
+        "<|pad|>",
+    )
     assert "<|im_start|>" in config["chat_template"]
 
 
