@@ -2,6 +2,7 @@
 
     lfm2 generate --model M "prompt"      stream a completion to stdout
     lfm2 chat --model M                   interactive multi-turn chat (/reset, /system, /exit)
+    lfm2 train --config run.json          train or fine-tune (resumable), see lfm2/train/trainer.py
 
 Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
 prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="system prompt")
+    t = sub.add_parser("train", help="train or fine-tune from a JSON config (resumes if interrupted)")
+    t.add_argument("--config", required=True, help="JSON file of lfm2.train.trainer.TrainConfig fields")
+    t.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
     return parser
 
 
@@ -141,10 +145,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
             _print_stats(llm)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from lfm2.train.trainer import TrainConfig, train
+
+    try:
+        cfg = TrainConfig.from_json(args.config)
+    except (OSError, ValueError, TypeError) as e:
+        raise LFM2Error(f"{args.config}: cannot read the training config ({e})") from None
+    if args.max_steps is not None:
+        cfg.max_steps = args.max_steps
+    out = train(cfg)
+    print(f"done: metrics in {out / 'metrics.jsonl'}, loss curve in {out / 'loss.png'}, model in {out / 'model'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train}[args.command](args)
     except LFM2Error as e:
         sys.stderr.write(f"lfm2: error: {e}\n")
         sys.exit(2)

@@ -186,6 +186,11 @@ class Tokenizer:
         """
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, tuple[int, int]]]:
+        """(id, (start, end) character span) per token, no special tokens added: for loss masks."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(zip(enc.ids, enc.offsets, strict=True))
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 

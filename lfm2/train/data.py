@@ -1,0 +1,166 @@
+"""Training data on disk: token files that are memory-mapped, never loaded whole.
+
+Two kinds, each a pair of files `NAME.bin` (raw little-endian uint32 tokens) and `NAME.json`
+(what is in it):
+- pretraining text: documents tokenized, joined with `<|endoftext|>`, cut into windows of
+  `seq_len + 1` tokens at training time (the input and its next-token targets);
+- chat (SFT): each conversation rendered with the checkpoint's chat template, stored with a
+  parallel `NAME.mask.bin` of 0/1 bytes that is 1 exactly on assistant tokens, so the loss is
+  taken on what the model should say and never on prompts or tool results.
+
+Documents go to the train or the validation split by a hash of their text, so the split does
+not depend on the order of the input and a document never sits in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lfm2.errors import LFM2Error
+from lfm2.tokenizer import Tokenizer
+from lfm2.weights import write_text_atomic
+
+TOKEN_DTYPE = np.uint32
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split (stable: a hash of its text)."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    return (h % 1_000_000) < val_fraction * 1_000_000
+
+
+def _write_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    array.tofile(tmp)
+    os.replace(tmp, path)
+
+
+def write_tokens(out: Path, name: str, ids: np.ndarray, meta: dict[str, Any], mask: np.ndarray | None = None) -> None:
+    """Write a token file (and its loss mask) atomically, the metadata last."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_array(out / f"{name}.bin", ids.astype(TOKEN_DTYPE))
+    if mask is not None:
+        _write_array(out / f"{name}.mask.bin", mask.astype(np.uint8))
+    write_text_atomic(out / f"{name}.json", json.dumps({**meta, "tokens": int(ids.size)}, indent=2) + "\n")
+
+
+def prepare_text(
+    documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | os.PathLike, val_fraction: float = 0.02
+) -> dict[str, int]:
+    """Tokenize documents into `train.bin` / `val.bin`; returns the token count of each split."""
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    if eot is None:
+        raise LFM2Error("the tokenizer has no <|endoftext|> token to separate documents")
+    splits: dict[str, list[int]] = {"train": [], "val": []}
+    for doc in documents:
+        if doc.strip():
+            splits["val" if is_validation(doc, val_fraction) else "train"].extend(tokenizer.encode(doc) + [eot])
+    out = Path(out_dir)
+    for name, ids in splits.items():
+        write_tokens(out, name, np.asarray(ids, dtype=TOKEN_DTYPE), {"kind": "text"})
+    return {name: len(ids) for name, ids in splits.items()}
+
+
+def assistant_mask(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], tools=None) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation and a 0/1 mask that is 1 on assistant tokens.
+
+    Each assistant message's span is found by rendering the conversation up to it (with the
+    generation prompt) and up to and including it: the characters in between are the reply and
+    its end-of-turn marker, which the model must learn to produce. Token offsets map characters
+    to tokens; a token is trained on when it starts inside a reply span.
+    """
+    text = tokenizer.apply_chat_template(messages, tools=tools)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant":
+            before = tokenizer.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True)
+            upto = tokenizer.apply_chat_template(messages[: i + 1], tools=tools)
+            if not (text.startswith(before) and text.startswith(upto)):
+                raise LFM2Error(f"message {i}: the chat template does not render conversations prefix by prefix")
+            spans.append((len(before), len(upto)))
+    enc = tokenizer.encode_with_offsets(text)
+    ids = [t for t, _ in enc]
+    mask = [int(any(a <= start < b for a, b in spans)) for _, (start, _) in enc]
+    return ids, mask
+
+
+def prepare_chat(
+    conversations: Iterable[dict[str, Any]], tokenizer: Tokenizer, out_dir: str | os.PathLike, name: str,
+    max_len: int,
+) -> int:
+    """Render conversations (`{"messages": [...], "tools": [...]}`) into `NAME.bin` + `NAME.mask.bin`.
+
+    Each conversation is stored whole, followed by an offsets table in the metadata, so batches
+    never mix the end of one conversation with the start of another. Conversations longer than
+    `max_len` tokens raise an error naming their index.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    offsets = [0]
+    for i, conv in enumerate(conversations):
+        t, m = assistant_mask(tokenizer, conv["messages"], conv.get("tools"))
+        if len(t) > max_len:
+            raise LFM2Error(f"conversation {i} has {len(t)} tokens, more than max_len={max_len}")
+        ids.extend(t)
+        mask.extend(m)
+        offsets.append(len(ids))
+    write_tokens(Path(out_dir), name, np.asarray(ids), {"kind": "chat", "offsets": offsets},
+                 mask=np.asarray(mask))
+    return len(offsets) - 1
+
+
+@dataclass
+class TokenFile:
+    """A memory-mapped token file written by `prepare_text` or `prepare_chat`."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, name: str) -> TokenFile:
+        d = Path(directory)
+        meta_path = d / f"{name}.json"
+        if not meta_path.is_file():
+            raise LFM2Error(f"{meta_path}: token file metadata not found; prepare the data first")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        ids = np.memmap(d / f"{name}.bin", dtype=TOKEN_DTYPE, mode="r")
+        if ids.size != meta["tokens"]:
+            raise LFM2Error(f"{d / name}.bin holds {ids.size} tokens, its metadata says {meta['tokens']}")
+        mask_path = d / f"{name}.mask.bin"
+        mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if mask_path.is_file() else None
+        return cls(ids, mask, meta)
+
+    def num_examples(self, seq_len: int) -> int:
+        if self.meta["kind"] == "chat":
+            return len(self.meta["offsets"]) - 1
+        return (self.ids.size - 1) // seq_len
+
+    def batch(self, indices: Sequence[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (B, T) and targets (B, T), targets -100 where no loss is taken."""
+        if self.meta["kind"] == "text":
+            rows = [np.asarray(self.ids[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in indices]
+            x = torch.tensor(np.stack([r[:-1] for r in rows]))
+            y = torch.tensor(np.stack([r[1:] for r in rows]))
+            return x, y
+        offsets = self.meta["offsets"]
+        spans = [(offsets[i], offsets[i + 1]) for i in indices]
+        T = min(seq_len, max(b - a for a, b in spans) - 1)
+        x = torch.full((len(spans), T), pad_id, dtype=torch.long)
+        y = torch.full((len(spans), T), -100, dtype=torch.long)
+        for r, (a, b) in enumerate(spans):  # right padding: pads come after, causal attention never sees them
+            ids = torch.tensor(np.asarray(self.ids[a:b], dtype=np.int64))[: T + 1]
+            m = torch.tensor(np.asarray(self.mask[a:b], dtype=np.int64))[: T + 1]
+            n = ids.numel() - 1
+            x[r, :n] = ids[:-1]
+            y[r, :n] = torch.where(m[1:].bool(), ids[1:], -100)
+        return x, y

@@ -1,0 +1,96 @@
+"""The training pipeline: data files, assistant-only loss masks, determinism and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lfm2
+from lfm2.tokenizer import Tokenizer
+from lfm2.train.data import TokenFile, assistant_mask, prepare_chat, prepare_text
+from lfm2.train.tokenizer import train_tokenizer
+from lfm2.train.trainer import TrainConfig, lr_at, train
+from tests.conftest import CORPUS
+
+MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             intermediate_size=48, layer_types=["conv", "full_attention"], max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    train_tokenizer(CORPUS, vocab_size=400, out_dir=d)
+    docs = [f"{s} (variant {i})" for i, s in enumerate(CORPUS)]
+    counts = prepare_text(docs, Tokenizer.from_dir(d), d, val_fraction=0.1)
+    assert counts["train"] > 2000 and counts["val"] > 100
+    return d
+
+
+def _cfg(data_dir, out, **kw):
+    base = dict(out_dir=str(out), data_dir=str(data_dir), model=MODEL, seq_len=32, batch_size=4, grad_accum=2,
+                max_steps=12, lr=1e-2, min_lr=1e-3, warmup_steps=3, eval_every=6, eval_batches=2, save_every=4,
+                seed=1, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_learns_and_resume_reproduces(data_dir, tmp_path):
+    full = train(_cfg(data_dir, tmp_path / "full"))
+    rows = _losses(full)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert "val_loss" in rows[5] and "val_loss" in rows[11]
+    # Killed after step 6 (last checkpoint at step 4), then resumed: same losses as uninterrupted.
+    cfg = _cfg(data_dir, tmp_path / "resumed")
+    train(cfg, stop_after=6)
+    assert len(_losses(tmp_path / "resumed")) == 6
+    train(cfg)
+    resumed = _losses(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    for a, b in zip(rows, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    # The exported model is a normal checkpoint with the tokenizer beside it.
+    llm = lfm2.load(full / "model")
+    assert llm.tokenizer is not None and llm.config.hidden_size == 32
+    assert (full / "loss.png").stat().st_size > 1000
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(out_dir="x", data_dir="x", max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_chat_data_trains_on_assistant_tokens_only(data_dir, tmp_path):
+    tok = Tokenizer.from_dir(data_dir)
+    conv = {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+    ]}
+    ids, mask = assistant_mask(tok, conv["messages"])
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == ("Hello!<|im_end|>\n<|tool_call_start|>[weather(city='Paris')]<|tool_call_end|><|im_end|>\n"
+                       "Sunny.<|im_end|>\n")
+    prepare_chat([conv, conv], tok, tmp_path, "sft", max_len=256)
+    f = TokenFile.open(tmp_path, "sft")
+    x, y = f.batch([0, 1], seq_len=256, pad_id=0)
+    assert torch.equal(x[0], torch.tensor(ids[:-1]))
+    assert tok.decode([t for t in y[0].tolist() if t != -100]) == trained
+    with pytest.raises(lfm2.LFM2Error, match="conversation 0 has .* tokens, more than max_len=10"):
+        prepare_chat([conv], tok, tmp_path, "sft2", max_len=10)
+
+
+def test_bad_config_is_named(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"out_dir": "x", "data_dir": "y", "learning_rate": 1}))
+    with pytest.raises(lfm2.LFM2Error, match="unknown training option.*learning_rate"):
+        TrainConfig.from_json(p)
