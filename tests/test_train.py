@@ -94,3 +94,20 @@ def test_bad_config_is_named(tmp_path):
     p.write_text(json.dumps({"out_dir": "x", "data_dir": "y", "learning_rate": 1}))
     with pytest.raises(lfm2.LFM2Error, match="unknown training option.*learning_rate"):
         TrainConfig.from_json(p)
+
+
+def test_bundle_recipe_end_to_end(tmp_path):
+    """Every step of the bundled-model recipe at toy scale, on a small injected corpus."""
+    from lfm2.train.bundle import BundleConfig, build
+
+    cfg = BundleConfig.quick(str(tmp_path / "bundle"))
+    cfg.pretrain_steps = cfg.sft_steps = 6
+    cfg.eval_prompts = 3
+    model_dir = build(cfg, docs=[f"{s} ({i})" for i, s in enumerate(CORPUS)])
+    card = (model_dir / "README.md").read_text()
+    assert "Jargon File" in card and "WordNet" in card and "held-out prompts" in card
+    results = json.loads((tmp_path / "bundle" / "eval.json").read_text())
+    assert results["tool_prompts"] == 3 and 0 <= results["right_tool"] <= 1
+    llm = lfm2.load(model_dir)
+    assert llm.sampling_params().temperature == 0.3
+    assert isinstance(llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)["content"], str)
