@@ -3,6 +3,7 @@
     lfm2 generate --model M "prompt"      stream a completion to stdout
     lfm2 chat --model M                   interactive multi-turn chat (/reset, /system, /exit)
     lfm2 train --config run.json          train or fine-tune (resumable), see lfm2/train/trainer.py
+    lfm2 convert SRC --to gguf|hf -o OUT  convert between Hugging Face checkpoints and GGUF files
 
 Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
 prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.
@@ -14,6 +15,7 @@ import argparse
 import sys
 from typing import Any
 
+from lfm2.convert import add_convert_parser, cmd_convert
 from lfm2.errors import LFM2Error
 
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train or fine-tune from a JSON config (resumes if interrupted)")
     t.add_argument("--config", required=True, help="JSON file of lfm2.train.trainer.TrainConfig fields")
     t.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+    add_convert_parser(sub)
     return parser
 
 
@@ -161,7 +164,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train}[args.command](args)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "convert": cmd_convert}
+        commands[args.command](args)
     except LFM2Error as e:
         sys.stderr.write(f"lfm2: error: {e}\n")
         sys.exit(2)

@@ -223,6 +223,10 @@ def load(
     misshapen tensor raises `CheckpointError` naming it); float32 weights loaded as float32 stay
     memory-mapped instead of being copied.
     """
+    if str(path_or_hub_id).endswith(".gguf"):
+        from lfm2.gguf import load_gguf
+
+        return load_gguf(path_or_hub_id, dtype=dtype, device=device)
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = torch.device(device)
     dtype = parse_dtype(dtype, device)

@@ -202,6 +202,7 @@ def save_checkpoint(
         tmp_path = tmp.name
     try:
         save_file(state, tmp_path, metadata={"format": "pt"})
+        os.chmod(tmp_path, _umask_mode())
         os.replace(tmp_path, out / SINGLE_FILE)
     finally:
         if os.path.exists(tmp_path):
@@ -212,12 +213,20 @@ def save_checkpoint(
     return out
 
 
+def _umask_mode() -> int:
+    """The mode a plain `open()` would give a new file (temp files are created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file so that a crash never leaves a half-written file under its name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,70 @@
+"""`lfm2 convert`: a Hugging Face checkpoint to GGUF, or a GGUF file back to a checkpoint directory.
+
+    lfm2 convert DIR --to gguf --type q8_0 -o model-q8_0.gguf
+    lfm2 convert model.gguf --to hf -o DIR
+
+The command only parses arguments; `convert()` is what it calls, and `lfm2.gguf` does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from lfm2.errors import ConfigError
+
+TARGETS = ("gguf", "hf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# `--type` with `--to hf`: the dtype of the written safetensors.
+HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, type: str | None = None,
+            progress: bool = True) -> Path:
+    """Convert `src` and write `out`; returns the path written.
+
+    `to="gguf"`: `src` is a checkpoint directory or hub id, `type` one of f32, f16 (default), bf16,
+    q8_0, q4_0. `to="hf"`: `src` is a .gguf file, dequantized into the directory `out`; `type`
+    (f32, f16, bf16) is the dtype written, float32 by default (it holds every GGUF value exactly).
+    """
+    from lfm2.gguf import export_gguf, import_gguf
+
+    to = str(to).lower()
+    if to == "gguf":
+        return export_gguf(src, out, type or "f16", progress=progress)
+    if to == "hf":
+        if not Path(src).is_file():
+            raise ConfigError(f"{src}: no such file; `--to hf` converts a .gguf file")
+        if type is not None and type.lower() not in HF_DTYPES:
+            raise ConfigError(f"--type {type!r} cannot be written to a Hugging Face checkpoint; use one of "
+                              f"{', '.join(HF_DTYPES)} (or leave it out for float32)")
+        dtype = None if type is None else HF_DTYPES[type.lower()]
+        return import_gguf(src, out, dtype=dtype, progress=progress)
+    raise ConfigError(f"unknown conversion target {to!r}; use one of {', '.join(TARGETS)}")
+
+
+def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `convert` subcommand to the `lfm2` command's subparsers."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint to GGUF (llama.cpp) or a GGUF file back to a checkpoint",
+        description="Convert a Hugging Face checkpoint directory (or hub id) to a GGUF file that llama.cpp runs, "
+        "or a GGUF file back to a Hugging Face checkpoint directory (dequantized).",
+    )
+    p.add_argument("src", help="checkpoint directory or hub id (--to gguf), or a .gguf file (--to hf)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="the format to write")
+    p.add_argument("--type", default=None, choices=sorted({*GGUF_TYPES, *HF_DTYPES}),
+                   help="GGUF: type of the weight matrices (default f16); hf: dtype written (default f32)")
+    p.add_argument("-o", "--out", required=True, help="the .gguf file (--to gguf) or directory (--to hf) to write")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+    return p
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    out = convert(args.src, args.to, args.out, args.type, progress=not args.quiet)
+    print(f"wrote {out}", file=sys.stderr)
