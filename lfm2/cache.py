@@ -105,3 +105,84 @@ class Cache:
         self.valid.copy_(snap.valid)
         for i, s in snap.conv.items():
             self.conv[i].copy_(s)
+
+    # -- row management, for a scheduler that lets sequences join and leave a running batch ------
+
+    def narrow(self, rows: int) -> Cache:
+        """A cache over the first `rows` rows that shares this one's storage (no copy).
+
+        A continuous-batching scheduler keeps its active rows packed at the top of one large
+        cache and runs the model on this view, so a step costs the active rows only. The view has
+        its own `length`: after a forward on it, copy it back (`cache.length = view.length`).
+        """
+        if not 1 <= rows <= self.batch_size:
+            raise ValueError(f"narrow: rows={rows} must be in [1, {self.batch_size}]")
+        view = object.__new__(Cache)
+        view.batch_size, view.max_len, view.length = rows, self.max_len, self.length
+        view.keys = {i: t[:rows] for i, t in self.keys.items()}
+        view.values = {i: t[:rows] for i, t in self.values.items()}
+        view.conv = {i: t[:rows] for i, t in self.conv.items()}
+        view.valid, view.positions = self.valid[:rows], self.positions[:rows]
+        return view
+
+    def put_row(self, row: int, src: Cache, src_row: int) -> None:
+        """Copy row `src_row` of `src` into row `row` of this cache, right-aligned to `self.length`.
+
+        Every row writes the same slot at each step, so a sequence prefilled on its own (src
+        slots [0, src.length)) joins a running batch by landing in slots
+        [self.length - src.length, self.length); the row's earlier slots are marked empty.
+        `src` may be this cache (moving a row), in which case the alignment is the identity.
+        """
+        n = src.length
+        if n > self.length:
+            raise ValueError(
+                f"put_row: the source holds {n} slots but this cache has only {self.length} filled; "
+                f"shift(+{n - self.length}) first"
+            )
+        start = self.length - n
+        for i in self.keys:
+            self.keys[i][row, :, start : self.length] = src.keys[i][src_row, :, :n]
+            self.values[i][row, :, start : self.length] = src.values[i][src_row, :, :n]
+        for i in self.conv:
+            self.conv[i][row] = src.conv[i][src_row]
+        valid = src.valid[src_row, :n].clone()
+        self.valid[row] = False
+        self.valid[row, start : self.length] = valid
+        self.positions[row] = src.positions[src_row]
+
+    def clear_row(self, row: int) -> None:
+        """Empty one row: no valid slots, position 0, zero conv state (its stale K/V are never seen)."""
+        self.valid[row] = False
+        self.positions[row] = 0
+        for state in self.conv.values():
+            state[row] = 0
+
+    def leading_free_slots(self) -> int:
+        """How many slots at the start are empty in every row: what `shift` can reclaim."""
+        used = self.valid[:, : self.length].any(dim=0)
+        return int(used.to(torch.int8).argmax()) if bool(used.any()) else self.length
+
+    def shift(self, delta: int) -> None:
+        """Move every row's filled slots by `delta` (left when negative), changing `length` by `delta`.
+
+        Attention depends only on which slots are valid and in what order, and RoPE positions are
+        per row, so a shift changes no row's output beyond float rounding. Shifting left reclaims
+        slots that every row has left (`leading_free_slots`), for a batch that outlives `max_len`;
+        shifting right makes room in front for a newcomer whose prompt is longer than `length`.
+        """
+        if delta == 0:
+            return
+        n = self.length
+        if delta < 0 and -delta > self.leading_free_slots():
+            raise ValueError(f"shift({delta}): only {self.leading_free_slots()} leading slots are free in every row")
+        if delta > 0 and n + delta > self.max_len:
+            raise ValueError(f"shift(+{delta}): {n} + {delta} slots exceed max_len={self.max_len}")
+        lo = max(0, -delta)  # source slots [lo, n) go to [lo + delta, n + delta)
+        for store in (self.keys, self.values):
+            for t in store.values():
+                t[:, :, lo + delta : n + delta] = t[:, :, lo:n].clone()
+        self.valid[:, lo + delta : n + delta] = self.valid[:, lo:n].clone()
+        if delta > 0:
+            self.valid[:, :delta] = False
+        self.length = n + delta
+        self.valid[:, self.length :] = False

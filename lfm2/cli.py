@@ -4,6 +4,7 @@
     lfm2 chat --model M                   interactive multi-turn chat (/reset, /system, /exit)
     lfm2 train --config run.json          train or fine-tune (resumable), see lfm2/train/trainer.py
     lfm2 convert SRC --to gguf|hf -o OUT  convert between Hugging Face checkpoints and GGUF files
+    lfm2 serve --model M --port 8000      OpenAI-compatible HTTP server, concurrent requests batched
 
 Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
 prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="JSON file of lfm2.train.trainer.TrainConfig fields")
     t.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
     add_convert_parser(sub)
+    from lfm2.server import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -161,10 +165,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: metrics in {out / 'metrics.jsonl'}, loss curve in {out / 'loss.png'}, model in {out / 'model'}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lfm2.server import cmd_serve as run
+
+    run(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "convert": cmd_convert}
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "convert": cmd_convert,
+                    "serve": cmd_serve}
         commands[args.command](args)
     except LFM2Error as e:
         sys.stderr.write(f"lfm2: error: {e}\n")

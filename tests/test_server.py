@@ -1,0 +1,578 @@
+"""The OpenAI-compatible server, driven live (uvicorn on a free port) with the official `openai` client.
+
+Replies are scripted where the test needs exact text (tool calls, stop sequences): a forward hook
+recognises the prompt and forces the model's tokens, as in test_chat.py. The concurrency test
+needs no script: greedy decoding of the random model, whose top-1 margins it checks first, must
+give each of 16 simultaneous clients exactly the text it gets alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lfm2
+from lfm2.server import create_app
+
+MODEL = "lfm2-tiny"
+USER = [{"role": "user", "content": "Hi there"}]
+
+
+class Live:
+    """A uvicorn server for `create_app(llm, ...)` in a thread, and an `openai` client for it."""
+
+    def __init__(self, llm, **options) -> None:
+        self.app = create_app(llm, MODEL, **options)
+        self.scheduler = self.app.state.scheduler
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, **kw)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def llm(chat_checkpoint):
+    return lfm2.load(chat_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def live(llm):
+    server = Live(llm, max_batch=16, max_queue=8)
+    yield server
+    server.close()
+
+
+class Script:
+    """Make the model reply `replies[key]` (then <|im_end|>) to any prompt containing `key`.
+
+    Requests must run one at a time (batch 1), so that each forward call belongs to one request.
+    """
+
+    def __init__(self, llm, replies: dict[str, str]) -> None:
+        tok = llm.tokenizer
+        self.tok = tok
+        self.replies = {k: tok.encode(v) + [tok.token_to_id("<|im_end|>")] for k, v in replies.items()}
+        self.current: list[int] | None = None
+        self.step = 0
+        self.prompts: list[str] = []
+        self.handles = [llm.model.register_forward_pre_hook(self.pre),
+                        llm.model.lm_head.register_forward_hook(self.post)]
+
+    def pre(self, module, args):
+        ids = args[0]
+        assert ids.shape[0] == 1, "scripted requests must run one at a time"
+        if ids.shape[1] > 1:  # a prefill: a new request starts
+            prompt = self.tok.decode(ids[0].tolist())
+            self.prompts.append(prompt)
+            self.current = next((v for k, v in self.replies.items() if k in prompt), None)
+            self.step = 0
+
+    def post(self, module, args, out):
+        if self.current is None:
+            return out
+        out = out.clone()
+        out[..., self.current[min(self.step, len(self.current) - 1)]] = 1e4
+        self.step += 1
+        return out
+
+    def __enter__(self) -> Script:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def get_weather_tool() -> dict:
+    return {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def stream_chat(client, **kw) -> tuple[str, list, str, object, list]:
+    """Content, tool-call deltas, finish reason, usage and all chunks of a streamed chat completion."""
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1, f"expected one finish_reason, got {finish}"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None  # include_usage: a last, usage-only chunk
+    return content, calls, finish[0], chunks[-1].usage, chunks
+
+
+# -- endpoints -----------------------------------------------------------------------------------
+
+
+def test_models_and_health(live):
+    models = live.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert live.client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(live.url + "/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == 16 and health["active"] == 0
+
+
+def test_chat_non_streamed_and_streamed_with_usage(live, llm):
+    reply = "Hello! How can I help?"
+    with Script(llm, {"Hi there": reply}):
+        whole = live.client.chat.completions.create(model=MODEL, messages=USER)
+        content, calls, finish, usage, chunks = stream_chat(live.client, model=MODEL, messages=USER)
+    prompt_ids, _ = llm._chat_prompt(USER, None, None)
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-") and whole.model == MODEL
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == reply == content
+    assert choice.finish_reason == finish == "stop" and not choice.message.tool_calls and not calls
+    expected = (len(prompt_ids), len(llm.tokenizer.encode(reply)) + 1)  # + the <|im_end|> it sampled
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == expected
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (*expected, sum(expected))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_chat_renders_system_and_tool_history(live, llm):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Oslo?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rainy, 8 C"},
+    ]
+    with Script(llm, {"rainy, 8 C": "It is rainy."}) as script:
+        reply = live.client.chat.completions.create(model=MODEL, messages=messages, tools=[get_weather_tool()])
+    assert reply.choices[0].message.content == "It is rainy."
+    prompt = script.prompts[0]
+    assert "<|im_start|>system\n" in prompt and "Be brief." in prompt and "Weather in Oslo?" in prompt
+    assert "[get_weather(city='Oslo')]" in prompt and "<|tool_response_start|>rainy, 8 C" in prompt
+    assert '"name": "get_weather"' in prompt  # the tool list
+
+
+CALL = "Let me check.<|tool_call_start|>[get_weather(city='Paris, France')]<|tool_call_end|>"
+
+
+def test_tool_calls_non_streamed(live, llm):
+    with Script(llm, {"Weather in Paris": CALL}):
+        reply = live.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[get_weather_tool()])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris, France"}
+
+
+def test_tool_calls_streamed(live, llm):
+    with Script(llm, {"Weather in Paris": CALL}):
+        content, calls, finish, usage, _ = stream_chat(
+            live.client, model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[get_weather_tool()])
+    assert content == "Let me check." and finish == "tool_calls"
+    (call,) = calls
+    assert call.index == 0 and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris, France"}
+    assert usage.completion_tokens == len(llm.tokenizer.encode(CALL)) + 1
+
+
+def test_named_tool_choice_forces_the_call(live, llm):
+    with Script(llm, {"anything": "city='Rome')]<|tool_call_end|>"}) as script:
+        reply = live.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "anything"}], tools=[get_weather_tool()],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert script.prompts[0].endswith("<|im_start|>assistant\n<|tool_call_start|>[get_weather(")
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert json.loads(reply.choices[0].message.tool_calls[0].function.arguments) == {"city": "Rome"}
+    assert reply.choices[0].message.content is None
+
+
+def test_stop_sequences_and_max_tokens(live, llm):
+    text = "one two three four five"
+    with Script(llm, {"count": text}):
+        messages = [{"role": "user", "content": "count"}]
+        whole = live.client.chat.completions.create(model=MODEL, messages=messages, stop=[" three", "zzz"])
+        content, _, finish, usage, _ = stream_chat(live.client, model=MODEL, messages=messages, stop=" three")
+        short = live.client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=2)
+        legacy = live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert whole.choices[0].message.content == content == "one two"
+    assert whole.choices[0].finish_reason == finish == "stop"
+    assert whole.usage.completion_tokens == usage.completion_tokens < len(llm.tokenizer.encode(text))
+    ids = llm.tokenizer.encode(text)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+    assert short.choices[0].message.content == llm.tokenizer.decode(ids[:2])
+    assert legacy.usage.completion_tokens == 3
+
+
+def test_completions_non_streamed_and_streamed(live, llm):
+    prompts = ["The quick brown fox", "Numbers: 12345"]
+    kw = dict(model=MODEL, max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True})
+    whole = live.client.completions.create(prompt=prompts, **kw)
+    assert whole.object == "text_completion" and [c.index for c in whole.choices] == [0, 1]
+    solo = [live.client.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
+    assert [c.text for c in whole.choices] == solo
+    assert all(c.finish_reason == "length" for c in whole.choices)
+    prompt_tokens = sum(len(llm.tokenizer.encode(p, add_special_tokens=True)) for p in prompts)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, 24)
+    chunks = list(live.client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True},
+                                                 **kw))
+    texts = ["", ""]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == solo and chunks[-1].usage.completion_tokens == 24
+    ids = llm.tokenizer.encode(prompts[0], add_special_tokens=True)
+    by_ids = live.client.completions.create(prompt=ids, **kw)
+    assert by_ids.choices[0].text == solo[0]
+    echoed = live.client.completions.create(prompt=prompts[1], echo=True, **kw)
+    assert echoed.choices[0].text == prompts[1] + solo[1]
+
+
+def test_seeded_sampling_is_reproducible(live):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, top_p=0.9,
+              extra_body={"ignore_eos": True, "top_k": 40, "min_p": 0.01})
+    a, b = (live.client.completions.create(seed=1234, **kw).choices[0].text for _ in range(2))
+    c = live.client.completions.create(seed=4321, **kw).choices[0].text
+    assert a == b != c
+
+
+def test_tiny_temperatures_mean_greedy(live):
+    """1e-30 would overflow the logits to inf; like vLLM, the server treats it as 0."""
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, extra_body={"ignore_eos": True})
+    tiny = live.client.completions.create(temperature=1e-30, **kw).choices[0].text
+    assert tiny == live.client.completions.create(temperature=0, **kw).choices[0].text
+
+
+def test_each_request_is_logged_as_json(live, caplog):
+    with caplog.at_level(logging.INFO, logger="lfm2.server"):
+        reply = live.client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        deadline = time.time() + 5
+        records: list[dict] = []
+        while not records and time.time() < deadline:
+            records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lfm2.server"]
+            records = [r for r in records if r.get("id") == reply.id]
+            time.sleep(0.01)
+    (record,) = records
+    assert record["event"] == "request" and record["endpoint"] == "completions" and record["status"] == "ok"
+    assert record["prompt_tokens"] == reply.usage.prompt_tokens and record["completion_tokens"] == 5
+    assert record["ttft_ms"] > 0 and record["tokens_per_s"] > 0 and record["finish_reason"] == ["length"]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+LONG = " ".join(["word"] * 2000)
+CHAT = "/v1/chat/completions"
+
+
+def chat(**overrides) -> dict:
+    return {"model": MODEL, "messages": USER, "max_tokens": 4, **overrides}
+
+
+ERRORS = [
+    # (path, body or raw bytes, status, param, words the message must contain)
+    (CHAT, b'{"model": "lfm2-tiny", "messages": [', 400, None, "not valid JSON"),
+    (CHAT, [1, 2], 400, None, "JSON object"),
+    (CHAT, {"model": MODEL}, 400, "messages", "missing"),
+    (CHAT, chat(temperature="hot"), 400, "temperature", "number"),
+    (CHAT, chat(temperature=5), 400, "temperature", "less than or equal to 2"),
+    (CHAT, chat(max_tokens=-5), 400, "max_tokens", "greater than or equal to 1"),
+    (CHAT, chat(max_tokens=10**12), 400, "max_tokens", "too large"),
+    (CHAT, chat(max_completion_tokens=1.5), 400, "max_completion_tokens", "integer"),
+    (CHAT, chat(model="gpt-4"), 404, "model", "does not exist"),
+    (CHAT, chat(messages=[{"role": "user", "content": LONG}]), 400, "messages", "maximum context length"),
+    (CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role", "'user'"),
+    (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0].content", "needs 'content'"),
+    (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400,
+     "messages[0].content[0].type", "'text'"),
+    (CHAT, chat(n=2), 400, "n", "n=1"),
+    (CHAT, chat(stop=[""]), 400, "stop", "empty"),
+    (CHAT, chat(stop=5), 400, "stop", "string"),
+    (CHAT, chat(seed=2**70), 400, "seed", "less than"),
+    (CHAT, chat(top_p=0), 400, "top_p", "greater than 0"),
+    (CHAT, chat(top_k=-7), 400, "top_k", "greater than or equal to -1"),
+    (CHAT, chat(stream="yes"), 400, "stream", "boolean"),
+    (CHAT, chat(tools=[get_weather_tool()], tool_choice={"type": "function", "function": {"name": "nope"}}), 400,
+     "tool_choice", "not among the tools"),
+    (CHAT, chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
+    (CHAT, chat(tools=[{"type": "function", "function": {"name": "bad name!"}}]), 400, "tools[0].function.name",
+     "pattern"),
+    (CHAT, chat(messages=[{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]), 400, "messages",
+     "arguments"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1, 10**7]]}, 400, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,words", ERRORS, ids=[f"{e[3]}-{e[4]}" for e in ERRORS])
+def test_bad_requests_get_openai_errors(live, path, body, status, param, words):
+    if isinstance(body, bytes):
+        r = live.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = live.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and words in error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def test_errors_through_the_openai_client(live):
+    with pytest.raises(openai.NotFoundError) as e:
+        live.client.chat.completions.create(model="nope", messages=USER)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": LONG}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:  # streamed requests are checked before the stream starts
+        live.client.completions.create(model=MODEL, prompt="x", stream=True, max_tokens=0)
+    assert e.value.param == "max_tokens"
+    for path, method in (("/nowhere", "GET"), ("/health", "DELETE")):
+        r = httpx.request(method, live.url + path)
+        assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def greedy_margin(model, prompt: list[int], steps: int, stop_ids) -> float:
+    """The smallest top-1 minus top-2 logit margin along the greedy path (stop ids end it)."""
+    cache = model.make_cache(1, len(prompt) + steps)
+    logits = model(torch.tensor([prompt]), cache, last_only=True)[:, -1]
+    margin = math.inf
+    for _ in range(steps):
+        top = logits.topk(2).values[0]
+        margin = min(margin, float(top[0] - top[1]))
+        token = int(logits.argmax())
+        if token in stop_ids:
+            break
+        logits = model(torch.tensor([[token]]), cache)[:, -1]
+    return margin
+
+
+TOPICS = "foxes dogs numbers emoji Paris weather code Python models tokens rivers stars music chess tea rain".split()
+
+
+def test_16_concurrent_streaming_clients_get_their_solo_text(live, llm):
+    """Greedy: each of 16 simultaneous streams equals the same request sent alone, and they share steps."""
+    questions = [[{"role": "user", "content": f"Tell me about {TOPICS[i]} ({i})"}] for i in range(16)]
+    kw = dict(model=MODEL, temperature=0, max_tokens=24, extra_body={"repetition_penalty": 1.0})
+    for q in questions:  # float rounding (~1e-6 here) cannot flip a greedy choice with this margin
+        margin = greedy_margin(llm.model, llm._chat_prompt(q, None, None)[0], 24, llm.tokenizer.stop_ids)
+        assert margin > 1e-4, f"fixture margin {margin:.1e} too small for an exact comparison"
+
+    def run(q):
+        content, _, finish, usage, _ = stream_chat(live.client, messages=q, **kw)
+        return content, finish, usage.completion_tokens
+
+    solo = [run(q) for q in questions]
+    steps = live.scheduler.steps
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, questions))
+    shared_steps = live.scheduler.steps - steps
+    assert together == solo
+    texts = [s[0] for s in solo]
+    assert len(set(texts)) >= 12 and len(set("".join(texts))) > 20, f"degenerate fixture outputs: {texts}"
+    generated = sum(s[2] for s in solo)
+    assert shared_steps < generated / 3, f"{shared_steps} decode steps for {generated} tokens: rows did not share"
+
+
+def test_cancelled_stream_frees_its_row_and_a_full_queue_gets_429(llm, caplog):
+    """One row, no queue: a second client gets 429 until the first one hangs up mid-stream."""
+    small = Live(llm, max_batch=1, max_queue=0)
+    slow = llm.model.register_forward_hook(lambda *a: time.sleep(0.01))  # 400 tokens would take > 4 s
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    caplog.set_level(logging.INFO, logger="lfm2.server")
+    try:
+        with httpx.stream("POST", small.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            data = [line for line in (next(lines) for _ in range(6)) if line.startswith("data:")]
+            assert data and small.scheduler.active == 1
+            busy = small.post("/v1/completions", json={**body, "max_tokens": 2})
+            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+            assert busy.json()["error"]["code"] == "server_busy"
+            hung_up = time.perf_counter()
+        while small.scheduler.active:  # the row is freed at the next step boundary
+            assert time.perf_counter() - hung_up < 2.0, "the cancelled request kept its row"
+            time.sleep(0.005)
+        freed_after = time.perf_counter() - hung_up
+        after = small.post("/v1/completions", json={**body, "max_tokens": 3})
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 3
+        assert freed_after < 1.0
+        records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lfm2.server"]
+        assert [r["status"] for r in records if r["event"] == "request"] == ["disconnected", "ok"]
+    finally:
+        slow.remove()
+        small.close()
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+TOOL_CALLS = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "x"}'}}]
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer"]), "content": st.text(max_size=30)},
+    optional={"tool_call_id": st.text(max_size=5), "tool_calls": st.just(TOOL_CALLS)},
+)
+# Plausible values of every field (some still wrong together, e.g. tool_calls on a user message).
+VALID = {
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "max_tokens": st.integers(1, 40),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 100),
+    "min_p": st.floats(0, 1),
+    "repetition_penalty": st.floats(0.5, 2),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "seed": st.integers(0, 2**32),
+    "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
+    "ignore_eos": st.booleans(),
+}
+CHAT_VALID = {
+    **VALID,
+    "max_completion_tokens": st.integers(1, 40),
+    "tools": st.lists(st.just(get_weather_tool()), max_size=2),
+    "tool_choice": st.sampled_from(["auto", "none", "required",
+                                    {"type": "function", "function": {"name": "get_weather"}}]),
+}
+COMPLETION_VALID = {**VALID, "echo": st.booleans()}
+# Values that stretch or break each field: neighbours of the limits, wrong types, anything.
+WILD = st.one_of(JSON_VALUES, st.integers(-(2**65), 2**65), st.floats(-3, 3), st.sampled_from([0, -1, 1e308, ""]))
+
+
+def bodies(required: dict, valid: dict):
+    """A plausible body with zero to two fields replaced by wild values (or deleted)."""
+    base = st.fixed_dictionaries(required, optional=valid)
+    names = sorted({*required, *valid, "n", "best_of", "response_format", "messages", "prompt", "model"})
+    mutations = st.dictionaries(st.sampled_from(names), st.one_of(WILD, st.just(...)), max_size=2)
+    return st.builds(lambda b, m: {k: v for k, v in {**b, **m}.items() if v is not ...}, base, mutations)
+
+
+REQUESTS = st.one_of(
+    st.tuples(st.just(CHAT), bodies({"model": st.just(MODEL), "messages": st.lists(MESSAGE, min_size=1, max_size=3)},
+                                    CHAT_VALID)),
+    st.tuples(st.just("/v1/completions"), bodies(
+        {"model": st.just(MODEL), "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(0, 600), max_size=5),
+                                                      st.lists(st.text(max_size=10), max_size=3))},
+        COMPLETION_VALID)),
+    st.tuples(st.sampled_from([CHAT, "/v1/completions"]), JSON_VALUES),  # not even an object
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(llm):
+    server = Live(llm, max_batch=4, max_queue=4, max_len=96)  # short contexts keep valid requests quick
+    yield server
+    server.close()
+
+
+def check_no_server_error(server: Live, path: str, body) -> None:
+    raw = json.dumps(body).encode()  # NaN and Infinity included, as Python clients may send them
+    headers = {"Content-Type": "application/json"}
+    with httpx.stream("POST", server.url + path, content=raw, headers=headers, timeout=60) as r:
+        text = r.read().decode()
+    assert r.status_code < 500, f"{r.status_code} for {body!r}: {text}"
+    if r.status_code != 200:
+        assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert text.endswith("data: [DONE]\n\n") and '"server_error"' not in text, text
+
+
+def fuzz(server: Live, examples: int) -> None:
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(REQUESTS)
+    def run(request):
+        check_no_server_error(server, *request)
+
+    run()
+    assert httpx.get(server.url + "/health").json()["active"] == 0
+
+
+def test_fuzzed_requests_never_get_a_5xx(fuzz_server):
+    fuzz(fuzz_server, 80)
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_never_get_a_5xx_long(fuzz_server):
+    fuzz(fuzz_server, 2000)
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def test_serve_subcommand_starts_a_server(chat_checkpoint):
+    """`add_serve_parser` + its handler, as `lfm2 serve` wires them, in a child process."""
+    import argparse
+    import subprocess
+    import sys
+
+    from lfm2.server import add_serve_parser, cmd_serve
+
+    parser = argparse.ArgumentParser(prog="lfm2")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", "m", "--port", "9", "--max-batch", "2"])
+    assert args.handler is cmd_serve and (args.port, args.max_batch, args.host) == (9, 2, "127.0.0.1")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import argparse, sys; from lfm2.server import add_serve_parser\n"
+        "p = argparse.ArgumentParser(); add_serve_parser(p.add_subparsers())\n"
+        "a = p.parse_args(sys.argv[1:]); a.handler(a)\n"
+    )
+    argv = ["serve", "--model", str(chat_checkpoint), "--port", str(port), "--served-model-name", "cli-model",
+            "--max-model-len", "128", "--log-level", "warning"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv])
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "lfm2 serve did not start"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health["model"] == "cli-model" and health["max_len"] == 128
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model="cli-model", prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
