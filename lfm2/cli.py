@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--model", "-m", default=None,
+                   help="checkpoint directory, .gguf file or Hugging Face hub id (default: the bundled tiny model)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
 

@@ -213,16 +213,21 @@ class LLM:
 
 
 def load(
-    path_or_hub_id: str | os.PathLike,
+    path_or_hub_id: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> LLM:
-    """Load an LFM2 / LFM2-MoE checkpoint in Hugging Face layout.
+    """Load an LFM2 / LFM2-MoE checkpoint: a Hugging Face-layout directory, a hub id or a `.gguf` file.
 
-    The weights are checked against `config.json` before anything is built (a missing or
-    misshapen tensor raises `CheckpointError` naming it); float32 weights loaded as float32 stay
-    memory-mapped instead of being copied.
+    With no argument, the bundled tiny model (`lfm2.default_model_path()`). The weights are
+    checked against `config.json` before anything is built (a missing or misshapen tensor raises
+    `CheckpointError` naming it); float32 weights loaded as float32 stay memory-mapped instead of
+    being copied.
     """
+    if path_or_hub_id is None:
+        from lfm2.bundled import require_default_model
+
+        path_or_hub_id = require_default_model()
     if str(path_or_hub_id).endswith(".gguf"):
         from lfm2.gguf import load_gguf
 

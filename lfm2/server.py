@@ -788,7 +788,7 @@ def _raise_if_failed(result: Result) -> None:
 
 
 def serve(
-    model: str,
+    model: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch: int = 16,
@@ -799,21 +799,27 @@ def serve(
     model_name: str | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load `model` and serve it until interrupted; clients name it `model_name` (default: `model` as given)."""
+    """Load `model` (default: the bundled one) and serve it until interrupted.
+
+    Clients name it `model_name` (default: `model` as given, or the bundled model's name).
+    """
     import uvicorn
 
     import lfm2
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
     llm = lfm2.load(model, dtype=dtype, device=device)
-    app = create_app(llm, model_name or str(model), max_batch=max_batch, max_queue=max_queue, max_len=max_len)
+    from lfm2.bundled import NAME
+
+    name = model_name or (str(model) if model else NAME)
+    app = create_app(llm, name, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`lfm2 serve`: the arguments of `serve`, for the CLI's subcommand table."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file or hub id (default: bundled)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--host", default="127.0.0.1")

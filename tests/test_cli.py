@@ -34,7 +34,7 @@ def test_generate_reads_stdin(chat_checkpoint):
         (["generate", "--model", "/does/not/exist", "hi"], ["/does/not/exist", "no such checkpoint"]),
         (["generate", "--model", "X", "--temperature", "hot", "hi"], ["--temperature", "invalid float"]),
         (["generate", "--model", "X", "--bogus", "hi"], ["unrecognized arguments: --bogus"]),
-        (["chat"], ["--model"]),
+        (["chat", "--max-new-tokens", "many"], ["--max-new-tokens", "invalid int"]),
     ],
 )
 def test_bad_invocations_print_one_line(args, words):
