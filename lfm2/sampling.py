@@ -29,6 +29,8 @@ from lfm2.errors import GenerationError
 
 # LFM2 model card recommendation, used for every field a generation_config.json leaves unset.
 MODEL_CARD_DEFAULTS: dict[str, Any] = {"temperature": 0.3, "min_p": 0.15, "repetition_penalty": 1.05}
+# Temperatures below this sample greedily: logits / 1e-300 overflow to inf and the softmax to NaN.
+GREEDY_BELOW = 1e-5
 _GENERATION_CONFIG_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
@@ -80,7 +82,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that dividing by it overflows float32 (as vLLM treats it)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_history(self) -> bool:

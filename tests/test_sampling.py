@@ -329,3 +329,10 @@ def test_bad_generation_config_is_reported(tmp_path: Path) -> None:
         SamplingParams.from_generation_config({"top_p": 2})
     with pytest.raises(GenerationError, match="unknown sampling parameter 'temp'"):
         SamplingParams.from_generation_config({}, temp=0.5)
+
+
+def test_tiny_temperature_is_greedy_not_nan() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.1]])
+    params = SamplingParams(temperature=1e-300)
+    assert params.greedy
+    assert sample_next(logits, params, make_generator(0)).tolist() == [1, 0]
