@@ -1,0 +1,75 @@
+"""The bundled tiny model: a real LFM2 checkpoint that chats and calls tools out of the box."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import lfm2
+from lfm2.train.synth import conversations
+
+PATH = lfm2.default_model_path()
+pytestmark = pytest.mark.skipif(not (PATH / "config.json").is_file(), reason="bundled model not built")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return lfm2.load()
+
+
+def test_default_load_is_the_bundled_model(llm):
+    assert llm.path == PATH and llm.tokenizer is not None
+    size = sum(f.stat().st_size for f in PATH.iterdir())
+    assert 5e6 < size < 30e6  # small enough to ship
+    card = (PATH / "README.md").read_text()
+    assert "Tool calls on" in card and "perplexity" in card
+
+
+def test_transformers_loads_it_with_equal_logits(llm):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(PATH)
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                               add_generation_prompt=True)
+    assert tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False) == prompt
+    ids = torch.tensor([llm.tokenizer.encode(prompt)])
+    assert tok(prompt, add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        assert (hf(ids).logits - llm.model(ids)).abs().max() <= 1e-4
+
+
+def test_answers_in_english(llm):
+    reply = llm.chat([{"role": "user", "content": "Hello!"}], temperature=0, max_new_tokens=40)["content"]
+    words = reply.split()
+    assert len(words) >= 2 and all(w.isascii() for w in words), reply
+
+
+def test_calls_known_tools(llm):
+    """Tools of the training split, with fresh arguments. Unseen tools are measured by the recipe's
+    evaluation and reported in the model card (eval.json), not asserted: the model does not
+    generalise to them yet."""
+    convs = conversations(30, seed=777, split="train", tool_fraction=1.0)
+    right = 0
+    for conv in convs:
+        reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96)
+        calls = reply.get("tool_calls") or []
+        right += bool(calls) and calls[0]["function"]["name"] == conv["expected"]["name"] and (
+            json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"])
+    assert right / len(convs) >= 0.8
+
+
+def test_cli_chat_without_arguments():
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "lfm2", "chat", "--temperature", "0", "--max-new-tokens", "30"],
+                          encoding="utf-8", timeout=60)
+    child.expect("> ")
+    child.sendline("Hi")
+    child.expect("> ")
+    reply = child.before.strip().splitlines()[-1]
+    assert any(c.isalpha() for c in reply) and reply.isascii(), reply
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
