@@ -31,3 +31,7 @@ class ToolError(GenerationError):
     A subclass of `GenerationError` so that code which turns bad requests into HTTP 400s or CLI
     messages by catching `GenerationError` handles bad tools the same way.
     """
+
+
+class SchedulerBusy(LFM2Error):
+    """The generation queue is full: try again later (the server answers 429 with Retry-After)."""

@@ -44,15 +44,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lfm2.cache import Cache
-from lfm2.errors import GenerationError, LFM2Error
+from lfm2.errors import GenerationError, SchedulerBusy
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
 
 log = logging.getLogger("lfm2.scheduler")
-
-
-class SchedulerBusy(LFM2Error):
-    """The wait queue is full: try again later (a server answers 429 with Retry-After)."""
 
 
 @dataclass

@@ -43,10 +43,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lfm2.errors import GenerationError, LFM2Error
+from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
 from lfm2.generate import TextStream
 from lfm2.sampling import SamplingParams
-from lfm2.scheduler import Request, Result, Scheduler, SchedulerBusy
+from lfm2.scheduler import Request, Result, Scheduler
 from lfm2.tools import ToolCallStreamParser, parse_tool_calls
 
 log = logging.getLogger("lfm2.server")
