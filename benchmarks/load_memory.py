@@ -21,14 +21,16 @@ from lfm2.models import build_model
 from lfm2.weights import save_checkpoint
 
 CHILD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import lfm2
 t = time.perf_counter()
 llm = lfm2.load(sys.argv[1])
 load_s = time.perf_counter() - t
 with torch.no_grad():
     llm.model(torch.tensor([[1, 2, 3]]))
-print(json.dumps({"load_s": load_s, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: the latter survives exec and would start at the parent's size.
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(json.dumps({"load_s": load_s, "peak_rss": hwm}))
 """
 
 
