@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from lfm2.config import ModelConfig
 from lfm2.errors import CheckpointError, ConfigError, TokenizerError
-from lfm2.llm import LLM, parse_dtype
+from lfm2.llm import LLM, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.sampling import SamplingParams
 from lfm2.tokenizer import Tokenizer
@@ -692,7 +692,7 @@ def load_gguf(
     Quantized weights are dequantized to `dtype` (float32 on CPU by default, bfloat16 on
     accelerators); float32 weights loaded as float32 stay memory-mapped.
     """
-    device = torch.device(device)
+    device = parse_device(device)
     config, model, tokenizer, f = read_gguf(path, parse_dtype(dtype, device), device)
     return GGUFLLM(model=model, config=config, tokenizer=tokenizer, path=f.path,
                    generation_defaults=generation_defaults_from_gguf(f))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lfm2.config import ModelConfig
-from lfm2.errors import CheckpointError, GenerationError
+from lfm2.errors import CheckpointError, ConfigError, GenerationError
 from lfm2.generate import GenerationStats, stream_text
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
@@ -24,6 +24,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r} ({e}); use cpu, cuda, cuda:N or mps") from None
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """float32 by default on CPU (most CPUs have no fast bf16 matmul), bfloat16 on accelerators."""
     if dtype is None:
@@ -31,7 +38,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -233,7 +240,7 @@ def load(
 
         return load_gguf(path_or_hub_id, dtype=dtype, device=device)
     ckpt = resolve_checkpoint(path_or_hub_id)
-    device = torch.device(device)
+    device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     config = ModelConfig.from_json(ckpt / "config.json")
     model = build_model(config, device="meta")

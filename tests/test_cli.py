@@ -46,6 +46,14 @@ def test_bad_invocations_print_one_line(args, words):
         assert w in lines[0]
 
 
+@pytest.mark.parametrize("flag, value, words", [("--dtype", "float8", "unknown dtype 'float8'"),
+                                                ("--device", "gpu7", "unknown device 'gpu7'")])
+def test_bad_dtype_or_device_is_one_line(chat_checkpoint, flag, value, words):
+    r = run("generate", "--model", str(chat_checkpoint), flag, value, "hi")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr
+
+
 def test_bad_sampling_value_is_one_line(chat_checkpoint):
     r = run("generate", "--model", str(chat_checkpoint), "--top-p", "3", "hi")
     assert r.returncode == 2
