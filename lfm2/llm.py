@@ -203,7 +203,10 @@ class LLM:
 
     def _stream(self, prompts: list[list[int]], sampling: dict[str, Any]) -> Iterator[tuple[int, str]]:
         sampling = dict(sampling)
-        max_new_tokens = sampling.pop("max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        max_new_tokens = sampling.pop("max_new_tokens", None)
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         stop = sampling.pop("stop", None) or ()
         ignore_eos = bool(sampling.pop("ignore_eos", False))
         params = self.sampling_params(**sampling)

@@ -155,3 +155,6 @@ def test_bad_requests(llm):
         llm.generate("word " * 600, max_new_tokens=5)
     with pytest.raises(GenerationError, match="stop strings"):
         llm.generate("x", stop=[""])
+    for bad in (0, -5, 2.5):
+        with pytest.raises(GenerationError, match=f"max_new_tokens={bad} must be a positive integer"):
+            llm.generate("x", max_new_tokens=bad)
