@@ -248,7 +248,7 @@ def load(
     config = ModelConfig.from_json(ckpt / "config.json")
     model = build_model(config, device="meta")
     cast_model(model, dtype)
-    load_into(model, ckpt, dtype, device)
+    load_into(model, ckpt, device)
     model.eval()
     return LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt)
 

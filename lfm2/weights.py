@@ -13,6 +13,7 @@ partial model is never returned.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -97,20 +98,13 @@ def read_header(path: Path) -> dict[str, dict]:
                 f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section but the file "
                 f"holds only {data_size}: the file is truncated (re-download or re-save it)"
             )
-        expected = _DTYPE_BYTES.get(info["dtype"], 0) * _numel(info["shape"])
+        expected = _DTYPE_BYTES.get(info["dtype"], 0) * math.prod(info["shape"])
         if _DTYPE_BYTES.get(info["dtype"]) and end - begin != expected:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has {end - begin} bytes, {expected} expected for "
                 f"{info['dtype']} {info['shape']}"
             )
     return header
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def tensor_table(ckpt: Path) -> dict[str, tuple[Path, dict]]:
@@ -140,12 +134,12 @@ def tensor_table(ckpt: Path) -> dict[str, tuple[Path, dict]]:
     return table
 
 
-def iter_tensors(ckpt: Path, names: list[str], desc: str = "loading") -> Iterator[tuple[str, torch.Tensor]]:
-    """Memory-mapped tensors by name, with a progress bar for large checkpoints."""
-    files = {name: p for name, (p, _) in tensor_table(ckpt).items()}
+def iter_tensors(table: dict[str, tuple[Path, dict]], names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Memory-mapped tensors by name (from a `tensor_table`), with a progress bar for large checkpoints."""
+    files = {name: p for name, (p, _) in table.items()}
     total = sum(p.stat().st_size for p in set(files.values()))
     with ExitStack() as stack, tqdm(
-        total=total, unit="B", unit_scale=True, desc=desc, disable=total < PROGRESS_BYTES
+        total=total, unit="B", unit_scale=True, desc="loading", disable=total < PROGRESS_BYTES
     ) as bar:
         handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
         for name in names:
@@ -154,8 +148,12 @@ def iter_tensors(ckpt: Path, names: list[str], desc: str = "loading") -> Iterato
             yield name, t
 
 
-def load_into(model: torch.nn.Module, ckpt: Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill a model built on the meta device with the checkpoint's weights, after checking them all."""
+def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str) -> None:
+    """Fill a model built on the meta device with the checkpoint's weights, after checking them all.
+
+    Each tensor takes the dtype of the meta model's parameter, so whatever `cast_model` decided
+    (float32 routers in a bf16 MoE) holds for the loaded weights too.
+    """
     table = tensor_table(ckpt)
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
@@ -179,9 +177,8 @@ def load_into(model: torch.nn.Module, ckpt: Path, dtype: torch.dtype, device: to
             f"{model.config.model_type} model of this config"
         )
     state = {}
-    for name, t in iter_tensors(ckpt, list(expected)):
-        keep_fp32 = name.endswith(("feed_forward.gate.weight", "expert_bias"))
-        state[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    for name, t in iter_tensors(table, list(expected)):
+        state[name] = t.to(device=device, dtype=expected[name].dtype)
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

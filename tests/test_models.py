@@ -148,3 +148,12 @@ def test_bfloat16_agreement(pair, tmp_path):
 def _path_of(model, tmp_path):
     model.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
+
+
+def test_bfloat16_moe_keeps_router_in_float32(tmp_path):
+    path = write_checkpoint(tmp_path / "moe", CONFIGS["moe"], seed=2)
+    model = lfm2.load(path, dtype="bfloat16").model
+    moe = model.model.layers[1].feed_forward
+    assert moe.gate.weight.dtype == torch.float32 and moe.expert_bias.dtype == torch.float32
+    assert moe.experts[0].w1.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
