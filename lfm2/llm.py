@@ -132,8 +132,8 @@ class LLM:
         come, and `{"tool_calls": [...]}` once a call block closes (text inside it is never shown)."""
         from lfm2.tools import ToolCallStreamParser
 
-        ids, forced = self._chat_prompt(messages, tools, tool_choice)
-        if not tools or tool_choice == "none":  # no tools offered: the reply is plain content
+        ids, forced, tools = self._chat_prompt(messages, tools, tool_choice)
+        if tools is None:  # no tools offered: the reply is plain content
             for _, piece in self._stream([ids], sampling):
                 yield {"content": piece}
             return
@@ -149,9 +149,9 @@ class LLM:
     def _chat_once(self, messages, tools, tool_choice, sampling) -> dict[str, Any]:
         from lfm2.tools import parse_tool_calls
 
-        ids, forced = self._chat_prompt(messages, tools, tool_choice)
+        ids, forced, tools = self._chat_prompt(messages, tools, tool_choice)
         text = forced + "".join(piece for _, piece in self._stream([ids], sampling))
-        if not tools or tool_choice == "none":  # no tools offered: the reply is plain content
+        if tools is None:  # no tools offered: the reply is plain content
             return {"role": "assistant", "content": text}
         content, calls = parse_tool_calls(text, tools)
         reply: dict[str, Any] = {"role": "assistant", "content": content}
@@ -159,8 +159,9 @@ class LLM:
             reply["tool_calls"] = calls
         return reply
 
-    def _chat_prompt(self, messages, tools, tool_choice) -> tuple[list[int], str]:
-        """Prompt ids, and the text we put in the model's mouth to honour `tool_choice`.
+    def _chat_prompt(self, messages, tools, tool_choice) -> tuple[list[int], str, list | None]:
+        """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, and the tools
+        actually offered (None when there are none, or `tool_choice` is "none").
 
         `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
         named function starts it with `<|tool_call_start|>[name(`, so the model must call it.
@@ -173,7 +174,7 @@ class LLM:
                 f"tool_choice={tool_choice!r}: expected 'auto', 'none', 'required' or "
                 '{"type": "function", "function": {"name": ...}}'
             )
-        if tool_choice in ("required",) or isinstance(tool_choice, dict):
+        if tool_choice == "required" or isinstance(tool_choice, dict):
             if not tools:
                 raise GenerationError(f"tool_choice={tool_choice!r} needs tools")
         use_tools = tools if tools and tool_choice != "none" else None
@@ -183,7 +184,7 @@ class LLM:
             forced = "<|tool_call_start|>["
         elif isinstance(tool_choice, dict):
             forced = f"<|tool_call_start|>[{tool_choice['function']['name']}("
-        return tok.encode(prompt + forced, add_special_tokens=False), forced
+        return tok.encode(prompt + forced, add_special_tokens=False), forced, use_tools
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -373,10 +373,9 @@ class _Server:
         if choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice", code="invalid_value")
         try:
-            ids, forced = self.llm._chat_prompt(messages, tools, choice)
+            return self.llm._chat_prompt(messages, tools, choice)
         except LFM2Error as exc:
             raise APIError(400, f"could not build the prompt: {exc}", param="messages", code="invalid_value") from exc
-        return ids, forced, (tools if tools and choice != "none" else None)
 
     def completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """Token ids and text of each prompt (strings get BOS, as `llm.generate` does)."""
