@@ -144,7 +144,7 @@ def test_chat_non_streamed_and_streamed_with_usage(live, llm):
     with Script(llm, {"Hi there": reply}):
         whole = live.client.chat.completions.create(model=MODEL, messages=USER)
         content, calls, finish, usage, chunks = stream_chat(live.client, model=MODEL, messages=USER)
-    prompt_ids, _ = llm._chat_prompt(USER, None, None)
+    prompt_ids, _, _ = llm._chat_prompt(USER, None, None)
     assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-") and whole.model == MODEL
     choice = whole.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == reply == content
