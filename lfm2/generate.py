@@ -182,9 +182,8 @@ def stream_text(
         now = time.perf_counter() - start
         for r, tok in enumerate(step.tokens):
             st = stats[r]
-            if step.stopped_by_id[r]:
+            if step.stopped_by_id[r]:  # decode_tokens has already retired the row
                 st.finish_reason, st.total_s = "stop", now
-                stop_flags[r] = True
                 if st.completion_tokens == 0:
                     st.time_to_first_token_s = now
             if not step.active[r]:

@@ -14,6 +14,7 @@ What a run does, and why:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -103,13 +104,14 @@ def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int) -> list[int]:
     example is seen once per epoch and a resumed run sees exactly what the original would have.
     """
     per_step = cfg.batch_size * cfg.grad_accum
-    start = (step * per_step + micro * cfg.batch_size)
-    out = []
-    for k in range(start, start + cfg.batch_size):
-        epoch, pos = divmod(k, n)
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        out.append(int(perm[pos]))
-    return out
+    start = step * per_step + micro * cfg.batch_size
+    return [int(_epoch_order(cfg.seed, k // n, n)[k % n]) for k in range(start, start + cfg.batch_size)]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the examples in one epoch (cached: a batch would otherwise redraw it per example)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -207,8 +209,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         model = build_model(model_config, device="cpu")
         init_weights(model)
     model.train()
-    decay = [p for name, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, fused=False, foreach=False,
