@@ -5,6 +5,8 @@
     lfm2 train --config run.json          train or fine-tune (resumable), see lfm2/train/trainer.py
     lfm2 convert SRC --to gguf|hf -o OUT  convert between Hugging Face checkpoints and GGUF files
     lfm2 serve --model M --port 8000      OpenAI-compatible HTTP server, concurrent requests batched
+    lfm2 finetune sft|dpo|distill ...     LoRA or full fine-tuning (see lfm2/train/finetune.py)
+    lfm2 merge ...                        fold an adapter into its model, or average checkpoints
 
 Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
 prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.
@@ -18,6 +20,8 @@ from typing import Any
 
 from lfm2.convert import add_convert_parser, cmd_convert
 from lfm2.errors import LFM2Error
+from lfm2.merge import add_merge_parser, cmd_merge
+from lfm2.train.finetune import add_finetune_parser, cmd_finetune
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory, .gguf file or Hugging Face hub id (default: the bundled tiny model)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="JSON file of lfm2.train.trainer.TrainConfig fields")
     t.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
     add_convert_parser(sub)
+    add_finetune_parser(sub)
+    add_merge_parser(sub)
     from lfm2.server import add_serve_parser
 
     add_serve_parser(sub)
@@ -91,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import lfm2
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device)
+    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     sampling = _sampling(args)
     if args.chat:
         pieces = (d.get("content", "") for d in llm.chat_stream([{"role": "user", "content": prompt}], **sampling))
@@ -108,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     import lfm2
 
-    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device)
+    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = _sampling(args)
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "convert": cmd_convert,
-                    "serve": cmd_serve}
+                    "serve": cmd_serve, "finetune": cmd_finetune, "merge": cmd_merge}
         commands[args.command](args)
     except LFM2Error as e:
         sys.stderr.write(f"lfm2: error: {e}\n")

@@ -227,13 +227,15 @@ def load(
     path_or_hub_id: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    adapter: str | os.PathLike | None = None,
 ) -> LLM:
     """Load an LFM2 / LFM2-MoE checkpoint: a Hugging Face-layout directory, a hub id or a `.gguf` file.
 
     With no argument, the bundled tiny model (`lfm2.default_model_path()`). The weights are
     checked against `config.json` before anything is built (a missing or misshapen tensor raises
     `CheckpointError` naming it); float32 weights loaded as float32 stay memory-mapped instead of
-    being copied.
+    being copied. `adapter` attaches a LoRA adapter directory (PEFT format, e.g. written by
+    `lfm2 finetune`); its tensors are checked against the model's shapes.
     """
     if path_or_hub_id is None:
         from lfm2.bundled import require_default_model
@@ -242,7 +244,8 @@ def load(
     if str(path_or_hub_id).endswith(".gguf"):
         from lfm2.gguf import load_gguf
 
-        return load_gguf(path_or_hub_id, dtype=dtype, device=device)
+        llm = load_gguf(path_or_hub_id, dtype=dtype, device=device)
+        return _with_adapter(llm, adapter)
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
@@ -251,7 +254,16 @@ def load(
     cast_model(model, dtype)
     load_into(model, ckpt, device)
     model.eval()
-    return LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt)
+    return _with_adapter(LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt), adapter)
+
+
+def _with_adapter(llm: LLM, adapter: str | os.PathLike | None) -> LLM:
+    if adapter is not None:
+        from lfm2.lora import load_adapter
+
+        load_adapter(llm.model, adapter)
+        llm.model.eval()
+    return llm
 
 
 def _load_tokenizer(ckpt: Path) -> object | None:

@@ -797,8 +797,9 @@ def serve(
     device: str = "cpu",
     model_name: str | None = None,
     log_level: str = "info",
+    adapter: str | None = None,
 ) -> None:
-    """Load `model` (default: the bundled one) and serve it until interrupted.
+    """Load `model` (default: the bundled one), with a LoRA `adapter` if given, and serve it until interrupted.
 
     Clients name it `model_name` (default: `model` as given, or the bundled model's name).
     """
@@ -807,7 +808,7 @@ def serve(
     import lfm2
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
-    llm = lfm2.load(model, dtype=dtype, device=device)
+    llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter)
     from lfm2.bundled import NAME
 
     name = model_name or (str(model) if model else NAME)
@@ -821,6 +822,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file or hub id (default: bundled)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
@@ -836,4 +838,4 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_len=args.max_model_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
-          log_level=args.log_level)
+          log_level=args.log_level, adapter=args.adapter)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lfm2.cache import Cache
@@ -111,14 +112,31 @@ class ShortConv(nn.Module):
             u = u * ctx.token_mask[..., None].to(u.dtype)
         u = u.transpose(1, 2)  # (B, T, d) -> (B, d, T)
         T = u.shape[-1]
-        if ctx.cache is not None:
-            state = ctx.cache.conv[self.layer_idx]
-            u = torch.cat((state, u), dim=-1)
-            state.copy_(u[..., -(self.kernel - 1) :])
+        if ctx.segments is not None:
+            v = self._packed_conv(u, ctx.segments)
         else:
-            u = F.pad(u, (self.kernel - 1, 0))
-        v = F.conv1d(u, self.conv.weight, self.conv.bias, groups=u.shape[1])[..., -T:]
+            if ctx.cache is not None:
+                state = ctx.cache.conv[self.layer_idx]
+                u = torch.cat((state, u), dim=-1)
+                state.copy_(u[..., -(self.kernel - 1) :])
+            else:
+                u = F.pad(u, (self.kernel - 1, 0))
+            v = F.conv1d(u, self.conv.weight, self.conv.bias, groups=u.shape[1])[..., -T:]
         return self.out_proj(c * v.transpose(1, 2))
+
+    def _packed_conv(self, u: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """The causal depthwise conv of u (B, d, T) where a tap never reaches into another segment.
+
+        Written as a sum over the kernel's taps (3 for LFM2) so each shifted term can be masked
+        where position t - k belongs to a different packed example than t: every example then
+        starts from a zero state, exactly as if it ran alone.
+        """
+        w = self.conv.weight[:, 0]  # (d, L); tap L-1 multiplies the current position
+        v = u * w[:, -1, None]
+        for k in range(1, self.kernel):
+            same = (segments[:, k:] == segments[:, :-k])[:, None].to(u.dtype)  # (B, 1, T-k)
+            v = v + F.pad(u[..., :-k] * same * w[:, -1 - k, None], (k, 0))
+        return v if self.conv.bias is None else v + self.conv.bias[:, None]
 
 
 class MLP(nn.Module):
@@ -161,10 +179,12 @@ class StepContext:
         sin: torch.Tensor,
         token_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
+        segments: torch.Tensor | None = None,
     ) -> None:
         self.cache, self.start, self.cos, self.sin = cache, start, cos, sin
         self.token_mask = token_mask  # (B, T) bool: real tokens of this call, None if all real
         self.attn_mask = attn_mask  # (B, 1, T, S) bool: may query i see key slot s; None: causal
+        self.segments = segments  # (B, T) packed-example ids (training), None: one sequence per row
 
 
 class Backbone(nn.Module):
@@ -191,6 +211,7 @@ class Lfm2ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False  # training: trade recomputation for activation memory
         self.model = Backbone(config, self.make_feed_forward)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -207,6 +228,7 @@ class Lfm2ForCausalLM(nn.Module):
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model on `input_ids` (B, T).
 
@@ -214,11 +236,22 @@ class Lfm2ForCausalLM(nn.Module):
         With a cache, the tokens continue each row's sequence and the cache advances.
         `last_only` returns the logits of the last position only (B, 1, vocab), which is all that
         generation needs after a prefill and saves the (T, vocab) head matmul.
+        `segment_ids` (B, T) packs several examples into one row (training): each run of equal
+        ids is its own sequence, with its own positions, attention and convolution state, so the
+        logits equal those of the examples run one by one.
         """
         B, T = input_ids.shape
         device = input_ids.device
         mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
-        if cache is not None:
+        if segment_ids is not None:
+            if cache is not None or mask is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be combined with a cache or attention_mask")
+            start = 0
+            positions = _segment_positions(segment_ids)
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            attn_mask = (same & causal)[:, None]
+        elif cache is not None:
             start, positions = cache.reserve(mask if mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
             S = start + T
             slots = torch.arange(S, device=device)
@@ -239,9 +272,23 @@ class Lfm2ForCausalLM(nn.Module):
             mask = None
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        ctx = StepContext(cache, start, cos, sin, mask, attn_mask)
+        ctx = StepContext(cache, start, cos, sin, mask, attn_mask, segment_ids)
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its insides during backward.
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.embedding_norm(x))
+
+
+def _segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that restart at 0 wherever the segment id changes."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - first

@@ -70,18 +70,22 @@ def prepare_text(
     return {name: len(ids) for name, ids in splits.items()}
 
 
-def assistant_mask(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], tools=None) -> tuple[list[int], list[int]]:
+def assistant_mask(
+    tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], tools=None, last_only: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation and a 0/1 mask that is 1 on assistant tokens.
 
     Each assistant message's span is found by rendering the conversation up to it (with the
     generation prompt) and up to and including it: the characters in between are the reply and
-    its end-of-turn marker, which the model must learn to produce. Token offsets map characters
-    to tokens; a token is trained on when it starts inside a reply span.
+    its end-of-turn marker, which the model must learn to produce (tool calls included; tool
+    results are a `tool` turn and never trained on). Token offsets map characters to tokens; a
+    token is trained on when it starts inside a reply span. `last_only` masks the final
+    assistant message only (preference pairs: the response, not the earlier turns).
     """
     text = tokenizer.apply_chat_template(messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
-        if m.get("role") == "assistant":
+        if m.get("role") == "assistant" and (not last_only or i == len(messages) - 1):
             before = tokenizer.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True)
             upto = tokenizer.apply_chat_template(messages[: i + 1], tools=tools)
             if not (text.startswith(before) and text.startswith(upto)):
@@ -126,6 +130,9 @@ class TokenFile:
     mask: np.ndarray | None
     meta: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        self._packs: tuple[int, list[tuple[int, int]]] | None = None
+
     @classmethod
     def open(cls, directory: str | os.PathLike, name: str) -> TokenFile:
         d = Path(directory)
@@ -140,18 +147,50 @@ class TokenFile:
         mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if mask_path.is_file() else None
         return cls(ids, mask, meta)
 
-    def num_examples(self, seq_len: int) -> int:
-        if self.meta["kind"] == "chat":
-            return len(self.meta["offsets"]) - 1
-        return (self.ids.size - 1) // seq_len
+    def num_examples(self, seq_len: int, pack: bool = False) -> int:
+        kind = self.meta["kind"]
+        if kind == "text":
+            return (self.ids.size - 1) // seq_len
+        if kind == "pairs":
+            return (len(self.meta["offsets"]) - 1) // 2
+        return len(self.packs(seq_len)) if pack else len(self.meta["offsets"]) - 1
 
-    def batch(self, indices: Sequence[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs (B, T) and targets (B, T), targets -100 where no loss is taken."""
-        if self.meta["kind"] == "text":
+    def packs(self, seq_len: int) -> list[tuple[int, int]]:
+        """Ranges [first, last) of consecutive conversations that fit one row of `seq_len` inputs.
+
+        Next-fit in file order, so the packing is a pure function of the file and `seq_len`
+        (resumed and multi-process runs see the same rows)."""
+        if self._packs is None or self._packs[0] != seq_len:
+            offsets = self.meta["offsets"]
+            ranges, first, used = [], 0, 0
+            for i in range(len(offsets) - 1):
+                n = offsets[i + 1] - offsets[i] - 1  # inputs this conversation adds
+                if i > first and used + n > seq_len:
+                    ranges.append((first, i))
+                    first, used = i, 0
+                used += n
+            ranges.append((first, len(offsets) - 1))
+            self._packs = (seq_len, ranges)
+        return self._packs[1]
+
+    def batch(
+        self, indices: Sequence[int], seq_len: int, pad_id: int, pack: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Inputs (B, T) and targets (B, T), targets -100 where no loss is taken.
+
+        Preference pairs give 2B rows (chosen, rejected, chosen, ...). With `pack`, each row holds
+        several conversations and a third tensor of segment ids (B, T) tells the model where
+        each one starts (no attention or convolution state crosses them)."""
+        kind = self.meta["kind"]
+        if kind == "text":
             rows = [np.asarray(self.ids[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in indices]
             x = torch.tensor(np.stack([r[:-1] for r in rows]))
             y = torch.tensor(np.stack([r[1:] for r in rows]))
             return x, y
+        if kind == "chat" and pack:
+            return self._packed_batch(indices, seq_len, pad_id)
+        if kind == "pairs":
+            indices = [j for i in indices for j in (2 * i, 2 * i + 1)]
         offsets = self.meta["offsets"]
         spans = [(offsets[i], offsets[i + 1]) for i in indices]
         T = min(seq_len, max(b - a for a, b in spans) - 1)
@@ -164,3 +203,25 @@ class TokenFile:
             x[r, :n] = ids[:-1]
             y[r, :n] = torch.where(m[1:].bool(), ids[1:], -100)
         return x, y
+
+    def _packed_batch(self, indices: Sequence[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+        offsets, packs = self.meta["offsets"], self.packs(seq_len)
+        rows = []
+        for i in indices:
+            first, last = packs[i]
+            xs, ys, segs = [], [], []
+            for k in range(first, last):
+                a, b = offsets[k], offsets[k + 1]
+                ids = np.asarray(self.ids[a:b], dtype=np.int64)
+                m = np.asarray(self.mask[a:b], dtype=bool)
+                xs.append(ids[:-1])
+                ys.append(np.where(m[1:], ids[1:], -100))
+                segs.append(np.full(b - a - 1, k - first))
+            rows.append((np.concatenate(xs)[:seq_len], np.concatenate(ys)[:seq_len], np.concatenate(segs)[:seq_len]))
+        T = max(len(r[0]) for r in rows)
+        x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        y = torch.full((len(rows), T), -100, dtype=torch.long)
+        seg = torch.full((len(rows), T), -1, dtype=torch.long)  # padding: a segment of its own
+        for r, (xi, yi, si) in enumerate(rows):
+            x[r, : len(xi)], y[r, : len(yi)], seg[r, : len(si)] = map(torch.from_numpy, (xi, yi, si))
+        return x, y, seg

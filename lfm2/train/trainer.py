@@ -10,6 +10,13 @@ What a run does, and why:
   steps and at the end; the final weights are also exported in Hugging Face layout (`model/`);
 - every step appends to `metrics.jsonl`; validation loss every `eval_every` steps; a tqdm bar
   shows loss and tokens/s; `loss.png` is redrawn at each evaluation (matplotlib, when installed).
+
+Fine-tuning runs through the same loop (`lfm2.train.finetune` builds the configs): `objective`
+picks next-token cross-entropy ("lm"), length-normalized DPO ("dpo") or top-K distillation from
+a teacher ("distill"); `lora` trains low-rank adapters instead of every weight; `pack` puts
+several conversations in one row. Under `torchrun`, each process takes its share of every
+batch and DistributedDataParallel sums the gradients, so the losses equal a one-process run
+with the same global batch; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -60,6 +67,25 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    objective: str = "lm"  # lm | dpo | distill
+    lora: dict[str, Any] | None = None  # LoraConfig fields; None trains every weight
+    pack: bool = False  # chat data: several conversations per row, no leakage between them
+    beta: float = 0.1  # DPO
+    teacher: str | None = None  # distillation: the teacher checkpoint
+    top_k: int = 32  # distillation: the teacher's top-K kept per position
+    temperature: float = 2.0  # distillation: softens the within-top-K term
+    grad_checkpointing: bool = False
+    device: str = "cpu"  # cuda trains under bfloat16 autocast
+    export: bool = True  # write the final model (or adapter) when max_steps is reached
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("lm", "dpo", "distill"):
+            raise LFM2Error(f"objective must be 'lm', 'dpo' or 'distill', got {self.objective!r}")
+        if self.objective == "distill" and not self.teacher:
+            raise LFM2Error("objective 'distill' needs a teacher checkpoint")
+        for name in ("batch_size", "grad_accum", "max_steps", "seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LFM2Error(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
@@ -114,30 +140,141 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+def loss_fn(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens (-100 ignored) and their count."""
-    logits = model(x)
+    logits = model(x) if segments is None else model(x, segment_ids=segments)
     loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="sum")
     return loss, int((y != -100).sum())
 
 
+class Objective:
+    """What a batch costs: (summed loss, how many units it is averaged over, extra sums to log)."""
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.reference: dict[str, np.ndarray] = {}  # DPO: per split, (pairs, 2) reference log-probs
+        self.teacher = None
+        if cfg.objective == "distill":
+            import lfm2
+
+            self.teacher = lfm2.load(cfg.teacher, device=device).model.eval()
+            if self.teacher.config.vocab_size != model.config.vocab_size:
+                raise LFM2Error(f"teacher {cfg.teacher} has a vocabulary of {self.teacher.config.vocab_size} tokens, "
+                                f"the student {model.config.vocab_size}: distillation needs a shared tokenizer")
+
+    def __call__(self, model, batch: tuple[torch.Tensor, ...], indices: list[int], split: str):
+        x, y, *rest = (t.to(self.device) for t in batch)
+        segments = rest[0] if rest else None
+        if self.cfg.objective == "lm":
+            loss, count = loss_fn(model, x, y, segments)
+            return loss, count, {}
+        if self.cfg.objective == "dpo":
+            from lfm2.train.losses import dpo_loss, sequence_logps
+
+            logps, lengths = sequence_logps(model(x), y)
+            ref = torch.as_tensor(self.reference[split][indices], dtype=torch.float32, device=logps.device)
+            losses, r_c, r_r = dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], lengths[0::2],
+                                        lengths[1::2], self.cfg.beta)
+            return losses.sum(), len(indices), {"reward_acc": float((r_c > r_r).sum()),
+                                                "reward_margin": float((r_c - r_r).sum())}
+        from lfm2.train.losses import topk_distill_loss
+
+        logits = model(x) if segments is None else model(x, segment_ids=segments)
+        with torch.no_grad():
+            t_logits = self.teacher(x) if segments is None else self.teacher(x, segment_ids=segments)
+            t_logp, t_ids = torch.log_softmax(t_logits.float(), dim=-1).topk(self.cfg.top_k, dim=-1)
+        keep = y != -100
+        losses = topk_distill_loss(logits[keep], t_logp[keep], t_ids[keep], self.cfg.temperature)
+        return losses.sum(), int(keep.sum()), {}
+
+    @torch.no_grad()
+    def prepare_reference(self, model, data: TokenFile, split: str, out: Path, pad_id: int, resumed: bool) -> None:
+        """DPO: the frozen reference's log-probabilities of every pair, computed once and stored.
+
+        The reference is the model before training: with LoRA, the same weights with the
+        adapters switched off (no second copy in memory). Stored in `ref_logps_<split>.npy`, so
+        a resumed run reuses them; a full fine-tune cannot recompute them once training began.
+        """
+        from lfm2.lora import adapters_disabled
+        from lfm2.train.losses import sequence_logps
+
+        path = out / f"ref_logps_{split}.npy"
+        if path.is_file():
+            self.reference[split] = np.load(path)
+            return
+        if resumed and getattr(model, "lora_config", None) is None:
+            raise LFM2Error(f"{path} is missing and the model has already been trained; start the run afresh")
+        n = data.num_examples(self.cfg.seq_len)
+        rows = []
+        was_training = model.training
+        model.eval()
+        with adapters_disabled(model):
+            for b in range(0, n, self.cfg.batch_size):
+                idx = list(range(b, min(n, b + self.cfg.batch_size)))
+                x, y = (t.to(self.device) for t in data.batch(idx, self.cfg.seq_len, pad_id))
+                logps, _ = sequence_logps(model(x), y)
+                rows.append(logps.view(-1, 2).cpu().numpy())
+        model.train(was_training)
+        self.reference[split] = np.concatenate(rows)
+        if _rank() == 0:
+            tmp = path.with_name(f".{path.stem}.tmp.npy")
+            np.save(tmp, self.reference[split])
+            os.replace(tmp, path)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenFile, cfg: TrainConfig, pad_id: int) -> float:
-    """Mean validation loss per token over the first `eval_batches` batches (a fixed set)."""
+def evaluate(model: torch.nn.Module, data: TokenFile, cfg: TrainConfig, pad_id: int,
+             objective: Objective | None = None) -> dict[str, float]:
+    """Mean validation loss over the first `eval_batches` batches (a fixed set), plus DPO's
+    reward accuracy and margin."""
+    objective = objective or Objective(cfg, model, torch.device("cpu"))
+    was_training = model.training
     model.eval()
-    n = data.num_examples(cfg.seq_len)
-    total, count = 0.0, 0
+    n = data.num_examples(cfg.seq_len, cfg.pack)
+    total, count, extra = 0.0, 0, {}
     for b in range(min(cfg.eval_batches, math.ceil(n / cfg.batch_size))):
         idx = list(range(b * cfg.batch_size, min(n, (b + 1) * cfg.batch_size)))
-        loss, k = loss_fn(model, *data.batch(idx, cfg.seq_len, pad_id))
+        loss, k, more = objective(model, data.batch(idx, cfg.seq_len, pad_id, cfg.pack), idx, "val")
         total, count = total + float(loss), count + k
-    model.train()
-    return total / max(count, 1)
+        for key, v in more.items():
+            extra[key] = extra.get(key, 0.0) + v
+    model.train(was_training)
+    return {"val_loss": total / max(count, 1), **{f"val_{k}": v / max(count, 1) for k, v in extra.items()}}
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    if not torch.distributed.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a run changes: everything, or only the LoRA adapters (small checkpoints)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 def _save_state(path: Path, model, optimizer, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    torch.save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "step": step}, tmp)
     os.replace(tmp, path)
 
 
@@ -176,6 +313,28 @@ def plot_losses(metrics: list[dict], out: Path) -> bool:
     return True
 
 
+def _build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        import lfm2
+
+        model = lfm2.load(cfg.init_from, device=device).model
+    else:
+        model = build_model(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **cfg.model}), device="cpu")
+        init_weights(model)
+        model.to(device)
+    if cfg.lora is not None:
+        from lfm2.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(**cfg.lora))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    return model
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     """Run (or resume) training; returns the output directory.
 
@@ -184,9 +343,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     """
     from lfm2.tokenizer import Tokenizer
 
+    device = torch.device(cfg.device)
+    _init_distributed(device)
+    rank, world = _rank(), _world()
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = Tokenizer.from_dir(cfg.data_dir)
@@ -194,23 +357,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     train_data = TokenFile.open(cfg.data_dir, cfg.train_split)
     has_val = (Path(cfg.data_dir) / f"{cfg.val_split}.json").is_file()
     val_data = TokenFile.open(cfg.data_dir, cfg.val_split) if has_val else None
-    n = train_data.num_examples(cfg.seq_len)
+    n = train_data.num_examples(cfg.seq_len, cfg.pack)
     if n < cfg.batch_size:
         raise LFM2Error(f"{cfg.data_dir}/{cfg.train_split}: {n} examples, fewer than batch_size={cfg.batch_size}")
+    if cfg.batch_size % world:
+        raise LFM2Error(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over {world} processes")
 
-    torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        import lfm2
-
-        model = lfm2.load(cfg.init_from).model
-        model_config = model.config
-    else:
-        model_config = ModelConfig(**{"vocab_size": tokenizer.vocab_size, **cfg.model})
-        model = build_model(model_config, device="cpu")
-        init_weights(model)
-    model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    model = _build_model(cfg, tokenizer, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, fused=False, foreach=False,
@@ -218,55 +374,101 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     state_path = out / "state.pt"
     step = 0
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        missing = set(_trainable_state(model)) - set(state["model"])
+        if missing:
+            raise LFM2Error(f"{state_path} does not match this run's trainable weights (no {sorted(missing)[0]}); "
+                            "use a fresh --out directory")
+        model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+    objective = Objective(cfg, model, device)
+    if cfg.objective == "dpo":
+        objective.prepare_reference(model, train_data, "train", out, pad_id, resumed=step > 0)
+        if val_data is not None:
+            objective.prepare_reference(model, val_data, "val", out, pad_id, resumed=step > 0)
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
     metrics_path = out / "metrics.jsonl"
     metrics = _read_metrics(metrics_path, step)
-    write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-
+    if rank == 0:
+        write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
     last = cfg.max_steps if stop_after is None else min(cfg.max_steps, step + stop_after)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step")
-    with open(metrics_path, "a", encoding="utf-8") as log:
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=rank != 0)
+    log = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    try:
         while step < last:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [train_data.batch(batch_indices(step, m, cfg, n), cfg.seq_len, pad_id)
-                       for m in range(cfg.grad_accum)]
-            tokens = sum(int((y != -100).sum()) for _, y in batches)
-            total = 0.0
-            for x, y in batches:
-                loss, _ = loss_fn(model, x, y)
-                (loss / max(tokens, 1)).backward()
+            # This process's share of each micro-batch of the global batch.
+            shares = [batch_indices(step, m, cfg, n)[rank::world] for m in range(cfg.grad_accum)]
+            batches = [train_data.batch(idx, cfg.seq_len, pad_id, cfg.pack) for idx in shares]
+            local_tokens = sum(int((b[1] != -100).sum()) for b in batches)
+            if cfg.objective == "dpo":
+                local_units = sum(len(idx) for idx in shares)
+            else:
+                local_units = local_tokens
+            units, tokens = _all_sum([float(local_units), float(local_tokens)])
+            total, extra = 0.0, {}
+            for idx, batch in zip(shares, batches, strict=True):
+                with autocast:
+                    loss, _, more = objective(ddp, batch, idx, "train")
+                # DDP averages gradients over processes; scaling by world makes that a sum.
+                (loss * world / max(units, 1)).backward()
                 total += float(loss.detach())
-            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                for k, v in more.items():
+                    extra[k] = extra.get(k, 0.0) + v
+            keys = sorted(extra)
+            total, *sums = _all_sum([total, *(extra[k] for k in keys)])
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            row = {"step": step, "loss": total / max(tokens, 1), "lr": lr, "grad_norm": norm,
-                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            row = {"step": step, "loss": total / max(units, 1), "lr": lr, "grad_norm": norm,
+                   "tokens_per_s": tokens / (time.perf_counter() - t0),
+                   **{k: v / max(units, 1) for k, v in zip(keys, sums, strict=True)}}
             if val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                row["val_loss"] = evaluate(model, val_data, cfg, pad_id)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+                row.update(evaluate(model, val_data, cfg, pad_id, objective))
             metrics.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                _save_state(state_path, model, optimizer, step)
-            if "val_loss" in row:
-                plot_losses(metrics, out / "loss.png")
-    bar.close()
-    if step == cfg.max_steps:
+            if rank == 0:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    _save_state(state_path, model, optimizer, step)
+                if "val_loss" in row:
+                    plot_losses(metrics, out / "loss.png")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if step == cfg.max_steps and rank == 0:
         plot_losses(metrics, out / "loss.png")
-        model.eval()
-        save_checkpoint(model, out / "model")
-        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-        for name in tokenizer_files:
-            src = Path(cfg.data_dir) / name
-            if src.is_file():
-                write_text_atomic(out / "model" / name, src.read_text(encoding="utf-8"))
+        if cfg.export:
+            export(model, cfg, out)
+    if world > 1:
+        torch.distributed.barrier()
     return out
+
+
+def export(model: torch.nn.Module, cfg: TrainConfig, out: Path) -> Path:
+    """The run's result: a PEFT adapter in `adapter/`, or a full checkpoint in `model/`
+    (with the tokenizer, and the base model's generation defaults when there is one)."""
+    model.eval()
+    if getattr(model, "lora_config", None) is not None:
+        from lfm2.lora import save_adapter
+
+        return save_adapter(model, out / "adapter", base_model=cfg.init_from)
+    save_checkpoint(model, out / "model")
+    sources = [Path(cfg.data_dir)] + ([Path(cfg.init_from)] if cfg.init_from else [])
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        src = next((d / name for d in sources if (d / name).is_file()), None)
+        if src is not None:
+            write_text_atomic(out / "model" / name, src.read_text(encoding="utf-8"))
+    return out / "model"

@@ -1,0 +1,222 @@
+"""User data for fine-tuning: JSONL files checked row by row and turned into token files.
+
+Formats (one JSON object per line):
+- conversations (SFT): `{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}` in
+  OpenAI's shape, assistant `tool_calls` included; rendered with the checkpoint's own chat
+  template, loss on assistant tokens only;
+- preference pairs (DPO): `{"prompt": str | "messages": [...], "chosen": ..., "rejected": ...}`
+  where a response is a string or an assistant message;
+- text (distillation, continued pretraining): `{"text": str}` rows, or a plain `.txt` file
+  whose paragraphs (blank-line separated) are the documents.
+
+A bad row is never dropped silently: with `on_error="raise"` (the default) the first one stops
+the run with its line number and what is wrong; with `on_error="skip"` every skipped row is
+reported on stderr with its line number, then a count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lfm2.errors import LFM2Error
+from lfm2.tokenizer import Tokenizer
+from lfm2.train.data import TOKEN_DTYPE, assistant_mask, is_validation, prepare_text, write_tokens
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class DataError(LFM2Error):
+    """A row of a data file that cannot be used; the message names the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; malformed JSON raises DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: data file not found")
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"message {i} needs a role among {sorted(ROLES)}, got {m!r:.80}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if content is None and not m.get("tool_calls"):
+            raise ValueError(f"message {i} ({m['role']}) has neither content nor tool_calls")
+
+
+def _response(value: Any, what: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict) and value.get("role", "assistant") == "assistant":
+        return {"role": "assistant", **value}
+    raise ValueError(f"'{what}' must be a string or one assistant message")
+
+
+def _rows(path: str | os.PathLike, on_error: str, convert) -> Iterator[tuple[int, Any]]:
+    """Converted rows; bad ones raise or are reported and skipped, per `on_error`."""
+    if on_error not in ("raise", "skip"):
+        raise LFM2Error(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    skipped = 0
+    for n, row in read_jsonl(path):
+        try:
+            yield n, convert(row)
+        except (ValueError, LFM2Error, TypeError, KeyError) as e:
+            message = f"{path}:{n}: {e}"
+            if on_error == "raise":
+                raise DataError(message + " (use on_error='skip' / --skip-bad-rows to skip such rows)") from None
+            print(f"skipped {message}", file=sys.stderr)
+            skipped += 1
+    if skipped:
+        print(f"{path}: skipped {skipped} bad row(s)", file=sys.stderr)
+
+
+def tokenize_conversations(
+    path: str | os.PathLike, tokenizer: Tokenizer, max_len: int, on_error: str = "raise"
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, assistant mask) per conversation row of a JSONL file."""
+
+    def convert(row: Any) -> tuple[list[int], list[int]]:
+        if not isinstance(row, dict) or "messages" not in row:
+            raise ValueError("expected an object with a 'messages' list")
+        _check_messages(row["messages"])
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise ValueError("no assistant message: nothing to learn from this row")
+        try:
+            ids, mask = assistant_mask(tokenizer, row["messages"], row.get("tools"))
+        except LFM2Error as e:
+            raise ValueError(f"the chat template cannot render this row: {e}") from None
+        if len(ids) > max_len:
+            raise ValueError(f"{len(ids)} tokens, more than the maximum length {max_len}")
+        return ids, mask
+
+    return [r for _, r in _rows(path, on_error, convert)]
+
+
+def tokenize_pairs(
+    path: str | os.PathLike, tokenizer: Tokenizer, max_len: int, on_error: str = "raise"
+) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
+    """((chosen ids, mask), (rejected ids, mask)) per preference row; masks cover the response only."""
+
+    def convert(row: Any):
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            raise ValueError("expected an object with 'chosen', 'rejected' and 'prompt' or 'messages'")
+        if "messages" in row:
+            prompt = row["messages"]
+        elif isinstance(row.get("prompt"), str):
+            prompt = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise ValueError("expected 'prompt' (a string) or 'messages' (a list)")
+        _check_messages(prompt)
+        out = []
+        for key in ("chosen", "rejected"):
+            messages = [*prompt, _response(row[key], key)]
+            _check_messages(messages)
+            try:
+                ids, mask = assistant_mask(tokenizer, messages, row.get("tools"), last_only=True)
+            except LFM2Error as e:
+                raise ValueError(f"the chat template cannot render this row: {e}") from None
+            if len(ids) > max_len:
+                raise ValueError(f"'{key}' has {len(ids)} tokens, more than the maximum length {max_len}")
+            out.append((ids, mask))
+        return tuple(out)
+
+    return [r for _, r in _rows(path, on_error, convert)]
+
+
+def read_texts(path: str | os.PathLike, on_error: str = "raise") -> list[str]:
+    """Documents of a `.txt` file (paragraphs) or a JSONL file of `{"text": ...}` rows."""
+    p = Path(path)
+    if p.suffix == ".txt":
+        if not p.is_file():
+            raise DataError(f"{p}: data file not found")
+        return [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+    def convert(row: Any) -> str:
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError("expected an object with a 'text' string")
+        return row["text"]
+
+    return [t for _, t in _rows(p, on_error, convert)]
+
+
+def write_chat(examples: list[tuple[list[int], list[int]]], out_dir: str | os.PathLike, name: str) -> int:
+    """Store tokenized conversations as a chat token file (see `lfm2.train.data`)."""
+    if not examples:
+        raise DataError(f"no usable rows for '{name}'")
+    offsets = np.cumsum([0] + [len(ids) for ids, _ in examples]).tolist()
+    ids = np.concatenate([np.asarray(i, dtype=TOKEN_DTYPE) for i, _ in examples])
+    mask = np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in examples])
+    write_tokens(Path(out_dir), name, ids, {"kind": "chat", "offsets": offsets}, mask=mask)
+    return len(examples)
+
+
+def write_pairs(pairs, out_dir: str | os.PathLike, name: str) -> int:
+    """Store preference pairs: sequences 2i (chosen) and 2i+1 (rejected) of a `pairs` token file."""
+    if not pairs:
+        raise DataError(f"no usable rows for '{name}'")
+    flat = [seq for pair in pairs for seq in pair]
+    write_chat(flat, out_dir, name)
+    meta_path = Path(out_dir) / f"{name}.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    from lfm2.weights import write_text_atomic
+
+    write_text_atomic(meta_path, json.dumps({**meta, "kind": "pairs"}, indent=2) + "\n")
+    return len(pairs)
+
+
+def prepare_finetune_data(
+    kind: str, data: str | os.PathLike, tokenizer: Tokenizer, out_dir: str | os.PathLike, max_len: int,
+    eval_data: str | os.PathLike | None = None, on_error: str = "raise", val_fraction: float = 0.05,
+) -> None:
+    """Tokenize `data` (and `eval_data`) into `out_dir` as the `train` / `val` token files.
+
+    Without `eval_data`, a `val_fraction` of the rows (chosen by a hash of their content, so the
+    split is stable) is held out for the periodic evaluation loss.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "text":
+        docs = read_texts(data, on_error)
+        if eval_data is None:
+            prepare_text(docs, tokenizer, out, val_fraction=val_fraction)
+        else:
+            prepare_text(docs, tokenizer, out, val_fraction=0.0)
+            held = read_texts(eval_data, on_error)
+            ids = [t for d in held for t in tokenizer.encode(d) + [tokenizer.token_to_id("<|endoftext|>")]]
+            write_tokens(out, "val", np.asarray(ids, dtype=TOKEN_DTYPE), {"kind": "text"})
+        return
+    tokenize = tokenize_conversations if kind == "chat" else tokenize_pairs
+    write = write_chat if kind == "chat" else write_pairs
+    rows = tokenize(data, tokenizer, max_len, on_error)
+    if eval_data is not None:
+        train, val = rows, tokenize(eval_data, tokenizer, max_len, on_error)
+    else:
+        keyed = [(is_validation(json.dumps(r), val_fraction), r) for r in rows]
+        train, val = [r for v, r in keyed if not v], [r for v, r in keyed if v]
+        if len(train) > 1 and not val:  # tiny data sets: still hold one row out for the eval loss
+            train, val = train[:-1], train[-1:]
+    write(train, out, "train")
+    if val:
+        write(val, out, "val")
