@@ -433,3 +433,15 @@ def test_cli_finetune_and_merge(chat_checkpoint, tmp_path, capsys):
         main(["finetune", "sft", "--model", str(chat_checkpoint), "--data", str(data), "--out", str(tmp_path / "x"),
               "--lora-targets", "o_proj"])
     assert e.value.code == 2 and "o_proj" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(chat_checkpoint):
+    model = random_model(lfm2.load(chat_checkpoint).config, seed=2).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        model(ids).float().logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
