@@ -7,6 +7,7 @@
     lfm2 serve --model M --port 8000      OpenAI-compatible HTTP server, concurrent requests batched
     lfm2 finetune sft|dpo|distill ...     LoRA or full fine-tuning (see lfm2/train/finetune.py)
     lfm2 merge ...                        fold an adapter into its model, or average checkpoints
+    lfm2 quantize SRC -o OUT --type int8|int4   quantized checkpoint (lfm2.quant), loads directly
 
 Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
 prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_finetune_parser(sub)
     add_merge_parser(sub)
+    q = sub.add_parser("quantize", help="write an int8 / int4 copy of a float checkpoint (loads directly)")
+    q.add_argument("src", help="float checkpoint directory or hub id")
+    q.add_argument("-o", "--out", required=True, help="output directory")
+    q.add_argument("--type", required=True, choices=["int8", "int4"])
+    q.add_argument("--group-size", default="32",
+                   help="32, 64 or 128 values per scale, or 'channel' (int8 only: one scale per output row)")
+    q.add_argument("--embedding-type", choices=["int8", "int4"], default=None,
+                   help="format of the embedding / output head (default: int8, also for --type int4)")
     from lfm2.server import add_serve_parser
 
     add_serve_parser(sub)
@@ -173,6 +182,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: metrics in {out / 'metrics.jsonl'}, loss curve in {out / 'loss.png'}, model in {out / 'model'}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lfm2.quant import quantize_checkpoint
+
+    if args.group_size == "channel":
+        group = None
+    elif args.group_size.isdigit():
+        group = int(args.group_size)
+    else:
+        raise LFM2Error(f"--group-size must be 32, 64, 128 or 'channel', got {args.group_size!r}")
+    out = quantize_checkpoint(args.src, args.out, args.type, group, args.embedding_type)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out} ({args.type}, group size {args.group_size}; {size / 2**20:.1f} MiB)")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from lfm2.server import cmd_serve as run
 
@@ -183,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "convert": cmd_convert,
-                    "serve": cmd_serve, "finetune": cmd_finetune, "merge": cmd_merge}
+                    "serve": cmd_serve, "finetune": cmd_finetune, "merge": cmd_merge,
+                    "quantize": cmd_quantize}
         commands[args.command](args)
     except LFM2Error as e:
         sys.stderr.write(f"lfm2: error: {e}\n")

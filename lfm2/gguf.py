@@ -521,25 +521,74 @@ def _resolve_names(f: GGUFFile, config: ModelConfig) -> list[tuple[str, str, lis
     return resolved
 
 
+# GGUF block types that are our quantized layouts byte for byte (group size 32), by our format name.
+DIRECT_TYPES = {"int8": GGMLType.Q8_0, "int4": GGMLType.Q4_0}
+
+
 def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-               progress: bool | None = None) -> torch.nn.Module:
-    """The model with the file's weights, dequantized to `dtype`, after checking every tensor."""
+               progress: bool | None = None, quantize: str | None = None, group_size: int | None = 32,
+               ) -> torch.nn.Module:
+    """The model with the file's weights, after checking every tensor.
+
+    Without `quantize`, every weight is dequantized to `dtype`. With `quantize` ("int8" or
+    "int4"), tensors stored in the matching GGUF block type (Q8_0 / Q4_0, at group size 32)
+    become quantized layers directly from the file's blocks, never passing through float32;
+    the embedding / head likewise when stored as Q8_0 (our int4 models keep it in int8, as
+    llama.cpp's Q4_0 files do); whatever remains float is then quantized by `quantize_model`.
+    """
+    from lfm2 import quant
+
     resolved = _resolve_names(f, config)
     model = build_model(config, "meta")
     cast_model(model, dtype)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    direct: dict[str, str] = {}  # GGUF name -> our format, for tensors taken as they are
+    if quantize is not None and group_size == 32:
+        for src, _, ours in resolved:
+            ttype = f.tensors[src].type
+            if ours == ["model.embed_tokens.weight"] and ttype == GGMLType.Q8_0:
+                direct[src] = "int8"
+            elif all(o in linear for o in ours) and ttype == DIRECT_TYPES[quantize]:
+                direct[src] = quantize
     total = sum(f.tensors[src].nbytes for src, _, _ in resolved)
     disable = total < PROGRESS_BYTES if progress is None else not progress
     state = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=disable) as bar:
         for src, gname, ours in resolved:
-            for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
-                state[name] = t.to(device=device, dtype=torch.float32 if _keep_fp32(name) else dtype)
+            if src in direct:
+                info = f.tensors[src]
+                to_packed = quant.from_gguf_q8_0 if info.type == GGMLType.Q8_0 else quant.from_gguf_q4_0
+                qweight, scales = (t.to(device) for t in to_packed(f.raw(src), info.shape))
+                for e, name in enumerate(ours):
+                    q, sc = (qweight[e], scales[e]) if len(ours) > 1 else (qweight, scales)
+                    module = name.removesuffix(".weight")
+                    if module == "model.embed_tokens":
+                        layer = quant.QuantEmbedding.from_packed(q, sc)
+                    else:
+                        layer = quant.QuantLinear.from_packed(q, sc)
+                    layer.dtype = dtype
+                    parent, _, attr = module.rpartition(".")
+                    setattr(model.get_submodule(parent), attr, layer)
+            else:
+                for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
+                    state[name] = t.to(device=device, dtype=torch.float32 if _keep_fp32(name) else dtype)
             bar.update(f.tensors[src].nbytes)
+    embedding_direct = isinstance(model.model.embed_tokens, quant.QuantEmbedding)
     if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie the head again
+        if embedding_direct:
+            model.lm_head = quant.TiedQuantHead(model.model.embed_tokens)
+        else:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:  # cannot happen after _resolve_names; a guard against mapping bugs
+        raise CheckpointError(f"{f.path}: internal mapping error (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings and not embedding_direct:  # assign=True replaced the shared Parameter
         model.lm_head.weight = model.model.embed_tokens.weight
+    if quantize is not None:
+        quant.quantize_model(model, quantize, group_size)
     return model.eval()
 
 
@@ -664,12 +713,13 @@ def generation_defaults_from_gguf(f: GGUFFile) -> dict[str, Any]:
 
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              progress: bool | None = None) -> tuple[ModelConfig, torch.nn.Module, Tokenizer | None, GGUFFile]:
+              progress: bool | None = None, quantize: str | None = None, group_size: int | None = 32,
+              ) -> tuple[ModelConfig, torch.nn.Module, Tokenizer | None, GGUFFile]:
     """(config, model, tokenizer or None, the `GGUFFile`) of a GGUF file, every tensor checked first."""
     f = GGUFFile(path)
     config = config_from_gguf(f)
     tokenizer = tokenizer_from_gguf(f)
-    model = load_model(f, config, dtype, device, progress)
+    model = load_model(f, config, dtype, device, progress, quantize, group_size)
     return config, model, tokenizer, f
 
 
@@ -685,15 +735,18 @@ class GGUFLLM(LLM):
 
 
 def load_gguf(
-    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+    quantize: str | None = None, group_size: int | None = 32,
 ) -> GGUFLLM:
     """`lfm2.load()` for a `.gguf` file: an `LLM` with the file's config, weights and tokenizer.
 
     Quantized weights are dequantized to `dtype` (float32 on CPU by default, bfloat16 on
-    accelerators); float32 weights loaded as float32 stay memory-mapped.
+    accelerators); float32 weights loaded as float32 stay memory-mapped. With `quantize`, Q8_0 /
+    Q4_0 tensors become int8 / int4 layers as they are (see `load_model`).
     """
     device = parse_device(device)
-    config, model, tokenizer, f = read_gguf(path, parse_dtype(dtype, device), device)
+    config, model, tokenizer, f = read_gguf(path, parse_dtype(dtype, device), device, quantize=quantize,
+                                            group_size=group_size)
     return GGUFLLM(model=model, config=config, tokenizer=tokenizer, path=f.path,
                    generation_defaults=generation_defaults_from_gguf(f))
 

@@ -228,6 +228,8 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     adapter: str | os.PathLike | None = None,
+    quantize: str | None = None,
+    group_size: int | None = 32,
 ) -> LLM:
     """Load an LFM2 / LFM2-MoE checkpoint: a Hugging Face-layout directory, a hub id or a `.gguf` file.
 
@@ -236,7 +238,17 @@ def load(
     `CheckpointError` naming it); float32 weights loaded as float32 stay memory-mapped instead of
     being copied. `adapter` attaches a LoRA adapter directory (PEFT format, e.g. written by
     `lfm2 finetune`); its tensors are checked against the model's shapes.
+
+    `quantize="int8"|"int4"` quantizes every linear layer and the embedding/head after loading
+    (`group_size` 32, 64, 128, or None for int8 per channel; see `lfm2.quant`); an adapter is then
+    folded into the weights first. A checkpoint written by `lfm2 quantize` loads quantized as it
+    is, without float32 weights. A GGUF file's Q8_0 / Q4_0 tensors become int8 / int4 layers
+    directly when `quantize` names that format.
     """
+    if quantize is not None:
+        from lfm2.quant import check_format
+
+        check_format(quantize, group_size)
     if path_or_hub_id is None:
         from lfm2.bundled import require_default_model
 
@@ -244,7 +256,7 @@ def load(
     if str(path_or_hub_id).endswith(".gguf"):
         from lfm2.gguf import load_gguf
 
-        llm = load_gguf(path_or_hub_id, dtype=dtype, device=device)
+        llm = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
         return _with_adapter(llm, adapter)
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)
@@ -252,9 +264,29 @@ def load(
     config = ModelConfig.from_json(ckpt / "config.json")
     model = build_model(config, device="meta")
     cast_model(model, dtype)
-    load_into(model, ckpt, device)
+    from lfm2.quant import load_quantized_into, quantize_model, read_quantization
+
+    stored = read_quantization(ckpt)
+    if stored is not None:
+        if quantize is not None and (quantize, group_size) != (stored["type"], stored.get("group_size")):
+            raise ConfigError(f"{ckpt} is already quantized ({stored['type']}, group size {stored.get('group_size')}); "
+                              "load it without quantize=, or quantize the float checkpoint")
+        if adapter is not None:
+            raise ConfigError(f"{ckpt} is quantized; LoRA adapters apply to float checkpoints (load the float "
+                              "model with adapter= and quantize=, which folds the adapter in before quantizing)")
+        load_quantized_into(model, ckpt, device)
+    else:
+        load_into(model, ckpt, device)
     model.eval()
-    return _with_adapter(LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt), adapter)
+    llm = LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt)
+    if quantize is not None and stored is None:
+        if adapter is not None:
+            from lfm2.lora import merge_lora
+
+            merge_lora(_with_adapter(llm, adapter).model)
+            adapter = None
+        quantize_model(model, quantize, group_size)
+    return _with_adapter(llm, adapter)
 
 
 def _with_adapter(llm: LLM, adapter: str | os.PathLike | None) -> LLM:

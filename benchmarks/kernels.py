@@ -1,0 +1,206 @@
+"""The quantized-matmul kernels against float32 PyTorch, on the weight matrices of one decode step.
+
+    python benchmarks/kernels.py [--preset LFM2-350M] [--threads 2] [--reps 7] [--rows]
+
+For each weight shape of the preset (every matrix a token goes through: conv or attention
+projections, the feed-forward, the 65536-row output head; only the chosen experts of an MoE),
+as many distinct random matrices as one decode step reads, so that no engine is timed on
+matrices it left in the cache. Engines, timed in interleaved repetitions (a noisy machine
+hurts them alike), the median reported:
+- fp32: `F.linear` on the float32 weight;
+- int8 / int4: our GEMV with int8 activations (what `QuantLinear` runs at decode);
+- int8 w-only / int4 w-only: our GEMV with float activations (`int8_activations=False`);
+- fallback int8 / int4: `QuantLinear` with `LFM2_NO_KERNELS=1`, the pure-PyTorch path
+  (dequantize tiles with torch ops, then matmul) that runs without a compiler.
+Each cell is microseconds per call, and in brackets GB/s of the engine's own weight bytes
+(float32, or quantized values plus float16 scales). `--rows` adds a sweep over the number of
+input rows, GEMV against dequantize + GEMM, which sets `lfm2.quant.GEMV_MAX_ROWS`, and the
+prefill case (512 rows) against float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from lfm2 import kernels
+from lfm2.config import preset
+from lfm2.quant import GEMV_MAX_ROWS, QuantLinear
+
+
+def step_shapes(name: str) -> list[tuple[str, int, int, int]]:
+    """(label, out, in, matrices per decode step) for one token through the preset."""
+    c = preset(name)
+    d, kv = c.hidden_size, c.num_key_value_heads * c.head_dim
+    n_conv = c.layer_types.count("conv")
+    n_attn = c.num_hidden_layers - n_conv
+    n_dense = c.num_dense_layers if c.is_moe else c.num_hidden_layers
+    shapes = [
+        ("conv.in_proj", 3 * d, d, n_conv),
+        ("conv.out_proj, q, o", d, d, n_conv + 2 * n_attn),
+        ("k_proj, v_proj", kv, d, 2 * n_attn),
+        ("w1, w3", c.intermediate_size, d, 2 * n_dense),
+        ("w2", d, c.intermediate_size, n_dense),
+    ]
+    if c.is_moe:
+        n_moe = (c.num_hidden_layers - c.num_dense_layers) * c.num_experts_per_tok
+        shapes += [("expert w1, w3", c.moe_intermediate_size, d, 2 * n_moe),
+                   ("expert w2", d, c.moe_intermediate_size, n_moe)]
+    return [*shapes, ("lm_head", c.vocab_size, d, 1)]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_step(name: str, reps: int) -> None:
+    ops = kernels.ops()
+    engines = ["fp32", "int8", "int8 w-only", "int4", "int4 w-only", "fallback int8", "fallback int4"]
+    if ops is None:
+        print(f"(no C++ kernels: {kernels.build_error() or 'disabled'}; only fp32 and the fallback)")
+        engines = [e for e in engines if e == "fp32" or e.startswith("fallback")]
+    rows = []
+    totals = {e: [0.0] * reps for e in engines}
+    total_bytes = dict.fromkeys(engines, 0)
+    for label, N, K, count in step_shapes(name):
+        torch.manual_seed(0)
+        weights = [torch.randn(N, K) * 0.02 for _ in range(count)]
+        layers = {kind: [QuantLinear.from_linear(_linear(w), kind, 32) for w in weights] for kind in ("int8", "int4")}
+        x = torch.randn(1, K)
+
+        def run(engine: str, weights=weights, layers=layers, x=x) -> float:
+            if engine == "fp32":
+                return timed(lambda: [F.linear(x, w) for w in weights])
+            kind = engine.split()[-1] if engine.startswith("fallback") else engine.split()[0]
+            qs = layers[kind]
+            if engine.startswith("fallback"):
+                with _no_kernels():
+                    return timed(lambda: [q(x) for q in qs])
+            act = "w-only" not in engine
+            return timed(lambda: [ops.qgemv(x, q.qweight, q.scales, q.bits, 32, act) for q in qs])
+
+        nbytes = {e: count * (N * K * 4 if e == "fp32" else _qbytes(layers[e.split()[-1] if "fallback" in e
+                                                                           else e.split()[0]][0]))
+                  for e in engines}
+        for e in engines:
+            run(e)  # warm up: page in the weights, build the kernels, size the allocator
+        times = {e: [] for e in engines}
+        for r in range(reps):
+            for e in engines:
+                t = run(e)
+                times[e].append(t)
+                totals[e][r] += t
+        cells = []
+        for e in engines:
+            t = statistics.median(times[e])
+            cells.append(f"{t / count * 1e6:8.0f} ({nbytes[e] / t / 1e9:4.1f})")
+            total_bytes[e] += nbytes[e]
+        rows.append((f"{label} {N}x{K} x{count}", cells))
+        del weights, layers
+    step = []
+    for e in engines:
+        t = statistics.median(totals[e])
+        step.append(f"{t * 1e3:7.2f}ms ({total_bytes[e] / t / 1e9:4.1f})")
+    build = "none" if ops is None else "AVX2" if ops.simd() else "portable C++"
+    _print_table(f"{name}, one decode step, batch 1, {torch.get_num_threads()} thread(s), kernels: {build}; "
+                 "us per call (GB/s of weight bytes)", engines, rows, ("whole step", step))
+    base = statistics.median(totals["fp32"])
+    print("speed-up over fp32 per step: " + ", ".join(
+        f"{e} {base / statistics.median(totals[e]):.2f}x" for e in engines if e != "fp32"))
+
+
+def bench_rows(reps: int) -> None:
+    """GEMV against dequantize + float GEMM as the number of input rows grows; prefill against fp32."""
+    ops = kernels.ops()
+    if ops is None:
+        print("(no C++ kernels: the row sweep compares nothing)")
+        return
+    torch.manual_seed(0)
+    shapes = [(4608, 1024), (1024, 4608)]
+    header = ["M"] + [f"{kind} {N}x{K} gemv/tiled/fp32" for kind in ("int8", "int4") for N, K in shapes]
+    print("\nus per call by number of input rows (GEMV | dequantize + GEMM | fp32 F.linear); "
+          f"lfm2 switches at M > {GEMV_MAX_ROWS}")
+    print(" | ".join(header))
+    for M in (1, 2, 4, 6, 8, 12, 16, 32, 64, 512):
+        cells = [str(M)] + [_row_case(ops, kind, N, K, M, reps) for kind in ("int8", "int4") for N, K in shapes]
+        print(" | ".join(cells))
+
+
+def _row_case(ops, kind: str, N: int, K: int, M: int, reps: int) -> str:
+    """'gemv/tiled/fp32' microseconds for M rows through one (N, K) matrix (no GEMV past 64 rows)."""
+    w = torch.randn(N, K) * 0.02
+    q = QuantLinear.from_linear(_linear(w), kind, 32)
+    x = torch.randn(M, K)
+    fns = [lambda: q._tiled_matmul(x), lambda: F.linear(x, w)]
+    if M <= 64:
+        fns.insert(0, lambda: ops.qgemv(x, q.qweight, q.scales, q.bits, 32, True))
+    for f in fns:
+        f()
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            ts[i].append(timed(f))
+    meds = [f"{statistics.median(t) * 1e6:.0f}" for t in ts]
+    return "/".join(["-"] * (3 - len(meds)) + meds)
+
+
+@contextmanager
+def _no_kernels() -> Iterator[None]:
+    """`LFM2_NO_KERNELS=1` for the duration: the layers take their pure-PyTorch path."""
+    old = os.environ.get(kernels.DISABLE_ENV)
+    os.environ[kernels.DISABLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[kernels.DISABLE_ENV]
+        else:
+            os.environ[kernels.DISABLE_ENV] = old
+
+
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    return layer
+
+
+def _qbytes(q: QuantLinear) -> int:
+    return q.qweight.numel() * q.qweight.element_size() + q.scales.numel() * 2
+
+
+def _print_table(title: str, engines: list[str], rows: list[tuple[str, list[str]]],
+                 total: tuple[str, list[str]]) -> None:
+    width = max(len(r[0]) for r in [*rows, total])
+    cell = max(len(c) for _, cs in [*rows, total] for c in cs)
+    print(title)
+    print(f"{'shape':<{width}} | " + " | ".join(f"{e:>{cell}}" for e in engines))
+    for label, cells in [*rows, total]:
+        print(f"{label:<{width}} | " + " | ".join(f"{c:>{cell}}" for c in cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="LFM2-350M")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--rows", action="store_true", help="also sweep the number of input rows")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with torch.no_grad():
+        bench_step(args.preset, args.reps)
+        if args.rows:
+            bench_rows(args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""lfm2's C++ kernels (`qgemv.cpp`), compiled on first use and cached.
+
+PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
+run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth: see
+shared/notes/cpu-kernels.md), so the quantized layers of `lfm2.quant` call a small kernel of our
+own. It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)
+into `$LFM2_KERNEL_DIR`, default `~/.cache/lfm2/kernels`, in a directory named after the source,
+the torch version and the compiler flags, so a changed source or a new torch never loads a stale
+library. With AVX2, FMA and F16C the SIMD code is compiled in; otherwise the same file builds as
+portable scalar C++.
+
+Nothing here is required: without a compiler, or with `LFM2_NO_KERNELS=1`, `ops()` returns None
+and `lfm2.quant` falls back to pure PyTorch (dequantize, then `F.linear`), which gives the same
+results more slowly. A failed build warns once and is not retried in the same process.
+
+The operators are registered with the dispatcher as `torch.ops.lfm2_quant.*`, with shape-only
+("fake") implementations, so `torch.compile` can trace through the quantized layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("qgemv.cpp")
+DISABLE_ENV = "LFM2_NO_KERNELS"
+DIR_ENV = "LFM2_KERNEL_DIR"
+_SIMD_FLAGS = ("avx2", "fma", "f16c")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ops": the loaded namespace or None once decided; "error": why not
+_UNSET = object()
+
+
+def disabled() -> bool:
+    """True when the user asked for the pure-PyTorch path with `LFM2_NO_KERNELS=1`."""
+    flag = os.environ.get(DISABLE_ENV)
+    return bool(flag) and flag.strip().lower() in ("1", "true", "yes", "on")
+
+
+def cpu_has_simd() -> bool:
+    """Whether this CPU runs the AVX2 + FMA + F16C code (read from /proc/cpuinfo, else from torch)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return all(flag in flags for flag in _SIMD_FLAGS)
+    except OSError:
+        pass
+    # torch reports the widest vector ISA it dispatches to; AVX2 and AVX512 both imply FMA and F16C.
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def build_flags(simd: bool) -> tuple[list[str], list[str]]:
+    """Compiler and linker flags: OpenMP so that `at::parallel_for` uses torch's threads."""
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cflags = ["-O3", *openmp, *(["-mavx2", "-mfma", "-mf16c"] if simd else [])]
+    return cflags, openmp
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "lfm2" / "kernels").expanduser()
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load
+
+    simd = cpu_has_simd()
+    cflags, ldflags = build_flags(simd)
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {cflags}".encode()).hexdigest()[:12]
+    name = f"lfm2_quant_{'avx2' if simd else 'generic'}_{key}"
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{name}.so").is_file():
+        print(f"lfm2: compiling the quantized-matmul kernels into {build_dir} (once, about a minute) ...",
+              file=sys.stderr, flush=True)
+    load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+         build_directory=str(build_dir), is_python_module=False, verbose=False)
+    ops = torch.ops.lfm2_quant
+    _register_fakes()
+    return ops
+
+
+def _register_fakes() -> None:
+    """Shapes of the operators' outputs, for `torch.compile` and meta tensors."""
+
+    @torch.library.register_fake("lfm2_quant::qgemv")
+    def _(x, qweight, scales, bits, group_size, int8_activations):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("lfm2_quant::dequantize")
+    def _(qweight, scales, bits, group_size):
+        k = qweight.shape[1] * (8 // bits)
+        return qweight.new_empty(qweight.shape[0], k, dtype=torch.float32)
+
+
+def ops() -> Any | None:
+    """`torch.ops.lfm2_quant` (building it on first use), or None: disabled, or the build failed.
+
+    Cheap after the first call (every quantized layer asks, every forward), and it reads
+    `LFM2_NO_KERNELS` each time, so setting it takes effect at once.
+    """
+    if disabled():
+        return None
+    loaded = _state.get("ops", _UNSET)
+    if loaded is not _UNSET:
+        return loaded
+    with _lock:
+        if "ops" not in _state:
+            try:
+                _state["ops"] = _build()
+            except Exception as e:  # a missing compiler or ninja raises anything from OSError to RuntimeError
+                detail = " ".join(str(e).split())[-600:]
+                _state["ops"], _state["error"] = None, f"{type(e).__name__}: {detail}"
+                warnings.warn(
+                    f"lfm2: could not build the quantized-matmul kernels ({_state['error']}); quantized layers "
+                    f"use the pure-PyTorch path (dequantize, then matmul), which gives the same results but "
+                    f"decodes slower than float32: quantization then only saves memory. Install a C++ compiler "
+                    f"and ninja, or set {DISABLE_ENV}=1 to silence this warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _state["ops"]
+
+
+def build_error() -> str | None:
+    """Why the last build attempt failed, or None."""
+    return _state.get("error")
+
+
+__all__ = ["ops", "disabled", "cpu_has_simd", "build_error", "cache_dir", "SOURCE"]

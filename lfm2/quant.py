@@ -1,0 +1,620 @@
+"""Weight-only quantization: int8 and int4 linear layers, a quantized tied embedding, and checkpoints.
+
+The format (one layout for both widths, shared with the C++ kernels in `lfm2/kernels/qgemv.cpp`):
+- a weight (N out, K in) is cut along K into groups of `group_size` values (32, 64 or 128; for
+  int8 also None: one group per output channel, any K); each group has one scale `d`;
+- int8: `qweight` int8 (N, K), values -127..127 (-128 read from GGUF works too), w = q * d;
+- int4: `qweight` uint8 (N, K/2), values -8..7 stored as q + 8, two per byte: in each block of
+  32 values of a row (16 bytes), byte j holds value j in its low nibble and value j + 16 in its
+  high nibble, w = (nibble - 8) * d;
+- `scales` float16 (N, K / group_size).
+
+This is GGUF's Q8_0 and Q4_0 at group size 32, byte for byte, so `from_gguf_q8_0` and
+`from_gguf_q4_0` build layers from a file's blocks by splitting off the scales, without
+going through float32. Scales are float16 for the same reason, and because at group size 32
+a float32 scale would cost another 0.5 bit per weight (1/8 more bytes to stream per token for
+int4); float16's 11-bit precision is far below the quantization error itself.
+
+Rounding: int8 uses d = max|w| / 127; int4 uses GGUF Q4_0's rule, d = -(the value of largest
+magnitude) / 8, so that value maps to -8 exactly and the step is max|w| / 8 rather than / 7.
+Values are rounded with the float16 scale actually stored, which is rounded away from zero so that
+no value clips.
+
+Compute paths of `QuantLinear` (measured with `benchmarks/kernels.py` on the project's 2-core
+AMD EPYC, 1 thread, LFM2-350M decode-step shapes):
+- up to `GEMV_MAX_ROWS` rows of input (decode, small batches): the C++ GEMV, which streams the
+  quantized weights once per call. Its default numerics quantize each block of 32 activations
+  to int8 (A8W8 / A8W4, as llama.cpp does for Q8_0 / Q4_0) and use exact integer block dot
+  products: 1.5x (int8) to 2.5x (int4) faster than widening the weights to float32 against
+  float activations, for a relative logit error on the bundled model of 0.75% instead of
+  0.4% (int8); for int4 the weight error (~5%) dominates either way. `int8_activations = False`
+  on a layer selects the float-activation kernel (weight-only numerics);
+- more rows (prefill): the weight is dequantized to float32 in tiles of `TILE_BYTES` and
+  multiplied with torch's float GEMM, as fast as float32 `F.linear` at 512 rows;
+- without the kernels (no compiler, `LFM2_NO_KERNELS=1`, or a non-CPU device): pure PyTorch,
+  the same tiles dequantized by torch ops, with weight-only numerics. Correct, but slower than
+  float32 at decode (every weight is widened to float per call): quantization then only saves
+  memory.
+
+The MoE router (`feed_forward.gate`) stays float32: routing decisions are discrete, and the
+router is tiny. Norms, convolution kernels and biases stay float.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm2 import kernels
+from lfm2.errors import CheckpointError, ConfigError
+
+KINDS = {"int8": 8, "int4": 4}
+GROUP_SIZES = (32, 64, 128)
+# Input rows up to which the GEMV kernel is used rather than dequantize + float GEMM. Measured
+# (benchmarks/kernels.py --rows, 4608x1024 and 1024x4608, int8 and int4): GEMV is 4-6x faster at
+# 1 row, 1.5x at 16, still 1.1-1.2x at 32, even at 64. 16 leaves margin for CPUs whose float
+# GEMM is faster relative to this AVX2 GEMV (AVX-512).
+GEMV_MAX_ROWS = 16
+# Bytes of float32 weight dequantized at once on the many-row path: big enough for an efficient
+# GEMM call, small enough to stay in cache instead of round-tripping through memory. Measured at
+# 512 rows: 4 MiB tiles match or beat float32 F.linear; 16 and 64 MiB tiles are 5-15% slower.
+TILE_BYTES = 4 * 2**20
+_GGUF_BLOCK = 32
+
+
+# -- formats ---------------------------------------------------------------------------------------
+
+
+def check_format(kind: str, group_size: int | None, in_features: int | None = None, what: str = "the weight") -> int:
+    """The bit width of `kind`, after checking that `group_size` is valid for it (and splits `in_features`)."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown quantization kind {kind!r}; use one of {', '.join(map(repr, KINDS))}")
+    bits = KINDS[kind]
+    if group_size is None:
+        if bits == 4:
+            raise ConfigError(f"int4 needs a group size ({', '.join(map(str, GROUP_SIZES))}); per-channel "
+                              "scales are for int8 only")
+    elif group_size not in GROUP_SIZES:
+        raise ConfigError(f"group size {group_size!r} is not supported; use one of "
+                          f"{', '.join(map(str, GROUP_SIZES))} (or None for per-channel int8)")
+    elif in_features is not None and in_features % group_size:
+        raise ConfigError(f"{what}: input width {in_features} is not a multiple of the group size {group_size}; "
+                          f"use a group size that divides it{' or per-channel int8' if bits == 8 else ''}")
+    return bits
+
+
+def _groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else in_features // group_size
+
+
+def quantize_weight(w: torch.Tensor, kind: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) of a float weight (N, K) in the layout of this module's docstring."""
+    bits = check_format(kind, group_size, w.shape[-1])
+    N, K = w.shape
+    g = K if group_size is None else group_size
+    blocks = w.detach().float().reshape(N, K // g, g)  # (N, K) -> (N, groups, g)
+    if bits == 8:
+        d = blocks.abs().amax(-1) / 127
+    else:
+        # The value of largest magnitude, with its sign, maps to -8 (GGUF Q4_0's rule).
+        idx = blocks.abs().argmax(-1, keepdim=True)
+        d = -blocks.gather(-1, idx).squeeze(-1) / 8
+    scales = d.to(torch.float16)
+    # A scale rounded down in float16 would push the largest values past the range and clip
+    # them (badly so for tiny, subnormal scales): take the next float16 away from zero instead.
+    low = scales.float().abs() < d.abs()
+    away = torch.where(d < 0, -torch.inf, torch.inf).to(torch.float16)
+    scales = torch.where(low, torch.nextafter(scales, away), scales)
+    d = scales.float()
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    lo, hi = (-127, 127) if bits == 8 else (-8, 7)
+    q = torch.round(blocks * inv[..., None]).clamp_(lo, hi).to(torch.int8).reshape(N, K)
+    return (q if bits == 8 else pack_int4(q)), scales.contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values -8..7 (N, K) -> uint8 (N, K/2), GGUF Q4_0 nibble order within each block of 32."""
+    N, K = q.shape
+    if K % _GGUF_BLOCK:
+        raise ConfigError(f"int4 rows must be a multiple of {_GGUF_BLOCK} values, got {K}")
+    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(N, K // _GGUF_BLOCK, 2, 16)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N, K // 2)  # (N, blocks, 16) bytes
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> int8 values -8..7 (N, K); the inverse of `pack_int4`."""
+    N, half = packed.shape
+    b = packed.reshape(N, half // 16, 1, 16)
+    u = torch.cat((b & 15, b >> 4), dim=2)  # (N, blocks, 2, 16): low nibbles are values 0..15
+    return (u.to(torch.int8) - 8).reshape(N, 2 * half)
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 (N, K) of a quantized weight, in pure PyTorch (the reference and fallback path)."""
+    q = qweight if bits == 8 else unpack_int4(qweight)
+    N, K = q.shape
+    groups = scales.shape[-1]
+    w = q.float().reshape(N, groups, K // groups) * scales.float()[..., None]
+    return w.reshape(N, K)
+
+
+def from_gguf_q8_0(raw: np.ndarray | bytes, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight int8 (..., K), scales float16 (..., K/32)) from GGUF Q8_0 blocks, without float32.
+
+    A Q8_0 block is 34 bytes: the float16 scale, then 32 int8 values. `shape` is the tensor's
+    shape in torch order (outermost first), e.g. `GGUFFile.tensors[name].shape`; `raw` its bytes
+    (`GGUFFile.raw(name)`). Leading dimensions (stacked experts) are kept.
+    """
+    blocks = _gguf_blocks(raw, shape, 34, "Q8_0")
+    scales = np.ascontiguousarray(blocks[:, :2]).view(np.float16).reshape(*shape[:-1], shape[-1] // 32)
+    q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).reshape(shape)
+    return torch.from_numpy(q), torch.from_numpy(scales)
+
+
+def from_gguf_q4_0(raw: np.ndarray | bytes, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight uint8 (..., K/2), scales float16 (..., K/32)) from GGUF Q4_0 blocks, without float32.
+
+    A Q4_0 block is 18 bytes: the float16 scale, then 16 bytes of nibbles already in our order.
+    """
+    blocks = _gguf_blocks(raw, shape, 18, "Q4_0")
+    scales = np.ascontiguousarray(blocks[:, :2]).view(np.float16).reshape(*shape[:-1], shape[-1] // 32)
+    q = np.ascontiguousarray(blocks[:, 2:]).reshape(*shape[:-1], shape[-1] // 2)
+    return torch.from_numpy(q), torch.from_numpy(scales)
+
+
+def _gguf_blocks(raw: np.ndarray | bytes, shape: tuple[int, ...], block_bytes: int, name: str) -> np.ndarray:
+    data = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes | bytearray | memoryview) else raw
+    data = data.reshape(-1).view(np.uint8)
+    if not shape or shape[-1] % _GGUF_BLOCK:
+        raise CheckpointError(f"a {name} tensor's rows must be a multiple of {_GGUF_BLOCK} values, got shape {shape}")
+    n_blocks = int(np.prod(shape, dtype=np.int64)) // _GGUF_BLOCK
+    if data.size != n_blocks * block_bytes:
+        raise CheckpointError(f"{name} tensor of shape {list(shape)} needs {n_blocks * block_bytes} bytes "
+                              f"({n_blocks} blocks of {block_bytes}), got {data.size}")
+    return data.reshape(n_blocks, block_bytes)
+
+
+# -- modules ---------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """A linear layer y = x W^T (+ b) whose weight is stored quantized (see the module docstring).
+
+    `forward` accepts any leading shape and returns the input's dtype; the arithmetic is float32.
+    `.to(dtype)` (as `cast_model` does) changes only that compute dtype: the quantized weights
+    and their float16 scales keep their types, and only move between devices.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kind: str, group_size: int | None,
+                 bias: bool = False, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.bits = check_format(kind, group_size, in_features)
+        kernels.ops()  # build the kernels now, at quantize or load time: never inside a (compiled) forward
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.dtype = torch.float32
+        self.int8_activations = True
+        row = in_features if self.bits == 8 else in_features // 2
+        qdtype = torch.int8 if self.bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.empty(out_features, row, dtype=qdtype, device=device))
+        groups = _groups(in_features, group_size)
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    @property
+    def kind(self) -> str:
+        return "int8" if self.bits == 8 else "int4"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kind: str, group_size: int | None) -> QuantLinear:
+        """A quantized copy of a float `nn.Linear`."""
+        m = cls(linear.in_features, linear.out_features, kind, group_size, linear.bias is not None,
+                device=linear.weight.device)
+        m.qweight, m.scales = quantize_weight(linear.weight, kind, group_size)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().float().clone()
+        m.dtype = linear.weight.dtype
+        return m
+
+    @classmethod
+    def from_packed(cls, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
+        """A layer around already-quantized tensors (e.g. from `from_gguf_q8_0`), kept as they are."""
+        bits = 8 if qweight.dtype == torch.int8 else 4 if qweight.dtype == torch.uint8 else 0
+        if not bits or qweight.dim() != 2 or scales.dim() != 2 or scales.dtype != torch.float16:
+            raise CheckpointError(
+                f"quantized weight must be int8 or uint8 (N, K or K/2) with float16 (N, groups) scales; got "
+                f"{qweight.dtype} {list(qweight.shape)} and {scales.dtype} {list(scales.shape)}"
+            )
+        N, K = qweight.shape[0], qweight.shape[1] * (8 // bits)
+        group_size = _group_size_of(K, scales.shape[1], bits, "quantized weight")
+        m = cls(K, N, "int8" if bits == 8 else "int4", group_size, bias is not None, device="meta")
+        if scales.shape[0] != N:
+            raise CheckpointError(f"quantized weight has {N} rows but its scales {scales.shape[0]}")
+        m.qweight, m.scales = qweight.contiguous(), scales.contiguous()
+        if bias is not None:
+            m.bias = bias.float()
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in)."""
+        return _dequantize(self.qweight, self.scales, self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Kept lean: at decode this runs ~80 times per token around a ~50-200 us kernel call.
+        x2 = x.reshape(-1, self.in_features)  # (..., K) -> (M, K)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        ops = kernels.ops() if x2.is_cpu else None
+        if ops is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+            y = ops.qgemv(x2.contiguous(), self.qweight, self.scales, self.bits,
+                          self.group_size or self.in_features, self.int8_activations)
+        else:
+            y = self._tiled_matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W^T, dequantizing W in row tiles that stay in cache (with or without the kernels).
+
+        Each tile's product fills a contiguous block of rows of y^T (N, M), so no tile's output
+        is scattered into strided columns; one transposing copy at the end. Tiles also spare
+        the allocator a fresh multi-megabyte float matrix (and its page faults) per call.
+        """
+        rows = max(1, TILE_BYTES // (4 * self.in_features))
+        if self.out_features <= rows:
+            return F.linear(x, self.dequantize())
+        out_t = x.new_empty(self.out_features, x.shape[0])  # (N, M)
+        x_t = x.t()
+        for n0 in range(0, self.out_features, rows):
+            q, s = self.qweight[n0 : n0 + rows], self.scales[n0 : n0 + rows]
+            torch.mm(_dequantize(q, s, self.bits, self.group_size), x_t, out=out_t[n0 : n0 + rows])
+        return out_t.t().contiguous()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        """Move buffers between devices but never change their dtypes; a float dtype becomes the compute dtype.
+
+        `nn.Module.to(torch.bfloat16)` would otherwise round the float16 scales through bfloat16.
+        """
+        probe = fn(torch.empty(0, dtype=torch.float32, device=self.qweight.device))
+        self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
+        self.qweight = self.qweight.to(probe.device)
+        self.scales = self.scales.to(probe.device)
+        if self.bias is not None:
+            self.bias = self.bias.to(probe.device)
+        return self
+
+    def format_repr(self) -> str:
+        return f"{self.kind}, " + ("per-channel" if self.group_size is None else f"group_size={self.group_size}")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.format_repr()}, "
+                f"bias={self.bias is not None}")
+
+
+class QuantEmbedding(QuantLinear):
+    """A quantized (vocab, hidden) matrix serving as the token embedding and, through `linear`, the output head.
+
+    Stored once: the tied head of LFM2 is a `TiedQuantHead` that calls `linear` on this module.
+    `forward(ids)` gathers the rows of the ids and dequantizes only those.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, kind: str, group_size: int | None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(embedding_dim, num_embeddings, kind, group_size, bias=False, device=device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, kind: str, group_size: int | None) -> QuantEmbedding:
+        m = cls(embedding.num_embeddings, embedding.embedding_dim, kind, group_size, device=embedding.weight.device)
+        m.qweight, m.scales = quantize_weight(embedding.weight, kind, group_size)
+        m.dtype = embedding.weight.dtype
+        return m
+
+    @classmethod
+    def from_packed(cls, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> QuantEmbedding:
+        """An embedding around already-quantized (vocab, ...) tensors, e.g. GGUF's `token_embd.weight`."""
+        if bias is not None:
+            raise CheckpointError("an embedding has no bias")
+        layer = QuantLinear.from_packed(qweight, scales)
+        m = cls(layer.out_features, layer.in_features, layer.kind, layer.group_size, device="meta")
+        m.qweight, m.scales = layer.qweight, layer.scales
+        return m
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An EMPTY tensor of the compute dtype on the module's device, not the matrix.
+
+        Code written for `nn.Embedding` reads `embed_tokens.weight.device` and `.dtype` (the
+        cache, the generator, the scheduler); this answers those without materialising
+        vocab x hidden floats. Use `dequantize()` for the values.
+        """
+        return torch.empty(0, dtype=self.dtype, device=self.qweight.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        q, s = self.qweight.index_select(0, flat), self.scales.index_select(0, flat)
+        rows = _dequantize(q, s, self.bits, self.group_size)
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ E^T: the tied output head."""
+        return QuantLinear.forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.format_repr()}"
+
+
+class TiedQuantHead(nn.Module):
+    """The output head tied to a `QuantEmbedding`: no tensors of its own, so nothing is stored twice.
+
+    The embedding is held outside the module tree (not a submodule) so that `state_dict()`,
+    `.to()` and `parameters()` see the shared matrix once, under `model.embed_tokens`.
+    """
+
+    def __init__(self, embedding: QuantEmbedding) -> None:
+        super().__init__()
+        self.__dict__["embedding"] = embedding  # bypasses nn.Module registration on purpose
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding.linear(x)
+
+    def extra_repr(self) -> str:
+        return "tied to model.embed_tokens"
+
+
+def _dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    ops = kernels.ops() if qweight.device.type == "cpu" and qweight.shape[0] > 0 else None
+    if ops is None:
+        return dequantize_weight(qweight, scales, bits)
+    return ops.dequantize(qweight, scales, bits, group_size or qweight.shape[1] * (8 // bits))
+
+
+def _group_size_of(K: int, groups: int, bits: int, what: str) -> int | None:
+    """The group size that `groups` scales per row of K values mean, checked against the supported ones."""
+    if groups == 1 and bits == 8 and K not in GROUP_SIZES:
+        return None
+    if groups <= 0 or K % groups or K // groups not in GROUP_SIZES:
+        raise CheckpointError(f"{what}: {groups} scales per row of {K} values is not a supported group size "
+                              f"({', '.join(map(str, GROUP_SIZES))}{' or per-channel' if bits == 8 else ''})")
+    return K // groups
+
+
+# -- whole models ----------------------------------------------------------------------------------
+
+
+def _quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, module) of every plain `nn.Linear` below the model: not the MoE router (a `Router`
+    subclass that must stay float32), nor the output head, which `quantize_model` handles with the embedding."""
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and name != "lm_head":
+            yield name, m
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def quantize_model(model: nn.Module, kind: str, group_size: int | None = 32,
+                   embedding_kind: str | None = None) -> nn.Module:
+    """Replace the model's linear layers, embedding and head by quantized ones, in place; returns the model.
+
+    Quantized: attention q/k/v/out_proj, conv in_proj/out_proj, the feed-forwards' w1/w2/w3
+    (every expert of an MoE), the embedding and the output head (once when they are tied).
+    Left float: the MoE router, norms, convolution kernels, biases, the expert bias.
+    `embedding_kind` is the format of the embedding and head, default int8 when `kind` is int4:
+    the output head is the layer most sensitive to quantization, and llama.cpp's Q4_0 files
+    keep it at higher precision too; on LFM2-350M an int8 head makes int4 decode read 233 MB per
+    token instead of 199 MB.
+    `group_size` None means per-channel scales (int8 only).
+    """
+    embedding_kind = embedding_kind or ("int8" if kind == "int4" else kind)
+    layers = list(_quantizable(model))
+    # Every layer is checked before any is replaced: an error leaves the model as it was.
+    for name, linear in layers:
+        check_format(kind, group_size, linear.in_features, what=f"layer {name!r}")
+    check_format(embedding_kind, group_size, model.config.hidden_size, what="the embedding")
+    for name, linear in layers:
+        _set_module(model, name, QuantLinear.from_linear(linear, kind, group_size))
+    backbone = model.model
+    if not isinstance(backbone.embed_tokens, QuantEmbedding):
+        backbone.embed_tokens = QuantEmbedding.from_embedding(backbone.embed_tokens, embedding_kind, group_size)
+    if model.config.tie_word_embeddings:
+        model.lm_head = TiedQuantHead(backbone.embed_tokens)
+    elif type(model.lm_head) is nn.Linear:
+        model.lm_head = QuantLinear.from_linear(model.lm_head, embedding_kind, group_size)
+    model.quantization = quantization_info(model)
+    return model
+
+
+def quantization_info(model: nn.Module) -> dict[str, Any]:
+    """The `quantization` entry of config.json for a quantized model: format of the blocks and of the embedding."""
+    emb = model.model.embed_tokens
+    if not isinstance(emb, QuantEmbedding):
+        raise ConfigError("the model is not quantized (its embedding is a float nn.Embedding); call quantize_model")
+    blocks = {(m.kind, m.group_size) for name, m in model.named_modules()
+              if type(m) is QuantLinear and name != "lm_head"}
+    head = model.lm_head if isinstance(model.lm_head, QuantLinear) else emb
+    if len(blocks) > 1 or (head.kind, head.group_size) != (emb.kind, emb.group_size):
+        raise ConfigError(f"the model mixes quantization formats {sorted(blocks, key=str)}; lfm2 saves one format "
+                          "for the blocks and one for the embedding and head")
+    kind, group = next(iter(blocks)) if blocks else (emb.kind, emb.group_size)
+    return {"type": kind, "group_size": group, "embedding": {"type": emb.kind, "group_size": emb.group_size}}
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a quantized model as `config.json` (with a `quantization` entry) and `model.safetensors`.
+
+    The safetensors file holds `<module>.qweight` and `<module>.scales` for quantized layers and
+    the usual names for float tensors; a tied head is stored once, as the embedding. Each file
+    is written atomically (`lfm2.weights.save_checkpoint`).
+    """
+    from lfm2.weights import save_checkpoint
+
+    config = {**model.config.to_dict(), "quantization": quantization_info(model)}
+    files = {**(extra_files or {}), "config.json": json.dumps(config, indent=2) + "\n"}
+    return save_checkpoint(model, out_dir, extra_files=files)
+
+
+def read_quantization(ckpt: str | os.PathLike) -> dict[str, Any] | None:
+    """The `quantization` entry of a checkpoint's config.json, or None for a float checkpoint."""
+    path = Path(ckpt) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    q = raw.get("quantization") if isinstance(raw, dict) else None
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("type") not in KINDS:
+        raise ConfigError(f"{path}: 'quantization' is {q!r}; expected {{'type': 'int8' or 'int4', 'group_size': ...}}")
+    return q
+
+
+def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """Fill a model built on the meta device from a quantized checkpoint, without float32 weights.
+
+    The `quantization` entry of config.json says the format; the linear layers, the embedding
+    and an untied head become quantized modules of that format (a tied head shares the
+    embedding), then every tensor is checked (name, shape, and the exact dtype of quantized
+    ones) before the model is touched, as `lfm2.weights.load_into` does. Float tensors take the
+    dtype of the meta model's parameters (`cast_model`: float32 routers stay float32).
+    """
+    from lfm2.weights import iter_tensors, tensor_table
+
+    ckpt = Path(ckpt)
+    q = read_quantization(ckpt)
+    if q is None:
+        raise CheckpointError(f"{ckpt}: config.json has no 'quantization' entry; this is a float checkpoint")
+    where = f"{ckpt / 'config.json'}: 'quantization'"
+    kind, group = q["type"], q.get("group_size")
+    emb = q.get("embedding") or {"type": kind, "group_size": group}
+    emb_kind, emb_group = emb.get("type"), emb.get("group_size")
+    try:
+        check_format(kind, group)
+        check_format(emb_kind, emb_group)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    table = tensor_table(ckpt)
+    compute = model.model.embedding_norm.weight.dtype
+    for name, linear in list(_quantizable(model)):
+        _set_module(model, name, _meta_linear(linear, kind, group, compute, where, name))
+    backbone = model.model
+    old = backbone.embed_tokens
+    backbone.embed_tokens = QuantEmbedding(old.num_embeddings, old.embedding_dim, emb_kind, emb_group, device="meta")
+    backbone.embed_tokens.dtype = compute
+    if model.config.tie_word_embeddings:
+        model.lm_head = TiedQuantHead(backbone.embed_tokens)
+    else:
+        model.lm_head = _meta_linear(model.lm_head, emb_kind, emb_group, compute, where, "lm_head")
+    expected = dict(model.state_dict(keep_vars=True))
+    missing = [n for n in expected if n not in table]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{ckpt}: missing tensor(s) {shown}; the checkpoint does not match config.json")
+    unexpected = [n for n in table if n not in expected]
+    if unexpected:
+        raise CheckpointError(f"{ckpt}: unexpected tensor(s) {', '.join(unexpected[:5])}: the checkpoint is not a "
+                              f"quantized {model.config.model_type} model of this config")
+    for name, t in expected.items():
+        path, info = table[name]
+        if tuple(info["shape"]) != tuple(t.shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {info['shape']}, expected {list(t.shape)} "
+                                  f"from config.json (quantization {q})")
+        if name.endswith((".qweight", ".scales")) and _SAFETENSORS_DTYPES.get(info["dtype"]) != t.dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} is {info['dtype']}, expected {t.dtype} for the "
+                                  f"quantization in config.json ({q})")
+    state = {}
+    for name, t in iter_tensors(table, list(expected)):
+        quantized = name.endswith((".qweight", ".scales"))
+        state[name] = t.to(device=device) if quantized else t.to(device=device, dtype=expected[name].dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.quantization = quantization_info(model)
+    return model
+
+
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F16": torch.float16}
+
+
+def _meta_linear(linear: nn.Linear, kind: str, group: int | None, compute: torch.dtype, where: str,
+                 name: str) -> QuantLinear:
+    """An empty quantized layer on the meta device in place of `linear`."""
+    try:
+        m = QuantLinear(linear.in_features, linear.out_features, kind, group, linear.bias is not None, device="meta")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: layer {name!r}: {e}") from None
+    m.dtype = compute
+    return m
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: str, group_size: int | None = 32,
+                        embedding_kind: str | None = None) -> Path:
+    """Quantize a float checkpoint directory into `out` (weights, config and the other files, such as the tokenizer).
+
+    The model is loaded in the checkpoint's own dtype, so its weights stay memory-mapped, and
+    each layer is quantized from them in turn: the memory needed is that of the quantized
+    model. Float tensors that stay float (norms, convolution kernels) keep the file's dtype;
+    the MoE router stays float32. The source directory is never modified. What `lfm2 quantize` runs.
+    """
+    from lfm2.config import ModelConfig
+    from lfm2.models import build_model, cast_model
+    from lfm2.weights import INDEX_FILE, load_into, resolve_checkpoint, tensor_table
+
+    check_format(kind, group_size)
+    src = resolve_checkpoint(src)
+    out = Path(out)
+    if out.resolve() == src.resolve():
+        raise CheckpointError(f"{out}: the output directory must differ from the source checkpoint")
+    if (out / INDEX_FILE).exists():
+        raise CheckpointError(f"{out}: holds a sharded checkpoint ({INDEX_FILE}), which would shadow the quantized "
+                              "model.safetensors; choose another output directory")
+    if read_quantization(src) is not None:
+        raise CheckpointError(f"{src}: already quantized ({read_quantization(src)}); quantize the float checkpoint")
+    config = ModelConfig.from_json(src / "config.json")
+    model = build_model(config, device="meta")
+    cast_model(model, _file_dtype(tensor_table(src), src))
+    load_into(model, src, "cpu")
+    quantize_model(model, kind, group_size, embedding_kind)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {"config.json", INDEX_FILE}
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in skip and not f.name.endswith(".safetensors"):
+            _copy_atomic(f, out / f.name)
+    return save_quantized(model, out)
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _file_dtype(table: dict[str, tuple[Path, dict]], ckpt: Path) -> torch.dtype:
+    """The float dtype of a checkpoint's embedding, which is the dtype of its weights."""
+    name = "model.embed_tokens.weight"
+    dtype = table[name][1]["dtype"] if name in table else None
+    if dtype not in _SAFETENSORS_FLOATS:
+        raise CheckpointError(f"{ckpt}: tensor {name!r} is {dtype or 'missing'}; expected F32, F16 or BF16 weights")
+    return _SAFETENSORS_FLOATS[dtype]
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
