@@ -40,8 +40,8 @@ class BundleConfig:
         layer_types=["conv", "conv", "full_attention", "conv", "full_attention", "conv"],
         max_position_embeddings=2048))
     sft_conversations: int = 30000
-    pretrain_steps: int = 500
-    sft_steps: int = 1200
+    pretrain_steps: int = 700
+    sft_steps: int = 900
     batch_size: int = 16
     seq_len: int = 256
     sft_seq_len: int = 1024  # whole conversations, tool lists included
