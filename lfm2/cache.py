@@ -32,6 +32,7 @@ class CacheSnapshot:
     positions: torch.Tensor
     valid: torch.Tensor
     conv: dict[int, torch.Tensor]
+    dense: bool = False
 
 
 class Cache:
@@ -61,13 +62,20 @@ class Cache:
                 self.conv[i] = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # Every filled slot of every row is valid (no padding, no row surgery): a single-token
+        # decode step can then attend to all filled slots without building a mask.
+        self.dense = True
 
-    def reserve(self, mask: torch.Tensor) -> tuple[int, torch.Tensor]:
+    def reserve(self, mask: torch.Tensor, all_real: bool | None = None) -> tuple[int, torch.Tensor]:
         """Claim the next T slots for a step whose real tokens are `mask` (B, T) bool.
 
         Returns the first slot and the RoPE positions (B, T) of the new tokens. Pads get the
-        position of the next real token; their outputs are never used.
+        position of the next real token; their outputs are never used. `all_real` says the
+        mask has no pad, when the caller knows (it saves a device sync).
         """
+        if all_real is None:
+            all_real = bool(mask.all())
+        self.dense = self.dense and all_real
         batch, steps = mask.shape
         if batch != self.batch_size:
             raise ValueError(f"cache holds {self.batch_size} rows, the input has {batch}")
@@ -96,11 +104,13 @@ class Cache:
             self.positions.clone(),
             self.valid.clone(),
             {i: s.clone() for i, s in self.conv.items()},
+            self.dense,
         )
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Roll back to a snapshot: later KV slots are ignored, conv states are copied back."""
         self.length = snap.length
+        self.dense = snap.dense
         self.positions.copy_(snap.positions)
         self.valid.copy_(snap.valid)
         for i, s in snap.conv.items():
@@ -123,6 +133,7 @@ class Cache:
         view.values = {i: t[:rows] for i, t in self.values.items()}
         view.conv = {i: t[:rows] for i, t in self.conv.items()}
         view.valid, view.positions = self.valid[:rows], self.positions[:rows]
+        view.dense = False  # the scheduler moves rows around: always use the mask
         return view
 
     def put_row(self, row: int, src: Cache, src_row: int) -> None:
@@ -133,6 +144,7 @@ class Cache:
         [self.length - src.length, self.length); the row's earlier slots are marked empty.
         `src` may be this cache (moving a row), in which case the alignment is the identity.
         """
+        self.dense = False
         n = src.length
         if n > self.length:
             raise ValueError(
@@ -152,6 +164,7 @@ class Cache:
 
     def clear_row(self, row: int) -> None:
         """Empty one row: no valid slots, position 0, zero conv state (its stale K/V are never seen)."""
+        self.dense = False
         self.valid[row] = False
         self.positions[row] = 0
         for state in self.conv.values():
@@ -170,6 +183,7 @@ class Cache:
         slots that every row has left (`leading_free_slots`), for a batch that outlives `max_len`;
         shifting right makes room in front for a newcomer whose prompt is longer than `length`.
         """
+        self.dense = False
         if delta == 0:
             return
         n = self.length

@@ -8,6 +8,7 @@
     lfm2 finetune sft|dpo|distill ...     LoRA or full fine-tuning (see lfm2/train/finetune.py)
     lfm2 merge ...                        fold an adapter into its model, or average checkpoints
     lfm2 quantize SRC -o OUT --type int8|int4   quantized checkpoint (lfm2.quant), loads directly
+    lfm2 bench --preset LFM2-350M         lfm2 vs transformers vs llama.cpp at matched precision
 
 Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
 prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_finetune_parser(sub)
     add_merge_parser(sub)
+    b = sub.add_parser("bench", help="lfm2 vs transformers vs llama.cpp, prefill/decode/TTFT/memory, side by side")
+    from lfm2.bench import add_arguments
+
+    add_arguments(b)
     q = sub.add_parser("quantize", help="write an int8 / int4 copy of a float checkpoint (loads directly)")
     q.add_argument("src", help="float checkpoint directory or hub id")
     q.add_argument("-o", "--out", required=True, help="output directory")
@@ -182,6 +187,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: metrics in {out / 'metrics.jsonl'}, loss curve in {out / 'loss.png'}, model in {out / 'model'}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from lfm2.bench import bench
+
+    bench(args)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from lfm2.quant import quantize_checkpoint
 
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         commands = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "convert": cmd_convert,
                     "serve": cmd_serve, "finetune": cmd_finetune, "merge": cmd_merge,
-                    "quantize": cmd_quantize}
+                    "quantize": cmd_quantize, "bench": cmd_bench}
         commands[args.command](args)
     except LFM2Error as e:
         sys.stderr.write(f"lfm2: error: {e}\n")

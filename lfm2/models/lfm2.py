@@ -35,6 +35,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op: at decode, the norms are many small calls
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Float32 statistics even for bf16 activations, as the reference does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -81,7 +83,10 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update_kv(self.layer_idx, ctx.start, k, v)
         groups = self.n_heads // self.n_kv
-        if ctx.attn_mask is None:  # plain causal self-attention over this input alone
+        if ctx.attn_mask is None and ctx.cache is not None:  # decode, no padding: all keys, no mask
+            qg = q.reshape(B, self.n_kv, groups * T, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, k, v).view(B, self.n_heads, T, self.head_dim)
+        elif ctx.attn_mask is None:  # plain causal self-attention over this input alone
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
@@ -114,6 +119,14 @@ class ShortConv(nn.Module):
         T = u.shape[-1]
         if ctx.segments is not None:
             v = self._packed_conv(u, ctx.segments)
+        elif ctx.cache is not None and T == 1:
+            # Decode: three multiply-adds per channel, cheaper than a conv1d call's setup.
+            state = ctx.cache.conv[self.layer_idx]
+            window = torch.cat((state, u), dim=-1)  # (B, d, L)
+            state.copy_(window[..., 1:])
+            v = (window * self.conv.weight[:, 0]).sum(-1, keepdim=True)
+            if self.conv.bias is not None:
+                v = v + self.conv.bias[:, None]
         else:
             if ctx.cache is not None:
                 state = ctx.cache.conv[self.layer_idx]
@@ -252,12 +265,16 @@ class Lfm2ForCausalLM(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             attn_mask = (same & causal)[:, None]
         elif cache is not None:
-            start, positions = cache.reserve(mask if mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
-            S = start + T
-            slots = torch.arange(S, device=device)
-            query_slots = torch.arange(start, S, device=device)[:, None]
-            # (T, S) causal & (B, 1, 1, S) real keys; a query always sees itself (no empty rows).
-            attn_mask = ((slots <= query_slots) & cache.valid[:, None, None, :S]) | (slots == query_slots)
+            real = mask if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            start, positions = cache.reserve(real, all_real=True if mask is None else None)
+            if cache.dense and T == 1:
+                attn_mask = None  # one new token, every filled slot valid: it sees them all
+            else:
+                S = start + T
+                slots = torch.arange(S, device=device)
+                query_slots = torch.arange(start, S, device=device)[:, None]
+                # (T, S) causal & (B, 1, 1, S) real keys; a query always sees itself (no empty rows).
+                attn_mask = ((slots <= query_slots) & cache.valid[:, None, None, :S]) | (slots == query_slots)
         else:
             start = 0
             if mask is None:
