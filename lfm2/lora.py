@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lfm2.errors import CheckpointError, ConfigError
-from lfm2.weights import write_text_atomic
+from lfm2.weights import new_file_mode, write_text_atomic
 
 # LFM2's real projections: attention q/k/v/out, convolution in/out, SwiGLU w1/w2/w3.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")
@@ -158,6 +158,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
     state = {k: v.float() if v.dtype != torch.float32 else v for k, v in adapter_state(model).items()}
     tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
     save_file(state, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, new_file_mode())  # the mode a plain open() would give, not a temp file's 0600
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from lfm2.errors import CheckpointError, ConfigError
-from lfm2.weights import iter_tensors, resolve_checkpoint, tensor_table, write_text_atomic
+from lfm2.weights import iter_tensors, new_file_mode, resolve_checkpoint, tensor_table, write_text_atomic
 
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "generation_config.json")
@@ -108,6 +108,7 @@ def merge_models(
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".model.safetensors.tmp"
     save_file(merged, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, out / "model.safetensors")
     _copy_side_files(ckpts[0], out)
     return out

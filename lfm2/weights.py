@@ -199,7 +199,7 @@ def save_checkpoint(
         tmp_path = tmp.name
     try:
         save_file(state, tmp_path, metadata={"format": "pt"})
-        os.chmod(tmp_path, _umask_mode())
+        os.chmod(tmp_path, new_file_mode())
         os.replace(tmp_path, out / SINGLE_FILE)
     finally:
         if os.path.exists(tmp_path):
@@ -210,7 +210,7 @@ def save_checkpoint(
     return out
 
 
-def _umask_mode() -> int:
+def new_file_mode() -> int:
     """The mode a plain `open()` would give a new file (temp files are created 0600)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -223,7 +223,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -102,7 +102,11 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
             _wait_for(data_dir / "train.json")
     from lfm2.train.data import TokenFile
 
-    n = TokenFile.open(data_dir, "train").num_examples(args.seq_len, args.pack)
+    train_file = TokenFile.open(data_dir, "train")
+    n = train_file.num_examples(args.seq_len, args.pack)
+    what = f"{n} training examples"
+    if args.pack and args.kind != "dpo" and train_file.meta["kind"] == "chat":
+        what = f"{train_file.num_examples(args.seq_len)} training conversations packed into {n} rows"
     if args.max_steps is not None and args.epochs is not None:
         raise LFM2Error("give --max-steps or --epochs, not both")
     steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * n / (args.batch_size * args.grad_accum)))
@@ -119,7 +123,7 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
         grad_checkpointing=args.grad_checkpointing, device=args.device,
     )
     if rank == 0:
-        print(f"{args.kind}: {n} training examples, {steps} steps of {args.batch_size * args.grad_accum}, "
+        print(f"{args.kind}: {what}, {steps} steps of {args.batch_size * args.grad_accum}, "
               f"{'LoRA r=' + str(lora.rank) if lora else 'full fine-tuning'}, lr {lr:g}")
     return train(cfg, stop_after=stop_after)
 
