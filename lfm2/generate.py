@@ -54,6 +54,9 @@ class Step:
     stopped_by_id: list[bool] = field(default_factory=list)
 
 
+PREFILL_CHUNK = 512  # prompt tokens per forward pass during prefill
+
+
 @torch.inference_mode()
 def decode_tokens(
     model: Lfm2ForCausalLM,
@@ -95,7 +98,13 @@ def decode_tokens(
     history = TokenHistory(ids, cfg.vocab_size, pad_mask=~mask) if params.needs_history else None
     generator = None if params.greedy else make_generator(params.seed, device)
     cache = model.make_cache(B, T + max_new_tokens)
-    logits = model(ids, cache, attention_mask=None if bool(mask.all()) else mask, last_only=True)[:, -1]
+    padded = not bool(mask.all())
+    # Chunked prefill: activations (and the dequantized tiles of quantized layers) stay bounded by
+    # the chunk, whatever the prompt length; the cache makes the result equal a single pass.
+    for start in range(0, T, PREFILL_CHUNK):
+        chunk = slice(start, start + PREFILL_CHUNK)
+        logits = model(ids[:, chunk], cache, attention_mask=mask[:, chunk] if padded else None, last_only=True)
+    logits = logits[:, -1]
     active = [True] * B
     should_stop = should_stop if should_stop is not None else [False] * B
     for step in range(max_new_tokens):

@@ -158,3 +158,17 @@ def test_bad_requests(llm):
     for bad in (0, -5, 2.5):
         with pytest.raises(GenerationError, match=f"max_new_tokens={bad} must be a positive integer"):
             llm.generate("x", max_new_tokens=bad)
+
+
+def test_chunked_prefill_gives_the_same_tokens(chat_checkpoint, monkeypatch):
+    """A prompt longer than the prefill chunk runs in pieces through the cache, with the same result."""
+    import lfm2
+    from lfm2 import generate
+
+    llm = lfm2.load(chat_checkpoint)
+    prompts = [list(range(5, 45)), list(range(7, 30))]  # different lengths: left padding crosses chunks
+    params = llm.sampling_params(temperature=0)
+    whole = [s.tokens for s in generate.decode_tokens(llm.model, prompts, params, 12, ignore_eos=True)]
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 7)
+    chunked = [s.tokens for s in generate.decode_tokens(llm.model, prompts, params, 12, ignore_eos=True)]
+    assert chunked == whole and len({t for step in whole for t in step}) > 3
