@@ -108,6 +108,9 @@ def test_bundle_recipe_end_to_end(tmp_path):
     assert "Jargon File" in card and "WordNet" in card and "held-out prompts" in card
     results = json.loads((tmp_path / "bundle" / "eval.json").read_text())
     assert results["tool_prompts"] == 3 and 0 <= results["right_tool"] <= 1
+    # Both the pretraining checkpoint's and the shipped model's held-out perplexity are reported.
+    assert results["heldout_corpus_perplexity"] > 1 and results["pretrain_heldout_corpus_perplexity"] > 1
+    assert "before fine-tuning" in card
     llm = lfm2.load(model_dir)
     assert llm.sampling_params().temperature == 0.3
     assert isinstance(llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)["content"], str)

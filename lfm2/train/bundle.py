@@ -118,10 +118,18 @@ def _tokenizer_texts(docs: list[str], convs: list[dict]) -> list[str]:
 def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str, Any]:
     """Held-out perplexity of the corpus, and tool-call accuracy on unseen tools and phrasings."""
     import lfm2
+    from lfm2.train.data import TokenFile
+    from lfm2.train.trainer import TrainConfig
+    from lfm2.train.trainer import evaluate as validation_loss
 
     metrics = [json.loads(line) for line in (pretrain_dir / "metrics.jsonl").read_text().splitlines()]
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     llm = lfm2.load(model_dir)
+    # The shipped (fine-tuned) model on the same held-out text: fine-tuning can make it forget.
+    data = Path(cfg.out) / "data"
+    held_text = TrainConfig(out_dir=str(cfg.out), data_dir=str(data), seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    pad = llm.tokenizer.pad_id or 0
+    final_loss = validation_loss(llm.model, TokenFile.open(data, "val"), held_text, pad)["val_loss"]
     held = conversations(cfg.eval_prompts, seed=cfg.seed + 12345, split="heldout", tool_fraction=1.0)
     right_tool = right_args = 0
     for conv in tqdm(held, desc="tool-call eval"):
@@ -131,8 +139,9 @@ def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str
             right_tool += 1
             if json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]:
                 right_args += 1
-    return {"heldout_corpus_loss": val[-1] if val else None,
-            "heldout_corpus_perplexity": math.exp(val[-1]) if val else None,
+    return {"heldout_corpus_loss": final_loss, "heldout_corpus_perplexity": math.exp(final_loss),
+            "pretrain_heldout_corpus_loss": val[-1] if val else None,
+            "pretrain_heldout_corpus_perplexity": math.exp(val[-1]) if val else None,
             "tool_prompts": len(held), "right_tool": right_tool / len(held),
             "right_tool_and_arguments": right_args / len(held)}
 
@@ -155,7 +164,8 @@ knows almost nothing about the world.
 supervised fine-tuning steps, batch {cfg.batch_size}, on a 2-core CPU). Config: `bundle_config.json`.
 
 ## Measured quality
-- Held-out corpus perplexity: {results['heldout_corpus_perplexity']}
+- Held-out corpus perplexity: {results['heldout_corpus_perplexity']:.1f} (the shipped model),
+  {results['pretrain_heldout_corpus_perplexity']:.1f} (the pretraining checkpoint, before fine-tuning)
 - Tool calls on {results['tool_prompts']} held-out prompts (tools and phrasings unseen in training),
   greedy: right tool {results['right_tool']:.1%}, right tool and arguments {results['right_tool_and_arguments']:.1%}
 """
