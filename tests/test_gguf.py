@@ -191,14 +191,16 @@ def test_name_table_covers_every_parameter(moe_checkpoint, chat_checkpoint):
 
 
 def _gguf_with(src: Path, dst: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
-               drop: tuple[str, ...] = (), metadata: dict | None = None) -> Path:
-    """A copy of a GGUF file with tensors replaced (name -> (data, type)) or dropped, or metadata changed."""
+               drop: tuple[str, ...] = (), metadata: dict | None = None, drop_keys: tuple[str, ...] = (),
+               extra: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None) -> Path:
+    """A copy of a GGUF file with tensors replaced (name -> (data, type)), dropped or added (`extra`),
+    or metadata changed or dropped."""
     r = gguf.GGUFReader(src)
     metadata = dict(metadata or {})
     arch = metadata.pop("general.architecture", r.fields["general.architecture"].contents())
     w = gguf.GGUFWriter(dst, arch=arch)
     for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_keys:
             continue
         vtype = f.types[0]
         w.add_key_value(key, metadata.get(key, f.contents()), vtype,
@@ -208,6 +210,8 @@ def _gguf_with(src: Path, dst: Path, tensors: dict[str, tuple[np.ndarray, gguf.G
             continue
         data, qtype = (tensors or {}).get(t.name, (t.data, t.tensor_type))
         w.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=qtype)
+    for name, (data, qtype) in (extra or {}).items():
+        w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -445,22 +449,8 @@ def test_misshapen_and_unexpected_tensors(dense_gguf, tmp_path):
         lfm2.load(_gguf_with(dense_gguf["f32"], tmp_path / "s.gguf", bad))
     f = GGUFFile(dense_gguf["f32"])
     extra = {"blk.9.ffn_up.weight": (f.tensor("blk.0.ffn_up.weight").numpy(), gguf.GGMLQuantizationType.F32)}
-    r = gguf.GGUFReader(dense_gguf["f32"])
-    w = gguf.GGUFWriter(tmp_path / "x.gguf", arch="lfm2")
-    for key, fl in r.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            w.add_key_value(key, fl.contents(), fl.types[0],
-                            sub_type=fl.types[-1] if fl.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=t.tensor_type)
-    for name, (data, qtype) in extra.items():
-        w.add_tensor(name, data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) 'blk\.9\.ffn_up\.weight'"):
-        lfm2.load(tmp_path / "x.gguf")
+        lfm2.load(_gguf_with(dense_gguf["f32"], tmp_path / "x.gguf", extra=extra))
 
 
 def test_unsupported_quantization_type(dense_gguf, tmp_path):
@@ -486,20 +476,9 @@ def test_unsupported_quantization_type(dense_gguf, tmp_path):
 
 
 def test_missing_metadata_key(dense_gguf, tmp_path):
-    r = gguf.GGUFReader(dense_gguf["f32"])
-    w = gguf.GGUFWriter(tmp_path / "k.gguf", arch="lfm2")
-    for key, fl in r.fields.items():
-        if not key.startswith("GGUF.") and key not in ("general.architecture", "lfm2.shortconv.l_cache"):
-            w.add_key_value(key, fl.contents(), fl.types[0],
-                            sub_type=fl.types[-1] if fl.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _gguf_with(dense_gguf["f32"], tmp_path / "k.gguf", drop_keys=("lfm2.shortconv.l_cache",))
     with pytest.raises(ConfigError, match=r"k\.gguf: metadata key 'lfm2\.shortconv\.l_cache' is missing"):
-        lfm2.load(tmp_path / "k.gguf")
+        lfm2.load(path)
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------------
