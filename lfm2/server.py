@@ -275,6 +275,13 @@ class _Server:
 
     # -- validation shared by both endpoints ------------------------------------------------
 
+    def validate(self, body: _GenerationBody) -> tuple[SamplingParams, list[str]]:
+        """What both endpoints check first: the model name, unsupported features, sampling values
+        and stop strings. Returns the sampling parameters and the stop strings."""
+        self.check_model(body.model)
+        _unsupported(body)
+        return self.sampling(body), self.stop_strings(body.stop)
+
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
@@ -584,10 +591,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         start = time.perf_counter()
-        server.check_model(body.model)
-        _unsupported(body)
-        params = server.sampling(body)
-        stop = server.stop_strings(body.stop)
+        params, stop = server.validate(body)
         ids, forced, tools = server.chat_prompt(body)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -689,10 +693,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         start = time.perf_counter()
-        server.check_model(body.model)
-        _unsupported(body)
-        params = server.sampling(body)
-        stop = server.stop_strings(body.stop)
+        params, stop = server.validate(body)
         prompts, texts = server.completion_prompts(body)
         budgets = [server.token_budget(len(p), body.max_tokens, "max_tokens", "prompt") for p in prompts]
         jobs, events = server.submit(prompts, params, budgets, stop, body.ignore_eos)
