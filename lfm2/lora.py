@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lfm2.errors import CheckpointError, ConfigError
-from lfm2.weights import new_file_mode, write_text_atomic
+from lfm2.weights import save_tensors, write_text_atomic
 
 # LFM2's real projections: attention q/k/v/out, convolution in/out, SwiGLU w1/w2/w3.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")
@@ -156,10 +156,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.float() if v.dtype != torch.float32 else v for k, v in adapter_state(model).items()}
-    tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, new_file_mode())  # the mode a plain open() would give, not a temp file's 0600
-    os.replace(tmp, out / ADAPTER_WEIGHTS)
+    save_tensors(state, out / ADAPTER_WEIGHTS)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,

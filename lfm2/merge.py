@@ -17,13 +17,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lfm2.errors import CheckpointError, ConfigError
-from lfm2.weights import iter_tensors, new_file_mode, resolve_checkpoint, tensor_table, write_text_atomic
-
-COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json")
+from lfm2.weights import SIDE_FILES, copy_side_files, iter_tensors, resolve_checkpoint, save_tensors, tensor_table
 
 
 def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -36,14 +32,8 @@ def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, out: str
     merge_lora(llm.model)
     out = Path(out)
     save_checkpoint(llm.model, out)
-    _copy_side_files(llm.path, out, skip=("config.json",))
+    copy_side_files([llm.path], out)
     return out
-
-
-def _copy_side_files(src: Path, out: Path, skip: tuple[str, ...] = ()) -> None:
-    for name in COPIED_FILES:
-        if name not in skip and (src / name).is_file():
-            write_text_atomic(out / name, (src / name).read_text(encoding="utf-8"))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
@@ -106,11 +96,8 @@ def merge_models(
         merged[name] = value.to(first.dtype).contiguous()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(merged, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, new_file_mode())
-    os.replace(tmp, out / "model.safetensors")
-    _copy_side_files(ckpts[0], out)
+    save_tensors(merged, out / "model.safetensors")
+    copy_side_files([ckpts[0]], out, ("config.json", *SIDE_FILES))
     return out
 
 

@@ -195,19 +195,36 @@ def save_checkpoint(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as tmp:
-        tmp_path = tmp.name
-    try:
-        save_file(state, tmp_path, metadata={"format": "pt"})
-        os.chmod(tmp_path, new_file_mode())
-        os.replace(tmp_path, out / SINGLE_FILE)
-    finally:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+    save_tensors(state, out / SINGLE_FILE)
     files = {"config.json": json.dumps(model.config.to_dict(), indent=2) + "\n", **(extra_files or {})}
     for name, text in files.items():
         write_text_atomic(out / name, text)
     return out
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file atomically (temp file, then rename), with a plain file's mode."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp_path = tmp.name
+    try:
+        save_file(state, tmp_path, metadata={"format": "pt"})
+        os.chmod(tmp_path, new_file_mode())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+
+
+# Files that travel with a checkpoint's weights: what a derived checkpoint copies from its source.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def copy_side_files(sources: list[Path], out: Path, names: tuple[str, ...] = SIDE_FILES) -> None:
+    """Copy each of `names` into `out` (atomically) from the first source directory that has it."""
+    for name in names:
+        src = next((d / name for d in sources if (d / name).is_file()), None)
+        if src is not None:
+            write_text_atomic(out / name, src.read_text(encoding="utf-8"))
 
 
 def new_file_mode() -> int:

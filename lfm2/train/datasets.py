@@ -161,14 +161,16 @@ def read_texts(path: str | os.PathLike, on_error: str = "raise") -> list[str]:
     return [t for _, t in _rows(p, on_error, convert)]
 
 
-def write_chat(examples: list[tuple[list[int], list[int]]], out_dir: str | os.PathLike, name: str) -> int:
-    """Store tokenized conversations as a chat token file (see `lfm2.train.data`)."""
+def write_chat(
+    examples: list[tuple[list[int], list[int]]], out_dir: str | os.PathLike, name: str, kind: str = "chat"
+) -> int:
+    """Store tokenized sequences with their masks as a chat (or `pairs`) token file (see `lfm2.train.data`)."""
     if not examples:
         raise DataError(f"no usable rows for '{name}'")
     offsets = np.cumsum([0] + [len(ids) for ids, _ in examples]).tolist()
     ids = np.concatenate([np.asarray(i, dtype=TOKEN_DTYPE) for i, _ in examples])
     mask = np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in examples])
-    write_tokens(Path(out_dir), name, ids, {"kind": "chat", "offsets": offsets}, mask=mask)
+    write_tokens(Path(out_dir), name, ids, {"kind": kind, "offsets": offsets}, mask=mask)
     return len(examples)
 
 
@@ -176,13 +178,7 @@ def write_pairs(pairs, out_dir: str | os.PathLike, name: str) -> int:
     """Store preference pairs: sequences 2i (chosen) and 2i+1 (rejected) of a `pairs` token file."""
     if not pairs:
         raise DataError(f"no usable rows for '{name}'")
-    flat = [seq for pair in pairs for seq in pair]
-    write_chat(flat, out_dir, name)
-    meta_path = Path(out_dir) / f"{name}.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    from lfm2.weights import write_text_atomic
-
-    write_text_atomic(meta_path, json.dumps({**meta, "kind": "pairs"}, indent=2) + "\n")
+    write_chat([seq for pair in pairs for seq in pair], out_dir, name, kind="pairs")
     return len(pairs)
 
 

@@ -20,9 +20,7 @@ from typing import Any
 
 from lfm2.errors import LFM2Error
 from lfm2.lora import DEFAULT_TARGETS, LoraConfig
-from lfm2.weights import resolve_checkpoint, write_text_atomic
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+from lfm2.weights import copy_side_files, resolve_checkpoint
 
 
 @dataclass
@@ -91,10 +89,8 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
     rank = int(os.environ.get("RANK", "0"))
     if not (data_dir / "train.json").is_file():
         if rank == 0:
-            for name in TOKENIZER_FILES:
-                if (ckpt / name).is_file():
-                    data_dir.mkdir(parents=True, exist_ok=True)
-                    write_text_atomic(data_dir / name, (ckpt / name).read_text(encoding="utf-8"))
+            data_dir.mkdir(parents=True, exist_ok=True)
+            copy_side_files([ckpt], data_dir)  # the trainer reads the tokenizer from the data directory
             tokenizer = Tokenizer.from_dir(ckpt)
             prepare_finetune_data(_data_kind(args), args.data, tokenizer, data_dir, max_len=args.seq_len + 1,
                                   eval_data=args.eval_data, on_error="skip" if args.skip_bad_rows else "raise")

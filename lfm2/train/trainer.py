@@ -39,7 +39,7 @@ from lfm2.config import ModelConfig
 from lfm2.errors import LFM2Error
 from lfm2.models import build_model
 from lfm2.train.data import TokenFile
-from lfm2.weights import save_checkpoint, write_text_atomic
+from lfm2.weights import copy_side_files, save_checkpoint, write_text_atomic
 
 
 @dataclass
@@ -466,9 +466,5 @@ def export(model: torch.nn.Module, cfg: TrainConfig, out: Path) -> Path:
 
         return save_adapter(model, out / "adapter", base_model=cfg.init_from)
     save_checkpoint(model, out / "model")
-    sources = [Path(cfg.data_dir)] + ([Path(cfg.init_from)] if cfg.init_from else [])
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        src = next((d / name for d in sources if (d / name).is_file()), None)
-        if src is not None:
-            write_text_atomic(out / "model" / name, src.read_text(encoding="utf-8"))
+    copy_side_files([Path(cfg.data_dir)] + ([Path(cfg.init_from)] if cfg.init_from else []), out / "model")
     return out / "model"
