@@ -205,7 +205,12 @@ class Backbone(nn.Module):
 
     def __init__(self, config: ModelConfig, make_feed_forward: Callable[[ModelConfig, int], nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given its weight, nn.Embedding skips its own init: on the meta device that init goes
+        # through torch._refs, which imports torch._dynamo (~70 MiB of modules) just to load a model.
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
+        if not weight.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, make_feed_forward(config, i)) for i in range(config.num_hidden_layers)
         )
