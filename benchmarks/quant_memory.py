@@ -47,7 +47,8 @@ print(json.dumps({"baseline": base, "loaded": loaded, "peak": status("VmHWM") - 
 
 
 def measure(path: Path, prompt: int, new: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(prompt), str(new)], capture_output=True, text=True)
+    cmd = [sys.executable, "-c", CHILD, str(path), str(prompt), str(new)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{path} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,6 +9,8 @@ the same prompt of random token ids and decodes greedily, ignoring end-of-text:
 - decode tokens/s = (new tokens - 1) / (time after the first token);
 - decode as a fraction of the memory-bandwidth limit = decode tokens/s x weight bytes read per
   token / the machine's measured read bandwidth (`torch.sum` over 1 GiB).
+Rows marked "+compile" decode through `torch.compile` (`lfm2.compile`; `--no-compile` skips them),
+with the compile time printed under the table.
 Precisions are matched: lfm2 float32 and transformers float32 against llama.cpp F32, lfm2 int8
 against Q8_0, lfm2 int4 against Q4_0; "vs lfm2" compares each row with lfm2 at its precision.
 lfm2's int8 / int4 checkpoints are written once by `lfm2 quantize` (group size 32, the layout of
@@ -37,12 +39,19 @@ torch.set_num_threads(threads)
 g = torch.Generator().manual_seed(0)
 prompt = torch.randint(100, 60000, (prompt_len,), generator=g).tolist()
 stamps = []
-if engine == "lfm2":
+compile_s = None
+if engine.startswith("lfm2"):
     import lfm2
     from lfm2.generate import decode_tokens
-    llm = lfm2.load(path)
+    llm = lfm2.load(path, compile=engine == "lfm2-compile")
     params = llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0)
-    list(decode_tokens(llm.model, [prompt[:8]], params, 2, ignore_eos=True))  # first-use costs (kernel load)
+    t = time.perf_counter()
+    list(decode_tokens(llm.model, [prompt[:8]], params, 2, ignore_eos=True))  # first-use costs (kernels, compile)
+    step = getattr(llm.model, "decode_step", None)
+    if step is not None:
+        if step.failed:
+            raise SystemExit(f"compile failed: {step.failed}")
+        compile_s = time.perf_counter() - t
     t0 = time.perf_counter()
     for step in decode_tokens(llm.model, [prompt], params, new, ignore_eos=True):
         stamps.append(time.perf_counter() - t0)
@@ -73,7 +82,7 @@ ttft = stamps[0]
 # VmHWM, not ru_maxrss: the latter survives exec and would start at the parent's size.
 hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 print(json.dumps({"prefill": prompt_len / ttft, "decode": (len(stamps) - 1) / (stamps[-1] - ttft),
-                  "ttft": ttft, "tokens": len(stamps), "rss": hwm}))
+                  "ttft": ttft, "tokens": len(stamps), "rss": hwm, "compile_s": compile_s}))
 """
 
 
@@ -136,6 +145,8 @@ def engines_for(ckpt: Path, args: argparse.Namespace) -> list[tuple[str, str, Pa
     from lfm2.quant import quantize_checkpoint
 
     rows = [("lfm2 float32", "lfm2", ckpt, 4.0, "f32")]
+    if not args.no_compile:
+        rows.append(("lfm2 float32 +compile", "lfm2-compile", ckpt, 4.0, "f32"))
     if not args.no_transformers:
         rows.append(("transformers float32", "transformers", ckpt, 4.0, "f32"))
     for kind, bpw in (("int8", 34 / 32), ("int4", 18 / 32)):
@@ -143,6 +154,8 @@ def engines_for(ckpt: Path, args: argparse.Namespace) -> list[tuple[str, str, Pa
         if not (qdir / "config.json").is_file():
             quantize_checkpoint(ckpt, qdir, kind, 32)
         rows.append((f"lfm2 {kind}", "lfm2", qdir, bpw, kind))
+        if not args.no_compile:
+            rows.append((f"lfm2 {kind} +compile", "lfm2-compile", qdir, bpw, kind))
     try:
         import llama_cpp  # noqa: F401
 
@@ -175,6 +188,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the rows with a torch.compile'd decode step")
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -190,7 +204,7 @@ def bench(args: argparse.Namespace) -> None:
     def med(label: str, key: str) -> float:
         return statistics.median(x[key] for x in results[label])
 
-    base = {precision: label for label, engine, _, _, precision in engines if engine == "lfm2"}
+    base = {precision: label for label, engine, _, _, precision in engines if engine == "lfm2"}  # eager lfm2
     print(f"\n{args.preset} (random weights), prompt {args.prompt} tokens, {args.new} new tokens, "
           f"{args.threads} threads, median of {args.rounds} interleaved rounds; read bandwidth {bw:.1f} GB/s; "
           "'vs lfm2' = this row / lfm2 at the same precision\n")
@@ -203,6 +217,10 @@ def bench(args: argparse.Namespace) -> None:
         print(f"| {label} | {pre:.1f} | {pre / med(ref, 'prefill'):.2f}x | {dec:.1f} | {dec / med(ref, 'decode'):.2f}x "
               f"| {med(label, 'ttft') * 1000:.0f} ms | {med(label, 'rss') / 2**30:.2f} GiB | "
               f"{dec / limit:.0%} of {limit:.0f} tok/s |")
+    compiled = [(label, med(label, "compile_s")) for label, engine, *_ in engines if engine == "lfm2-compile"]
+    if compiled:
+        print("\ncompile time of the decode step (first call, in the measured process; inductor's on-disk cache "
+              "shortens later runs): " + ", ".join(f"{label} {s:.0f} s" for label, s in compiled))
 
 
 if __name__ == "__main__":

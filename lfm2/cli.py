@@ -53,6 +53,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timing (tokens/s) to stderr")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (faster tokens after a one-time compile)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,7 +114,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import lfm2
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
+                    compile=args.compile)
     sampling = _sampling(args)
     if args.chat:
         pieces = (d.get("content", "") for d in llm.chat_stream([{"role": "user", "content": prompt}], **sampling))
@@ -129,7 +132,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     import lfm2
 
-    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
+                    compile=args.compile)
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = _sampling(args)

@@ -105,6 +105,7 @@ def decode_tokens(
         chunk = slice(start, start + PREFILL_CHUNK)
         logits = model(ids[:, chunk], cache, attention_mask=mask[:, chunk] if padded else None, last_only=True)
     logits = logits[:, -1]
+    step_fn = getattr(model, "decode_step", None) or model  # lfm2.compile: a compiled step
     active = [True] * B
     should_stop = should_stop if should_stop is not None else [False] * B
     for step in range(max_new_tokens):
@@ -118,7 +119,7 @@ def decode_tokens(
             return
         if history is not None:
             history.update(nxt, torch.tensor(active, device=device))
-        logits = model(nxt[:, None], cache)[:, -1]
+        logits = step_fn(nxt[:, None], cache)[:, -1]
 
 
 class TextStream:
