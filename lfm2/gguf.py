@@ -53,6 +53,7 @@ from lfm2.config import ModelConfig
 from lfm2.errors import CheckpointError, ConfigError, TokenizerError
 from lfm2.llm import LLM, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
+from lfm2.models.lfm2 import is_plain_linear
 from lfm2.sampling import SamplingParams
 from lfm2.tokenizer import Tokenizer
 from lfm2.train.tokenizer import build_tokenizer
@@ -541,7 +542,7 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     resolved = _resolve_names(f, config)
     model = build_model(config, "meta")
     cast_model(model, dtype)
-    linear = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    linear = {f"{n}.weight" for n, m in model.named_modules() if is_plain_linear(m) and n != "lm_head"}
     direct: dict[str, str] = {}  # GGUF name -> our format, for tensors taken as they are
     if quantize is not None and group_size == 32:
         for src, _, ours in resolved:

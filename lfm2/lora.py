@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lfm2.errors import CheckpointError, ConfigError
+from lfm2.models.lfm2 import is_plain_linear
 from lfm2.weights import save_tensors, write_text_atomic
 
 # LFM2's real projections: attention q/k/v/out, convolution in/out, SwiGLU w1/w2/w3.
@@ -102,7 +103,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     Returns the wrapped module names. The tied embedding / output head is never wrapped. Raises
     ConfigError naming any target that matches nothing, with the names that would match.
     """
-    linear = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    linear = {n: m for n, m in model.named_modules() if is_plain_linear(m) and n != "lm_head"}
     unknown = [t for t in cfg.targets if not any(_matches(n, t) for n in linear)]
     if unknown:
         known = sorted({n.rsplit(".", 1)[-1] for n in linear})

@@ -57,6 +57,7 @@ from torch import nn
 
 from lfm2 import kernels
 from lfm2.errors import CheckpointError, ConfigError
+from lfm2.models.lfm2 import is_plain_linear
 
 KINDS = {"int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128)
@@ -400,7 +401,7 @@ def _quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """(name, module) of every plain `nn.Linear` below the model: not the MoE router (a `Router`
     subclass that must stay float32), nor the output head, which `quantize_model` handles with the embedding."""
     for name, m in model.named_modules():
-        if type(m) is nn.Linear and name != "lm_head":
+        if is_plain_linear(m) and name != "lm_head":
             yield name, m
 
 
@@ -435,7 +436,7 @@ def quantize_model(model: nn.Module, kind: str, group_size: int | None = 32,
         backbone.embed_tokens = QuantEmbedding.from_embedding(backbone.embed_tokens, embedding_kind, group_size)
     if model.config.tie_word_embeddings:
         model.lm_head = TiedQuantHead(backbone.embed_tokens)
-    elif type(model.lm_head) is nn.Linear:
+    elif is_plain_linear(model.lm_head):
         model.lm_head = QuantLinear.from_linear(model.lm_head, embedding_kind, group_size)
     model.quantization = quantization_info(model)
     return model

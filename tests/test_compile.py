@@ -57,3 +57,32 @@ def test_failed_compile_falls_back_to_eager_with_the_cache_intact():
         fallback = _decode_logits(model, step, prompt, 3)
     assert step.failed and step.compile_seconds is None
     torch.testing.assert_close(fallback, eager, atol=0, rtol=0)
+
+
+def test_wide_float32_layers_decode_through_the_kernel(monkeypatch):
+    """hidden_size >= 1024: decode-time float32 products run lfm2's GEMV, with F.linear's results."""
+    from lfm2 import kernels
+
+    ops = kernels.ops()
+    if ops is None:
+        pytest.skip(f"no C++ kernels here: {kernels.build_error()}")
+    model = random_model(tiny_config(hidden_size=1024, intermediate_size=1024, num_attention_heads=8,
+                                     num_key_value_heads=2)).eval()
+    prompt = [5, 17, 99, 3, 250, 41]
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "fgemv":
+                return lambda *a: calls.append(a[1].shape) or ops.fgemv(*a)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(kernels, "ops", lambda: Counting())
+    fast = _decode_logits(model, model, prompt, 4)
+    assert len(calls) >= 4 * 4 * 3  # every wide projection of every decode step (and the head)
+    monkeypatch.setenv("LFM2_NO_KERNELS", "1")
+    monkeypatch.setattr(kernels, "ops", lambda: None)
+    torch.testing.assert_close(fast, _decode_logits(model, model, prompt, 4), atol=1e-4, rtol=1e-4)
+    x = torch.randn(2, 1024, requires_grad=True)  # training: autograd through F.linear, never the kernel
+    model.model.layers[0].feed_forward.w1(x).sum().backward()
+    assert x.grad is not None

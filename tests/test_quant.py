@@ -259,7 +259,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_build", broken)
-    with pytest.warns(RuntimeWarning, match="could not build the quantized-matmul kernels .OSError: no compiler"):
+    with pytest.warns(RuntimeWarning, match="could not build the matmul kernels .OSError: no compiler"):
         assert kernels.ops() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning

@@ -3,7 +3,8 @@
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
 run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth: see
 shared/notes/cpu-kernels.md), so the quantized layers of `lfm2.quant` call a small kernel of our
-own. It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)
+own; the model's wide float32 layers use its float32 GEMV at decode (`lfm2.models.lfm2.Linear`).
+It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)
 into `$LFM2_KERNEL_DIR`, default `~/.cache/lfm2/kernels`, in a directory named after the source,
 the torch version and the compiler flags, so a changed source or a new torch never loads a stale
 library. With AVX2, FMA and F16C the SIMD code is compiled in, plus AVX-512 VNNI dot products
@@ -105,7 +106,7 @@ def _build() -> Any:
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{name}.so").is_file():
-        print(f"lfm2: compiling the quantized-matmul kernels into {build_dir} (once, about a minute) ...",
+        print(f"lfm2: compiling the matmul kernels into {build_dir} (once, about a minute) ...",
               file=sys.stderr, flush=True)
     load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
          build_directory=str(build_dir), is_python_module=False, verbose=False)
@@ -120,6 +121,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lfm2_quant::qgemv")
     def _(x, qweight, scales, bits, group_size, int8_activations):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("lfm2_quant::fgemv")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("lfm2_quant::dequantize")
     def _(qweight, scales, bits, group_size):
@@ -146,9 +151,10 @@ def ops() -> Any | None:
                 detail = " ".join(str(e).split())[-600:]
                 _state["ops"], _state["error"] = None, f"{type(e).__name__}: {detail}"
                 warnings.warn(
-                    f"lfm2: could not build the quantized-matmul kernels ({_state['error']}); quantized layers "
+                    f"lfm2: could not build the matmul kernels ({_state['error']}); quantized layers "
                     f"use the pure-PyTorch path (dequantize, then matmul), which gives the same results but "
-                    f"decodes slower than float32: quantization then only saves memory. Install a C++ compiler "
+                    f"decodes slower than float32: quantization then only saves memory; float32 layers use "
+                    f"F.linear (slower decode on wide models). Install a C++ compiler "
                     f"and ninja, or set {DISABLE_ENV}=1 to silence this warning.",
                     RuntimeWarning,
                     stacklevel=2,

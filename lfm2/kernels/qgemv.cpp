@@ -525,6 +525,75 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Float32 GEMV: y = x @ W^T for a few rows of x, W float32 (N, K) row-major. Memory-bound like
+// the quantized ones: the weights stream through once per call, prefetched ahead, each row of W
+// against up to kMaxRows rows of x with independent accumulators.
+
+#if LFM2_AVX2
+template <int MR>
+void frow(const float* w, const float* x, int64_t k, float* out) {
+  __m256 acc[2][MR];
+  for (int u = 0; u < 2; ++u)
+    for (int r = 0; r < MR; ++r) acc[u][r] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(w + j), w1 = _mm256_loadu_ps(w + j + 8);
+    for (int r = 0; r < MR; ++r) {
+      acc[0][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * k + j), acc[0][r]);
+      acc[1][r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * k + j + 8), acc[1][r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float t = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
+    for (int64_t i = j; i < k; ++i) t += w[i] * x[r * k + i];
+    out[r] = t;
+  }
+}
+#else
+template <int MR>
+void frow(const float* w, const float* x, int64_t k, float* out) {
+  for (int r = 0; r < MR; ++r) {
+    float t = 0.f;
+    for (int64_t i = 0; i < k; ++i) t += w[i] * x[r * k + i];
+    out[r] = t;
+  }
+}
+#endif
+
+at::Tensor fgemv(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                  weight.device().is_cpu(),
+              "lfm2 fgemv: weight must be a contiguous float32 (N, K) CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "lfm2 fgemv: x must be a contiguous float32 (M, K) CPU tensor");
+  const int64_t n_rows = weight.size(0), k = weight.size(1), m_rows = x.size(0);
+  TORCH_CHECK(x.size(1) == k, "lfm2 fgemv: x has ", x.size(1), " columns, the weight K=", k);
+  at::Tensor y = at::empty({m_rows, n_rows}, x.options());
+  const float* wp = weight.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, 4 * k));
+  at::parallel_for(0, n_rows, grain, [&](int64_t n0, int64_t n1) {
+    float out[kMaxRows];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows) {
+        const int64_t mr = std::min<int64_t>(kMaxRows, m_rows - m0);
+        const float* xm = xp + m0 * k;
+        switch (mr) {
+          case 1: frow<1>(wp + n * k, xm, k, out); break;
+          case 2: frow<2>(wp + n * k, xm, k, out); break;
+          case 3: frow<3>(wp + n * k, xm, k, out); break;
+          default: frow<4>(wp + n * k, xm, k, out); break;
+        }
+        for (int64_t r = 0; r < mr; ++r) yp[(m0 + r) * n_rows + n] = out[r];
+      }
+    }
+  });
+  return y;
+}
+
 // Whether this build has the SIMD code, and the VNNI instructions (for the benchmark's report).
 bool simd() { return LFM2_AVX2; }
 bool vnni() { return LFM2_VNNI; }
@@ -534,6 +603,7 @@ bool vnni() { return LFM2_VNNI; }
 TORCH_LIBRARY(lfm2_quant, m) {
   m.def("qgemv(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size, bool int8_activations) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
+  m.def("fgemv(Tensor x, Tensor weight) -> Tensor");
   m.def("simd() -> bool", &simd);
   m.def("vnni() -> bool", &vnni);
 }
@@ -541,4 +611,5 @@ TORCH_LIBRARY(lfm2_quant, m) {
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
   m.impl("qgemv", &qgemv);
   m.impl("dequantize", &dequantize);
+  m.impl("fgemv", &fgemv);
 }

@@ -27,6 +27,45 @@ from torch import nn
 from lfm2.cache import Cache
 from lfm2.config import ModelConfig
 
+FAST_GEMV_MIN_IN = 1024  # input width from which the float32 GEMV kernel beats F.linear at decode
+FAST_GEMV_MAX_ROWS = 16
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same results) whose decode-time products are faster on a CPU.
+
+    A float32 product of a few rows (decode) with a wide matrix is memory-bound; eager
+    `F.linear` streams LFM2-350M's weights at 14-19 GB/s on a 2-core machine, lfm2's own GEMV
+    kernel (`lfm2.kernels`, prefetching, rows split across threads) at 20-32 GB/s
+    (`benchmarks/kernels.py`). Everything else takes `F.linear`: training (grad enabled),
+    prefill, other dtypes and devices, narrow layers (the bundled tiny model: there the call
+    overhead dominates and building the kernel would not pay), or no C++ compiler.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            self.in_features >= FAST_GEMV_MIN_IN
+            and x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and self.bias is None
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and x.numel() <= FAST_GEMV_MAX_ROWS * self.in_features
+        ):
+            from lfm2 import kernels
+
+            ops = kernels.ops()
+            if ops is not None and w.is_contiguous():
+                y = ops.fgemv(x.reshape(-1, self.in_features).contiguous(), w)
+                return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)
+
+
+def is_plain_linear(m: nn.Module) -> bool:
+    """A float linear layer of the model (not a subclass such as the MoE router, a LoRA or quantized layer)."""
+    return type(m) in (nn.Linear, Linear)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -66,10 +105,10 @@ class Attention(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.head_dim = hd = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = Linear(d, self.n_kv * hd, bias=False)
+        self.v_proj = Linear(d, self.n_kv * hd, bias=False)
+        self.out_proj = Linear(self.n_heads * hd, d, bias=False)
         self.q_layernorm = RMSNorm(hd, config.norm_eps)
         self.k_layernorm = RMSNorm(hd, config.norm_eps)
 
@@ -107,8 +146,8 @@ class ShortConv(nn.Module):
         d, L = config.hidden_size, config.conv_L_cache
         self.kernel = L
         self.conv = nn.Conv1d(d, d, kernel_size=L, groups=d, bias=config.conv_bias, padding=L - 1)
-        self.in_proj = nn.Linear(d, 3 * d, bias=config.conv_bias)
-        self.out_proj = nn.Linear(d, d, bias=config.conv_bias)
+        self.in_proj = Linear(d, 3 * d, bias=config.conv_bias)
+        self.out_proj = Linear(d, d, bias=config.conv_bias)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, c, h = self.in_proj(x).chunk(3, dim=-1)
@@ -155,9 +194,9 @@ class ShortConv(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -231,7 +270,7 @@ class Lfm2ForCausalLM(nn.Module):
         self.config = config
         self.gradient_checkpointing = False  # training: trade recomputation for activation memory
         self.model = Backbone(config, self.make_feed_forward)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
