@@ -7,9 +7,8 @@ own; the model's wide float32 layers use its float32 GEMV at decode (`lfm2.model
 It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)
 into `$LFM2_KERNEL_DIR`, default `~/.cache/lfm2/kernels`, in a directory named after the source,
 the torch version and the compiler flags, so a changed source or a new torch never loads a stale
-library. With AVX2, FMA and F16C the SIMD code is compiled in, plus AVX-512 VNNI dot products
-where the CPU has them (`isa()`; `LFM2_KERNEL_ISA=avx2|generic` forces a narrower build);
-otherwise the same file builds as portable scalar C++.
+library. With AVX2, FMA and F16C the SIMD code is compiled in; otherwise the same file builds as
+portable scalar C++.
 
 Nothing here is required: without a compiler, or with `LFM2_NO_KERNELS=1`, `ops()` returns None
 and `lfm2.quant` falls back to pure PyTorch (dequantize, then `F.linear`), which gives the same
@@ -34,9 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("qgemv.cpp")
 DISABLE_ENV = "LFM2_NO_KERNELS"
 DIR_ENV = "LFM2_KERNEL_DIR"
-ISA_ENV = "LFM2_KERNEL_ISA"  # force avx2 / generic (benchmarks, tests); default: the best this CPU runs
 _SIMD_FLAGS = ("avx2", "fma", "f16c")
-_VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # /proc/cpuinfo names
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the loaded namespace or None once decided; "error": why not
@@ -49,45 +46,25 @@ def disabled() -> bool:
     return bool(flag) and flag.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cpu_flags() -> set[str] | None:
+def cpu_has_simd() -> bool:
+    """Whether this CPU runs the AVX2 + FMA + F16C code (read from /proc/cpuinfo, else from torch)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    flags = set(line.split(":", 1)[1].split())
+                    return all(flag in flags for flag in _SIMD_FLAGS)
     except OSError:
         pass
-    return None
-
-
-def cpu_has_simd() -> bool:
-    """Whether this CPU runs the AVX2 + FMA + F16C code (read from /proc/cpuinfo, else from torch)."""
-    flags = _cpu_flags()
-    if flags is not None:
-        return all(flag in flags for flag in _SIMD_FLAGS)
     # torch reports the widest vector ISA it dispatches to; AVX2 and AVX512 both imply FMA and F16C.
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this CPU also has AVX-512 VNNI (with BW and VL), which the kernel then uses."""
-    flags = _cpu_flags()
-    return flags is not None and all(flag in flags for flag in (*_SIMD_FLAGS, *_VNNI_FLAGS))
-
-
-def isa() -> str:
-    """The instruction set the kernels are built for on this CPU: avx512vnni, avx2 or generic."""
-    if cpu_has_vnni():
-        return "avx512vnni"
-    return "avx2" if cpu_has_simd() else "generic"
-
-
-def build_flags(isa: str) -> tuple[list[str], list[str]]:
+def build_flags(simd: bool) -> tuple[list[str], list[str]]:
     """Compiler and linker flags: OpenMP so that `at::parallel_for` uses torch's threads."""
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    simd = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
-            "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
-    return ["-O3", *openmp, *simd.get(isa, [])], openmp
+    cflags = ["-O3", *openmp, *(["-mavx2", "-mfma", "-mf16c"] if simd else [])]
+    return cflags, openmp
 
 
 def cache_dir() -> Path:
@@ -97,12 +74,10 @@ def cache_dir() -> Path:
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
-    target = os.environ.get(ISA_ENV) or isa()
-    if target not in ("avx512vnni", "avx2", "generic"):
-        raise ValueError(f"{ISA_ENV}={target!r}: expected avx512vnni, avx2 or generic")
-    cflags, ldflags = build_flags(target)
+    simd = cpu_has_simd()
+    cflags, ldflags = build_flags(simd)
     key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {cflags}".encode()).hexdigest()[:12]
-    name = f"lfm2_quant_{target}_{key}"
+    name = f"lfm2_quant_{'avx2' if simd else 'generic'}_{key}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{name}.so").is_file():
@@ -167,4 +142,4 @@ def build_error() -> str | None:
     return _state.get("error")
 
 
-__all__ = ["ops", "disabled", "cpu_has_simd", "cpu_has_vnni", "isa", "build_error", "cache_dir", "SOURCE"]
+__all__ = ["ops", "disabled", "cpu_has_simd", "build_error", "cache_dir", "SOURCE"]

@@ -42,14 +42,6 @@
 #else
 #define LFM2_AVX2 0
 #endif
-// AVX-512 VNNI (with VL, on 256-bit vectors): vpdpbusd multiplies unsigned by signed bytes and
-// adds each group of four products straight into an int32 lane, replacing the vpmaddubsw +
-// vpmaddwd pair (and its int16 intermediate) of plain AVX2. Built in when the CPU has it.
-#if LFM2_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define LFM2_VNNI 1
-#else
-#define LFM2_VNNI 0
-#endif
 
 namespace {
 
@@ -219,22 +211,16 @@ inline __m256i unpack_nibbles(const uint8_t* p) {
 template <int BITS>
 inline __m256i block_isum(const uint8_t* w, int64_t b, const int8_t* xq) {
   const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
-  __m256i wu, xs;  // an unsigned and a signed operand whose byte products are w * x
+  __m256i p16;
   if (BITS == 8) {
-    // The byte dot products take one unsigned operand: |w| times x carrying w's sign.
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
-    wu = _mm256_sign_epi8(wv, wv);
-    xs = _mm256_sign_epi8(xv, wv);
+    // vpmaddubsw takes one unsigned operand: |w| times x carrying w's sign. Pairs stay in
+    // int16: 2 * 128 * 127 < 32768 (|-128| is 128 as an unsigned byte).
+    p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
   } else {
-    wu = unpack_nibbles(w + b * 16);  // q + 8 is already unsigned
-    xs = xv;
+    p16 = _mm256_maddubs_epi16(unpack_nibbles(w + b * 16), xv);  // q + 8 is already unsigned
   }
-#if LFM2_VNNI
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, xs);
-#else
-  // Pairs stay in int16: 2 * 128 * 127 < 32768 (|-128| is 128 as an unsigned byte).
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), _mm256_set1_epi16(1));
-#endif
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
 // The integer dot products of int4 weight blocks b and b+1 (one 32-byte load) with activations
@@ -245,15 +231,10 @@ inline __m256i pair_isum_int4(const uint8_t* w, int64_t b, const int8_t* pairs) 
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 16));
   const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
   const __m256i* xp = reinterpret_cast<const __m256i*>(pairs + b * kBlock);
-#if LFM2_VNNI
-  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256(xp)), hi,
-                             _mm256_loadu_si256(xp + 1));
-#else
   // Each int16 lane sums four products of at most 15 * 127: no saturation.
   const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xp)),
                                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xp + 1)));
   return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-#endif
 }
 
 // Sums of blocks b .. b+7 in block order, each an exact integer dot product.
@@ -594,9 +575,8 @@ at::Tensor fgemv(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-// Whether this build has the SIMD code, and the VNNI instructions (for the benchmark's report).
+// Whether this build has the SIMD code (for the benchmark's report).
 bool simd() { return LFM2_AVX2; }
-bool vnni() { return LFM2_VNNI; }
 
 }  // namespace
 
@@ -605,7 +585,6 @@ TORCH_LIBRARY(lfm2_quant, m) {
   m.def("dequantize(Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
   m.def("fgemv(Tensor x, Tensor weight) -> Tensor");
   m.def("simd() -> bool", &simd);
-  m.def("vnni() -> bool", &vnni);
 }
 
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
