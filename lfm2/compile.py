@@ -47,7 +47,7 @@ class CompiledDecode:
         if self.compile_seconds is not None:
             return self.compiled(input_ids, cache)
         if self.progress:
-            print("lfm2: compiling the decode step (once per process; about a minute on a small CPU) ...",
+            print("lfm2: compiling the decode step (once per process: seconds to a minute) ...",
                   file=sys.stderr, flush=True)
         snapshot = cache.snapshot()
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from lfm2 import kernels
 from lfm2.cache import Cache
 from lfm2.config import ModelConfig
 
@@ -32,7 +33,7 @@ FAST_GEMV_MAX_ROWS = 16
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same results) whose decode-time products are faster on a CPU.
+    """`nn.Linear` (same parameters, results equal up to float rounding), faster at decode on a CPU.
 
     A float32 product of a few rows (decode) with a wide matrix is memory-bound; eager
     `F.linear` streams LFM2-350M's weights at 14-19 GB/s on a 2-core machine, lfm2's own GEMV
@@ -53,8 +54,6 @@ class Linear(nn.Linear):
             and not torch.is_grad_enabled()
             and x.numel() <= FAST_GEMV_MAX_ROWS * self.in_features
         ):
-            from lfm2 import kernels
-
             ops = kernels.ops()
             if ops is not None and w.is_contiguous():
                 y = ops.fgemv(x.reshape(-1, self.in_features).contiguous(), w)
