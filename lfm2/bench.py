@@ -47,10 +47,10 @@ if engine.startswith("lfm2"):
     params = llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0)
     t = time.perf_counter()
     list(decode_tokens(llm.model, [prompt[:8]], params, 2, ignore_eos=True))  # first-use costs (kernels, compile)
-    step = getattr(llm.model, "decode_step", None)
-    if step is not None:
-        if step.failed:
-            raise SystemExit(f"compile failed: {step.failed}")
+    compiled = getattr(llm.model, "decode_step", None)
+    if compiled is not None:
+        if compiled.failed:
+            raise SystemExit(f"compile failed: {compiled.failed}")
         compile_s = time.perf_counter() - t
     t0 = time.perf_counter()
     for step in decode_tokens(llm.model, [prompt], params, new, ignore_eos=True):
