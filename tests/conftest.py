@@ -49,6 +49,20 @@ def random_model(config: ModelConfig, seed: int = 0):
     return model.eval()
 
 
+def write_gguf_tensor(path: Path, data, raw_dtype) -> Path:
+    """A GGUF file holding one tensor "t" of already-encoded blocks (`data`: uint8 rows, or a numpy array of
+    `raw_dtype`), written by the reference `gguf` package."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch="lfm2")
+    w.add_tensor("t", data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def write_checkpoint(path: Path, config: ModelConfig, seed: int = 0) -> Path:
     save_checkpoint(random_model(config, seed), path)
     return path

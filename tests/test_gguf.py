@@ -25,7 +25,7 @@ from lfm2.convert import add_convert_parser, convert
 from lfm2.errors import CheckpointError, ConfigError, TokenizerError
 from lfm2.gguf import NAME_TABLE, READ_TYPES, GGUFFile, export_gguf, import_gguf, tensor_plan
 from lfm2.tokenizer import Tokenizer
-from tests.conftest import CORPUS, tiny_config, write_checkpoint
+from tests.conftest import CORPUS, tiny_config, write_checkpoint, write_gguf_tensor
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TEXTS = sorted(set(CORPUS)) + [
@@ -254,14 +254,7 @@ def test_every_listed_type_is_read(dense_gguf, dense, tmp_path):
         for off in offsets:
             raw[:, off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
         data = raw.reshape(96, 256 // block * size)  # a (96, 256) tensor as raw bytes
-        path = tmp_path / f"{qtype.name}.gguf"
-        w = gguf.GGUFWriter(path, arch="lfm2")
-        w.add_tensor("t", data, raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        got = GGUFFile(path).tensor("t")
+        got = GGUFFile(write_gguf_tensor(tmp_path / f"{qtype.name}.gguf", data, qtype)).tensor("t")
         assert got.shape == (96, 256) and got.dtype == torch.float32
         assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(data, qtype)))
         assert got.isfinite().all() and got.std() > 0

@@ -42,7 +42,7 @@ from lfm2.quant import (
     save_quantized,
     unpack_int4,
 )
-from tests.conftest import random_model, tiny_config, write_checkpoint
+from tests.conftest import random_model, tiny_config, write_checkpoint, write_gguf_tensor
 
 FORMATS = [("int8", 32), ("int8", 64), ("int8", 128), ("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 
@@ -120,14 +120,7 @@ def test_quantize_weight_error_within_half_a_step(kind, group):
 def _gguf_tensor(tmp_path, data: np.ndarray, qtype) -> tuple[GGUFFile, str]:
     """A GGUF file holding one quantized tensor, read back by lfm2's own reader."""
     raw = gguf.quants.quantize(data, qtype)
-    path = tmp_path / f"{qtype.name}.gguf"
-    w = gguf.GGUFWriter(path, arch="lfm2")
-    w.add_tensor("t", raw, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return GGUFFile(path), "t"
+    return GGUFFile(write_gguf_tensor(tmp_path / f"{qtype.name}.gguf", raw, qtype)), "t"
 
 
 @pytest.mark.parametrize("qtype,convert,bits", [
