@@ -126,9 +126,9 @@ def bench_rows(reps: int) -> None:
         return
     torch.manual_seed(0)
     shapes = [(4608, 1024), (1024, 4608)]
-    header = ["M"] + [f"{kind} {N}x{K} gemv/tiled/fp32" for kind in ("int8", "int4") for N, K in shapes]
-    print("\nus per call by number of input rows (GEMV | dequantize + GEMM | fp32 F.linear); "
-          f"lfm2 switches at M > {GEMV_MAX_ROWS}")
+    header = ["M"] + [f"{kind} {N}x{K} gemv/qgemm/tiled/fp32" for kind in ("int8", "int4") for N, K in shapes]
+    print("\nus per call by number of input rows (GEMV | int8 GEMM (AVX-512 VNNI only) | dequantize + GEMM | "
+          f"fp32 F.linear); lfm2 switches from the GEMV at M > {GEMV_MAX_ROWS}")
     print(" | ".join(header))
     for M in (1, 2, 4, 6, 8, 12, 16, 32, 64, 512):
         cells = [str(M)] + [_row_case(ops, kind, N, K, M, reps) for kind in ("int8", "int4") for N, K in shapes]
@@ -136,21 +136,23 @@ def bench_rows(reps: int) -> None:
 
 
 def _row_case(ops, kind: str, N: int, K: int, M: int, reps: int) -> str:
-    """'gemv/tiled/fp32' microseconds for M rows through one (N, K) matrix (no GEMV past 64 rows)."""
+    """'gemv/qgemm/tiled/fp32' microseconds for M rows through one (N, K) matrix (no GEMV past 64 rows)."""
     w = torch.randn(N, K) * 0.02
     q = QuantLinear.from_linear(_linear(w), kind, 32)
     x = torch.randn(M, K)
-    fns = [lambda: q._tiled_matmul(x), lambda: F.linear(x, w)]
+    fns = {"tiled": lambda: q._tiled_matmul(x), "fp32": lambda: F.linear(x, w)}
+    if kernels.has_int8_gemm():
+        fns = {"qgemm": lambda: ops.qgemm(x, q.qweight, q.scales, q.bits, 32), **fns}
     if M <= 64:
-        fns.insert(0, lambda: ops.qgemv(x, q.qweight, q.scales, q.bits, 32, True))
-    for f in fns:
+        fns = {"gemv": lambda: ops.qgemv(x, q.qweight, q.scales, q.bits, 32, True), **fns}
+    for f in fns.values():
         f()
-    ts = [[] for _ in fns]
+    ts: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        for i, f in enumerate(fns):
-            ts[i].append(timed(f))
-    meds = [f"{statistics.median(t) * 1e6:.0f}" for t in ts]
-    return "/".join(["-"] * (3 - len(meds)) + meds)
+        for name, f in fns.items():
+            ts[name].append(timed(f))
+    return "/".join(f"{statistics.median(ts[n]) * 1e6:.0f}" if n in ts else "-"
+                    for n in ("gemv", "qgemm", "tiled", "fp32"))
 
 
 @contextmanager

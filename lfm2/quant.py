@@ -29,8 +29,11 @@ AMD EPYC, 1 thread, LFM2-350M decode-step shapes):
   float activations, for a relative logit error on the bundled model of 0.75% instead of
   0.4% (int8); for int4 the weight error (~5%) dominates either way. `int8_activations = False`
   on a layer selects the float-activation kernel (weight-only numerics);
-- more rows (prefill): the weight is dequantized to float32 in tiles of `TILE_BYTES` and
-  multiplied with torch's float GEMM, as fast as float32 `F.linear` at 512 rows;
+- more rows (prefill), on CPUs with AVX-512 VNNI: the C++ int8 GEMM, with the GEMV's int8-activation
+  numerics (so prefill and decode agree) and `vpdpbusd` integer dot products: 2.5-3x faster than
+  float32 `F.linear` at 512 rows (`benchmarks/kernels.py`);
+- more rows otherwise (AVX2 only, or float activations): the weight is dequantized to float32 in
+  tiles of `TILE_BYTES` and multiplied with torch's float GEMM, as fast as float32 `F.linear`;
 - without the kernels (no compiler, `LFM2_NO_KERNELS=1`, or a non-CPU device): pure PyTorch,
   the same tiles dequantized by torch ops, with weight-only numerics. Correct, but slower than
   float32 at decode (every weight is widened to float per call): quantization then only saves
@@ -258,6 +261,8 @@ class QuantLinear(nn.Module):
         if ops is not None and x2.shape[0] <= GEMV_MAX_ROWS:
             y = ops.qgemv(x2.contiguous(), self.qweight, self.scales, self.bits,
                           self.group_size or self.in_features, self.int8_activations)
+        elif ops is not None and self.int8_activations and self.in_features % 32 == 0 and kernels.has_int8_gemm():
+            y = ops.qgemm(x2.contiguous(), self.qweight, self.scales, self.bits, self.group_size or self.in_features)
         else:
             y = self._tiled_matmul(x2)
         if self.bias is not None:

@@ -101,6 +101,10 @@ def _register_fakes() -> None:
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("lfm2_quant::qgemm")
+    def _(x, qweight, scales, bits, group_size):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
     @torch.library.register_fake("lfm2_quant::dequantize")
     def _(qweight, scales, bits, group_size):
         k = qweight.shape[1] * (8 // bits)
@@ -137,9 +141,17 @@ def ops() -> Any | None:
     return _state["ops"]
 
 
+def has_int8_gemm() -> bool:
+    """Whether `ops().qgemm` runs on this CPU (it needs AVX-512 VNNI); asked once, then cached."""
+    if "vnni" not in _state:
+        loaded = ops()
+        _state["vnni"] = loaded is not None and bool(loaded.vnni())
+    return _state["vnni"] and not disabled()
+
+
 def build_error() -> str | None:
     """Why the last build attempt failed, or None."""
     return _state.get("error")
 
 
-__all__ = ["ops", "disabled", "cpu_has_simd", "build_error", "cache_dir", "SOURCE"]
+__all__ = ["ops", "disabled", "cpu_has_simd", "has_int8_gemm", "build_error", "cache_dir", "SOURCE"]
