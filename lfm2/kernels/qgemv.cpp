@@ -589,8 +589,8 @@ at::Tensor fgemv(const at::Tensor& x, const at::Tensor& weight) {
 // 16 rows' dot products, 8 rows per vector, with no horizontal sums. Activations go in as
 // unsigned bytes (q + 128); the offset is removed per block with 128 x the weights' block sum.
 
-constexpr int kTileRows = 16;  // weight rows per packed tile: two vectors of 8 int32 lanes
-constexpr int kGemmRows = 4;   // activation rows per pass over a tile (16 accumulators)
+constexpr int kTileRows = 16;  // weight rows per packed tile: one vector of 16 int32 lanes
+constexpr int kGemmRows = 4;   // activation rows per pass over a tile
 
 bool cpu_has_vnni() {
 #if LFM2_AVX2 && (defined(__GNUC__) || defined(__clang__))
@@ -636,51 +636,72 @@ void pack_tile(const QMatrix& W, int64_t n0, int64_t rows, PackedTile& t) {
 #if LFM2_AVX2
 #define LFM2_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
+// pack_tile for a whole tile of 16 rows, vectorized: each 64-byte group of the packed layout is
+// one gather of a 4-byte word from each of the 16 rows (int4: one gather serves groups g and
+// g + 4, the low and high nibbles), and the offsets come from vpdpbusd against bytes of 128.
+LFM2_VNNI void pack_full_tile(const QMatrix& W, int64_t n0, PackedTile& t) {
+  t.q.resize(W.nb * 8 * kTileRows * 4);
+  t.scale.resize(W.nb * kTileRows);
+  t.offset.resize(W.nb * kTileRows);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(W.row_bytes)));
+  const __m512i h128 = _mm512_set1_epi8(static_cast<char>(0x80)), low4 = _mm512_set1_epi8(0x0F),
+                eight = _mm512_set1_epi8(8);
+  const uint8_t* base = W.q + n0 * W.row_bytes;
+  for (int64_t b = 0; b < W.nb; ++b) {
+    int8_t* dst = t.q.data() + b * 8 * kTileRows * 4;
+    __m512i sum = _mm512_setzero_si512();
+    if (W.bits == 8) {
+      for (int g = 0; g < 8; ++g) {
+        const __m512i v = _mm512_i32gather_epi32(rows, base + b * kBlock + 4 * g, 1);
+        _mm512_storeu_si512(dst + g * 64, v);
+        sum = _mm512_dpbusd_epi32(sum, h128, v);
+      }
+    } else {
+      for (int g = 0; g < 4; ++g) {
+        const __m512i v = _mm512_i32gather_epi32(rows, base + b * 16 + 4 * g, 1);
+        const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, low4), eight);
+        const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
+        _mm512_storeu_si512(dst + g * 64, lo);
+        _mm512_storeu_si512(dst + (g + 4) * 64, hi);
+        sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, h128, lo), h128, hi);
+      }
+    }
+    _mm512_storeu_si512(t.offset.data() + b * kTileRows, sum);
+    const int64_t gi = W.groups == 1 ? 0 : b >> W.shift;
+    for (int j = 0; j < kTileRows; ++j) t.scale[b * kTileRows + j] = half_to_float(W.s[(n0 + j) * W.groups + gi]);
+  }
+}
+
 // MR activation rows (unsigned bytes xu, stride kp; block scales xd, stride nb) against one
-// packed tile: y[r][0:cols] for each row.
+// packed tile: y[r][0:cols] for each row. 512-bit vectors: one holds the tile's 16 rows, so each
+// group of 4 values is one weight load and MR broadcast + vpdpbusd pairs (Zen 4 runs them as two
+// 256-bit halves, but issues half the instructions, and this loop is instruction-bound).
 template <int MR>
 LFM2_VNNI void gemm_tile(const PackedTile& t, int64_t nb, const uint8_t* xu, int64_t kp, const float* xd,
                          float* y, int64_t ldy, int64_t cols) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i isum[MR][2];
-    for (int r = 0; r < MR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
+    __m512i isum[MR];
+    for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
     const int8_t* wq = t.q.data() + b * 8 * kTileRows * 4;
     for (int g = 0; g < 8; ++g) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * 64));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * 64 + 32));
+      const __m512i w = _mm512_loadu_si512(wq + g * 64);
       for (int r = 0; r < MR; ++r) {
         int32_t four;
         std::memcpy(&four, xu + r * kp + b * kBlock + 4 * g, 4);
-        const __m256i a = _mm256_set1_epi32(four);
-        isum[r][0] = _mm256_dpbusd_epi32(isum[r][0], a, w0);
-        isum[r][1] = _mm256_dpbusd_epi32(isum[r][1], a, w1);
+        isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
       }
     }
-    const __m256i off0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset.data() + b * kTileRows));
-    const __m256i off1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset.data() + b * kTileRows + 8));
-    const __m256 sc0 = _mm256_loadu_ps(t.scale.data() + b * kTileRows);
-    const __m256 sc1 = _mm256_loadu_ps(t.scale.data() + b * kTileRows + 8);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 d = _mm256_set1_ps(xd[r * nb + b]);
-      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][0], off0)), _mm256_mul_ps(sc0, d),
-                                  acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][1], off1)), _mm256_mul_ps(sc1, d),
-                                  acc[r][1]);
-    }
+    const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTileRows);
+    const __m512 sc = _mm512_loadu_ps(t.scale.data() + b * kTileRows);
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], off)),
+                               _mm512_mul_ps(sc, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
   }
-  for (int r = 0; r < MR; ++r) {
-    if (cols == kTileRows) {
-      _mm256_storeu_ps(y + r * ldy, acc[r][0]);
-      _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
-    } else {
-      float out[kTileRows];
-      _mm256_storeu_ps(out, acc[r][0]);
-      _mm256_storeu_ps(out + 8, acc[r][1]);
-      std::memcpy(y + r * ldy, out, cols * sizeof(float));
-    }
-  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
 }
 #endif
 
@@ -704,7 +725,8 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
     PackedTile t;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTileRows, cols = std::min<int64_t>(kTileRows, W.n - n0);
-      pack_tile(W, n0, cols, t);
+      if (cols == kTileRows) pack_full_tile(W, n0, t);
+      else pack_tile(W, n0, cols, t);
       int64_t m = 0;
       for (; m + kGemmRows <= m_rows; m += kGemmRows)
         gemm_tile<kGemmRows>(t, W.nb, xu.data() + m * W.k, W.k, a.d.data() + m * W.nb, yp + m * W.n + n0, W.n, cols);
