@@ -1,4 +1,4 @@
-// Weight-only quantized matrix-vector products and dequantization for lfm2 (see lfm2/quant.py).
+// Quantized matrix-vector and matrix-matrix products and dequantization for lfm2 (see lfm2/quant.py).
 //
 // The weight format, shared with lfm2/quant.py:
 // - a matrix of N rows (outputs) by K columns (inputs), row-major;
@@ -19,8 +19,10 @@
 //   block of 32 weights, and software prefetch ahead of the hardware's;
 // - float activations: weights are widened to float32 in registers and multiplied with the
 //   exact activations (FMA). No activation rounding, about twice the instructions.
-// `dequantize` widens rows to float32 for the many-row (prefill) path, where a float GEMM on
-// dequantized tiles beats any GEMV.
+// `qgemm` is the many-row (prefill) product on CPUs with AVX-512 VNNI: the same int8-activation
+// numerics, integer block dot products by vpdpbusd on weight tiles repacked per call (see below).
+// Elsewhere, `dequantize` widens rows to float32 for a float GEMM on dequantized tiles, which
+// beats any GEMV at many rows.
 //
 // The SIMD code needs AVX2, FMA and F16C (every AVX2 CPU has F16C); without them the same
 // functions compile to portable scalar C++ with identical integer arithmetic.
