@@ -413,6 +413,18 @@ void row_f32(const QMatrix& W, int64_t n, const float* x, int64_t m_rows, float*
   }
 }
 
+// Weight row n against every row of x, in the numerics asked for (int8 activations use `a`).
+inline void gemv_row(const QMatrix& W, int64_t n, const float* x, const QActivations& a, int64_t m_rows,
+                     bool int8_activations, float* y) {
+  if (int8_activations) {
+    if (W.bits == 8) row_q8<8>(W, n, x, a, m_rows, y);
+    else row_q8<4>(W, n, x, a, m_rows, y);
+  } else {
+    if (W.bits == 8) row_f32<8>(W, n, x, m_rows, y);
+    else row_f32<4>(W, n, x, m_rows, y);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Operators
 
@@ -467,13 +479,7 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   if (int8_activations) a = quantize_activations(xp, m_rows, W.k, W.bits);
   at::parallel_for(0, W.n, grain_rows(W), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      if (int8_activations) {
-        if (W.bits == 8) row_q8<8>(W, n, xp, a, m_rows, yp);
-        else row_q8<4>(W, n, xp, a, m_rows, yp);
-      } else {
-        if (W.bits == 8) row_f32<8>(W, n, xp, m_rows, yp);
-        else row_f32<4>(W, n, xp, m_rows, yp);
-      }
+      gemv_row(W, n, xp, a, m_rows, int8_activations, yp);
     }
   });
   return y;
@@ -509,13 +515,7 @@ std::vector<at::Tensor> qgemv_multi(const at::Tensor& x, at::TensorList qweights
       const QMatrix& W = Ws[i];
       const int64_t n = g - first[i];
       float* yp = ys[i].data_ptr<float>();
-      if (int8_activations) {
-        if (W.bits == 8) row_q8<8>(W, n, xp, a, m_rows, yp);
-        else row_q8<4>(W, n, xp, a, m_rows, yp);
-      } else {
-        if (W.bits == 8) row_f32<8>(W, n, xp, m_rows, yp);
-        else row_f32<4>(W, n, xp, m_rows, yp);
-      }
+      gemv_row(W, n, xp, a, m_rows, int8_activations, yp);
     }
   });
   return ys;
