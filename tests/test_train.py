@@ -9,7 +9,7 @@ import torch
 
 import lfm2
 from lfm2.tokenizer import Tokenizer
-from lfm2.train.data import TokenFile, assistant_mask, prepare_chat, prepare_text
+from lfm2.train.data import TokenFile, assistant_mask, prepare_chat, prepare_copy, prepare_text
 from lfm2.train.tokenizer import train_tokenizer
 from lfm2.train.trainer import TrainConfig, lr_at, train
 from tests.conftest import CORPUS
@@ -87,6 +87,44 @@ def test_chat_data_trains_on_assistant_tokens_only(data_dir, tmp_path):
     assert tok.decode([t for t in y[0].tolist() if t != -100]) == trained
     with pytest.raises(lfm2.LFM2Error, match="conversation 0 has .* tokens, more than max_len=10"):
         prepare_chat([conv], tok, tmp_path, "sft2", max_len=10)
+
+
+def test_text_rows_in_chat_data_train_on_every_token(data_dir, tmp_path):
+    tok = Tokenizer.from_dir(data_dir)
+    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    text = "the quick brown fox jumps over the lazy dog " * 20
+    prepare_chat([conv, {"text": text}], tok, tmp_path, "mix", max_len=32)
+    f = TokenFile.open(tmp_path, "mix")
+    x, y = f.batch([1], seq_len=64, pad_id=0)
+    ids = tok.encode(text)[:32]  # cut to max_len: a long document never makes a row too long
+    assert x[0].tolist() == ids[:-1] and y[0].tolist() == ids[1:]  # every next token is a target
+    _, y0 = f.batch([0], seq_len=64, pad_id=0)
+    assert (y0 == -100).sum() > 0  # the conversation still trains on the reply only
+
+
+def test_copy_rows_repeat_one_span_and_train_on_the_repeat(tmp_path):
+    """Each row: random tokens in range, one span repeated once, targets exactly the repeat's tokens after its first."""
+    prepare_copy(tmp_path, "copy", rows=50, seq_len=40, token_ids=(100, 200), seed=3, span=(4, 12))
+    f = TokenFile.open(tmp_path, "copy")
+    assert f.num_examples(40) == 50
+    x, y = f.batch(list(range(50)), seq_len=40, pad_id=0)
+    assert x.shape == (50, 40) and x.min() >= 100 and x.max() < 200
+    lengths = set()
+    for r in range(50):
+        row = torch.tensor(f.ids[r * 41 : (r + 1) * 41].astype("int64"))
+        targets = torch.tensor(f.mask[r * 41 : (r + 1) * 41]).nonzero().flatten()  # token positions trained on
+        n = len(targets) + 1  # the span's length: its first repeated token cannot be predicted, so is not a target
+        repeat = int(targets[0]) - 1
+        assert targets.tolist() == list(range(repeat + 1, repeat + n))  # one contiguous run
+        assert row[repeat : repeat + n].tolist() == row[repeat - n : repeat].tolist()  # a copy of the n before it
+        assert (y[r] != -100).nonzero().flatten().tolist() == (targets - 1).tolist()
+        assert y[r, targets - 1].tolist() == row[targets].tolist() and x[r].tolist() == row[:-1].tolist()
+        lengths.add(n)
+    assert len(lengths) > 3  # the span length varies: no fixed offset solves the task
+    assert prepare_copy(tmp_path, "again", 50, 40, (100, 200), seed=3, span=(4, 12)) == 50
+    assert (TokenFile.open(tmp_path, "again").ids == f.ids).all()  # deterministic in the seed
+    with pytest.raises(lfm2.LFM2Error, match="spans of 1..20 tokens"):
+        prepare_copy(tmp_path, "bad", 5, 39, (100, 200), seed=0, span=(4, 30))
 
 
 def test_bad_config_is_named(tmp_path):

@@ -103,6 +103,9 @@ def prepare_chat(
 ) -> int:
     """Render conversations (`{"messages": [...], "tools": [...]}`) into `NAME.bin` + `NAME.mask.bin`.
 
+    A `{"text": ...}` row is plain text, trained on every token and cut to `max_len`: mixed into
+    fine-tuning data it keeps the model's language modelling from being forgotten.
+
     Each conversation is stored whole, followed by an offsets table in the metadata, so batches
     never mix the end of one conversation with the start of another. Conversations longer than
     `max_len` tokens raise an error naming their index.
@@ -110,8 +113,13 @@ def prepare_chat(
     ids: list[int] = []
     mask: list[int] = []
     offsets = [0]
+    eot = tokenizer.token_to_id("<|endoftext|>")
     for i, conv in enumerate(conversations):
-        t, m = assistant_mask(tokenizer, conv["messages"], conv.get("tools"))
+        if "text" in conv:  # plain text, trained on every token, cut to max_len
+            t = (tokenizer.encode(conv["text"]) + ([eot] if eot is not None else []))[:max_len]
+            m = [1] * len(t)
+        else:
+            t, m = assistant_mask(tokenizer, conv["messages"], conv.get("tools"))
         if len(t) > max_len:
             raise LFM2Error(f"conversation {i} has {len(t)} tokens, more than max_len={max_len}")
         ids.extend(t)
@@ -120,6 +128,38 @@ def prepare_chat(
     write_tokens(Path(out_dir), name, np.asarray(ids), {"kind": "chat", "offsets": offsets},
                  mask=np.asarray(mask))
     return len(offsets) - 1
+
+
+def prepare_copy(
+    out_dir: str | os.PathLike, name: str, rows: int, seq_len: int, token_ids: tuple[int, int], seed: int,
+    span: tuple[int, int] = (8, 40),
+) -> int:
+    """Rows of `seq_len + 1` random tokens in which one span of random length appears twice.
+
+    The loss is on the second copy only (from its second token: the first cannot be predicted).
+    Why: a tiny model pretrained on a few hundred steps of text never learns to copy from its
+    context (no induction heads: its loss on a repeated random sequence equals its loss on the
+    first copy), yet calling an unseen tool means copying its name and the user's argument
+    values. On this task the loss sits at chance for a few hundred steps, then falls sharply as
+    induction heads form. The span length varies so that "copy from k tokens back" for a fixed k
+    is no solution. `token_ids` is the [low, high) range of ordinary tokens to draw from.
+    """
+    lo, hi = token_ids
+    if not (0 <= lo < hi) or not (1 <= span[0] <= span[1]) or 2 * span[1] > seq_len + 1:
+        raise LFM2Error(f"prepare_copy: need 0 <= low < high and spans of 1..{(seq_len + 1) // 2} tokens, "
+                        f"got token_ids={token_ids}, span={span}, seq_len={seq_len}")
+    rng = np.random.default_rng(seed)
+    n = seq_len + 1
+    ids = rng.integers(lo, hi, size=(rows, n), dtype=np.int64)
+    mask = np.zeros((rows, n), dtype=np.uint8)
+    for r in range(rows):
+        length = int(rng.integers(span[0], span[1] + 1))
+        start = int(rng.integers(0, n - 2 * length + 1))
+        ids[r, start + length : start + 2 * length] = ids[r, start : start + length]
+        mask[r, start + length + 1 : start + 2 * length] = 1
+    offsets = list(range(0, rows * n + 1, n))
+    write_tokens(Path(out_dir), name, ids.reshape(-1), {"kind": "chat", "offsets": offsets}, mask=mask.reshape(-1))
+    return rows
 
 
 @dataclass
