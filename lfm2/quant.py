@@ -271,26 +271,6 @@ class QuantLinear(nn.Module):
             y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    @staticmethod
-    def forward_many(x: torch.Tensor, layers: tuple[QuantLinear, ...]) -> list[torch.Tensor] | None:
-        """Several layers on the same few rows in one GEMV call (`lfm2.models.lfm2.project`), or None.
-
-        At decode each call costs a thread hand-off and an activation rounding; q/k/v in one call
-        and w1/w3 in another take 22 of LFM2-350M's 93 calls per token away."""
-        first = layers[0]
-        x2 = x.reshape(-1, first.in_features)
-        if x2.shape[0] > GEMV_MAX_ROWS or not x2.is_cpu or x2.dtype != torch.float32:
-            return None
-        fmt = (first.bits, first.group_size, first.in_features, first.int8_activations)
-        if any((m.bits, m.group_size, m.in_features, m.int8_activations) != fmt or m.bias is not None for m in layers):
-            return None
-        ops = kernels.ops()
-        if ops is None:
-            return None
-        ys = ops.qgemv_multi(x2.contiguous(), [m.qweight for m in layers], [m.scales for m in layers], first.bits,
-                             first.group_size or first.in_features, first.int8_activations)
-        return [y.view(*x.shape[:-1], m.out_features) for y, m in zip(ys, layers, strict=True)]
-
     def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W^T, dequantizing W in row tiles that stay in cache (with or without the kernels).
 

@@ -247,35 +247,6 @@ def test_int8_gemm_matches_the_gemv_numerics(kind, group, M):
         ops.qgemm(torch.randn(3, 40), torch.zeros(4, 40, dtype=torch.int8), torch.ones(4, 1, dtype=torch.half), 8, 40)
 
 
-@pytest.mark.parametrize("kind,group", [("int8", None), ("int4", 32), ("int8", 64)])
-@pytest.mark.parametrize("act", [True, False])
-def test_projections_share_one_call(kind, group, act):
-    """q/k/v (or w1/w3) through `project`: one kernel call at decode, the same bits as one call per layer."""
-    from lfm2.models.lfm2 import project
-
-    ops = _ops()
-    torch.manual_seed(0)
-    layers = [QuantLinear.from_linear(nn.Linear(256, n, bias=False), kind, group) for n in (256, 64, 48)]
-    for m in layers:
-        m.int8_activations = act
-    x = torch.randn(1, 3, 256)
-    for got, want in zip(project(x, *layers), [m(x) for m in layers], strict=True):
-        assert torch.equal(got, want)
-    calls = []
-    real = ops.qgemv_multi
-    try:
-        ops.qgemv_multi = lambda *a: calls.append(1) or real(*a)
-        project(x, *layers)
-        assert calls == [1]
-        project(torch.randn(40, 256), *layers)  # prefill: each layer its own GEMM, never the GEMV
-        assert calls == [1]
-    finally:
-        ops.qgemv_multi = real
-    layers[2] = QuantLinear.from_linear(nn.Linear(256, 48, bias=False), "int4", 64)  # another format: one by one
-    for got, want in zip(project(x, *layers), [m(x) for m in layers], strict=True):
-        assert torch.equal(got, want)
-
-
 @pytest.mark.parametrize("act", [True, False])
 def test_threads_split_rows_identically(act):
     """Rows are split between threads, each output computed whole by one thread: same bits."""

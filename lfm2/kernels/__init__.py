@@ -101,10 +101,6 @@ def _register_fakes() -> None:
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    @torch.library.register_fake("lfm2_quant::qgemv_multi")
-    def _(x, qweights, scales, bits, group_size, int8_activations):
-        return [x.new_empty(x.shape[0], q.shape[0]) for q in qweights]
-
     @torch.library.register_fake("lfm2_quant::qgemm")
     def _(x, qweight, scales, bits, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])

@@ -485,42 +485,6 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   return y;
 }
 
-// Several matrices with the same input (q/k/v projections, SwiGLU's w1/w3) in one call: the
-// activations are quantized once and one parallel region covers the rows of all of them, which
-// saves a thread hand-off per matrix (at decode, each costs as much as streaming a small matrix).
-std::vector<at::Tensor> qgemv_multi(const at::Tensor& x, at::TensorList qweights, at::TensorList scales, int64_t bits,
-                                    int64_t group_size, bool int8_activations) {
-  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(),
-              "lfm2 qgemv_multi: needs as many scales as weights, and at least one");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lfm2 qgemv_multi: x must be a contiguous float32 (M, K) CPU tensor");
-  std::vector<QMatrix> Ws;
-  std::vector<int64_t> first{0};  // first global row of each matrix
-  std::vector<at::Tensor> ys;
-  const int64_t m_rows = x.size(0);
-  for (size_t i = 0; i < qweights.size(); ++i) {
-    Ws.push_back(check_matrix(qweights[i], scales[i], bits, group_size));
-    TORCH_CHECK(x.size(1) == Ws.back().k, "lfm2 qgemv_multi: x has ", x.size(1), " columns, weight ", i, " K=",
-                Ws.back().k);
-    first.push_back(first.back() + Ws.back().n);
-    ys.push_back(at::empty({m_rows, Ws.back().n}, x.options()));
-  }
-  const float* xp = x.data_ptr<float>();
-  QActivations a;
-  if (int8_activations) a = quantize_activations(xp, m_rows, Ws[0].k, Ws[0].bits);
-  at::parallel_for(0, first.back(), grain_rows(Ws[0]), [&](int64_t g0, int64_t g1) {
-    size_t i = 0;
-    for (int64_t g = g0; g < g1; ++g) {
-      while (g >= first[i + 1]) ++i;
-      const QMatrix& W = Ws[i];
-      const int64_t n = g - first[i];
-      float* yp = ys[i].data_ptr<float>();
-      gemv_row(W, n, xp, a, m_rows, int8_activations, yp);
-    }
-  });
-  return ys;
-}
-
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size) {
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
   at::Tensor out = at::empty({W.n, W.k}, qweight.options().dtype(at::kFloat));
@@ -792,9 +756,6 @@ bool simd() { return LFM2_AVX2; }
 TORCH_LIBRARY(lfm2_quant, m) {
   m.def("qgemv(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size, bool int8_activations) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
-  m.def(
-      "qgemv_multi(Tensor x, Tensor[] qweights, Tensor[] scales, int bits, int group_size, bool int8_activations) "
-      "-> Tensor[]");
   m.def("fgemv(Tensor x, Tensor weight) -> Tensor");
   m.def("simd() -> bool", &simd);
   m.def("vnni() -> bool", &vnni);
@@ -806,5 +767,4 @@ TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("fgemv", &fgemv);
   m.impl("qgemm", &qgemm);
-  m.impl("qgemv_multi", &qgemv_multi);
 }

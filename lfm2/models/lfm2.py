@@ -61,21 +61,6 @@ class Linear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
-    """Each layer applied to `x` (q/k/v, or SwiGLU's w1 and w3).
-
-    Layers of one type may do it in a single pass through a `forward_many(x, layers)` class
-    method (quantized layers at decode: one kernel call, the activations rounded once); it
-    returns None where it cannot, and each layer then runs on its own.
-    """
-    many = getattr(type(layers[0]), "forward_many", None)
-    if many is not None and all(type(m) is type(layers[0]) for m in layers):
-        out = many(x, layers)
-        if out is not None:
-            return out
-    return [m(x) for m in layers]
-
-
 def is_plain_linear(m: nn.Module) -> bool:
     """A float linear layer of the model (not a subclass such as the MoE router, a LoRA or quantized layer)."""
     return type(m) in (nn.Linear, Linear)
@@ -129,10 +114,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         B, T, _ = x.shape
         # (B, T, heads*hd) -> (B, heads, T, hd), normed per head before RoPE.
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        q = self.q_layernorm(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_layernorm(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_layernorm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update_kv(self.layer_idx, ctx.start, k, v)
@@ -214,8 +198,7 @@ class MLP(nn.Module):
         self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.w1, self.w3)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class DecoderLayer(nn.Module):
