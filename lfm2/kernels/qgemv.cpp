@@ -413,18 +413,6 @@ void row_f32(const QMatrix& W, int64_t n, const float* x, int64_t m_rows, float*
   }
 }
 
-// Weight row n against every row of x, in the numerics asked for (int8 activations use `a`).
-inline void gemv_row(const QMatrix& W, int64_t n, const float* x, const QActivations& a, int64_t m_rows,
-                     bool int8_activations, float* y) {
-  if (int8_activations) {
-    if (W.bits == 8) row_q8<8>(W, n, x, a, m_rows, y);
-    else row_q8<4>(W, n, x, a, m_rows, y);
-  } else {
-    if (W.bits == 8) row_f32<8>(W, n, x, m_rows, y);
-    else row_f32<4>(W, n, x, m_rows, y);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Operators
 
@@ -479,7 +467,13 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   if (int8_activations) a = quantize_activations(xp, m_rows, W.k, W.bits);
   at::parallel_for(0, W.n, grain_rows(W), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      gemv_row(W, n, xp, a, m_rows, int8_activations, yp);
+      if (int8_activations) {
+        if (W.bits == 8) row_q8<8>(W, n, xp, a, m_rows, yp);
+        else row_q8<4>(W, n, xp, a, m_rows, yp);
+      } else {
+        if (W.bits == 8) row_f32<8>(W, n, xp, m_rows, yp);
+        else row_f32<4>(W, n, xp, m_rows, yp);
+      }
     }
   });
   return y;
@@ -593,9 +587,9 @@ at::Tensor fgemv(const at::Tensor& x, const at::Tensor& weight) {
 // Layout: vpdpbusd wants 4 consecutive bytes of one weight row in each 32-bit lane, so tiles of
 // 16 weight rows are repacked per call (cheap next to the M x 16 x K products each tile does):
 // for block b and group g of 4 values, 64 bytes hold those 4 values of rows 0..15 (row j at
-// bytes 4j..4j+3). One broadcast of 4 activation bytes against two such vectors accumulates
-// 16 rows' dot products, 8 rows per vector, with no horizontal sums. Activations go in as
-// unsigned bytes (q + 128); the offset is removed per block with 128 x the weights' block sum.
+// bytes 4j..4j+3). One broadcast of 4 activation bytes against one such 512-bit vector
+// accumulates 16 rows' dot products, with no horizontal sums. Activations go in as unsigned
+// bytes (q + 128); the offset is removed per block with 128 x the weights' block sum.
 
 constexpr int kTileRows = 16;  // weight rows per packed tile: one vector of 16 int32 lanes
 constexpr int kGemmRows = 4;   // activation rows per pass over a tile
