@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer as HFTokenizer
 
 from lfm2.errors import TokenizerError
 from lfm2.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -126,6 +127,25 @@ def test_special_tokens_have_lfm2_ids(tok: Tokenizer) -> None:
     assert (tok.bos_token, tok.eos_token) == ("<|startoftext|>", "<|im_end|>")
     assert tok.vocab_size == VOCAB_SIZE
     assert tok.stop_ids == {7, 2}
+
+
+def test_words_alike_encodes_a_word_the_same_after_any_character(tmp_path: Path) -> None:
+    """With `words_alike`, ` Vienna`, `"Vienna` and `_Vienna` share the word's tokens (a tiny model can
+    copy a word from a request into a tool call), and the saved pipeline is still LFM2's alone."""
+    rng = random.Random(0)
+    words = ["Vienna", "weather", "rent", "price", "the", "city"]
+    texts = [" ".join(rng.choice(words) for _ in range(12)) + ' get_rent_price(city="Vienna")' for _ in range(500)]
+
+    def pieces(folder: Path, text: str) -> list[str]:
+        return HFTokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).tokens
+
+    plain = train_tokenizer(texts, 400, tmp_path / "plain")
+    alike = train_tokenizer(texts, 400, tmp_path / "alike", words_alike=True)
+    assert pieces(plain, " Vienna") == ["ĠVienna"]  # ordinary merges: another token than `Vienna`
+    for prefix, byte in ((" ", "Ġ"), ('"', '"'), ("_", "_")):
+        assert pieces(alike, prefix + "Vienna") == [byte, *pieces(alike, "Vienna")]
+    saved = json.loads((alike / "tokenizer.json").read_text())["pre_tokenizer"]["pretokenizers"]
+    assert [p["type"] for p in saved] == ["Split", "ByteLevel"] and saved[0]["pattern"]["Regex"] == SPLIT_PATTERN
 
 
 def test_vocab_too_small_is_refused(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def assistant_mask(
 
 def prepare_chat(
     conversations: Iterable[dict[str, Any]], tokenizer: Tokenizer, out_dir: str | os.PathLike, name: str,
-    max_len: int,
+    max_len: int, drop_longer: bool = False,
 ) -> int:
     """Render conversations (`{"messages": [...], "tools": [...]}`) into `NAME.bin` + `NAME.mask.bin`.
 
@@ -108,23 +108,30 @@ def prepare_chat(
 
     Each conversation is stored whole, followed by an offsets table in the metadata, so batches
     never mix the end of one conversation with the start of another. Conversations longer than
-    `max_len` tokens raise an error naming their index.
+    `max_len` tokens raise an error naming their index, or with `drop_longer=True` are left out
+    (for generated data, where a rare long one is not worth a longer row; the count is printed).
     """
     ids: list[int] = []
     mask: list[int] = []
     offsets = [0]
     eot = tokenizer.token_to_id("<|endoftext|>")
+    dropped = 0
     for i, conv in enumerate(conversations):
         if "text" in conv:  # plain text, trained on every token, cut to max_len
             t = (tokenizer.encode(conv["text"]) + ([eot] if eot is not None else []))[:max_len]
             m = [1] * len(t)
         else:
             t, m = assistant_mask(tokenizer, conv["messages"], conv.get("tools"))
+        if len(t) > max_len and drop_longer:
+            dropped += 1
+            continue
         if len(t) > max_len:
             raise LFM2Error(f"conversation {i} has {len(t)} tokens, more than max_len={max_len}")
         ids.extend(t)
         mask.extend(m)
         offsets.append(len(ids))
+    if dropped:
+        print(f"{name}: left out {dropped} conversation(s) longer than {max_len} tokens")
     write_tokens(Path(out_dir), name, np.asarray(ids), {"kind": "chat", "offsets": offsets},
                  mask=np.asarray(mask))
     return len(offsets) - 1

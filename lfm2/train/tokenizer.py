@@ -34,6 +34,11 @@ SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Used only while training with `words_alike=True`: the one character (space, quote, underscore,
+# bracket) that the split regex lets a word carry in front becomes a piece of its own, so no merge
+# ever joins it to the letters after it.
+WORD_PREFIX_PATTERN = r"[^\p{L}\p{N}](?=\p{L})"
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
@@ -62,14 +67,16 @@ MODEL_MAX_LENGTH = 128_000  # LFM2's max_position_embeddings
 def build_tokenizer() -> Tokenizer:
     """An untrained tokenizer with LFM2's pipeline; `train_tokenizer` fills in the vocabulary."""
     tokenizer = Tokenizer(models.BPE(ignore_merges=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    tokenizer.pre_tokenizer = _pre_tokenizer(words_alike=False)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
+
+
+def _pre_tokenizer(words_alike: bool) -> pre_tokenizers.PreTokenizer:
+    split = [pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False)]
+    if words_alike:
+        split.append(pre_tokenizers.Split(Regex(WORD_PREFIX_PATTERN), behavior="isolated", invert=False))
+    return pre_tokenizers.Sequence([*split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def _bos_post_processor(bos_id: int) -> processors.TemplateProcessing:
@@ -95,13 +102,26 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, chat_template: str | None = None
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike,
+    chat_template: str | None = None,
+    words_alike: bool = False,
 ) -> Path:
     """Train on `texts` and save `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`.
 
     `vocab_size` counts everything: the special tokens, the 256 byte symbols and the merges.
     The folder loads with our `Tokenizer.from_dir` and with `transformers.AutoTokenizer`.
     `chat_template` defaults to lfm2's own LFM2 template. Returns the output folder.
+
+    `words_alike=True` learns no merge that joins a word to the character before it, so a word is
+    the same tokens after a space (` Vienna` in a request), a quote (`="Vienna"` in a tool call)
+    or an underscore (`get_rent_price`). A tiny model can then copy a word it has never seen from
+    the request into a call; with ordinary merges it would have to learn, word by word, that
+    ` Vienna` and `Vienna` spell the same thing. The saved pipeline is still LFM2's (the split
+    regex alone): with no such merge in the vocabulary the two encode identically, which the GGUF
+    export checks, so llama.cpp's `lfm2` pre-tokenizer reads the files correctly. Text takes more
+    tokens (a space is a token of its own).
     """
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
@@ -110,6 +130,7 @@ def train_tokenizer(
             f"+ 256 byte symbols), got {vocab_size}"
         )
     tokenizer = build_tokenizer()
+    tokenizer.pre_tokenizer = _pre_tokenizer(words_alike)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
@@ -117,6 +138,7 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.pre_tokenizer = _pre_tokenizer(words_alike=False)
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         found = tokenizer.token_to_id(token)
         if found != expected_id:
