@@ -247,7 +247,8 @@ def load(
     directly when `quantize` names that format.
 
     `compile=True` runs decode steps through `torch.compile` (`lfm2.compile`): faster tokens after
-    a one-time compile (10-25 s for LFM2-350M/1.2B on 2 cores), with an eager fallback where compiling fails.
+    a one-time compile (about 45 s for LFM2-350M on 2 cores, a few seconds once inductor's disk cache
+    holds it), with an eager fallback where compiling fails.
     """
     if quantize is not None:
         from lfm2.quant import check_format
