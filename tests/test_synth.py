@@ -3,37 +3,127 @@
 from __future__ import annotations
 
 import json
+import random
+
+import pytest
 
 from lfm2.tokenizer import Tokenizer
 from lfm2.tools import parse_tool_calls
-from lfm2.train.synth import TOOLS_HELDOUT, TOOLS_TRAIN, conversations, eval_expression
+from lfm2.train.synth import (
+    ACTIONS_HELDOUT,
+    ACTIONS_TRAIN,
+    ASK,
+    DESCRIBE,
+    LOOKUPS_HELDOUT,
+    LOOKUPS_TRAIN,
+    SLOTS,
+    conversations,
+    eval_expression,
+    random_tool,
+)
 
 
 def test_deterministic_and_mixed():
     a, b = conversations(50, seed=3), conversations(50, seed=3)
     assert a == b and a != conversations(50, seed=4)
-    with_tools = [c for c in a if "tools" in c]
-    assert 15 < len(with_tools) < 45
+    with_calls = [c for c in a if "expected" in c]
+    assert 15 < len(with_calls) < 45
+    assert any("tools" in c and "expected" not in c for c in conversations(200, seed=3))  # tools offered, not needed
+
+
+def test_many_distinct_training_tools():
+    rng = random.Random(0)
+    tools = [random_tool(rng, "train") for _ in range(2000)]
+    assert len({t.name for t in tools}) > 200  # too many to memorise: the model must read the list
+    assert len({tuple(n for n, _ in t.params) for t in tools}) > 100  # parameter names vary too
 
 
 def test_heldout_tools_and_phrasings_are_unseen():
-    train_names = {k.name for k in TOOLS_TRAIN}
+    assert not {w for w, _ in LOOKUPS_TRAIN} & {w for w, _ in LOOKUPS_HELDOUT}
+    assert not {o for _, o, _ in ACTIONS_TRAIN} & {o for _, o, _ in ACTIONS_HELDOUT}
+    for table in (ASK, DESCRIBE):
+        for kind in ("lookup", "action"):
+            assert not set(table["train"][kind]) & set(table["heldout"][kind])
+    for slot in SLOTS.values():
+        assert not set(slot.phrases["train"]) & set(slot.phrases["heldout"])
+    train = conversations(3000, seed=0, split="train", tool_fraction=1.0)
+    train_names = {c["expected"]["name"] for c in train}
+    train_asks = {c["messages"][0]["content"] for c in train}
     held = conversations(200, seed=1, split="heldout", tool_fraction=1.0)
     assert all(c["expected"]["name"] not in train_names for c in held)
     assert all(t["function"]["name"] not in train_names for c in held for t in c["tools"])
-    train_asks = {a for k in TOOLS_TRAIN for a in k.asks}
-    assert not train_asks & {a for k in TOOLS_HELDOUT for a in k.asks}
+    assert not train_asks & {c["messages"][0]["content"] for c in held}
+
+
+def test_made_up_training_tools_only_in_training():
+    from lfm2.train.synth import SYLLABLES
+
+    def made_up(name: str) -> bool:
+        rest = name.split("_", 1)[-1]
+        while rest and any(rest.startswith(s) for s in SYLLABLES):
+            rest = rest[next(len(s) for s in SYLLABLES if rest.startswith(s)):]
+        return rest == ""
+
+    train = conversations(500, seed=0, split="train", tool_fraction=1.0)
+    assert sum(made_up(c["expected"]["name"]) for c in train) > 100  # must be copied from the list
+    held = conversations(200, seed=1, split="heldout", tool_fraction=1.0)
+    assert not any(made_up(c["expected"]["name"]) for c in held)  # held-out tools are real words
+
+
+def test_made_up_values_and_parameter_names_only_in_training():
+    from lfm2.train.synth import CITIES, DAYS, NAMES, SLOTS, WORDS
+
+    known_values = {*CITIES, *DAYS, *NAMES, *WORDS}
+    known_params = {n for slot in SLOTS.values() for n in slot.names} | {"expression", "value", "from_unit", "to_unit"}
+
+    def counts(convs: list[dict]) -> tuple[int, int]:
+        values = params = 0
+        for c in convs:
+            args = c["expected"]["arguments"]
+            values += sum(isinstance(v, str) and v.isalpha() and v not in known_values for v in args.values())
+            params += sum(k not in known_params for k in args)
+        return values, params
+
+    values, params = counts(conversations(500, seed=0, split="train", tool_fraction=1.0))
+    assert values > 100 and params > 100  # the model must copy these: no list predicts them
+    assert counts(conversations(200, seed=1, split="heldout", tool_fraction=1.0)) == (0, 0)
+
+
+def test_made_up_verbs_only_when_asked_and_only_in_training():
+    from lfm2.train.synth import ACTIONS_HELDOUT, ACTIONS_TRAIN, VERBS_LOOKUP
+
+    def verbs(convs: list[dict]) -> list[str]:
+        return [c["expected"]["name"].split("_")[0] for c in convs]
+
+    known = {*VERBS_LOOKUP, *(v for v, _, _ in ACTIONS_TRAIN), "calculate", "convert"}
+    assert set(verbs(conversations(300, seed=0, split="train", tool_fraction=1.0))) <= known  # the tokenizer's texts
+    with_made_up = verbs(conversations(300, seed=0, split="train", tool_fraction=1.0, made_up_verbs=0.4))
+    assert 60 < sum(v not in known for v in with_made_up) < 180
+    held = verbs(conversations(100, seed=1, split="heldout", tool_fraction=1.0, made_up_verbs=0.4))
+    assert set(held) <= {*VERBS_LOOKUP, *(v for v, _, _ in ACTIONS_HELDOUT)}
+
+
+def test_argument_values_appear_in_the_request():
+    for conv in conversations(300, seed=2, split="heldout", tool_fraction=1.0):
+        ask = conv["messages"][0]["content"]
+        assert all(str(v) in ask for v in conv["expected"]["arguments"].values()), ask
 
 
 def test_conversations_render_and_calls_parse_back(chat_checkpoint):
     tok = Tokenizer.from_dir(chat_checkpoint)
-    for conv in conversations(40, seed=5, tool_fraction=1.0):
-        text = tok.apply_chat_template(conv["messages"], tools=conv["tools"])
-        reply = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
-        _, calls = parse_tool_calls(reply)
-        assert calls[0]["function"]["name"] == conv["expected"]["name"]
-        assert json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]
-        assert conv["expected"]["name"] in text.split("<|im_start|>user")[0]  # listed in the system turn
+    for split in ("train", "heldout"):
+        for conv in conversations(40, seed=5, split=split, tool_fraction=1.0):
+            text = tok.apply_chat_template(conv["messages"], tools=conv["tools"])
+            reply = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+            _, calls = parse_tool_calls(reply)
+            assert calls[0]["function"]["name"] == conv["expected"]["name"]
+            assert json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]
+            assert conv["expected"]["name"] in text.split("<|im_start|>user")[0]  # listed in the system turn
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="split"):
+        conversations(1, seed=0, split="test")
 
 
 def test_calculator_answers_are_right():

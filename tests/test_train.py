@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -87,6 +88,10 @@ def test_chat_data_trains_on_assistant_tokens_only(data_dir, tmp_path):
     assert tok.decode([t for t in y[0].tolist() if t != -100]) == trained
     with pytest.raises(lfm2.LFM2Error, match="conversation 0 has .* tokens, more than max_len=10"):
         prepare_chat([conv], tok, tmp_path, "sft2", max_len=10)
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    n = len(assistant_mask(tok, short["messages"])[0])
+    assert prepare_chat([conv, short], tok, tmp_path, "sft3", max_len=n, drop_longer=True) == 1
+    assert TokenFile.open(tmp_path, "sft3").meta["offsets"] == [0, n]  # the long one left out
 
 
 def test_text_rows_in_chat_data_train_on_every_token(data_dir, tmp_path):
@@ -139,7 +144,7 @@ def test_bundle_recipe_end_to_end(tmp_path):
     from lfm2.train.bundle import BundleConfig, build
 
     cfg = BundleConfig.quick(str(tmp_path / "bundle"))
-    cfg.pretrain_steps = cfg.sft_steps = 6
+    cfg.pretrain_steps = cfg.sft_steps = cfg.copy_steps = 6
     cfg.eval_prompts = 3
     model_dir = build(cfg, docs=[f"{s} ({i})" for i, s in enumerate(CORPUS)])
     card = (model_dir / "README.md").read_text()
@@ -149,6 +154,10 @@ def test_bundle_recipe_end_to_end(tmp_path):
     # Both the pretraining checkpoint's and the shipped model's held-out perplexity are reported.
     assert results["heldout_corpus_perplexity"] > 1 and results["pretrain_heldout_corpus_perplexity"] > 1
     assert "before fine-tuning" in card
+    # Copying is measured before the copying step and on the shipped model, against chance.
+    assert results["copy_chance_loss"] == pytest.approx(math.log(cfg.vocab_size - 14 - 256))  # uniform, ordinary ids
+    assert results["copy_loss"] > 0 and results["pretrain_copy_loss"] > 0
+    assert "Copying from the context" in card and (tmp_path / "bundle" / "copy" / "model").is_dir()
     llm = lfm2.load(model_dir)
     assert llm.sampling_params().temperature == 0.3
     assert isinstance(llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)["content"], str)

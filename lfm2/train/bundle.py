@@ -1,18 +1,25 @@
 """The recipe that builds lfm2's bundled tiny LFM2 from scratch, with our own pipeline.
 
-    python -m lfm2.train.bundle --out runs/tiny --install  # the full recipe (about 1 h on 2 CPU cores)
+    python -m lfm2.train.bundle --out runs/tiny --install  # the full recipe (about 2 h on 2 CPU cores)
     python -m lfm2.train.bundle --out /tmp/t --quick       # a minutes-long smoke run of every step
 
 Steps, each resumable (a finished step is skipped when the command is run again):
 1. corpus: the Jargon File and WordNet glosses from Debian packages (`lfm2.train.corpus`), plus
    generated chat and tool conversations (`lfm2.train.synth`, training split only);
-2. tokenizer: a byte-level BPE with LFM2's special tokens, trained on both;
+2. tokenizer: a byte-level BPE with LFM2's special tokens, trained on both, with no merge across the
+   character in front of a word (so a word copies into a tool call token for token);
 3. data: the corpus packed into windows (with a held-out split), the conversations rendered
    with the chat template and masked to assistant tokens;
-4. pretraining on the corpus, then supervised fine-tuning on the conversations (both with
-   `lfm2.train.trainer`, so checkpoints resume after a kill);
-5. evaluation: held-out corpus perplexity, and tool-call accuracy on generated prompts whose
-   tools and phrasings the model never saw; written with the data and licence into a model card.
+4. pretraining on the corpus;
+5. copying: rows of random tokens with one span repeated, loss on the repeat, until induction
+   heads form (a tiny model pretrained for minutes cannot copy from its context, and calling an
+   unseen tool is copying: its name from the tool list, the argument values from the request);
+6. supervised fine-tuning on the conversations packed into rows, with corpus documents mixed in
+   so the model keeps its language modelling (steps 4-6 with `lfm2.train.trainer`, so
+   checkpoints resume after a kill);
+7. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
+   tool-call accuracy on generated prompts whose tools and phrasings the model never saw;
+   written with the data and licence into a model card.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from tqdm.auto import tqdm
 from lfm2.train.synth import conversations
 from lfm2.weights import write_text_atomic
 
+VAL_FRACTION = 0.02  # of corpus documents, held out for perplexity
+
 
 @dataclass
 class BundleConfig:
@@ -37,14 +46,23 @@ class BundleConfig:
     vocab_size: int = 8192
     model: dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768,
-        layer_types=["conv", "conv", "full_attention", "conv", "full_attention", "conv"],
+        # Three attention layers of six: copying tool names and arguments out of the tool list
+        # and the request is attention's job; the convolutions carry local context.
+        layer_types=["conv", "full_attention", "conv", "full_attention", "conv", "full_attention"],
         max_position_embeddings=2048))
-    sft_conversations: int = 30000
-    pretrain_steps: int = 700
-    sft_steps: int = 900
+    sft_conversations: int = 60000
+    sft_text_fraction: float = 0.2  # corpus documents mixed into fine-tuning, against forgetting
+    # Tools with made-up verbs in the fine-tuning conversations (not in the tokenizer's texts):
+    # a verb no prior predicts is what teaches the model to read the name off the tool list.
+    sft_made_up_verbs: float = 0.4
+    pretrain_steps: int = 300
+    copy_steps: int = 1400  # induction forms after ~500 steps of 32 rows x 96 tokens (measured)
+    copy_batch_size: int = 32
+    copy_seq_len: int = 96
+    sft_steps: int = 1100
     batch_size: int = 16
     seq_len: int = 256
-    sft_seq_len: int = 1024  # whole conversations, tool lists included
+    sft_seq_len: int = 512  # rows of packed conversations (each conversation whole)
     eval_prompts: int = 200
     seed: int = 0
     corpus_limit: int = 0  # 0: the whole corpus
@@ -52,8 +70,9 @@ class BundleConfig:
     @classmethod
     def quick(cls, out: str) -> BundleConfig:
         """Every step at toy scale, to check the recipe end to end in a few minutes."""
-        return cls(out=out, vocab_size=600, sft_conversations=300, pretrain_steps=20, sft_steps=20, batch_size=4,
-                   seq_len=64, eval_prompts=10, corpus_limit=200,
+        return cls(out=out, vocab_size=600, sft_conversations=300, pretrain_steps=20, copy_steps=10, sft_steps=20,
+                   batch_size=4, seq_len=64, copy_batch_size=4, copy_seq_len=32, sft_seq_len=1024, eval_prompts=10,
+                   corpus_limit=200,
                    model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                               intermediate_size=48, layer_types=["conv", "full_attention"],
                               max_position_embeddings=512))
@@ -63,8 +82,8 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
     """Run every step (skipping finished ones); `docs` replaces the Debian corpus (tests)."""
     from lfm2.tokenizer import Tokenizer
     from lfm2.train.corpus import PACKAGES, documents
-    from lfm2.train.data import prepare_chat, prepare_text
-    from lfm2.train.tokenizer import train_tokenizer
+    from lfm2.train.data import prepare_chat, prepare_copy, prepare_text
+    from lfm2.train.tokenizer import SPECIAL_TOKENS, train_tokenizer
     from lfm2.train.trainer import TrainConfig, train
 
     out = Path(cfg.out)
@@ -76,25 +95,35 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
         docs = random.Random(cfg.seed).sample(docs, min(cfg.corpus_limit, len(docs)))
     convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train")
     if not (data / "tokenizer.json").is_file():
-        print(f"[1/5] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
-        train_tokenizer(_tokenizer_texts(docs, convs), cfg.vocab_size, data)
+        print(f"[1/6] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
+        train_tokenizer(_tokenizer_texts(docs, convs), cfg.vocab_size, data, words_alike=True)
     tok = Tokenizer.from_dir(data)
-    if not (data / "sft.json").is_file():
-        print("[2/5] data: packing the corpus, rendering the conversations")
-        prepare_text(docs, tok, data, val_fraction=0.02)
+    if not (data / "copy_val.json").is_file():  # the last file this step writes
+        print("[2/6] data: packing the corpus, rendering the conversations")
+        prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
+        convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train", made_up_verbs=cfg.sft_made_up_verbs)
         cut = len(convs) * 95 // 100
-        prepare_chat(convs[:cut], tok, data, "sft", max_len=cfg.sft_seq_len)
-        prepare_chat(convs[cut:], tok, data, "sft_val", max_len=cfg.sft_seq_len)
-    print("[3/5] pretraining")
+        prepare_chat(_with_text(convs[:cut], docs, cfg), tok, data, "sft", max_len=cfg.sft_seq_len, drop_longer=True)
+        prepare_chat(convs[cut:], tok, data, "sft_val", max_len=cfg.sft_seq_len, drop_longer=True)
+        ordinary = (len(SPECIAL_TOKENS) + 256, cfg.vocab_size)  # merged tokens, no specials or bare bytes
+        for name, rows, seed in (("copy", cfg.copy_steps * cfg.copy_batch_size, cfg.seed),
+                                 ("copy_val", 8 * cfg.copy_batch_size, cfg.seed + 1)):
+            prepare_copy(data, name, rows, cfg.copy_seq_len, ordinary, seed, span=copy_spans(cfg))
+    print("[3/6] pretraining")
     common = dict(data_dir=str(data), batch_size=cfg.batch_size, seed=cfg.seed, eval_every=100, save_every=50)
     pre = train(TrainConfig(out_dir=str(out / "pretrain"), model=cfg.model, seq_len=cfg.seq_len,
                             max_steps=cfg.pretrain_steps, lr=3e-3, min_lr=3e-4,
                             warmup_steps=max(1, cfg.pretrain_steps // 20), **common))
-    print("[4/5] supervised fine-tuning")
-    sft = train(TrainConfig(out_dir=str(out / "sft"), init_from=str(pre / "model"), train_split="sft",
-                            val_split="sft_val", seq_len=cfg.sft_seq_len, max_steps=cfg.sft_steps, lr=1e-3,
+    print("[4/6] copying (induction heads)")
+    copy = train(TrainConfig(**{**common, "batch_size": cfg.copy_batch_size}, out_dir=str(out / "copy"),
+                             init_from=str(pre / "model"), train_split="copy", val_split="copy_val",
+                             seq_len=cfg.copy_seq_len, max_steps=cfg.copy_steps, lr=1e-3, min_lr=1e-3,
+                             warmup_steps=max(1, min(20, cfg.copy_steps // 10)), weight_decay=0.0))
+    print("[5/6] supervised fine-tuning")
+    sft = train(TrainConfig(out_dir=str(out / "sft"), init_from=str(copy / "model"), train_split="sft",
+                            val_split="sft_val", seq_len=cfg.sft_seq_len, pack=True, max_steps=cfg.sft_steps, lr=1e-3,
                             min_lr=1e-4, warmup_steps=max(1, cfg.sft_steps // 20), **common))
-    print("[5/5] evaluation")
+    print("[6/6] evaluation")
     model_dir = sft / "model"
     results = evaluate(model_dir, pre, cfg)
     write_text_atomic(out / "eval.json", json.dumps(results, indent=2) + "\n")
@@ -104,6 +133,24 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
          "eos_token_id": sorted(tok.stop_ids), "pad_token_id": tok.pad_id}, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return model_dir
+
+
+def copy_spans(cfg: BundleConfig) -> tuple[int, int]:
+    """Lengths of the repeated spans in the copying rows: 8 to 40 tokens, as far as a row has room."""
+    half = (cfg.copy_seq_len + 1) // 2
+    return min(8, half), min(40, half)
+
+
+def _with_text(convs: list[dict], docs: list[str], cfg: BundleConfig) -> list[dict]:
+    """Conversations with corpus documents (training split only) shuffled in as `{"text": ...}` rows."""
+    from lfm2.train.data import is_validation
+
+    rng = random.Random(cfg.seed + 1)
+    train_docs = [d for d in docs if d.strip() and not is_validation(d, VAL_FRACTION)]
+    n = round(len(convs) * cfg.sft_text_fraction / (1 - cfg.sft_text_fraction))
+    rows = convs + [{"text": rng.choice(train_docs)} for _ in range(n)]
+    rng.shuffle(rows)
+    return rows
 
 
 def _tokenizer_texts(docs: list[str], convs: list[dict]) -> list[str]:
@@ -116,9 +163,10 @@ def _tokenizer_texts(docs: list[str], convs: list[dict]) -> list[str]:
 
 
 def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str, Any]:
-    """Held-out perplexity of the corpus, and tool-call accuracy on unseen tools and phrasings."""
+    """Held-out perplexity of the corpus, copying, and tool-call accuracy on unseen tools and phrasings."""
     import lfm2
     from lfm2.train.data import TokenFile
+    from lfm2.train.tokenizer import SPECIAL_TOKENS
     from lfm2.train.trainer import TrainConfig
     from lfm2.train.trainer import evaluate as validation_loss
 
@@ -130,6 +178,12 @@ def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str
     held_text = TrainConfig(out_dir=str(cfg.out), data_dir=str(data), seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     pad = llm.tokenizer.pad_id or 0
     final_loss = validation_loss(llm.model, TokenFile.open(data, "val"), held_text, pad)["val_loss"]
+    # Copying: the loss on the second copy of a random span, before the copying step and now.
+    copy_cfg = TrainConfig(out_dir=str(cfg.out), data_dir=str(data), seq_len=cfg.copy_seq_len,
+                           batch_size=cfg.copy_batch_size)
+    copy_val = TokenFile.open(data, "copy_val")
+    copy_loss = validation_loss(llm.model, copy_val, copy_cfg, pad)["val_loss"]
+    pretrain_copy_loss = validation_loss(lfm2.load(pretrain_dir / "model").model, copy_val, copy_cfg, pad)["val_loss"]
     held = conversations(cfg.eval_prompts, seed=cfg.seed + 12345, split="heldout", tool_fraction=1.0)
     right_tool = right_args = 0
     for conv in tqdm(held, desc="tool-call eval"):
@@ -142,11 +196,14 @@ def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str
     return {"heldout_corpus_loss": final_loss, "heldout_corpus_perplexity": math.exp(final_loss),
             "pretrain_heldout_corpus_loss": val[-1] if val else None,
             "pretrain_heldout_corpus_perplexity": math.exp(val[-1]) if val else None,
+            "copy_loss": copy_loss, "pretrain_copy_loss": pretrain_copy_loss,
+            "copy_chance_loss": math.log(cfg.vocab_size - len(SPECIAL_TOKENS) - 256),
             "tool_prompts": len(held), "right_tool": right_tool / len(held),
             "right_tool_and_arguments": right_args / len(held)}
 
 
 def model_card(cfg: BundleConfig, results: dict[str, Any], packages: dict[str, str]) -> str:
+    lo, hi = copy_spans(cfg)
     data_lines = "\n".join(f"- `{name}` (Debian): {licence}" for name, licence in packages.items())
     return f"""# lfm2-tiny
 
@@ -159,15 +216,33 @@ knows almost nothing about the world.
 {data_lines}
 - Chat and tool-use conversations generated by `lfm2.train.synth` (our own code).
 
+## Tokenizer
+A byte-level BPE of {cfg.vocab_size} tokens with LFM2's special tokens, split regex and file layout,
+trained so that no merge joins a word to the character in front of it: a word is the same tokens
+after a space (in a request), a quote (in a call's arguments) or an underscore (in a tool name),
+which is what lets so small a model copy a word it has never seen into a tool call.
+
 ## Training
-`python -m lfm2.train.bundle --out DIR` ({cfg.pretrain_steps} pretraining steps, then {cfg.sft_steps}
-supervised fine-tuning steps, batch {cfg.batch_size}, on a 2-core CPU). Config: `bundle_config.json`.
+`python -m lfm2.train.bundle --out DIR` ({cfg.pretrain_steps} pretraining steps of {cfg.batch_size} x {cfg.seq_len}
+tokens, {cfg.copy_steps} copying steps of {cfg.copy_batch_size} x {cfg.copy_seq_len} random tokens, then
+{cfg.sft_steps} supervised fine-tuning steps of {cfg.batch_size} rows of {cfg.sft_seq_len} tokens packed with whole
+conversations, {cfg.sft_text_fraction:.0%} of them corpus documents; on a 2-core CPU). The conversations'
+tools are built from parts, many made up (subjects, parameter names, values, and {cfg.sft_made_up_verbs:.0%} of the
+verbs), so that the model learns to copy from the tool list and the request rather than to memorise.
+Config: `bundle_config.json`.
 
 ## Measured quality
 - Held-out corpus perplexity: {results['heldout_corpus_perplexity']:.1f} (the shipped model),
   {results['pretrain_heldout_corpus_perplexity']:.1f} (the pretraining checkpoint, before fine-tuning)
+- Copying from the context (loss on the second copy of a random {lo}-{hi}-token span, nats; chance
+  {results['copy_chance_loss']:.1f}): {results['pretrain_copy_loss']:.2f} after pretraining,
+  {results['copy_loss']:.2f} shipped
 - Tool calls on {results['tool_prompts']} held-out prompts (tools and phrasings unseen in training),
   greedy: right tool {results['right_tool']:.1%}, right tool and arguments {results['right_tool_and_arguments']:.1%}
+
+## Limitations
+Fine-tuned on single exchanges (one request, its tool call and answer): in a conversation of
+several turns it loses its way, so start a new conversation per question.
 """
 
 

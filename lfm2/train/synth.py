@@ -5,22 +5,30 @@ copy a fact from a small table, do small arithmetic, and, above all, call tools 
 does: read the tool list in the system turn, pick the tool whose description matches the
 request, copy argument values from the user's words, then answer from the tool's result.
 
-To measure generalisation rather than memory, every tool is built from parts (an action, a
-subject, parameters) and the parts are split: `split="train"` and `split="heldout"` draw from
-disjoint sets of tool names and of request phrasings, so held-out prompts use tools and
-wordings the model has never seen.
+Tools are built from parts so that no small set of names can be memorised: a lookup tool is a
+verb and a subject ("get" + "humidity" -> `get_humidity`), an action tool a verb and an object
+(`book_table`), and each takes one to three arguments of a few kinds (a city, a day, a time, a
+person, a number, a topic) whose parameter names vary from tool to tool. Half the training
+tools have made-up subjects or objects (`get_velmorpim`), a third of their parameters made-up
+names, and half their city, person and topic values are made-up words: no amount of memorising
+predicts those, only copying them (from the tool list, from the request) lowers the loss, and
+copying is what calling an unseen tool takes. To measure
+generalisation rather than memory, `split="heldout"` draws from subjects, objects, tool
+descriptions and request phrasings that `split="train"` never uses.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Toronto",
           "Sydney", "Nairobi", "Mumbai", "Dublin", "Vienna", "Lisbon", "Prague", "Athens", "Boston", "Denver",
-          "Chicago", "Miami", "Quito", "Dakar", "Hanoi", "Manila", "Zurich", "Helsinki", "Warsaw"]
+          "Chicago", "Miami", "Quito", "Dakar", "Hanoi", "Manila", "Zurich", "Helsinki", "Warsaw", "Austin",
+          "Geneva", "Milan", "Munich", "Osaka", "Delhi", "Lagos", "Accra", "Havana", "Bogota"]
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Germany": "Berlin", "Spain": "Madrid", "Italy": "Rome",
             "Egypt": "Cairo", "Peru": "Lima", "Norway": "Oslo", "Kenya": "Nairobi", "Ireland": "Dublin",
             "Austria": "Vienna", "Portugal": "Lisbon", "Greece": "Athens", "Poland": "Warsaw", "Finland": "Helsinki"}
@@ -28,141 +36,256 @@ COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "a 
           "a tomato": "red", "an orange": "orange", "a plum": "purple"}
 UNITS = [("km", "miles"), ("miles", "km"), ("kg", "pounds"), ("pounds", "kg"), ("celsius", "fahrenheit"),
          ("liters", "gallons"), ("meters", "feet"), ("feet", "meters")]
-NAMES = ["Alice", "Bob", "Carla", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas"]
+NAMES = ["Alice", "Bob", "Carla", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kofi", "Lena",
+         "Maya", "Nils", "Omar", "Priya", "Rosa", "Sam", "Tariq", "Vera"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+WORDS = ["lunch", "gym", "meeting", "dentist", "hello", "thanks", "book", "party", "review", "music", "tea", "walk",
+         "budget", "garden", "holiday", "report", "dinner", "soccer", "piano", "coffee", "launch", "yoga"]
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
+VERBS_LOOKUP = ["get", "check", "find", "lookup", "fetch", "show", "read", "query"]
+# Made-up words, for training subjects and objects that no amount of memorising can predict: the
+# only way to get their tool names and arguments right is to copy them from the tool list.
+SYLLABLES = ["zor", "bla", "qui", "mef", "tok", "ran", "vel", "pim", "dax", "lur", "gno", "fep", "wib", "sul",
+             "kra", "nob", "tas", "mor", "pel", "vin", "dro", "hak", "lem", "sot"]
+SLOT_SETS = ["city", "city day", "person", "person time", "topic", "number city", "day time", "city time",
+             "person day", "topic day time", "number", "person topic"]
+MADE_UP_FRACTION = 0.5  # of training tools
+MADE_UP_PARAM_FRACTION = 0.3  # of training parameter names
+MADE_UP_VALUE_FRACTION = 0.5  # of training cities, people and topics
 
 
 @dataclass(frozen=True)
-class Param:
-    name: str
-    description: str
-    kind: str  # how values are drawn: city, number, unit_from, unit_to, name, day, time, word, symbol
+class Slot:
+    """A kind of argument: the parameter names a tool may give it, and how requests mention it.
+
+    `phrases` are keyed by split, so held-out requests also word their arguments differently."""
+
+    kind: str
+    names: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    value: Callable[[random.Random], Any]
+    phrases: dict[str, tuple[str, ...]]
     type: str = "string"
 
 
-@dataclass(frozen=True)
-class ToolKind:
-    """A family of tools: one action on one subject, with its parameters and request phrasings."""
+def _time(rng: random.Random) -> str:
+    return f"{rng.randint(6, 21):02d}:{rng.choice(['00', '15', '30', '45'])}"
 
+
+SLOTS = {s.kind: s for s in [
+    Slot("city", ("city", "location", "place", "town", "where"), ("The city name", "City to look at", "Which city"),
+         lambda r: r.choice(CITIES), {"train": ("in {v}", "for {v}"), "heldout": ("around {v}", "over in {v}")}),
+    Slot("day", ("day", "weekday", "when", "date"), ("Day of the week", "Which day"), lambda r: r.choice(DAYS),
+         {"train": ("on {v}", "for {v}"), "heldout": ("this {v}", "next {v}")}),
+    Slot("time", ("time", "hour", "at", "start"), ("Time, HH:MM", "Clock time (24h)"), _time,
+         {"train": ("at {v}",), "heldout": ("by {v}", "around {v}")}),
+    Slot("person", ("name", "contact", "person", "to", "recipient", "who"), ("Contact name", "The person"),
+         lambda r: r.choice(NAMES), {"train": ("for {v}", "with {v}", "to {v}"), "heldout": ("of {v}", "from {v}")}),
+    Slot("number", ("amount", "value", "count", "quantity", "number", "n"), ("How many", "The amount"),
+         lambda r: r.randint(1, 500),
+         {"train": ("of {v}", "worth {v}"), "heldout": ("totaling {v}", "amounting to {v}")}, "number"),
+    Slot("topic", ("topic", "query", "subject", "text", "title", "word"), ("What it is about", "Free text"),
+         lambda r: r.choice(WORDS), {"train": ("about {v}", "called {v}"), "heldout": ("regarding {v}",
+                                                                                    "named {v}")}),
+]}
+
+# Lookup subjects: (subject, argument kinds). The held-out subjects never appear in training.
+LOOKUPS_TRAIN = [
+    ("weather", "city"), ("local time", "city"), ("wind speed", "city"), ("rainfall", "city day"),
+    ("sunrise time", "city day"), ("sunset time", "city day"), ("tide level", "city"), ("uv index", "city"),
+    ("traffic", "city time"), ("parking price", "city"), ("hotel price", "city day"), ("fuel price", "city"),
+    ("crime rate", "city"), ("snow depth", "city"), ("water temperature", "city"), ("noise level", "city"),
+    ("bus schedule", "city day"), ("museum hours", "city day"), ("flight delays", "city"), ("taxi fare", "city"),
+    ("currency", "city"), ("mayor", "city"), ("elevation", "city"), ("timezone", "city"), ("news", "city topic"),
+    ("restaurants", "city"), ("pharmacies", "city"), ("beaches", "city"), ("visibility", "city"),
+    ("storm warnings", "city day"), ("electricity price", "city"), ("ski conditions", "city day"),
+    ("phone number", "person"), ("email address", "person"), ("birthday", "person"), ("job title", "person"),
+    ("office number", "person"), ("shoe size", "person"), ("calendar", "person day"), ("manager", "person"),
+    ("definition", "topic"), ("synonym", "topic"), ("spelling", "topic"), ("rhyme", "topic"),
+    ("stock price", "topic"), ("song lyrics", "topic"), ("recipe", "topic"), ("movie rating", "topic"),
+    ("bank balance", "person"), ("step count", "person day"), ("exchange rate", "number city"),
+    ("shipping cost", "number city"), ("train schedule", "city time"), ("event list", "city day"),
+]
+LOOKUPS_HELDOUT = [
+    ("humidity", "city"), ("air quality", "city"), ("population", "city"), ("pollen count", "city day"),
+    ("rent price", "city"), ("dew point", "city"), ("ozone level", "city day"), ("library hours", "city day"),
+    ("ferry times", "city time"), ("postcode", "city"), ("home address", "person"), ("nickname", "person"),
+    ("favorite food", "person"), ("translation", "topic"), ("pronunciation", "topic"), ("word origin", "topic"),
+    ("book review", "topic"), ("sleep score", "person day"), ("ticket price", "number city"),
+    ("heart rate", "person time"),
+]
+# Action tools: (verb, object, argument kinds).
+ACTIONS_TRAIN = [
+    ("book", "table", "person day time"), ("set", "alarm", "time day"), ("send", "message", "person topic"),
+    ("create", "event", "topic day time"), ("order", "pizza", "number"), ("call", "taxi", "city time"),
+    ("book", "flight", "city day"), ("cancel", "meeting", "day time"), ("invite", "guest", "person day"),
+    ("transfer", "money", "number person"), ("start", "timer", "number"), ("play", "song", "topic"),
+    ("add", "reminder", "topic time"), ("share", "photo", "person"), ("rent", "car", "city day"),
+    ("book", "hotel", "city day"), ("email", "report", "person topic"), ("buy", "groceries", "number day"),
+    ("open", "window", "time"), ("start", "meeting", "person time"), ("delete", "note", "topic"),
+    ("save", "contact", "person"), ("mute", "chat", "person"), ("follow", "artist", "topic"),
+]
+ACTIONS_HELDOUT = [
+    ("reserve", "room", "city day"), ("schedule", "call", "person time"), ("order", "flowers", "person day"),
+    ("pay", "invoice", "number"), ("water", "plants", "day time"), ("notify", "team", "topic"),
+    ("block", "caller", "person"), ("print", "document", "topic"), ("lock", "door", "time"),
+    ("wake", "computer", "day time"),
+]
+DESCRIBE = {  # tool descriptions: {what} is the subject or object phrase
+    "train": {"lookup": ("Get the {what} for the given arguments", "Look up the current {what}", "Return the {what}",
+                         "Find the {what}"),
+              "action": ("{Verb} a {what}", "{Verb} a {what} for the user", "Lets the user {verb} a {what}")},
+    "heldout": {"lookup": ("Reports the {what}", "Provides {what} information"),
+                "action": ("Used to {verb} a {what}", "Tool that can {verb} a {what}")},
+}
+ASK = {  # request phrasings: {what} the subject or object, {args} the argument phrases
+    "train": {"lookup": ("What is the {what} {args}?", "Tell me the {what} {args}.", "Check the {what} {args}.",
+                         "I want the {what} {args}.", "Show me the {what} {args}.", "{What} {args}?",
+                         "Can you get the {what} {args}?", "Look up the {what} {args}, please."),
+              "action": ("Please {verb} a {what} {args}.", "{Verb} a {what} {args}.", "Can you {verb} a {what} {args}?",
+                         "I need you to {verb} a {what} {args}.", "{Verb} a {what} {args}, thanks.")},
+    "heldout": {"lookup": ("Could you find out the {what} {args}?", "I'm curious about the {what} {args}.",
+                           "Please give me the {what} {args}."),
+                "action": ("Would you {verb} a {what} {args}?", "Go ahead and {verb} a {what} {args}.",
+                           "I'd like you to {verb} a {what} {args}.")},
+}
+
+
+@dataclass(frozen=True)
+class Tool:
     name: str
     description: str
-    params: tuple[Param, ...]
-    asks: tuple[str, ...]  # request templates; {param} fields are filled with the call's values
-    result: str  # template of the tool's result
-    answer: str  # template of the final answer, from the result
+    kind: str  # lookup | action
+    verb: str
+    what: str
+    params: tuple[tuple[str, Slot], ...]  # (parameter name, slot)
+
+    def schema(self) -> dict[str, Any]:
+        """The tool in OpenAI's JSON-schema shape, as it is listed in the system turn."""
+        props = {name: {"type": slot.type, "description": slot.descriptions[0]} for name, slot in self.params}
+        return {"type": "function", "function": {
+            "name": self.name, "description": self.description,
+            "parameters": {"type": "object", "properties": props, "required": [n for n, _ in self.params]}}}
 
 
-CITY = Param("city", "The city name", "city")
-TOOLS_TRAIN = [
-    ToolKind("get_weather", "Get the current weather in a city", (CITY,),
-             ("What's the weather in {city}?", "Is it raining in {city} right now?", "How warm is it in {city}?"),
-             '{{"temperature": {n}, "condition": "{cond}"}}', "It is {cond} and {n} degrees in {city}."),
-    ToolKind("get_time", "Get the current local time in a city", (CITY,),
-             ("What time is it in {city}?", "Tell me the local time in {city}.", "Current time in {city}?"),
-             '{{"time": "{hh}:{mm}"}}', "It is {hh}:{mm} in {city}."),
-    ToolKind("convert_units", "Convert a value from one unit to another",
-             (Param("value", "The amount to convert", "number", "number"), Param("from_unit", "Unit of the value",
-              "unit_from"), Param("to_unit", "Unit to convert to", "unit_to")),
-             ("Convert {value} {from_unit} to {to_unit}.", "How many {to_unit} is {value} {from_unit}?"),
-             '{{"result": {n}}}', "{value} {from_unit} is {n} {to_unit}."),
-    ToolKind("calculate", "Evaluate an arithmetic expression",
-             (Param("expression", "The expression, e.g. 2 + 3 * 4", "expression"),),
-             ("Calculate {expression}.", "What is {expression}? Use the calculator."),
-             '{{"value": {n}}}', "The result is {n}."),
-    ToolKind("create_event", "Add an event to the calendar",
-             (Param("title", "Event title", "word"), Param("day", "Day of the week", "day"),
-              Param("time", "Start time, HH:MM", "time")),
-             ("Schedule {title} on {day} at {time}.", "Add {title} to my calendar for {day} at {time}."),
-             '{{"status": "created", "id": {n}}}', "Done: {title} is on your calendar for {day} at {time}."),
-    ToolKind("send_message", "Send a text message to a contact",
-             (Param("to", "Contact name", "name"), Param("text", "Message text", "word")),
-             ("Text {to} saying {text}.", "Send {to} a message: {text}."),
-             '{{"delivered": true}}', "Your message to {to} was sent."),
-]
-TOOLS_HELDOUT = [
-    ToolKind("get_air_quality", "Get the air quality index of a city", (CITY,),
-             ("How clean is the air in {city} today?", "Air quality for {city}, please."),
-             '{{"aqi": {n}}}', "The air quality index in {city} is {n}."),
-    ToolKind("get_population", "Look up the population of a city", (CITY,),
-             ("How many people live in {city}?", "Population of {city}?"),
-             '{{"population": {n}}}', "{city} has about {n} inhabitants."),
-    ToolKind("set_alarm", "Set an alarm clock",
-             (Param("time", "Alarm time, HH:MM", "time"), Param("day", "Day of the week", "day")),
-             ("Wake me up at {time} on {day}.", "I need an alarm for {time} on {day}."),
-             '{{"ok": true}}', "Your alarm is set for {time} on {day}."),
-    ToolKind("call_contact", "Start a phone call with a contact", (Param("name", "Contact name", "name"),),
-             ("Phone {name} for me.", "Could you ring {name}?"),
-             '{{"calling": true}}', "Calling {name} now."),
-    ToolKind("translate_word", "Translate an English word into French", (Param("word", "The word", "word"),),
-             ("What is {word} in French?", "Give me the French for {word}."),
-             '{{"translation": "{word}e"}}', "In French, {word} is {word}e."),
-]
-WORDS = ["lunch", "gym", "meeting", "dentist", "hello", "thanks", "book", "party", "review", "music", "tea", "walk"]
-CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
-
-GREETINGS = [
-    ("Hello!", "Hello! How can I help you today?"), ("Hi", "Hi! What can I do for you?"),
-    ("Good morning", "Good morning! How can I help?"), ("How are you?", "I'm doing well, thank you. How can I help?"),
-    ("Thanks!", "You're welcome!"), ("Who are you?", "I am a small assistant built with lfm2."),
-    ("Bye", "Goodbye! Have a nice day."), ("What can you do?", "I can chat, answer simple questions and use tools."),
-]
+def make_tool(rng: random.Random, split: str, kind: str, verb: str, what: str, slots: str) -> Tool:
+    """A tool from parts, with parameter names and description drawn at random."""
+    params, used = [], set()
+    for s in slots.split():
+        slot = SLOTS[s]
+        name = rng.choice([n for n in slot.names if n not in used])
+        if split == "train" and rng.random() < MADE_UP_PARAM_FRACTION:
+            name = made_up_word(rng)
+        used.add(name)
+        params.append((name, slot))
+    desc = rng.choice(DESCRIBE[split][kind]).format(what=what, verb=verb, Verb=verb.capitalize())
+    return Tool(f"{verb}_{what.replace(' ', '_')}", desc, kind, verb, what, tuple(params))
 
 
-def _value(p: Param, rng: random.Random, units: tuple[str, str]) -> Any:
-    if p.kind == "city":
-        return rng.choice(CITIES)
-    if p.kind == "number":
-        return rng.randint(1, 500)
-    if p.kind == "unit_from":
-        return units[0]
-    if p.kind == "unit_to":
-        return units[1]
-    if p.kind == "name":
-        return rng.choice(NAMES)
-    if p.kind == "day":
-        return rng.choice(DAYS)
-    if p.kind == "time":
-        return f"{rng.randint(6, 21):02d}:{rng.choice(['00', '15', '30', '45'])}"
-    if p.kind == "expression":
-        a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
-        return f"{a} + {b} * {c}"
-    return rng.choice(WORDS)
+def made_up_word(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
 
 
-def schema(kind: ToolKind) -> dict[str, Any]:
-    """The tool in OpenAI's JSON-schema shape, as it is listed in the system turn."""
-    return {"type": "function", "function": {
-        "name": kind.name, "description": kind.description,
-        "parameters": {"type": "object", "properties": {p.name: {"type": p.type, "description": p.description}
-                                                         for p in kind.params},
-                       "required": [p.name for p in kind.params]}}}
+def lookup_verb(rng: random.Random) -> str:
+    """`get` half the time, as in most real tool sets; otherwise any lookup verb."""
+    return "get" if rng.random() < 0.5 else rng.choice(VERBS_LOOKUP)
 
 
-def tool_conversation(rng: random.Random, split: str = "train") -> dict[str, Any]:
+def random_tool(rng: random.Random, split: str, made_up_verbs: float = 0.0) -> Tool:
+    """A tool of `split`; in training, a `made_up_verbs` fraction have a made-up verb (`zormef_weather`,
+    "Please zormef a table"), which only reading the tool list or the request predicts."""
+    lookups = LOOKUPS_TRAIN if split == "train" else LOOKUPS_HELDOUT
+    actions = ACTIONS_TRAIN if split == "train" else ACTIONS_HELDOUT
+    made_up = split == "train" and rng.random() < MADE_UP_FRACTION
+    if rng.random() < 0.6:
+        what, slots = (made_up_word(rng), rng.choice(SLOT_SETS)) if made_up else rng.choice(lookups)
+        verb = lookup_verb(rng)
+        if split == "train" and made_up_verbs and rng.random() < made_up_verbs:
+            verb = made_up_word(rng)
+        return make_tool(rng, split, "lookup", verb, what, slots)
+    verb, what, slots = rng.choice(actions)
+    if split == "train" and made_up_verbs and rng.random() < made_up_verbs:
+        verb = made_up_word(rng)
+    if made_up:
+        what, slots = made_up_word(rng), rng.choice(SLOT_SETS)
+    return make_tool(rng, split, "action", verb, what, slots)
+
+
+def _value(rng: random.Random, slot: Slot, split: str) -> Any:
+    """An argument value; in training, half the cities, people and topics are made-up words."""
+    if split == "train" and slot.kind in ("city", "person", "topic") and rng.random() < MADE_UP_VALUE_FRACTION:
+        word = made_up_word(rng)
+        return word if slot.kind == "topic" else word.capitalize()
+    return slot.value(rng)
+
+
+def tool_conversation(rng: random.Random, split: str = "train", made_up_verbs: float = 0.0) -> dict[str, Any]:
     """A conversation: tools listed, a request, the call, its result, and the final answer.
 
-    The offered tools are the right one plus up to three distractors from the same split, in a
-    random order, so the model must choose by reading the list.
+    The offered tools are the right one plus up to three distractors from the same split (with
+    other subjects), in a random order, so the model must choose by reading the list.
     """
-    pool = TOOLS_TRAIN if split == "train" else TOOLS_HELDOUT
-    kind = rng.choice(pool)
-    offered = [kind, *rng.sample([k for k in pool if k is not kind], k=min(rng.randint(0, 3), len(pool) - 1))]
+    if split == "train" and rng.random() < 0.15:
+        tool, args, ask, result, answer = _classic(rng)
+    else:
+        tool = random_tool(rng, split, made_up_verbs)
+        args = {name: _value(rng, slot, split) for name, slot in tool.params}
+        phrases = [rng.choice(slot.phrases[split]).format(v=args[name]) for name, slot in tool.params]
+        rng.shuffle(phrases)
+        template = rng.choice(ASK[split][tool.kind])
+        ask = template.format(what=tool.what, What=tool.what.capitalize(), verb=tool.verb,
+                              Verb=tool.verb.capitalize(), args=" ".join(phrases))
+        where = " ".join(phrases)
+        if tool.kind == "lookup":
+            n = rng.randint(1, 999)
+            result, answer = json.dumps({tool.what.replace(" ", "_"): n}), f"The {tool.what} {where} is {n}."
+        else:
+            result = json.dumps({"status": "done", "id": rng.randint(100, 999)})
+            answer = f"Done: your {tool.what} {where} is confirmed."
+    offered = [tool]
+    while len(offered) < 1 + rng.randint(0, 3):
+        other = random_tool(rng, split, made_up_verbs)
+        if all(other.what != t.what for t in offered):
+            offered.append(other)
     rng.shuffle(offered)
-    units = rng.choice(UNITS)
-    args = {p.name: _value(p, rng, units) for p in kind.params}
-    fill = {**args, "n": rng.randint(1, 999), "cond": rng.choice(CONDITIONS), "hh": f"{rng.randint(0, 23):02d}",
-            "mm": f"{rng.randint(0, 59):02d}"}
-    if kind.name == "calculate":
-        fill["n"] = eval_expression(args["expression"])
-    ask = rng.choice(kind.asks).format(**fill)
     call = {"id": f"call_{rng.randrange(16**8):08x}", "type": "function",
-            "function": {"name": kind.name, "arguments": json.dumps(args)}}
+            "function": {"name": tool.name, "arguments": json.dumps(args)}}
     messages = [{"role": "user", "content": ask},
                 {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call["id"], "content": kind.result.format(**fill)},
-                {"role": "assistant", "content": kind.answer.format(**fill)}]
-    return {"messages": messages, "tools": [schema(k) for k in offered], "expected": {"name": kind.name,
-                                                                                      "arguments": args}}
+                {"role": "tool", "tool_call_id": call["id"], "content": result},
+                {"role": "assistant", "content": answer}]
+    return {"messages": messages, "tools": [t.schema() for t in offered],
+            "expected": {"name": tool.name, "arguments": args}}
+
+
+def _classic(rng: random.Random) -> tuple[Tool, dict[str, Any], str, str, str]:
+    """The tools of the README's demos, with answers computed from their arguments."""
+    city = SLOTS["city"]
+    if rng.random() < 0.4:
+        tool = Tool("get_weather", "Get the current weather in a city", "lookup", "get", "weather", (("city", city),))
+        args = {"city": rng.choice(CITIES)}
+        n, cond = rng.randint(-5, 35), rng.choice(CONDITIONS)
+        ask = rng.choice(["What's the weather in {c}?", "Is it raining in {c}?", "How warm is it in {c}?"])
+        return tool, args, ask.format(c=args["city"]), json.dumps({"temperature": n, "condition": cond}), (
+            f"It is {cond} and {n} degrees in {args['city']}.")
+    if rng.random() < 0.5:
+        tool = Tool("calculate", "Evaluate an arithmetic expression", "lookup", "calculate", "result",
+                    (("expression", Slot("expression", ("expression",), ("The expression, e.g. 2 + 3 * 4",),
+                                         lambda r: "", {})),))
+        a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
+        args = {"expression": f"{a} + {b} * {c}"}
+        n = eval_expression(args["expression"])
+        ask = rng.choice(["Calculate {e}.", "What is {e}? Use the calculator."]).format(e=args["expression"])
+        return tool, args, ask, json.dumps({"value": n}), f"The result is {n}."
+    number = SLOTS["number"]
+    unit = Slot("unit", ("unit",), ("A unit such as km or pounds",), lambda r: "", {})
+    tool = Tool("convert_units", "Convert a value from one unit to another", "lookup", "convert", "units",
+                (("value", number), ("from_unit", unit), ("to_unit", unit)))
+    src, dst = rng.choice(UNITS)
+    args = {"value": rng.randint(1, 500), "from_unit": src, "to_unit": dst}
+    n = rng.randint(1, 999)
+    ask = rng.choice(["Convert {v} {f} to {t}.", "How many {t} is {v} {f}?"]).format(v=args["value"], f=src, t=dst)
+    return tool, args, ask, json.dumps({"result": n}), f"{args['value']} {src} is {n} {dst}."
 
 
 def eval_expression(expr: str) -> int:
@@ -172,9 +295,17 @@ def eval_expression(expr: str) -> int:
     return int(a) + int(b) * int(c)
 
 
+GREETINGS = [
+    ("Hello!", "Hello! How can I help you today?"), ("Hi", "Hi! What can I do for you?"),
+    ("Good morning", "Good morning! How can I help?"), ("How are you?", "I'm doing well, thank you. How can I help?"),
+    ("Thanks!", "You're welcome!"), ("Who are you?", "I am a small assistant built with lfm2."),
+    ("Bye", "Goodbye! Have a nice day."), ("What can you do?", "I can chat, answer simple questions and use tools."),
+]
+
+
 def chat_conversation(rng: random.Random) -> dict[str, Any]:
     """A short exchange without tools: greeting, a fact from a table, or small arithmetic."""
-    kind = rng.randrange(4)
+    kind = rng.randrange(5)
     if kind == 0:
         q, a = rng.choice(GREETINGS)
     elif kind == 1:
@@ -184,10 +315,10 @@ def chat_conversation(rng: random.Random) -> dict[str, Any]:
     elif kind == 2:
         thing, color = rng.choice(list(COLORS.items()))
         q, a = f"What color is {thing}?", f"{thing[0].upper()}{thing[1:]} is {color}."
-    else:
-        x, y = rng.randint(1, 50), rng.randint(1, 50)
+    else:  # arithmetic twice as often: small sums and differences
+        x, y = rng.randint(0, 20), rng.randint(0, 20)
         op = rng.choice(["+", "-"])
-        q = f"What is {x} {op} {y}?"
+        q = rng.choice(["What is {x} {op} {y}?", "{x} {op} {y} = ?", "Compute {x} {op} {y}."]).format(x=x, op=op, y=y)
         a = f"{x} {op} {y} = {x + y if op == '+' else x - y}."
     messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     if rng.random() < 0.3:
@@ -195,8 +326,23 @@ def chat_conversation(rng: random.Random) -> dict[str, Any]:
     return {"messages": messages}
 
 
-def conversations(n: int, seed: int, split: str = "train", tool_fraction: float = 0.6) -> list[dict[str, Any]]:
-    """`n` conversations, a `tool_fraction` of them with tools; deterministic in `seed`."""
+def conversations(
+    n: int, seed: int, split: str = "train", tool_fraction: float = 0.6, made_up_verbs: float = 0.0
+) -> list[dict[str, Any]]:
+    """`n` conversations, a `tool_fraction` of them with tools; deterministic in `seed`.
+
+    In the training split, one chat conversation in five also lists tools it does not need, so the
+    model learns to answer directly when no tool fits."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(seed)
-    return [tool_conversation(rng, split) if rng.random() < tool_fraction else chat_conversation(rng)
-            for _ in range(n)]
+    out = []
+    for _ in range(n):
+        if rng.random() < tool_fraction:
+            out.append(tool_conversation(rng, split, made_up_verbs))
+            continue
+        conv = chat_conversation(rng)
+        if split == "train" and rng.random() < 0.2:
+            conv["tools"] = [random_tool(rng, split, made_up_verbs).schema() for _ in range(rng.randint(1, 3))]
+        out.append(conv)
+    return out
