@@ -10,7 +10,8 @@ verb and a subject ("get" + "humidity" -> `get_humidity`), an action tool a verb
 (`book_table`), and each takes one to three arguments of a few kinds (a city, a day, a time, a
 person, a number, a topic) whose parameter names vary from tool to tool. Half the training
 tools have made-up subjects or objects (`get_velmorpim`), a third of their parameters made-up
-names, and half their city, person and topic values are made-up words: no amount of memorising
+names, half their city, person and topic values are made-up words, and `made_up_verbs` (used for
+the bundled model's fine-tuning data) gives some tools made-up verbs too: no amount of memorising
 predicts those, only copying them (from the tool list, from the request) lowers the loss, and
 copying is what calling an unseen tool takes. To measure
 generalisation rather than memory, `split="heldout"` draws from subjects, objects, tool
