@@ -83,7 +83,7 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
     from lfm2.tokenizer import Tokenizer
     from lfm2.train.corpus import PACKAGES, documents
     from lfm2.train.data import prepare_chat, prepare_copy, prepare_text
-    from lfm2.train.tokenizer import SPECIAL_TOKENS, train_tokenizer
+    from lfm2.train.tokenizer import train_tokenizer
     from lfm2.train.trainer import TrainConfig, train
 
     out = Path(cfg.out)
@@ -93,22 +93,25 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
     docs = documents() if docs is None else docs
     if cfg.corpus_limit:
         docs = random.Random(cfg.seed).sample(docs, min(cfg.corpus_limit, len(docs)))
-    convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train")
     if not (data / "tokenizer.json").is_file():
+        # Plain conversations (no made-up verbs): the tokenizer, and with it every later step,
+        # does not depend on how the fine-tuning data is varied.
+        convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train")
         print(f"[1/6] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
         train_tokenizer(_tokenizer_texts(docs, convs), cfg.vocab_size, data, words_alike=True)
     tok = Tokenizer.from_dir(data)
     if not (data / "copy_val.json").is_file():  # the last file this step writes
         print("[2/6] data: packing the corpus, rendering the conversations")
         prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
-        convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train", made_up_verbs=cfg.sft_made_up_verbs)
-        cut = len(convs) * 95 // 100
-        prepare_chat(_with_text(convs[:cut], docs, cfg), tok, data, "sft", max_len=cfg.sft_seq_len, drop_longer=True)
-        prepare_chat(convs[cut:], tok, data, "sft_val", max_len=cfg.sft_seq_len, drop_longer=True)
-        ordinary = (len(SPECIAL_TOKENS) + 256, cfg.vocab_size)  # merged tokens, no specials or bare bytes
+        sft_convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train",
+                                  made_up_verbs=cfg.sft_made_up_verbs)
+        cut = len(sft_convs) * 95 // 100
+        prepare_chat(_with_text(sft_convs[:cut], docs, cfg), tok, data, "sft", max_len=cfg.sft_seq_len,
+                     drop_longer=True)
+        prepare_chat(sft_convs[cut:], tok, data, "sft_val", max_len=cfg.sft_seq_len, drop_longer=True)
         for name, rows, seed in (("copy", cfg.copy_steps * cfg.copy_batch_size, cfg.seed),
                                  ("copy_val", 8 * cfg.copy_batch_size, cfg.seed + 1)):
-            prepare_copy(data, name, rows, cfg.copy_seq_len, ordinary, seed, span=copy_spans(cfg))
+            prepare_copy(data, name, rows, cfg.copy_seq_len, ordinary_token_ids(cfg), seed, span=copy_spans(cfg))
     print("[3/6] pretraining")
     common = dict(data_dir=str(data), batch_size=cfg.batch_size, seed=cfg.seed, eval_every=100, save_every=50)
     pre = train(TrainConfig(out_dir=str(out / "pretrain"), model=cfg.model, seq_len=cfg.seq_len,
@@ -133,6 +136,13 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
          "eos_token_id": sorted(tok.stop_ids), "pad_token_id": tok.pad_id}, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return model_dir
+
+
+def ordinary_token_ids(cfg: BundleConfig) -> tuple[int, int]:
+    """The [low, high) ids of merged tokens (no special tokens, no bare bytes): what copying rows draw."""
+    from lfm2.train.tokenizer import SPECIAL_TOKENS
+
+    return len(SPECIAL_TOKENS) + 256, cfg.vocab_size
 
 
 def copy_spans(cfg: BundleConfig) -> tuple[int, int]:
@@ -166,7 +176,6 @@ def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str
     """Held-out perplexity of the corpus, copying, and tool-call accuracy on unseen tools and phrasings."""
     import lfm2
     from lfm2.train.data import TokenFile
-    from lfm2.train.tokenizer import SPECIAL_TOKENS
     from lfm2.train.trainer import TrainConfig
     from lfm2.train.trainer import evaluate as validation_loss
 
@@ -182,6 +191,7 @@ def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str
     copy_cfg = TrainConfig(out_dir=str(cfg.out), data_dir=str(data), seq_len=cfg.copy_seq_len,
                            batch_size=cfg.copy_batch_size)
     copy_val = TokenFile.open(data, "copy_val")
+    low, high = ordinary_token_ids(cfg)  # the copying rows' tokens: uniform over these is chance
     copy_loss = validation_loss(llm.model, copy_val, copy_cfg, pad)["val_loss"]
     pretrain_copy_loss = validation_loss(lfm2.load(pretrain_dir / "model").model, copy_val, copy_cfg, pad)["val_loss"]
     held = conversations(cfg.eval_prompts, seed=cfg.seed + 12345, split="heldout", tool_fraction=1.0)
@@ -197,7 +207,7 @@ def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str
             "pretrain_heldout_corpus_loss": val[-1] if val else None,
             "pretrain_heldout_corpus_perplexity": math.exp(val[-1]) if val else None,
             "copy_loss": copy_loss, "pretrain_copy_loss": pretrain_copy_loss,
-            "copy_chance_loss": math.log(cfg.vocab_size - len(SPECIAL_TOKENS) - 256),
+            "copy_chance_loss": math.log(high - low),
             "tool_prompts": len(held), "right_tool": right_tool / len(held),
             "right_tool_and_arguments": right_args / len(held)}
 

@@ -122,11 +122,11 @@ def prepare_chat(
             m = [1] * len(t)
         else:
             t, m = assistant_mask(tokenizer, conv["messages"], conv.get("tools"))
-        if len(t) > max_len and drop_longer:
+        if len(t) > max_len:
+            if not drop_longer:
+                raise LFM2Error(f"conversation {i} has {len(t)} tokens, more than max_len={max_len}")
             dropped += 1
             continue
-        if len(t) > max_len:
-            raise LFM2Error(f"conversation {i} has {len(t)} tokens, more than max_len={max_len}")
         ids.extend(t)
         mask.extend(m)
         offsets.append(len(ids))

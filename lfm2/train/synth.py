@@ -174,9 +174,7 @@ def make_tool(rng: random.Random, split: str, kind: str, verb: str, what: str, s
     params, used = [], set()
     for s in slots.split():
         slot = SLOTS[s]
-        name = rng.choice([n for n in slot.names if n not in used])
-        if split == "train" and rng.random() < MADE_UP_PARAM_FRACTION:
-            name = made_up_word(rng)
+        name = made_up_or(rng, split, MADE_UP_PARAM_FRACTION, rng.choice([n for n in slot.names if n not in used]))
         used.add(name)
         params.append((name, slot))
     desc = rng.choice(DESCRIBE[split][kind]).format(what=what, verb=verb, Verb=verb.capitalize())
@@ -185,6 +183,11 @@ def make_tool(rng: random.Random, split: str, kind: str, verb: str, what: str, s
 
 def made_up_word(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def made_up_or(rng: random.Random, split: str, fraction: float, word: str) -> str:
+    """`word`, or in training, a `fraction` of the time, a made-up word in its place."""
+    return made_up_word(rng) if split == "train" and fraction and rng.random() < fraction else word
 
 
 def lookup_verb(rng: random.Random) -> str:
@@ -200,13 +203,9 @@ def random_tool(rng: random.Random, split: str, made_up_verbs: float = 0.0) -> T
     made_up = split == "train" and rng.random() < MADE_UP_FRACTION
     if rng.random() < 0.6:
         what, slots = (made_up_word(rng), rng.choice(SLOT_SETS)) if made_up else rng.choice(lookups)
-        verb = lookup_verb(rng)
-        if split == "train" and made_up_verbs and rng.random() < made_up_verbs:
-            verb = made_up_word(rng)
-        return make_tool(rng, split, "lookup", verb, what, slots)
+        return make_tool(rng, split, "lookup", made_up_or(rng, split, made_up_verbs, lookup_verb(rng)), what, slots)
     verb, what, slots = rng.choice(actions)
-    if split == "train" and made_up_verbs and rng.random() < made_up_verbs:
-        verb = made_up_word(rng)
+    verb = made_up_or(rng, split, made_up_verbs, verb)
     if made_up:
         what, slots = made_up_word(rng), rng.choice(SLOT_SETS)
     return make_tool(rng, split, "action", verb, what, slots)
