@@ -57,7 +57,7 @@ from lfm2.models.lfm2 import is_plain_linear
 from lfm2.sampling import SamplingParams
 from lfm2.tokenizer import Tokenizer
 from lfm2.train.tokenizer import build_tokenizer
-from lfm2.weights import PROGRESS_BYTES, resolve_checkpoint, save_checkpoint, tensor_table
+from lfm2.weights import PROGRESS_BYTES, move_to_huge_pages, resolve_checkpoint, save_checkpoint, tensor_table
 
 GGMLType = gguf.GGMLQuantizationType
 TokenType = gguf.TokenType
@@ -748,6 +748,8 @@ def load_gguf(
     device = parse_device(device)
     config, model, tokenizer, f = read_gguf(path, parse_dtype(dtype, device), device, quantize=quantize,
                                             group_size=group_size)
+    if quantize is not None and device.type == "cpu":
+        move_to_huge_pages(model)  # weights made in memory from the file's blocks (see lfm2.weights)
     return GGUFLLM(model=model, config=config, tokenizer=tokenizer, path=f.path,
                    generation_defaults=generation_defaults_from_gguf(f))
 

@@ -16,7 +16,7 @@ from lfm2.generate import GenerationStats, stream_text
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.sampling import SamplingParams
-from lfm2.weights import load_into, resolve_checkpoint
+from lfm2.weights import load_into, move_to_huge_pages, resolve_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -281,7 +281,9 @@ def load(
                               "model with adapter= and quantize=, which folds the adapter in before quantizing)")
         load_quantized_into(model, ckpt, device)
     else:
-        load_into(model, ckpt, device)
+        # Quantized on load: the float weights stay memory-mapped (they are about to be replaced),
+        # and the quantized model moves onto huge pages below.
+        load_into(model, ckpt, device, huge_pages=quantize is None)
     model.eval()
     llm = LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt)
     if quantize is not None and stored is None:
@@ -291,6 +293,8 @@ def load(
             merge_lora(_with_adapter(llm, adapter).model)
             adapter = None
         quantize_model(model, quantize, group_size)
+        if device.type == "cpu":
+            move_to_huge_pages(model)
     return _compiled(_with_adapter(llm, adapter), compile)
 
 

@@ -500,7 +500,7 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
     ones) before the model is touched, as `lfm2.weights.load_into` does. Float tensors take the
     dtype of the meta model's parameters (`cast_model`: float32 routers stay float32).
     """
-    from lfm2.weights import iter_tensors, tensor_table
+    from lfm2.weights import iter_tensors, read_tensors, tensor_table, use_huge_pages
 
     ckpt = Path(ckpt)
     q = read_quantization(ckpt)
@@ -544,10 +544,13 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
         if name.endswith((".qweight", ".scales")) and _SAFETENSORS_DTYPES.get(info["dtype"]) != t.dtype:
             raise CheckpointError(f"{path}: tensor {name!r} is {info['dtype']}, expected {t.dtype} for the "
                                   f"quantization in config.json ({q})")
-    state = {}
-    for name, t in iter_tensors(table, list(expected)):
-        quantized = name.endswith((".qweight", ".scales"))
-        state[name] = t.to(device=device) if quantized else t.to(device=device, dtype=expected[name].dtype)
+    if torch.device(device).type == "cpu" and use_huge_pages():
+        state = read_tensors(table, {name: (tuple(t.shape), t.dtype) for name, t in expected.items()})
+    else:
+        state = {}
+        for name, t in iter_tensors(table, list(expected)):
+            quantized = name.endswith((".qweight", ".scales"))
+            state[name] = t.to(device=device) if quantized else t.to(device=device, dtype=expected[name].dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.quantization = quantization_info(model)
     return model

@@ -1,9 +1,13 @@
 """Reading and writing checkpoints in Hugging Face's layout.
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed in
-`model.safetensors.index.json`. Tensors are memory-mapped and handed to the model as they are
-when the dtype already matches, so loading a float32 checkpoint as float32 keeps one copy of
-the weights in memory (the page cache's), not two.
+`model.safetensors.index.json`. On the CPU, the weights are read straight from the files into one
+buffer backed by 2 MiB huge pages (`WeightArena`): decode streams every weight once per token,
+and with 4 KiB pages that stream pays a TLB miss every 4 KiB (measured: an int4 350M decode step
+10% faster on huge pages). Each tensor is read into its place (converted through a one-tensor
+temporary when the dtypes differ), so loading never holds two copies of the model.
+`LFM2_MMAP=1` keeps the old behaviour: tensors memory-mapped from the files (one copy in memory,
+the page cache's, but 4 KiB pages).
 
 Everything is checked before the model is touched: a truncated file, a missing tensor or a
 tensor of the wrong shape raises one `CheckpointError` naming the file and the tensor; a
@@ -12,14 +16,17 @@ partial model is never returned.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,8 +39,94 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
 # Checkpoints above this size show a progress bar while loading.
 PROGRESS_BYTES = 512 * 2**20
+HUGE_PAGE = 2 << 20
+_ALIGN = 64  # bytes between tensors in an arena: a cache line, and any dtype's alignment
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def use_huge_pages() -> bool:
+    """Whether CPU weights go into a huge-page arena (Linux, unless LFM2_MMAP=1)."""
+    return sys.platform.startswith("linux") and os.environ.get("LFM2_MMAP", "") not in ("1", "true", "yes")
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor of `nbytes`, 2 MiB-aligned and advised for transparent huge pages.
+
+    The memory is advised before anything touches it, so the kernel backs it with huge pages as
+    it is first written (THP in `madvise` mode, the usual default; with THP off it is ordinary
+    memory). Only the pages written become resident: the alignment slack costs address space."""
+    buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % HUGE_PAGE
+    if use_huge_pages() and nbytes:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(buf.data_ptr() + start), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass  # no madvise: ordinary pages, same results
+    return buf[start : start + nbytes]
+
+
+class WeightArena:
+    """Tensors laid out one after another in one huge-page buffer (see the module docstring)."""
+
+    def __init__(self, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self.buffer = huge_page_buffer(sum(_aligned(_nbytes(shape, dtype)) for shape, dtype in specs))
+        self.offset = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next slot, as an uninitialised tensor of this shape and dtype."""
+        n = _nbytes(shape, dtype)
+        if self.offset + n > self.buffer.numel():
+            raise ValueError(f"WeightArena: no room for {list(shape)} {dtype} (asked for more than its specs)")
+        t = self.buffer[self.offset : self.offset + n].view(dtype).view(shape)
+        self.offset += _aligned(n)
+        return t
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def move_to_huge_pages(model: torch.nn.Module) -> torch.nn.Module:
+    """Move a CPU model's parameters and buffers into one huge-page arena, tensor by tensor.
+
+    For weights made in memory (quantized on load, converted from GGUF blocks): each old tensor
+    is freed as soon as its copy is made, so memory grows by one tensor at most. Tensors shared
+    between modules stay shared."""
+    if not use_huge_pages():
+        return model
+    slots: dict[int, list[tuple[dict, str]]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None and t.device.type == "cpu":
+                    slots.setdefault(id(t), []).append((table, name))
+                    tensors[id(t)] = t
+    arena = WeightArena([(tuple(t.shape), t.dtype) for t in tensors.values()])
+    for key in list(tensors):
+        t = tensors.pop(key)  # the last reference here: the old tensor is freed once rebound
+        new = arena.take(tuple(t.shape), t.dtype)
+        new.copy_(t.detach())
+        if isinstance(t, torch.nn.Parameter):
+            t.data = new  # every holder of this Parameter (tied weights) sees the move
+        else:
+            for table, name in slots[key]:
+                table[name] = new
+    return model
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
@@ -93,6 +186,7 @@ def read_header(path: Path) -> dict[str, dict]:
     data_size = size - 8 - n
     for name, info in header.items():
         begin, end = info["data_offsets"]
+        info["file_offset"] = 8 + n + begin
         if end > data_size:
             raise CheckpointError(
                 f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section but the file "
@@ -148,7 +242,49 @@ def iter_tensors(table: dict[str, tuple[Path, dict]], names: list[str]) -> Itera
             yield name, t
 
 
-def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str) -> None:
+def read_tensors(
+    table: dict[str, tuple[Path, dict]], specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, torch.Tensor]:
+    """The tensors `specs` names (name -> (shape, dtype)), read from their files into one `WeightArena`.
+
+    Plain reads, no memory map: the page cache may keep the file, but this process holds one
+    copy. A tensor stored in another dtype is read into a temporary and converted into place."""
+    arena = WeightArena(list(specs.values()))
+    out = {}
+    total = sum(table[name][1]["data_offsets"][1] - table[name][1]["data_offsets"][0] for name in specs)
+    with ExitStack() as stack, tqdm(
+        total=total, unit="B", unit_scale=True, desc="loading", disable=total < PROGRESS_BYTES
+    ) as bar:
+        files = {}
+        for name, (shape, dtype) in specs.items():
+            path, info = table[name]
+            if path not in files:
+                files[path] = stack.enter_context(open(path, "rb", buffering=0))
+            stored = _TORCH_DTYPES.get(info["dtype"])
+            if stored is None:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which lfm2 cannot load")
+            slot = arena.take(shape, dtype)
+            target = slot if stored == dtype else torch.empty(shape, dtype=stored)
+            _read_exact(files[path], info["file_offset"], target, path, name)
+            if target is not slot:
+                slot.copy_(target)
+            bar.update(target.numel() * target.element_size())
+            out[name] = slot
+    return out
+
+
+def _read_exact(f: Any, offset: int, out: torch.Tensor, path: Path, name: str) -> None:
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{path}: tensor {name!r} ends early: the file is truncated (re-download it)")
+        got += n
+
+
+def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str, huge_pages: bool = True) -> None:
     """Fill a model built on the meta device with the checkpoint's weights, after checking them all.
 
     Each tensor takes the dtype of the meta model's parameter, so whatever `cast_model` decided
@@ -176,9 +312,11 @@ def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str) ->
             f"{ckpt}: unexpected tensor(s) {', '.join(unexpected[:5])}: the checkpoint is not an "
             f"{model.config.model_type} model of this config"
         )
-    state = {}
-    for name, t in iter_tensors(table, list(expected)):
-        state[name] = t.to(device=device, dtype=expected[name].dtype)
+    if huge_pages and torch.device(device).type == "cpu" and use_huge_pages():
+        state = read_tensors(table, {name: (tuple(p.shape), p.dtype) for name, p in expected.items()})
+    else:
+        tensors = iter_tensors(table, list(expected))
+        state = {name: t.to(device=device, dtype=expected[name].dtype) for name, t in tensors}
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -204,6 +342,8 @@ def save_checkpoint(
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file atomically (temp file, then rename), with a plain file's mode."""
+    # safetensors refuses tensors that share memory; loaded weights are slots of one arena.
+    state = {k: v if _owns_storage(v) else v.contiguous().clone() for k, v in state.items()}
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
         tmp_path = tmp.name
     try:

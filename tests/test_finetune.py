@@ -274,12 +274,14 @@ def test_sft_kill_and_resume_reproduces_the_run(chat_checkpoint, tmp_path):
 
 def test_torchrun_two_processes_equal_one(chat_checkpoint, tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", _conversations(40))
-    single = finetune(_args("sft", chat_checkpoint, data, tmp_path / "one", max_steps=4, lr=1e-2, full=True))
+    # float32: under bfloat16 autocast a batch split over two processes rounds differently
+    single = finetune(_args("sft", chat_checkpoint, data, tmp_path / "one", max_steps=4, lr=1e-2, full=True,
+                            autocast="off"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lfm2",
            "finetune", "sft", "--model", str(chat_checkpoint), "--data", str(data), "--out", str(tmp_path / "two"),
            "--max-steps", "4", "--lr", "1e-2", "--full", "--batch-size", "4", "--seq-len", "128",
-           "--eval-every", "5", "--save-every", "2"]
+           "--eval-every", "5", "--save-every", "2", "--autocast", "off"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _losses(single), _losses(tmp_path / "two")

@@ -172,3 +172,58 @@ def test_sharded_checkpoint(tiny_checkpoint, tmp_path):
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="lists shard 'model-00002-of-00002.safetensors', which is missing"):
         lfm2.load(sharded)
+
+
+def _storages(model: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_weights_are_read_into_one_huge_page_arena(tiny_checkpoint, tmp_path, monkeypatch, dtype):
+    """Weights land in one 2 MiB-aligned buffer (huge pages) with the values the memory-mapped path gives,
+    also when the file's dtype differs (a bf16 checkpoint loaded as float32), and save back unchanged."""
+    from lfm2.weights import HUGE_PAGE, save_checkpoint
+
+    ckpt = tiny_checkpoint
+    if dtype == torch.bfloat16:
+        ckpt = tmp_path / "bf16"
+        shutil.copytree(tiny_checkpoint, ckpt)
+        tensors = load_file(ckpt / "model.safetensors")
+        save_file({k: v.to(dtype) for k, v in tensors.items()}, ckpt / "model.safetensors")
+    model = lfm2.load(ckpt).model
+    assert len(_storages(model)) == 1
+    assert min(t.data_ptr() for t in model.parameters()) % HUGE_PAGE == 0
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    monkeypatch.setenv("LFM2_MMAP", "1")
+    mapped = lfm2.load(ckpt).model
+    assert len(_storages(mapped)) > 1
+    x = torch.randint(0, 512, (1, 9))
+    assert torch.equal(model(x), mapped(x))
+    save_checkpoint(model, tmp_path / "saved")  # safetensors refuses shared storage: slots are written apart
+    assert torch.equal(lfm2.load(tmp_path / "saved").model(x), mapped(x))
+
+
+def test_quantized_models_move_to_huge_pages(tiny_checkpoint, tmp_path):
+    from lfm2.quant import quantize_checkpoint
+    from lfm2.weights import move_to_huge_pages
+
+    x = torch.randint(0, 512, (1, 9))
+    on_load = lfm2.load(tiny_checkpoint, quantize="int4").model  # quantized in memory, then moved
+    assert len(_storages(on_load)) == 1
+    quantize_checkpoint(tiny_checkpoint, tmp_path / "q", "int4")
+    stored = lfm2.load(tmp_path / "q").model  # read from the file into the arena
+    assert len(_storages(stored)) == 1
+    assert torch.equal(on_load(x), stored(x))
+    before = stored(x)
+    assert torch.equal(move_to_huge_pages(stored)(x), before)  # idempotent, values kept
+
+
+def test_truncated_tensor_data_is_named(tiny_checkpoint):
+    from lfm2.weights import read_tensors, tensor_table
+
+    table = tensor_table(tiny_checkpoint)
+    name = next(iter(table))
+    path, info = table[name]
+    info = {**info, "file_offset": path.stat().st_size - 4}  # as if the file ended inside this tensor
+    with pytest.raises(CheckpointError, match="ends early"):
+        read_tensors({name: (path, info)}, {name: (tuple(info["shape"]), torch.float32)})

@@ -128,3 +128,26 @@ def test_unknown_split_is_refused():
 
 def test_calculator_answers_are_right():
     assert eval_expression("2 + 3 * 4") == 14
+
+
+def test_longer_conversations_call_other_listed_tools():
+    """`exchanges` > 1: later requests in the same conversation call other tools from its list."""
+    assert all(sum(m["role"] == "user" for m in c["messages"]) == 1 for c in conversations(100, seed=6))
+    convs = conversations(300, seed=6, tool_fraction=0.7, made_up_verbs=0.4, exchanges=3)
+    turns = [sum(m["role"] == "user" for m in c["messages"]) for c in convs]
+    assert max(turns) == 3 and 0.3 < sum(t > 1 for t in turns) / len(turns) < 0.9
+    later_calls = 0
+    for conv in convs:
+        msgs = conv["messages"]
+        assert msgs[0]["role"] in ("user", "system") and all(m["role"] != "system" for m in msgs[1:])
+        listed = {t["function"]["name"] for t in conv.get("tools", [])}
+        called = [(i, m["tool_calls"][0]["function"]) for i, m in enumerate(msgs) if m.get("tool_calls")]
+        if "expected" in conv:
+            assert called[0][1]["name"] == conv["expected"]["name"]
+        assert len({f["name"] for _, f in called}) == len(called)  # each listed tool called at most once
+        for i, fn in called[1:]:
+            later_calls += 1
+            assert fn["name"] in listed and msgs[i - 1]["role"] == "user"
+            assert all(str(v) in msgs[i - 1]["content"] for v in json.loads(fn["arguments"]).values())
+            assert msgs[i + 1]["role"] == "tool" and msgs[i + 2]["role"] == "assistant"
+    assert later_calls > 50

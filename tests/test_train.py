@@ -139,6 +139,16 @@ def test_bad_config_is_named(tmp_path):
         TrainConfig.from_json(p)
 
 
+def test_autocast_option():
+    from lfm2.train.trainer import uses_bf16
+
+    with pytest.raises(lfm2.LFM2Error, match="autocast must be"):
+        TrainConfig(out_dir="x", data_dir="y", autocast="fp16")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16("bf16", cpu) and not uses_bf16("off", cpu) and not uses_bf16("off", cuda)
+    assert uses_bf16("auto", cuda)  # CPUs: only with native bf16 (see cpu_has_native_bf16)
+
+
 def test_bundle_recipe_end_to_end(tmp_path):
     """Every step of the bundled-model recipe at toy scale, on a small injected corpus."""
     from lfm2.train.bundle import BundleConfig, build

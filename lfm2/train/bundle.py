@@ -55,14 +55,18 @@ class BundleConfig:
     # Tools with made-up verbs in the fine-tuning conversations (not in the tokenizer's texts):
     # a verb no prior predicts is what teaches the model to read the name off the tool list.
     sft_made_up_verbs: float = 0.4
+    # Conversations of up to this many exchanges (the same tool list, other tools called later):
+    # the model learns to follow a conversation, and reads each long tool list for several calls.
+    sft_exchanges: int = 3
     pretrain_steps: int = 300
     copy_steps: int = 1400  # induction forms after ~500 steps of 32 rows x 96 tokens (measured)
     copy_batch_size: int = 32
     copy_seq_len: int = 96
-    sft_steps: int = 1100
+    sft_steps: int = 2400
     batch_size: int = 16
     seq_len: int = 256
-    sft_seq_len: int = 512  # rows of packed conversations (each conversation whole)
+    sft_batch_size: int = 12
+    sft_seq_len: int = 768  # rows of packed conversations (each whole; the longest of 3000 measured: 727)
     eval_prompts: int = 200
     seed: int = 0
     corpus_limit: int = 0  # 0: the whole corpus
@@ -71,8 +75,8 @@ class BundleConfig:
     def quick(cls, out: str) -> BundleConfig:
         """Every step at toy scale, to check the recipe end to end in a few minutes."""
         return cls(out=out, vocab_size=600, sft_conversations=300, pretrain_steps=20, copy_steps=10, sft_steps=20,
-                   batch_size=4, seq_len=64, copy_batch_size=4, copy_seq_len=32, sft_seq_len=1024, eval_prompts=10,
-                   corpus_limit=200,
+                   batch_size=4, sft_batch_size=4, seq_len=64, copy_batch_size=4, copy_seq_len=32, sft_seq_len=1024,
+                   eval_prompts=10, corpus_limit=200,
                    model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                               intermediate_size=48, layer_types=["conv", "full_attention"],
                               max_position_embeddings=512))
@@ -104,7 +108,7 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
         print("[2/6] data: packing the corpus, rendering the conversations")
         prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
         sft_convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train",
-                                  made_up_verbs=cfg.sft_made_up_verbs)
+                                  made_up_verbs=cfg.sft_made_up_verbs, exchanges=cfg.sft_exchanges)
         cut = len(sft_convs) * 95 // 100
         prepare_chat(_with_text(sft_convs[:cut], docs, cfg), tok, data, "sft", max_len=cfg.sft_seq_len,
                      drop_longer=True)
@@ -123,9 +127,10 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
                              seq_len=cfg.copy_seq_len, max_steps=cfg.copy_steps, lr=1e-3, min_lr=1e-3,
                              warmup_steps=max(1, min(20, cfg.copy_steps // 10)), weight_decay=0.0))
     print("[5/6] supervised fine-tuning")
-    sft = train(TrainConfig(out_dir=str(out / "sft"), init_from=str(copy / "model"), train_split="sft",
-                            val_split="sft_val", seq_len=cfg.sft_seq_len, pack=True, max_steps=cfg.sft_steps, lr=1e-3,
-                            min_lr=1e-4, warmup_steps=max(1, cfg.sft_steps // 20), **common))
+    sft = train(TrainConfig(**{**common, "batch_size": cfg.sft_batch_size}, out_dir=str(out / "sft"),
+                            init_from=str(copy / "model"), train_split="sft", val_split="sft_val",
+                            seq_len=cfg.sft_seq_len, pack=True, max_steps=cfg.sft_steps, lr=1e-3, min_lr=1e-4,
+                            warmup_steps=max(1, cfg.sft_steps // 20)))
     print("[6/6] evaluation")
     model_dir = sft / "model"
     results = evaluate(model_dir, pre, cfg)
@@ -235,8 +240,9 @@ which is what lets so small a model copy a word it has never seen into a tool ca
 ## Training
 `python -m lfm2.train.bundle --out DIR` ({cfg.pretrain_steps} pretraining steps of {cfg.batch_size} x {cfg.seq_len}
 tokens, {cfg.copy_steps} copying steps of {cfg.copy_batch_size} x {cfg.copy_seq_len} random tokens, then
-{cfg.sft_steps} supervised fine-tuning steps of {cfg.batch_size} rows of {cfg.sft_seq_len} tokens packed with whole
-conversations, {cfg.sft_text_fraction:.0%} of them corpus documents; on a 2-core CPU). The conversations'
+{cfg.sft_steps} supervised fine-tuning steps of {cfg.sft_batch_size} rows of {cfg.sft_seq_len} tokens packed
+with whole conversations of up to {cfg.sft_exchanges} exchanges, {cfg.sft_text_fraction:.0%} of the rows' documents
+from the corpus; on a 2-core CPU, under bfloat16 autocast where the CPU multiplies bf16 natively). The conversations'
 tools are built from parts, many made up (subjects, parameter names, values, and {cfg.sft_made_up_verbs:.0%} of the
 verbs), so that the model learns to copy from the tool list and the request rather than to memorise.
 Config: `bundle_config.json`.
@@ -251,8 +257,9 @@ Config: `bundle_config.json`.
   greedy: right tool {results['right_tool']:.1%}, right tool and arguments {results['right_tool_and_arguments']:.1%}
 
 ## Limitations
-Fine-tuned on single exchanges (one request, its tool call and answer): in a conversation of
-several turns it loses its way, so start a new conversation per question.
+A 7M-parameter model: it answers the kinds of questions its conversations contain (greetings,
+capitals, colours, small sums, tool use) and little else; fine-tuned on conversations of up to
+{cfg.sft_exchanges} exchanges, it may lose its way in longer ones.
 """
 
 

@@ -49,6 +49,7 @@ class FinetuneArgs:
     pack: bool = False
     grad_checkpointing: bool = False
     device: str = "cpu"
+    autocast: str = "auto"  # bfloat16 autocast: auto | bf16 | off (see TrainConfig)
     eval_every: int = 50
     save_every: int = 50
     skip_bad_rows: bool = False
@@ -116,7 +117,7 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
         lora=None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
                                         "targets": list(lora.targets)},
         beta=args.beta, teacher=teacher, top_k=args.top_k, temperature=args.temperature,
-        grad_checkpointing=args.grad_checkpointing, device=args.device,
+        grad_checkpointing=args.grad_checkpointing, device=args.device, autocast=args.autocast,
     )
     if rank == 0:
         print(f"{args.kind}: {what}, {steps} steps of {args.batch_size * args.grad_accum}, "
@@ -185,6 +186,8 @@ def add_finetune_parser(sub) -> None:
             k.add_argument("--pack", action="store_true", help="several conversations per row (no leakage)")
         k.add_argument("--grad-checkpointing", action="store_true", help="less activation memory, more compute")
         k.add_argument("--device", default="cpu")
+        k.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                       help="bfloat16 autocast; auto: on CUDA and on CPUs with native bf16 (off: exact float32)")
         k.add_argument("--eval-every", type=int, default=50)
         k.add_argument("--save-every", type=int, default=50)
         k.add_argument("--skip-bad-rows", action="store_true",

@@ -219,43 +219,68 @@ def _value(rng: random.Random, slot: Slot, split: str) -> Any:
     return slot.value(rng)
 
 
-def tool_conversation(rng: random.Random, split: str = "train", made_up_verbs: float = 0.0) -> dict[str, Any]:
+def tool_conversation(
+    rng: random.Random, split: str = "train", made_up_verbs: float = 0.0, exchanges: int = 1
+) -> dict[str, Any]:
     """A conversation: tools listed, a request, the call, its result, and the final answer.
 
     The offered tools are the right one plus up to three distractors from the same split (with
-    other subjects), in a random order, so the model must choose by reading the list.
+    other subjects), in a random order, so the model must choose by reading the list. With
+    `exchanges` > 1 the user goes on, up to that many exchanges in all, with requests for other
+    listed tools or a plain question: the model learns to pick from the same list again, to
+    follow a conversation, and it reads the long tool list once for several calls.
     """
     if split == "train" and rng.random() < 0.15:
         tool, args, ask, result, answer = _classic(rng)
     else:
         tool = random_tool(rng, split, made_up_verbs)
-        args = {name: _value(rng, slot, split) for name, slot in tool.params}
-        phrases = [rng.choice(slot.phrases[split]).format(v=args[name]) for name, slot in tool.params]
-        rng.shuffle(phrases)
-        template = rng.choice(ASK[split][tool.kind])
-        ask = template.format(what=tool.what, What=tool.what.capitalize(), verb=tool.verb,
-                              Verb=tool.verb.capitalize(), args=" ".join(phrases))
-        where = " ".join(phrases)
-        if tool.kind == "lookup":
-            n = rng.randint(1, 999)
-            result, answer = json.dumps({tool.what.replace(" ", "_"): n}), f"The {tool.what} {where} is {n}."
-        else:
-            result = json.dumps({"status": "done", "id": rng.randint(100, 999)})
-            answer = f"Done: your {tool.what} {where} is confirmed."
+        args, ask, result, answer = _request(rng, tool, split)
     offered = [tool]
     while len(offered) < 1 + rng.randint(0, 3):
         other = random_tool(rng, split, made_up_verbs)
         if all(other.what != t.what for t in offered):
             offered.append(other)
     rng.shuffle(offered)
-    call = {"id": f"call_{rng.randrange(16**8):08x}", "type": "function",
-            "function": {"name": tool.name, "arguments": json.dumps(args)}}
-    messages = [{"role": "user", "content": ask},
-                {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call["id"], "content": result},
-                {"role": "assistant", "content": answer}]
+    messages = _exchange(rng, tool, args, ask, result, answer)
+    if exchanges > 1:
+        called = {tool.name}
+        for _ in range(rng.randint(0, exchanges - 1)):
+            fresh = [t for t in offered if t.name not in called]
+            if fresh and rng.random() < 0.8:
+                nxt = rng.choice(fresh)
+                called.add(nxt.name)
+                messages += _exchange(rng, nxt, *_request(rng, nxt, split))
+            else:
+                messages += chat_conversation(rng, system=False)["messages"]
     return {"messages": messages, "tools": [t.schema() for t in offered],
             "expected": {"name": tool.name, "arguments": args}}
+
+
+def _request(rng: random.Random, tool: Tool, split: str) -> tuple[dict[str, Any], str, str, str]:
+    """Arguments for `tool`, the request that asks for them, the tool's result and the answer."""
+    args = {name: _value(rng, slot, split) for name, slot in tool.params}
+    phrases = [rng.choice(slot.phrases[split]).format(v=args[name]) for name, slot in tool.params]
+    rng.shuffle(phrases)
+    template = rng.choice(ASK[split][tool.kind])
+    ask = template.format(what=tool.what, What=tool.what.capitalize(), verb=tool.verb,
+                          Verb=tool.verb.capitalize(), args=" ".join(phrases))
+    where = " ".join(phrases)
+    if tool.kind == "lookup":
+        n = rng.randint(1, 999)
+        return args, ask, json.dumps({tool.what.replace(" ", "_"): n}), f"The {tool.what} {where} is {n}."
+    result = json.dumps({"status": "done", "id": rng.randint(100, 999)})
+    return args, ask, result, f"Done: your {tool.what} {where} is confirmed."
+
+
+def _exchange(rng: random.Random, tool: Tool, args: dict[str, Any], ask: str, result: str,
+              answer: str) -> list[dict[str, Any]]:
+    """The four messages of one tool use: request, call, result, answer."""
+    call = {"id": f"call_{rng.randrange(16**8):08x}", "type": "function",
+            "function": {"name": tool.name, "arguments": json.dumps(args)}}
+    return [{"role": "user", "content": ask},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": result},
+            {"role": "assistant", "content": answer}]
 
 
 def _classic(rng: random.Random) -> tuple[Tool, dict[str, Any], str, str, str]:
@@ -303,8 +328,9 @@ GREETINGS = [
 ]
 
 
-def chat_conversation(rng: random.Random) -> dict[str, Any]:
-    """A short exchange without tools: greeting, a fact from a table, or small arithmetic."""
+def chat_conversation(rng: random.Random, system: bool = True) -> dict[str, Any]:
+    """A short exchange without tools: greeting, a fact from a table, or small arithmetic
+    (`system`: sometimes with a system prompt, as a conversation's first exchange)."""
     kind = rng.randrange(5)
     if kind == 0:
         q, a = rng.choice(GREETINGS)
@@ -321,27 +347,31 @@ def chat_conversation(rng: random.Random) -> dict[str, Any]:
         q = rng.choice(["What is {x} {op} {y}?", "{x} {op} {y} = ?", "Compute {x} {op} {y}."]).format(x=x, op=op, y=y)
         a = f"{x} {op} {y} = {x + y if op == '+' else x - y}."
     messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    if rng.random() < 0.3:
+    if system and rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": "You are a helpful assistant."})
     return {"messages": messages}
 
 
 def conversations(
-    n: int, seed: int, split: str = "train", tool_fraction: float = 0.6, made_up_verbs: float = 0.0
+    n: int, seed: int, split: str = "train", tool_fraction: float = 0.6, made_up_verbs: float = 0.0,
+    exchanges: int = 1,
 ) -> list[dict[str, Any]]:
     """`n` conversations, a `tool_fraction` of them with tools; deterministic in `seed`.
 
     In the training split, one chat conversation in five also lists tools it does not need, so the
-    model learns to answer directly when no tool fits."""
+    model learns to answer directly when no tool fits. `exchanges` > 1 lets conversations go on
+    for up to that many exchanges (with `exchanges=1` the conversations are those of before)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         if rng.random() < tool_fraction:
-            out.append(tool_conversation(rng, split, made_up_verbs))
+            out.append(tool_conversation(rng, split, made_up_verbs, exchanges))
             continue
         conv = chat_conversation(rng)
+        for _ in range(rng.randint(0, exchanges - 1) if exchanges > 1 else 0):
+            conv["messages"] += chat_conversation(rng, system=False)["messages"]
         if split == "train" and rng.random() < 0.2:
             conv["tools"] = [random_tool(rng, split, made_up_verbs).schema() for _ in range(rng.randint(1, 3))]
         out.append(conv)

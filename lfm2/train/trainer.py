@@ -75,12 +75,18 @@ class TrainConfig:
     top_k: int = 32  # distillation: the teacher's top-K kept per position
     temperature: float = 2.0  # distillation: softens the within-top-K term
     grad_checkpointing: bool = False
-    device: str = "cpu"  # cuda trains under bfloat16 autocast
+    device: str = "cpu"
+    # bfloat16 autocast (float32 master weights): "auto" uses it on CUDA and on CPUs with native
+    # bf16 matmuls (AVX-512 BF16 or AMX: ~1.9x faster steps measured on a 2-core Zen 4), where it
+    # would be slower than float32 elsewhere; "bf16" forces it, "off" trains in float32.
+    autocast: str = "auto"
     export: bool = True  # write the final model (or adapter) when max_steps is reached
 
     def __post_init__(self) -> None:
         if self.objective not in ("lm", "dpo", "distill"):
             raise LFM2Error(f"objective must be 'lm', 'dpo' or 'distill', got {self.objective!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise LFM2Error(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.objective == "distill" and not self.teacher:
             raise LFM2Error("objective 'distill' needs a teacher checkpoint")
         for name in ("batch_size", "grad_accum", "max_steps", "seq_len"):
@@ -95,6 +101,22 @@ class TrainConfig:
         if unknown:
             raise LFM2Error(f"{path}: unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**raw)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (Linux flags); without it oneDNN emulates
+    bf16 and autocast makes training slower, not faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def uses_bf16(autocast: str, device: torch.device) -> bool:
+    if autocast == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return autocast == "bf16"
 
 
 def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
@@ -390,7 +412,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    use_bf16 = uses_bf16(cfg.autocast, device)
+    if rank == 0:
+        print(f"training in {'bfloat16 autocast' if use_bf16 else 'float32'} on {device}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     metrics_path = out / "metrics.jsonl"
     metrics = _read_metrics(metrics_path, step)
