@@ -82,8 +82,10 @@ else:
 ttft = stamps[0]
 # VmHWM, not ru_maxrss: the latter survives exec and would start at the parent's size.
 hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+# Memory on 2 MiB pages (lfm2 asks for them for its weights; the kernel may not always grant them).
+huge = sum(int(line.split()[1]) * 1024 for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
 print(json.dumps({"prefill": prompt_len / ttft, "decode": (len(stamps) - 1) / (stamps[-1] - ttft),
-                  "ttft": ttft, "tokens": len(stamps), "rss": hwm, "compile_s": compile_s}))
+                  "ttft": ttft, "tokens": len(stamps), "rss": hwm, "huge_pages": huge, "compile_s": compile_s}))
 """
 
 
