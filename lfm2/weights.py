@@ -135,6 +135,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     Hub ids resolve through the Hugging Face cache; without network and without a cached copy
     the error says how to get the files.
     """
+    if not str(path_or_id).strip():
+        raise CheckpointError("empty checkpoint path: pass a checkpoint directory, a .gguf file or a hub id "
+                              "(or nothing, for the bundled model)")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path

@@ -138,6 +138,11 @@ def test_missing_config(tiny_checkpoint):
         lfm2.load(tiny_checkpoint)
 
 
+def test_empty_path_is_named():
+    with pytest.raises(CheckpointError, match="empty checkpoint path"):
+        lfm2.load("")
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         (tmp_path / "config.json").write_text(json.dumps(ModelConfig().to_dict()))
