@@ -62,7 +62,7 @@ class BundleConfig:
     copy_steps: int = 1400  # induction forms after ~500 steps of 32 rows x 96 tokens (measured)
     copy_batch_size: int = 32
     copy_seq_len: int = 96
-    sft_steps: int = 1800
+    sft_steps: int = 1300
     batch_size: int = 16
     seq_len: int = 256
     sft_batch_size: int = 12
