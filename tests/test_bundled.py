@@ -48,6 +48,15 @@ def test_answers_in_english(llm):
     assert len(words) >= 2 and all(w.isascii() for w in words), reply
 
 
+def test_follows_a_conversation(llm):
+    """A second question in the same conversation is answered on its own terms (fine-tuned on
+    conversations of several exchanges; the previous model garbled every second turn)."""
+    convo = [{"role": "user", "content": "Hello!"}]
+    convo.append(llm.chat(convo, temperature=0, max_new_tokens=40))
+    convo.append({"role": "user", "content": "What is the capital of Japan?"})
+    assert "Tokyo" in llm.chat(convo, temperature=0, max_new_tokens=40)["content"]
+
+
 def test_calls_known_tools(llm):
     """The README's tools (weather, calculator, unit conversion) with fresh arguments and other tools
     listed beside them. Unseen tools are measured by the recipe's evaluation and reported in the

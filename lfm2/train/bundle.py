@@ -258,8 +258,10 @@ Config: `bundle_config.json`.
 
 ## Limitations
 A 7M-parameter model: it answers the kinds of questions its conversations contain (greetings,
-capitals, colours, small sums, tool use) and little else; fine-tuned on conversations of up to
-{cfg.sft_exchanges} exchanges, it may lose its way in longer ones.
+capitals, colours, small sums, tool use) and little else, and its sums are often wrong; fine-tuned
+on conversations of up to {cfg.sft_exchanges} exchanges, it may lose its way in longer ones. It calls the tools
+of its training data, and tools it has never seen when they are asked for in its training phrasings,
+but requests worded in new ways (the held-out prompts above) it almost never turns into the right call.
 """
 
 
