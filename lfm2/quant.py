@@ -500,7 +500,7 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
     ones) before the model is touched, as `lfm2.weights.load_into` does. Float tensors take the
     dtype of the meta model's parameters (`cast_model`: float32 routers stay float32).
     """
-    from lfm2.weights import iter_tensors, read_tensors, tensor_table, use_huge_pages
+    from lfm2.weights import SAFETENSORS_DTYPES, read_state, tensor_table
 
     ckpt = Path(ckpt)
     q = read_quantization(ckpt)
@@ -541,22 +541,14 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
         if tuple(info["shape"]) != tuple(t.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {info['shape']}, expected {list(t.shape)} "
                                   f"from config.json (quantization {q})")
-        if name.endswith((".qweight", ".scales")) and _SAFETENSORS_DTYPES.get(info["dtype"]) != t.dtype:
+        if name.endswith((".qweight", ".scales")) and SAFETENSORS_DTYPES.get(info["dtype"]) != t.dtype:
             raise CheckpointError(f"{path}: tensor {name!r} is {info['dtype']}, expected {t.dtype} for the "
                                   f"quantization in config.json ({q})")
-    if torch.device(device).type == "cpu" and use_huge_pages():
-        state = read_tensors(table, {name: (tuple(t.shape), t.dtype) for name, t in expected.items()})
-    else:
-        state = {}
-        for name, t in iter_tensors(table, list(expected)):
-            quantized = name.endswith((".qweight", ".scales"))
-            state[name] = t.to(device=device) if quantized else t.to(device=device, dtype=expected[name].dtype)
+    # Quantized tensors' dtypes were checked above to equal the expected ones, so one cast fits all.
+    state = read_state(table, expected, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.quantization = quantization_info(model)
     return model
-
-
-_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F16": torch.float16}
 
 
 def _meta_linear(linear: nn.Linear, kind: str, group: int | None, compute: torch.dtype, where: str,

@@ -39,9 +39,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 # Checkpoints above this size show a progress bar while loading.
 PROGRESS_BYTES = 512 * 2**20
 HUGE_PAGE = 2 << 20
@@ -263,7 +263,7 @@ def read_tensors(
             path, info = table[name]
             if path not in files:
                 files[path] = stack.enter_context(open(path, "rb", buffering=0))
-            stored = _TORCH_DTYPES.get(info["dtype"])
+            stored = SAFETENSORS_DTYPES.get(info["dtype"])
             if stored is None:
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which lfm2 cannot load")
             slot = arena.take(shape, dtype)
@@ -285,6 +285,18 @@ def _read_exact(f: Any, offset: int, out: torch.Tensor, path: Path, name: str) -
         if not n:
             raise CheckpointError(f"{path}: tensor {name!r} ends early: the file is truncated (re-download it)")
         got += n
+
+
+def read_state(table: dict[str, tuple[Path, dict]], expected: dict[str, torch.Tensor], device: torch.device | str,
+               huge_pages: bool = True) -> dict[str, torch.Tensor]:
+    """The checked tensors `expected` names (meta tensors giving shape and dtype), each in its dtype on `device`.
+
+    On the CPU (unless `huge_pages` is False or LFM2_MMAP=1) they are read into one huge-page
+    arena (`read_tensors`); elsewhere they come memory-mapped and are moved and cast as needed."""
+    if huge_pages and torch.device(device).type == "cpu" and use_huge_pages():
+        return read_tensors(table, {name: (tuple(t.shape), t.dtype) for name, t in expected.items()})
+    tensors = iter_tensors(table, list(expected))
+    return {name: t.to(device=device, dtype=expected[name].dtype) for name, t in tensors}
 
 
 def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str, huge_pages: bool = True) -> None:
@@ -315,11 +327,7 @@ def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str, hu
             f"{ckpt}: unexpected tensor(s) {', '.join(unexpected[:5])}: the checkpoint is not an "
             f"{model.config.model_type} model of this config"
         )
-    if huge_pages and torch.device(device).type == "cpu" and use_huge_pages():
-        state = read_tensors(table, {name: (tuple(p.shape), p.dtype) for name, p in expected.items()})
-    else:
-        tensors = iter_tensors(table, list(expected))
-        state = {name: t.to(device=device, dtype=expected[name].dtype) for name, t in tensors}
+    state = read_state(table, expected, device, huge_pages)
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
