@@ -189,6 +189,7 @@ def test_cpu_weights_are_read_into_one_huge_page_arena(tiny_checkpoint, tmp_path
     also when the file's dtype differs (a bf16 checkpoint loaded as float32), and save back unchanged."""
     from lfm2.weights import HUGE_PAGE, save_checkpoint
 
+    monkeypatch.delenv("LFM2_MMAP", raising=False)  # the default, whatever the caller's environment
     ckpt = tiny_checkpoint
     if dtype == torch.bfloat16:
         ckpt = tmp_path / "bf16"
@@ -208,9 +209,11 @@ def test_cpu_weights_are_read_into_one_huge_page_arena(tiny_checkpoint, tmp_path
     assert torch.equal(lfm2.load(tmp_path / "saved").model(x), mapped(x))
 
 
-def test_quantized_models_move_to_huge_pages(tiny_checkpoint, tmp_path):
+def test_quantized_models_move_to_huge_pages(tiny_checkpoint, tmp_path, monkeypatch):
     from lfm2.quant import quantize_checkpoint
     from lfm2.weights import move_to_huge_pages
+
+    monkeypatch.delenv("LFM2_MMAP", raising=False)
 
     x = torch.randint(0, 512, (1, 9))
     on_load = lfm2.load(tiny_checkpoint, quantize="int4").model  # quantized in memory, then moved
