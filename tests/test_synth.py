@@ -151,3 +151,30 @@ def test_longer_conversations_call_other_listed_tools():
             assert all(str(v) in msgs[i - 1]["content"] for v in json.loads(fn["arguments"]).values())
             assert msgs[i + 1]["role"] == "tool" and msgs[i + 2]["role"] == "assistant"
     assert later_calls > 50
+
+
+def test_made_up_words_from_a_vocabulary():
+    """`words`: made-up subjects, verbs, parameter names and values are words of the corpus vocabulary
+    (so the model learns to copy any word), never a held-out tool's word; the syllable default is unchanged."""
+    from lfm2.train.synth import heldout_words, vocabulary
+
+    docs = ["the quick brown fox jumps over the lazy humidity dog " * 10, "an ox ate a lantern " * 10]
+    words = vocabulary(docs, min_count=10)
+    assert "fox" in words and "lantern" in words and "ox" not in words  # 3-12 letters, seen 10 times
+    assert "humidity" not in words and "humidity" in heldout_words()
+    assert vocabulary(docs, min_count=11) == ("the",)  # 20 times
+    pool = {"quick", "brown", "fox", "jumps", "over", "lazy", "dog", "ate", "lantern"}
+    assert set(words) == pool | {"the"}
+    convs = conversations(300, seed=0, split="train", tool_fraction=1.0, made_up_verbs=0.4, words=words)
+    assert convs != conversations(300, seed=0, split="train", tool_fraction=1.0, made_up_verbs=0.4)
+    names = [c["expected"]["name"] for c in convs]
+    from_pool = [n for n in names if set(n.split("_")[1:]) <= set(words)]
+    assert len(from_pool) > 60  # made-up subjects and objects: one or two vocabulary words
+    assert any(len(n.split("_")) == 3 for n in from_pool)
+    assert any(n.split("_")[0] in words for n in names)  # made-up verbs
+    values = [v for c in convs for v in c["expected"]["arguments"].values() if isinstance(v, str)]
+    assert sum(v.lower() in words for v in values) > 50
+    params = {k for c in convs for k in c["expected"]["arguments"]}
+    assert params & set(words)
+    held = conversations(200, seed=1, split="heldout", tool_fraction=1.0, words=words)
+    assert held == conversations(200, seed=1, split="heldout", tool_fraction=1.0)  # held-out: no made-up words

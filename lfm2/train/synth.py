@@ -13,7 +13,9 @@ tools have made-up subjects or objects (`get_velmorpim`), a third of their param
 names, half their city, person and topic values are made-up words, and `made_up_verbs` (used for
 the bundled model's fine-tuning data) gives some tools made-up verbs too: no amount of memorising
 predicts those, only copying them (from the tool list, from the request) lowers the loss, and
-copying is what calling an unseen tool takes. To measure
+copying is what calling an unseen tool takes. The made-up words are syllable strings by default;
+`words` (a `vocabulary` of the corpus) draws them from real words instead, so that what the model
+learns to copy is any word, not a closed set of syllable tokens. To measure
 generalisation rather than memory, `split="heldout"` draws from subjects, objects, tool
 descriptions and request phrasings that `split="train"` never uses.
 """
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,25 +173,54 @@ class Tool:
             "parameters": {"type": "object", "properties": props, "required": [n for n, _ in self.params]}}}
 
 
-def make_tool(rng: random.Random, split: str, kind: str, verb: str, what: str, slots: str) -> Tool:
+def make_tool(rng: random.Random, split: str, kind: str, verb: str, what: str, slots: str,
+              words: Sequence[str] | None = None) -> Tool:
     """A tool from parts, with parameter names and description drawn at random."""
     params, used = [], set()
     for s in slots.split():
         slot = SLOTS[s]
-        name = made_up_or(rng, split, MADE_UP_PARAM_FRACTION, rng.choice([n for n in slot.names if n not in used]))
+        name = made_up_or(rng, split, MADE_UP_PARAM_FRACTION, rng.choice([n for n in slot.names if n not in used]),
+                          words)
         used.add(name)
         params.append((name, slot))
     desc = rng.choice(DESCRIBE[split][kind]).format(what=what, verb=verb, Verb=verb.capitalize())
     return Tool(f"{verb}_{what.replace(' ', '_')}", desc, kind, verb, what, tuple(params))
 
 
-def made_up_word(rng: random.Random) -> str:
+def heldout_words() -> set[str]:
+    """Every word of the held-out subjects, objects and verbs: never drawn as a made-up word."""
+    parts = [w for what, _ in LOOKUPS_HELDOUT for w in what.split()]
+    parts += [w for verb, what, _ in ACTIONS_HELDOUT for w in (verb, *what.split())]
+    return set(parts)
+
+
+def vocabulary(docs: Iterable[str], min_count: int = 10) -> tuple[str, ...]:
+    """Lower-case words of 3-12 letters seen at least `min_count` times in `docs`, minus the held-out
+    tools' words: real words to stand in for made-up ones (sorted, so deterministic in `docs`)."""
+    counts = Counter(w for d in docs for w in re.findall(r"\b[a-z]{3,12}\b", d))
+    banned = heldout_words()
+    return tuple(sorted(w for w, n in counts.items() if n >= min_count and w not in banned))
+
+
+def made_up_word(rng: random.Random, words: Sequence[str] | None = None) -> str:
+    """A word no prior predicts: a random word of `words`, else a string of two or three syllables."""
+    if words:
+        return rng.choice(words)
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
 
 
-def made_up_or(rng: random.Random, split: str, fraction: float, word: str) -> str:
+def made_up_what(rng: random.Random, words: Sequence[str] | None) -> str:
+    """A made-up subject or object: from `words`, one or (a third of the time) two words, as real
+    tool subjects are ("humidity", "air quality")."""
+    if words and rng.random() < 1 / 3:
+        return f"{made_up_word(rng, words)} {made_up_word(rng, words)}"
+    return made_up_word(rng, words)
+
+
+def made_up_or(rng: random.Random, split: str, fraction: float, word: str,
+               words: Sequence[str] | None = None) -> str:
     """`word`, or in training, a `fraction` of the time, a made-up word in its place."""
-    return made_up_word(rng) if split == "train" and fraction and rng.random() < fraction else word
+    return made_up_word(rng, words) if split == "train" and fraction and rng.random() < fraction else word
 
 
 def lookup_verb(rng: random.Random) -> str:
@@ -195,32 +228,35 @@ def lookup_verb(rng: random.Random) -> str:
     return "get" if rng.random() < 0.5 else rng.choice(VERBS_LOOKUP)
 
 
-def random_tool(rng: random.Random, split: str, made_up_verbs: float = 0.0) -> Tool:
+def random_tool(rng: random.Random, split: str, made_up_verbs: float = 0.0,
+                words: Sequence[str] | None = None) -> Tool:
     """A tool of `split`; in training, a `made_up_verbs` fraction have a made-up verb (`zormef_weather`,
     "Please zormef a table"), which only reading the tool list or the request predicts."""
     lookups = LOOKUPS_TRAIN if split == "train" else LOOKUPS_HELDOUT
     actions = ACTIONS_TRAIN if split == "train" else ACTIONS_HELDOUT
     made_up = split == "train" and rng.random() < MADE_UP_FRACTION
     if rng.random() < 0.6:
-        what, slots = (made_up_word(rng), rng.choice(SLOT_SETS)) if made_up else rng.choice(lookups)
-        return make_tool(rng, split, "lookup", made_up_or(rng, split, made_up_verbs, lookup_verb(rng)), what, slots)
+        what, slots = (made_up_what(rng, words), rng.choice(SLOT_SETS)) if made_up else rng.choice(lookups)
+        verb = made_up_or(rng, split, made_up_verbs, lookup_verb(rng), words)
+        return make_tool(rng, split, "lookup", verb, what, slots, words)
     verb, what, slots = rng.choice(actions)
-    verb = made_up_or(rng, split, made_up_verbs, verb)
+    verb = made_up_or(rng, split, made_up_verbs, verb, words)
     if made_up:
-        what, slots = made_up_word(rng), rng.choice(SLOT_SETS)
-    return make_tool(rng, split, "action", verb, what, slots)
+        what, slots = made_up_what(rng, words), rng.choice(SLOT_SETS)
+    return make_tool(rng, split, "action", verb, what, slots, words)
 
 
-def _value(rng: random.Random, slot: Slot, split: str) -> Any:
+def _value(rng: random.Random, slot: Slot, split: str, words: Sequence[str] | None = None) -> Any:
     """An argument value; in training, half the cities, people and topics are made-up words."""
     if split == "train" and slot.kind in ("city", "person", "topic") and rng.random() < MADE_UP_VALUE_FRACTION:
-        word = made_up_word(rng)
+        word = made_up_word(rng, words)
         return word if slot.kind == "topic" else word.capitalize()
     return slot.value(rng)
 
 
 def tool_conversation(
-    rng: random.Random, split: str = "train", made_up_verbs: float = 0.0, exchanges: int = 1
+    rng: random.Random, split: str = "train", made_up_verbs: float = 0.0, exchanges: int = 1,
+    words: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A conversation: tools listed, a request, the call, its result, and the final answer.
 
@@ -233,11 +269,11 @@ def tool_conversation(
     if split == "train" and rng.random() < 0.15:
         tool, args, ask, result, answer = _classic(rng)
     else:
-        tool = random_tool(rng, split, made_up_verbs)
-        args, ask, result, answer = _request(rng, tool, split)
+        tool = random_tool(rng, split, made_up_verbs, words)
+        args, ask, result, answer = _request(rng, tool, split, words)
     offered = [tool]
     while len(offered) < 1 + rng.randint(0, 3):
-        other = random_tool(rng, split, made_up_verbs)
+        other = random_tool(rng, split, made_up_verbs, words)
         if all(other.what != t.what for t in offered):
             offered.append(other)
     rng.shuffle(offered)
@@ -249,16 +285,17 @@ def tool_conversation(
             if fresh and rng.random() < 0.8:
                 nxt = rng.choice(fresh)
                 called.add(nxt.name)
-                messages += _exchange(rng, nxt, *_request(rng, nxt, split))
+                messages += _exchange(rng, nxt, *_request(rng, nxt, split, words))
             else:
                 messages += chat_conversation(rng, system=False)["messages"]
     return {"messages": messages, "tools": [t.schema() for t in offered],
             "expected": {"name": tool.name, "arguments": args}}
 
 
-def _request(rng: random.Random, tool: Tool, split: str) -> tuple[dict[str, Any], str, str, str]:
+def _request(rng: random.Random, tool: Tool, split: str,
+             words: Sequence[str] | None = None) -> tuple[dict[str, Any], str, str, str]:
     """Arguments for `tool`, the request that asks for them, the tool's result and the answer."""
-    args = {name: _value(rng, slot, split) for name, slot in tool.params}
+    args = {name: _value(rng, slot, split, words) for name, slot in tool.params}
     phrases = [rng.choice(slot.phrases[split]).format(v=args[name]) for name, slot in tool.params]
     rng.shuffle(phrases)
     template = rng.choice(ASK[split][tool.kind])
@@ -354,25 +391,26 @@ def chat_conversation(rng: random.Random, system: bool = True) -> dict[str, Any]
 
 def conversations(
     n: int, seed: int, split: str = "train", tool_fraction: float = 0.6, made_up_verbs: float = 0.0,
-    exchanges: int = 1,
+    exchanges: int = 1, words: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """`n` conversations, a `tool_fraction` of them with tools; deterministic in `seed`.
 
     In the training split, one chat conversation in five also lists tools it does not need, so the
     model learns to answer directly when no tool fits. `exchanges` > 1 lets conversations go on
-    for up to that many exchanges (with `exchanges=1` the conversations are those of before)."""
+    for up to that many exchanges (with `exchanges=1` the conversations are those of before).
+    `words` draws the made-up words from a vocabulary (see `vocabulary`) instead of syllables."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         if rng.random() < tool_fraction:
-            out.append(tool_conversation(rng, split, made_up_verbs, exchanges))
+            out.append(tool_conversation(rng, split, made_up_verbs, exchanges, words))
             continue
         conv = chat_conversation(rng)
         for _ in range(rng.randint(0, exchanges - 1) if exchanges > 1 else 0):
             conv["messages"] += chat_conversation(rng, system=False)["messages"]
         if split == "train" and rng.random() < 0.2:
-            conv["tools"] = [random_tool(rng, split, made_up_verbs).schema() for _ in range(rng.randint(1, 3))]
+            conv["tools"] = [random_tool(rng, split, made_up_verbs, words).schema() for _ in range(rng.randint(1, 3))]
         out.append(conv)
     return out
