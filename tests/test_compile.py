@@ -23,9 +23,13 @@ def _decode_logits(model, step, prompt: list[int], n: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decode_equals_eager(quantize):
-    model = random_model(tiny_config()).eval()
+WIDE = dict(hidden_size=1024, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("quantize,wide", [(None, False), ("int8", False), (None, True)])
+def test_compiled_decode_equals_eager(quantize, wide):
+    """`wide`: the float32 GEMV and the decode attention kernels traced into the compiled step."""
+    model = random_model(tiny_config(**(WIDE if wide else {}))).eval()
     if quantize:
         quantize_model(model, quantize, 32)
     prompt = [5, 17, 99, 3, 250, 41]
@@ -60,26 +64,31 @@ def test_failed_compile_falls_back_to_eager_with_the_cache_intact():
 
 
 def test_wide_float32_layers_decode_through_the_kernel(monkeypatch):
-    """hidden_size >= 1024: decode-time float32 products run lfm2's GEMV, with F.linear's results."""
+    """hidden_size >= 1024: decode-time float32 products run lfm2's GEMV and attention lfm2's decode
+    attention, with F.linear's and SDPA's results."""
     from lfm2 import kernels
 
     ops = kernels.ops()
     if ops is None:
         pytest.skip(f"no C++ kernels here: {kernels.build_error()}")
-    model = random_model(tiny_config(hidden_size=1024, intermediate_size=1024, num_attention_heads=8,
-                                     num_key_value_heads=2)).eval()
+    model = random_model(tiny_config(**WIDE)).eval()
     prompt = [5, 17, 99, 3, 250, 41]
-    calls = []
+    calls, attention = [], []
 
     class Counting:
         def __getattr__(self, name):
             if name == "fgemv":
                 return lambda *a: calls.append(a[1].shape) or ops.fgemv(*a)
+            if name == "decode_attention":
+                return lambda *a: attention.append(a[1].shape) or ops.decode_attention(*a)
             return getattr(ops, name)
 
     monkeypatch.setattr(kernels, "ops", lambda: Counting())
     fast = _decode_logits(model, model, prompt, 4)
     assert len(calls) >= 4 * 4 * 3  # every wide projection of every decode step (and the head)
+    n_attention = sum(t == "full_attention" for t in model.config.layer_types)
+    assert n_attention and len(attention) == 4 * n_attention  # every decode step
+    assert [k[2] for k in attention[::n_attention]] == [7, 8, 9, 10]  # the whole filled cache each step
     monkeypatch.setenv("LFM2_NO_KERNELS", "1")
     monkeypatch.setattr(kernels, "ops", lambda: None)
     torch.testing.assert_close(fast, _decode_logits(model, model, prompt, 4), atol=1e-4, rtol=1e-4)

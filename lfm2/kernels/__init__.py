@@ -1,9 +1,10 @@
-"""lfm2's C++ kernels (`qgemv.cpp`), compiled on first use and cached.
+"""lfm2's C++ kernels (`qgemv.cpp`, `attention.cpp`), compiled on first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
 run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth: see
 shared/notes/cpu-kernels.md), so the quantized layers of `lfm2.quant` call a small kernel of our
-own; the model's wide float32 layers use its float32 GEMV at decode (`lfm2.models.lfm2.Linear`).
+own; the model's wide float32 layers use its float32 GEMV at decode (`lfm2.models.lfm2.Linear`),
+and its attention layers a decode attention that reads the KV cache once (`attention.cpp`).
 It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)
 into `$LFM2_KERNEL_DIR`, default `~/.cache/lfm2/kernels`, in a directory named after the source,
 the torch version and the compiler flags, so a changed source or a new torch never loads a stale
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("qgemv.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("attention.cpp"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
 DIR_ENV = "LFM2_KERNEL_DIR"
 _SIMD_FLAGS = ("avx2", "fma", "f16c")
@@ -76,14 +78,15 @@ def _build() -> Any:
 
     simd = cpu_has_simd()
     cflags, ldflags = build_flags(simd)
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {cflags}".encode()).hexdigest()[:12]
+    code = b"".join(src.read_bytes() for src in SOURCES)
+    key = hashlib.sha256(code + f"{torch.__version__} {cflags}".encode()).hexdigest()[:12]
     name = f"lfm2_quant_{'avx2' if simd else 'generic'}_{key}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{name}.so").is_file():
         print(f"lfm2: compiling the matmul kernels into {build_dir} (once, about a minute) ...",
               file=sys.stderr, flush=True)
-    load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+    load(name=name, sources=[str(src) for src in SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
          build_directory=str(build_dir), is_python_module=False, verbose=False)
     ops = torch.ops.lfm2_quant
     _register_fakes()
@@ -104,6 +107,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lfm2_quant::qgemm")
     def _(x, qweight, scales, bits, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("lfm2_quant::decode_attention")
+    def _(q, k, v, scale):
+        return q.new_empty(q.shape)
 
     @torch.library.register_fake("lfm2_quant::dequantize")
     def _(qweight, scales, bits, group_size):
@@ -154,4 +161,4 @@ def build_error() -> str | None:
     return _state.get("error")
 
 
-__all__ = ["ops", "disabled", "cpu_has_simd", "has_int8_gemm", "build_error", "cache_dir", "SOURCE"]
+__all__ = ["ops", "disabled", "cpu_has_simd", "has_int8_gemm", "build_error", "cache_dir", "SOURCE", "SOURCES"]
