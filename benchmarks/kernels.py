@@ -1,6 +1,6 @@
 """The quantized-matmul kernels against float32 PyTorch, on the weight matrices of one decode step.
 
-    python benchmarks/kernels.py [--preset LFM2-350M] [--threads 2] [--reps 7] [--rows]
+    python benchmarks/kernels.py [--preset LFM2-350M] [--threads 2] [--reps 7] [--rows] [--attention]
 
 For each weight shape of the preset (every matrix a token goes through: conv or attention
 projections, the feed-forward, the 65536-row output head; only the chosen experts of an MoE),
@@ -15,7 +15,9 @@ hurts them alike), the median reported:
 Each cell is microseconds per call, and in brackets GB/s of the engine's own weight bytes
 (float32, or quantized values plus float16 scales). `--rows` adds a sweep over the number of
 input rows, GEMV against dequantize + GEMM, which sets `lfm2.quant.GEMV_MAX_ROWS`, and the
-prefill case (512 rows) against float32.
+prefill case (512 rows) against float32. `--attention` times one decode step's attention (every
+attention layer, its query groups against caches of 128 to 4096 filled slots): PyTorch's SDPA
+against lfm2's decode attention kernel (`lfm2/kernels/attention.cpp`), in GB/s of cache read.
 """
 
 from __future__ import annotations
@@ -189,12 +191,53 @@ def _print_table(title: str, engines: list[str], rows: list[tuple[str, list[str]
         print(f"{label:<{width}} | " + " | ".join(f"{c:>{cell}}" for c in cells))
 
 
+def bench_attention(name: str, reps: int) -> None:
+    """A decode step's attention layers: SDPA against lfm2's kernel, as the cache fills."""
+    ops = kernels.ops()
+    if ops is None:
+        print("(no C++ kernels: no decode attention kernel to compare)")
+        return
+    c = preset(name)
+    n_attn = c.layer_types.count("full_attention")
+    kv, groups, hd = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads, c.head_dim
+    print(f"\n{name}, decode attention of one step ({n_attn} layers, {kv} KV heads x {groups} query rows x "
+          f"{hd}), {torch.get_num_threads()} thread(s): us per step (GB/s of K and V read)")
+    print("filled slots | SDPA | lfm2 kernel | SDPA / kernel")
+    torch.manual_seed(0)
+    for S in (128, 512, 1024, 4096):
+        # the filled slots of a cache with room to spare, one per layer
+        kvs = [(torch.randn(1, kv, S + 64, hd)[:, :, :S], torch.randn(1, kv, S + 64, hd)[:, :, :S])
+               for _ in range(n_attn)]
+        q = torch.randn(1, kv, groups, hd)
+
+        def sdpa(q=q, kvs=kvs) -> None:
+            for k, v in kvs:
+                F.scaled_dot_product_attention(q, k, v)
+
+        def kernel(q=q, kvs=kvs) -> None:
+            for k, v in kvs:
+                ops.decode_attention(q, k, v, hd**-0.5)
+
+        fns = {"sdpa": sdpa, "kernel": kernel}
+        ts: dict[str, list[float]] = {n: [] for n in fns}
+        for f in fns.values():
+            f()
+        for _ in range(reps * 5):
+            for n, f in fns.items():
+                ts[n].append(timed(f))
+        med = {n: statistics.median(t) for n, t in ts.items()}
+        gb = n_attn * 2 * kv * S * hd * 4 / 1e9
+        print(f"{S} | {med['sdpa'] * 1e6:.0f} ({gb / med['sdpa']:.1f}) | {med['kernel'] * 1e6:.0f} "
+              f"({gb / med['kernel']:.1f}) | {med['sdpa'] / med['kernel']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="LFM2-350M")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--rows", action="store_true", help="also sweep the number of input rows")
+    parser.add_argument("--attention", action="store_true", help="also time the decode attention")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,6 +245,8 @@ def main() -> None:
         bench_step(args.preset, args.reps)
         if args.rows:
             bench_rows(args.reps)
+        if args.attention:
+            bench_attention(args.preset, args.reps)
 
 
 if __name__ == "__main__":
