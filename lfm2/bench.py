@@ -154,12 +154,17 @@ def engines_for(ckpt: Path, args: argparse.Namespace) -> list[tuple[str, str, Pa
     """(label, engine, path, bytes per weight, precision) of every row, writing missing files once."""
     from lfm2.quant import quantize_checkpoint
 
-    rows = [("lfm2 float32", "lfm2", ckpt, 4.0, "f32")]
-    if not args.no_compile:
-        rows.append(("lfm2 float32 +compile", "lfm2-compile", ckpt, 4.0, "f32"))
-    if not args.no_transformers:
+    wanted = set(args.precision.split(",")) if getattr(args, "precision", None) else {"f32", "int8", "int4"}
+    rows = []
+    if "f32" in wanted:
+        rows.append(("lfm2 float32", "lfm2", ckpt, 4.0, "f32"))
+        if not args.no_compile:
+            rows.append(("lfm2 float32 +compile", "lfm2-compile", ckpt, 4.0, "f32"))
+    if not args.no_transformers:  # the reference of every precision's prefill target
         rows.append(("transformers float32", "transformers", ckpt, 4.0, "f32"))
     for kind, bpw in (("int8", 34 / 32), ("int4", 18 / 32)):
+        if kind not in wanted:
+            continue
         qdir = ckpt / f"lfm2-{kind}"
         if not (qdir / "config.json").is_file():
             quantize_checkpoint(ckpt, qdir, kind, 32)
@@ -176,6 +181,8 @@ def engines_for(ckpt: Path, args: argparse.Namespace) -> list[tuple[str, str, Pa
         from lfm2.gguf import export_gguf
 
         for kind, bpw, precision in (("f32", 4.0, "f32"), ("q8_0", 34 / 32, "int8"), ("q4_0", 18 / 32, "int4")):
+            if precision not in wanted:
+                continue
             gguf = ckpt / f"model-{kind}.gguf"
             if not gguf.is_file():
                 export_gguf(ckpt, gguf, kind, progress=False)
@@ -199,9 +206,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the rows with a torch.compile'd decode step")
+    ap.add_argument("--precision", default=None, metavar="LIST",
+                    help="only these precisions, comma-separated from f32,int8,int4 (default: all); "
+                         "transformers float32 stays unless --no-transformers")
 
 
 def bench(args: argparse.Namespace) -> None:
+    if args.precision and not set(args.precision.split(",")) <= {"f32", "int8", "int4"}:
+        raise SystemExit(f"--precision {args.precision!r}: choose from f32, int8, int4 (comma-separated)")
     ckpt = random_checkpoint(args.preset, args.dir or Path("/tmp") / f"lfm2-serve-{args.preset}")
     engines = engines_for(ckpt, args)
     results: dict[str, list[dict]] = {label: [] for label, *_ in engines}
@@ -215,7 +227,10 @@ def bench(args: argparse.Namespace) -> None:
     def med(label: str, key: str) -> float:
         return statistics.median(x[key] for x in results[label])
 
-    base = {precision: label for label, engine, _, _, precision in engines if engine == "lfm2"}  # eager lfm2
+    # "vs lfm2": against eager lfm2 at the same precision (or its compiled row, or the row itself)
+    base = {precision: label for label, engine, _, _, precision in engines if not engine.startswith("lfm2")}
+    base.update({precision: label for label, engine, _, _, precision in engines if engine == "lfm2-compile"})
+    base.update({precision: label for label, engine, _, _, precision in engines if engine == "lfm2"})
     print(f"\n{args.preset} (random weights), prompt {args.prompt} tokens, {args.new} new tokens, "
           f"{args.threads} threads, median of {args.rounds} interleaved rounds; read bandwidth {bw:.1f} GB/s "
           f"({bw_plain:.1f} GB/s on 4 KiB pages); "
@@ -229,6 +244,17 @@ def bench(args: argparse.Namespace) -> None:
         print(f"| {label} | {pre:.1f} | {pre / med(ref, 'prefill'):.2f}x | {dec:.1f} | {dec / med(ref, 'decode'):.2f}x "
               f"| {med(label, 'ttft') * 1000:.0f} ms | {med(label, 'rss') / 2**30:.2f} GiB | "
               f"{dec / limit:.0%} of {limit:.0f} tok/s |")
+    print("\ndecode per round, lfm2 / the other engine at the same precision (each round runs the engines "
+          "one after another, so the machine's slower drift cancels in these ratios better than in the medians):")
+    for label, engine, _, _, precision in engines:
+        if not engine.startswith("lfm2"):
+            continue
+        for other, other_engine, _, _, other_precision in engines:
+            if other_engine.startswith("lfm2") or other_precision != precision:
+                continue
+            ratios = [a["decode"] / b["decode"] for a, b in zip(results[label], results[other], strict=True)]
+            print(f"- {label} / {other}: " + ", ".join(f"{r:.2f}" for r in ratios)
+                  + f" (median {statistics.median(ratios):.2f}x)")
     compiled = [(label, med(label, "compile_s")) for label, engine, *_ in engines if engine == "lfm2-compile"]
     if compiled:
         print("\ncompile time of the decode step (first call, in the measured process; inductor's on-disk cache "
