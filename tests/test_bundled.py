@@ -74,6 +74,23 @@ def test_calls_known_tools(llm):
     assert right / len(convs) >= 0.8
 
 
+def test_answers_from_the_tool_result(llm):
+    """The README's exchange: the call, then an answer that takes its facts from the tool's result."""
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city.
+
+        Args:
+            city: The city name
+        """
+        return json.dumps({"temperature": 18, "condition": "cloudy"})
+
+    convo = [{"role": "user", "content": "What's the weather in Lisbon?"}]
+    reply = llm.chat(convo, tools=[get_weather], run_tools=True, temperature=0)
+    assert json.loads(convo[1]["tool_calls"][0]["function"]["arguments"]) == {"city": "Lisbon"}
+    assert convo[2]["role"] == "tool" and "cloudy" in convo[2]["content"]
+    assert "cloudy" in reply["content"] and "18" in reply["content"], reply
+
+
 def test_cli_chat_without_arguments():
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "lfm2", "chat", "--temperature", "0", "--max-new-tokens", "30"],

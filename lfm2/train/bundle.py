@@ -249,7 +249,9 @@ tokens, {cfg.copy_steps} copying steps of {cfg.copy_batch_size} x {cfg.copy_seq_
 with whole conversations of up to {cfg.sft_exchanges} exchanges, {cfg.sft_text_fraction:.0%} of the rows' documents
 from the corpus; on a 2-core CPU, under bfloat16 autocast where the CPU multiplies bf16 natively). The conversations'
 tools are built from parts, many made up (subjects, parameter names, values, and {cfg.sft_made_up_verbs:.0%} of the
-verbs), so that the model learns to copy from the tool list and the request rather than to memorise.
+verbs), so that the model learns to copy from the tool list and the request rather than to memorise; the
+made-up words are real words of the corpus (seen at least {cfg.sft_word_min_count} times, the held-out tools' words
+excluded), so that copying is learned for any word rather than for a closed set of syllables.
 Config: `bundle_config.json`.
 
 ## Measured quality
@@ -265,8 +267,8 @@ Config: `bundle_config.json`.
 A 7M-parameter model: it answers the kinds of questions its conversations contain (greetings,
 capitals, colours, small sums, tool use) and little else, and its sums are often wrong; fine-tuned
 on conversations of up to {cfg.sft_exchanges} exchanges, it may lose its way in longer ones. It calls the tools
-of its training data, and tools it has never seen when they are asked for in its training phrasings,
-but requests worded in new ways (the held-out prompts above) it almost never turns into the right call.
+of its training data (weather, calculator, unit conversion) reliably; tools and request wordings it has never
+seen it turns into the right call only as often as the held-out figures above say.
 """
 
 
