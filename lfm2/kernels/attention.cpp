@@ -4,11 +4,12 @@
 //
 // Why: at decode the work is reading the cache, 2 x S x head_dim floats per KV head, once. PyTorch's
 // CPU flash attention, made for long query blocks, runs G query rows through blocked GEMM calls
-// and streams a 1.2B model's cache at about 8 GB/s (267 us per layer at S = 550, 2 threads). Here
-// each (batch row, KV head) is one task: one pass over the keys computes the G scores of each key,
-// a softmax per query row (exponentials 8 at a time), one pass over the values accumulates the G
-// outputs. Exact float32 arithmetic, the usual max-subtracted softmax; results equal SDPA's up to
-// float rounding.
+// and reads the cache at 12-32 GB/s on a 2-core machine; this kernel at 20-54 GB/s, 1.3-2.5x
+// faster (`python benchmarks/kernels.py --attention`). Each (batch row, KV head) is one task: one
+// pass over the keys computes the G scores of each key (four dot products per key load), a
+// softmax per query row (exponentials 8 at a time), one pass over the values accumulates the G
+// outputs in registers. Exact float32 arithmetic, the usual max-subtracted softmax; results equal
+// SDPA's up to float rounding.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

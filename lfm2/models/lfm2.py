@@ -139,7 +139,8 @@ class Attention(nn.Module):
 
     def _attend_all(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Each KV head's query group against all of its cached keys: lfm2's decode attention kernel
-        on a CPU (it reads the cache once, 1.5-1.7x faster than PyTorch's flash attention at decode),
+        on a CPU (it reads the cache once: 1.3-2.5x faster than PyTorch's flash attention at decode,
+        `benchmarks/kernels.py --attention`),
         else SDPA. Narrow models (the bundled one) keep SDPA, as `Linear` keeps `F.linear`."""
         if (
             qg.device.type == "cpu"
