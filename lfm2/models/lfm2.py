@@ -138,10 +138,10 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _attend_all(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Each KV head's query group against all of its cached keys: lfm2's decode attention kernel
-        on a CPU (it reads the cache once: 1.3-2.5x faster than PyTorch's flash attention at decode,
-        `benchmarks/kernels.py --attention`),
-        else SDPA. Narrow models (the bundled one) keep SDPA, as `Linear` keeps `F.linear`."""
+        """Each KV head's query group against all of its cached keys: on a CPU, lfm2's decode
+        attention kernel (it reads the cache once: 1.3-2.5x faster than PyTorch's flash attention at
+        decode, `benchmarks/kernels.py --attention`), else SDPA. Narrow models (the bundled one) keep
+        SDPA, as `Linear` keeps `F.linear`; training keeps SDPA for its gradients."""
         if (
             qg.device.type == "cpu"
             and qg.dtype == torch.float32
