@@ -354,13 +354,20 @@ def test_quantized_model_close_to_float(path, kind, bound):
         assert agree >= (0.85 if kind == "int8" else 0.5), agree
 
 
-@pytest.mark.parametrize("kind,agree", [("int8", 0.98), ("int4", 0.85)])
-def test_bundled_model_top1_agreement(kind, agree):
-    """On trained weights (the bundled model), teacher-forced top-1 agreement with float, decoding token by token."""
+@pytest.mark.parametrize("kind,agree,clear", [("int8", 0.95, 0.5), ("int4", 0.85, 3.0)])
+def test_bundled_model_top1_agreement(kind, agree, clear):
+    """On trained weights (the bundled model), teacher-forced top-1 agreement with float, decoding token
+    by token and in one pass, over conversations and prose (660 tokens). Where float32's top choice
+    leads by little, quantization noise may flip it (the old 67-token prose check failed at margins of
+    0.01-0.12 logits on a retrained model); where it leads by `clear` logits or more, it must not."""
+    from lfm2.train.synth import conversations
+
     _ops()
     llm = lfm2.load()
-    text = ("The quick brown fox jumps over the lazy dog. A hacker is a person who enjoys exploring the details of "
-            "programmable systems and how to stretch their capabilities.")
+    convs = conversations(6, seed=5, split="heldout", tool_fraction=0.5)
+    text = "".join(llm.tokenizer.apply_chat_template(c["messages"], tools=c.get("tools")) for c in convs)
+    text += ("The quick brown fox jumps over the lazy dog. A hacker is a person who enjoys exploring the details "
+             "of programmable systems and how to stretch their capabilities.")
     ids = torch.tensor([llm.tokenizer.encode(text)])
     model = copy.deepcopy(llm.model)
     quantize_model(model, kind, 32)
@@ -369,8 +376,12 @@ def test_bundled_model_top1_agreement(kind, agree):
         cache = model.make_cache(1, ids.shape[1])
         decoded = torch.cat([model(ids[:, i : i + 1], cache) for i in range(ids.shape[1])], dim=1)  # GEMV path
         prefill = model(ids)  # the many-row path: int8 GEMM or dequantize + GEMM
+    top2 = ref[0].topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
     for out in (decoded, prefill):
-        assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= agree
+        same = out[0].argmax(-1) == ref[0].argmax(-1)
+        assert same.float().mean().item() >= agree
+        assert same[margin >= clear].all(), margin[~same].tolist()
     assert _rel(decoded, prefill) < (0.02 if kind == "int8" else 0.05)
 
 
