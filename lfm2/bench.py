@@ -154,7 +154,7 @@ def engines_for(ckpt: Path, args: argparse.Namespace) -> list[tuple[str, str, Pa
     """(label, engine, path, bytes per weight, precision) of every row, writing missing files once."""
     from lfm2.quant import quantize_checkpoint
 
-    wanted = set(args.precision.split(",")) if getattr(args, "precision", None) else {"f32", "int8", "int4"}
+    wanted = set(args.precision.split(",")) if args.precision else {"f32", "int8", "int4"}
     rows = []
     if "f32" in wanted:
         rows.append(("lfm2 float32", "lfm2", ckpt, 4.0, "f32"))

@@ -33,6 +33,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("qgemv.cpp")
 SOURCES = (SOURCE, Path(__file__).with_name("attention.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources: part of the build's key
 DISABLE_ENV = "LFM2_NO_KERNELS"
 DIR_ENV = "LFM2_KERNEL_DIR"
 _SIMD_FLAGS = ("avx2", "fma", "f16c")
@@ -78,7 +79,7 @@ def _build() -> Any:
 
     simd = cpu_has_simd()
     cflags, ldflags = build_flags(simd)
-    code = b"".join(src.read_bytes() for src in SOURCES)
+    code = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
     key = hashlib.sha256(code + f"{torch.__version__} {cflags}".encode()).hexdigest()[:12]
     name = f"lfm2_quant_{'avx2' if simd else 'generic'}_{key}"
     build_dir = cache_dir() / name

@@ -24,6 +24,8 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+
+#include "simd.h"
 #define LFM2_ATTN_AVX2 1
 #else
 #define LFM2_ATTN_AVX2 0
@@ -33,12 +35,7 @@ namespace {
 
 #if LFM2_ATTN_AVX2
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using lfm2_simd::hsum;
 
 // exp(x) for x <= 0 (max-subtracted scores), 8 at a time: Cephes' expf, 2^n times a degree-5
 // polynomial on [-ln2/2, ln2/2]; relative error about 1e-7. Below -87 it returns about 1e-38
@@ -71,7 +68,7 @@ inline float dot(const float* a, const float* b, int64_t d) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
   }
-  sum = hsum8(_mm256_add_ps(acc0, acc1));
+  sum = hsum(_mm256_add_ps(acc0, acc1));
 #endif
   for (; j < d; ++j) sum += a[j] * b[j];
   return sum;
@@ -101,7 +98,7 @@ inline float softmax_unnormalized(float* s, int64_t n) {
     _mm256_storeu_ps(s + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  sum = hsum8(acc);
+  sum = hsum(acc);
 #endif
   for (; i < n; ++i) {
     s[i] = std::exp(s[i] - m);
