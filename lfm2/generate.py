@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lfm2.constrain import ToolCallConstraint, apply_constraints
 from lfm2.errors import GenerationError
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
@@ -67,11 +68,13 @@ def decode_tokens(
     ignore_eos: bool = False,
     pad_id: int = 0,
     should_stop: list[bool] | None = None,
+    constraints: Sequence[ToolCallConstraint | None] | None = None,
 ) -> Iterator[Step]:
     """Generate up to `max_new_tokens` per prompt, yielding one `Step` per decode step.
 
     A row stops when it samples one of `stop_ids` (not yielded as active; unless `ignore_eos`),
     at `max_new_tokens`, or when the caller sets `should_stop[row] = True` (stop strings).
+    `constraints[row]` (see `lfm2.constrain`) restricts the row's tokens inside tool-call blocks.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token")
@@ -109,8 +112,13 @@ def decode_tokens(
     active = [True] * B
     should_stop = should_stop if should_stop is not None else [False] * B
     for step in range(max_new_tokens):
+        if constraints:
+            logits = apply_constraints(logits, constraints)
         nxt = sample_next(logits, params, generator, history)
         tokens = nxt.tolist()
+        for r, c in enumerate(constraints or ()):
+            if c is not None:
+                c.advance(tokens[r])
         by_id = [active[r] and not ignore_eos and tokens[r] in stop_ids for r in range(B)]
         now = [active[r] and not by_id[r] for r in range(B)]
         yield Step(tokens, now, by_id)
@@ -179,6 +187,7 @@ def stream_text(
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     stats: list[GenerationStats] | None = None,
+    constraints: Sequence[ToolCallConstraint | None] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as tokens are generated; fills `stats` (one per row) as it goes."""
     streams = [TextStream(tokenizer, stop) for _ in prompts]
@@ -187,7 +196,8 @@ def stream_text(
     stop_flags = [False] * len(prompts)
     start = time.perf_counter()
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    steps = decode_tokens(model, prompts, params, max_new_tokens, tokenizer.stop_ids, ignore_eos, pad, stop_flags)
+    steps = decode_tokens(model, prompts, params, max_new_tokens, tokenizer.stop_ids, ignore_eos, pad, stop_flags,
+                          constraints)
     for step in steps:
         now = time.perf_counter() - start
         for r, tok in enumerate(step.tokens):

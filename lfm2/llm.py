@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lfm2.config import ModelConfig
+from lfm2.constrain import tool_call_constraint, wants_constraint
 from lfm2.errors import CheckpointError, ConfigError, GenerationError
 from lfm2.generate import GenerationStats, stream_text
 from lfm2.models import build_model, cast_model
@@ -91,6 +92,7 @@ class LLM:
         tool_choice: str | dict | None = None,
         run_tools: bool = False,
         max_rounds: int = 5,
+        strict_tools: bool | None = None,
         **sampling: Any,
     ) -> dict[str, Any]:
         """The assistant's reply to a conversation, as an OpenAI-style message dict.
@@ -100,9 +102,13 @@ class LLM:
         as a `tool` message, and the loop continues until a reply without calls or `max_rounds`
         replies (the calls of the last one are returned, not run).
         The messages added along the way are appended to `messages` when it is a list.
+
+        `strict_tools` constrains the tokens of tool calls to the offered tools' schemas (see
+        `lfm2.constrain`): True always, False never; None (default) when `tool_choice` forces a
+        call or a tool asks for it with OpenAI's `"strict": true`.
         """
         if not run_tools:
-            return self._chat_once(messages, tools, tool_choice, sampling)
+            return self._chat_once(messages, tools, tool_choice, sampling, strict_tools)
         from lfm2.tools import run_tool_calls
 
         functions = [t for t in tools or () if callable(t)]
@@ -112,7 +118,7 @@ class LLM:
         if max_rounds < 1:
             raise GenerationError(f"max_rounds={max_rounds} must be at least 1")
         for round_ in range(max_rounds):
-            reply = self._chat_once(convo, tools, tool_choice, sampling)
+            reply = self._chat_once(convo, tools, tool_choice, sampling, strict_tools)
             convo.append(reply)
             if not reply.get("tool_calls") or round_ == max_rounds - 1:
                 return reply  # a final answer, or out of rounds: the last calls are left to the caller
@@ -126,13 +132,14 @@ class LLM:
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict | Callable] | None = None,
         tool_choice: str | dict | None = None,
+        strict_tools: bool | None = None,
         **sampling: Any,
     ) -> Iterator[dict[str, Any]]:
         """Stream the assistant's reply as OpenAI-style deltas: `{"content": str}` pieces as they
         come, and `{"tool_calls": [...]}` once a call block closes (text inside it is never shown)."""
         from lfm2.tools import ToolCallStreamParser
 
-        ids, forced, tools = self._chat_prompt(messages, tools, tool_choice)
+        ids, forced, tools, constraint = self._chat_prompt(messages, tools, tool_choice, strict_tools)
         if tools is None:  # no tools offered: the reply is plain content
             for _, piece in self._stream([ids], sampling):
                 yield {"content": piece}
@@ -140,17 +147,17 @@ class LLM:
         parser = ToolCallStreamParser(tools)
         for kind, value in parser.feed(forced):
             yield {kind: value}
-        for _, piece in self._stream([ids], sampling):
+        for _, piece in self._stream([ids], sampling, [constraint]):
             for kind, value in parser.feed(piece):
                 yield {kind: value}
         for kind, value in parser.finish():
             yield {kind: value}
 
-    def _chat_once(self, messages, tools, tool_choice, sampling) -> dict[str, Any]:
+    def _chat_once(self, messages, tools, tool_choice, sampling, strict_tools=None) -> dict[str, Any]:
         from lfm2.tools import parse_tool_calls
 
-        ids, forced, tools = self._chat_prompt(messages, tools, tool_choice)
-        text = forced + "".join(piece for _, piece in self._stream([ids], sampling))
+        ids, forced, tools, constraint = self._chat_prompt(messages, tools, tool_choice, strict_tools)
+        text = forced + "".join(piece for _, piece in self._stream([ids], sampling, [constraint]))
         if tools is None:  # no tools offered: the reply is plain content
             return {"role": "assistant", "content": text}
         content, calls = parse_tool_calls(text, tools)
@@ -159,9 +166,10 @@ class LLM:
             reply["tool_calls"] = calls
         return reply
 
-    def _chat_prompt(self, messages, tools, tool_choice) -> tuple[list[int], str, list | None]:
-        """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, and the tools
-        actually offered (None when there are none, or `tool_choice` is "none").
+    def _chat_prompt(self, messages, tools, tool_choice, strict_tools=None) -> tuple[list[int], str, list | None, Any]:
+        """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, the tools
+        actually offered (None when there are none, or `tool_choice` is "none"), and the tool-call
+        constraint for the reply (None when calls are not constrained).
 
         `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
         named function starts it with `<|tool_call_start|>[name(`, so the model must call it.
@@ -184,7 +192,10 @@ class LLM:
             forced = "<|tool_call_start|>["
         elif isinstance(tool_choice, dict):
             forced = f"<|tool_call_start|>[{tool_choice['function']['name']}("
-        return tok.encode(prompt + forced, add_special_tokens=False), forced, use_tools
+        constraint = None
+        if use_tools and wants_constraint(use_tools, tool_choice, strict_tools):
+            constraint = tool_call_constraint(tok, use_tools, forced, self.config.vocab_size)
+        return tok.encode(prompt + forced, add_special_tokens=False), forced, use_tools, constraint
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -202,7 +213,8 @@ class LLM:
             raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
         return self._need_tokenizer().encode(prompt, add_special_tokens=True)
 
-    def _stream(self, prompts: list[list[int]], sampling: dict[str, Any]) -> Iterator[tuple[int, str]]:
+    def _stream(self, prompts: list[list[int]], sampling: dict[str, Any],
+                constraints: Sequence[Any] | None = None) -> Iterator[tuple[int, str]]:
         sampling = dict(sampling)
         max_new_tokens = sampling.pop("max_new_tokens", None)
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
@@ -219,7 +231,8 @@ class LLM:
             )
         self.last_stats = []
         yield from stream_text(
-            self.model, self._need_tokenizer(), prompts, params, max_new_tokens, stop, ignore_eos, self.last_stats
+            self.model, self._need_tokenizer(), prompts, params, max_new_tokens, stop, ignore_eos, self.last_stats,
+            constraints,
         )
 
 

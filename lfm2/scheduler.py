@@ -40,10 +40,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from lfm2.cache import Cache
+from lfm2.constrain import apply_constraints
 from lfm2.errors import GenerationError, SchedulerBusy
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
@@ -95,6 +97,7 @@ class Request:
     on_finish: Callable[[Result], None] = _ignore_result
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    constraint: Any = None  # a `lfm2.constrain.ToolCallConstraint` for this request's tool calls
     cancelled: bool = field(default=False, init=False)
     submitted_at: float = field(default=0.0, init=False)
     admitted_at: float = field(default=0.0, init=False)
@@ -325,7 +328,9 @@ class Scheduler:
         ends with an error; its neighbours carry on.
         """
         out: list[int | None] = [0] * len(rows)
-        plain = [i for i, row in enumerate(rows) if row.request.params.greedy and row.history is None]
+        masks = [None if row.request.constraint is None else row.request.constraint.mask() for row in rows]
+        plain = [i for i, row in enumerate(rows)
+                 if row.request.params.greedy and row.history is None and masks[i] is None]
         if plain:
             index = torch.tensor(plain, device=logits.device)
             for i, token in zip(plain, logits.index_select(0, index).argmax(dim=-1).tolist(), strict=True):
@@ -335,10 +340,16 @@ class Scheduler:
             if i in plain_set:
                 continue
             try:
-                out[i] = int(sample_next(logits[i : i + 1], row.request.params, row.generator, row.history))
+                row_logits = logits[i : i + 1]
+                if masks[i] is not None:
+                    row_logits = apply_constraints(row_logits, [row.request.constraint])
+                out[i] = int(sample_next(row_logits, row.request.params, row.generator, row.history))
             except Exception as exc:
                 log.warning("sampling failed for one request (%s: %s); ending it", type(exc).__name__, exc)
                 row.finish, row.error, out[i] = "error", f"sampling failed: {type(exc).__name__}: {exc}", None
+        for token, row in zip(out, rows, strict=True):
+            if token is not None and row.request.constraint is not None:
+                row.request.constraint.advance(token)
         return out
 
     def _deliver(self, indices: range, tokens: list[int | None]) -> None:

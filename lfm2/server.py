@@ -335,8 +335,9 @@ class _Server:
         return max_tokens if max_tokens is not None else limit - prompt_len
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, max_tokens: list[int], stop: list[str],
-               ignore_eos: bool) -> tuple[list[_Job], asyncio.Queue]:
-        """Queue one request per prompt, all or none; 429 when the queue cannot take them."""
+               ignore_eos: bool, constraint: Any = None) -> tuple[list[_Job], asyncio.Queue]:
+        """Queue one request per prompt, all or none; 429 when the queue cannot take them.
+        `constraint` (tool calls, see `lfm2.constrain`) is copied fresh for each request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         sched = self.scheduler
@@ -347,7 +348,7 @@ class _Server:
             for i, (ids, budget) in enumerate(zip(prompts, max_tokens, strict=True)):
                 job = _Job(loop, events, i, self.tokenizer, stop)
                 job.request = Request(ids, params, budget, job.on_token, job.on_finish, self.tokenizer.stop_ids,
-                                      ignore_eos)
+                                      ignore_eos, None if constraint is None else constraint.fresh())
                 sched.submit(job.request)
                 jobs.append(job)
         except SchedulerBusy as exc:
@@ -365,8 +366,9 @@ class _Server:
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], str, list[dict] | None]:
-        """Prompt ids, forced reply prefix, and the tools the reply is parsed against (None: plain text)."""
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], str, list[dict] | None, Any]:
+        """Prompt ids, forced reply prefix, the tools the reply is parsed against (None: plain text),
+        and the constraint on its tool calls (None: unconstrained; see `LLM.chat`'s `strict_tools`)."""
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         choice: str | dict | None = body.tool_choice
@@ -592,11 +594,11 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         start = time.perf_counter()
         params, stop = server.validate(body)
-        ids, forced, tools = server.chat_prompt(body)
+        ids, forced, tools, constraint = server.chat_prompt(body)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         budget = server.token_budget(len(ids), wanted, max_param, "messages")
-        jobs, events = server.submit([ids], params, [budget], stop, body.ignore_eos)
+        jobs, events = server.submit([ids], params, [budget], stop, body.ignore_eos, constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         watcher = asyncio.create_task(_watch_disconnect(http.receive, lambda: server.cancel(jobs)))

@@ -151,6 +151,28 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes as it decodes inside text (None for added tokens such as the call markers).
+
+        Byte-level BPE stores a token as the printable stand-ins of its bytes (GPT-2's table), so
+        the bytes are read back through that table; a token outside it (another kind of
+        tokenizer) is decoded on its own. Constrained decoding matches these against a grammar.
+        """
+        if getattr(self, "_token_bytes", None) is None:
+            byte_of = {ch: b for b, ch in _byte_level_alphabet().items()}
+            added = set(self._tok.get_added_tokens_decoder())
+            out: list[bytes | None] = []
+            for tid in range(self.vocab_size):
+                piece = self._tok.id_to_token(tid)
+                if piece is None or tid in added:
+                    out.append(None)
+                elif all(ch in byte_of for ch in piece):
+                    out.append(bytes(byte_of[ch] for ch in piece))
+                else:
+                    out.append(self._tok.decode([tid]).encode())
+            self._token_bytes = out
+        return self._token_bytes
+
     def _special_id(self, field: str) -> int | None:
         token = self.special_tokens.get(field)
         return None if token is None else self._tok.token_to_id(token)
@@ -242,6 +264,18 @@ class Tokenizer:
             template_name=f"chat template of {self.name}",
             **template_vars,
         )
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 class IncrementalDetokenizer:

@@ -144,7 +144,7 @@ def test_chat_non_streamed_and_streamed_with_usage(live, llm):
     with Script(llm, {"Hi there": reply}):
         whole = live.client.chat.completions.create(model=MODEL, messages=USER)
         content, calls, finish, usage, chunks = stream_chat(live.client, model=MODEL, messages=USER)
-    prompt_ids, _, _ = llm._chat_prompt(USER, None, None)
+    prompt_ids = llm._chat_prompt(USER, None, None)[0]
     assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-") and whole.model == MODEL
     choice = whole.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == reply == content
@@ -208,6 +208,31 @@ def test_named_tool_choice_forces_the_call(live, llm):
     assert reply.choices[0].finish_reason == "tool_calls"
     assert json.loads(reply.choices[0].message.tool_calls[0].function.arguments) == {"city": "Rome"}
     assert reply.choices[0].message.content is None
+
+
+def test_strict_function_constrains_the_call(live, llm):
+    """OpenAI's `"strict": true` on a function: the server keeps the model's call valid against the
+    schema (a misspelt tool name cannot come out); without it, the call comes out as written."""
+    from lfm2.constrain import ToolCallGrammar
+
+    bad = "<|tool_call_start|>[get_wether(city='Oslo')]<|tool_call_end|>"
+    strict_tool = get_weather_tool()
+    strict_tool["function"]["strict"] = True
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    with Script(llm, {"Weather in Oslo": bad}):
+        free = live.client.chat.completions.create(model=MODEL, messages=messages, tools=[get_weather_tool()])
+        strict = live.client.chat.completions.create(model=MODEL, messages=messages, tools=[strict_tool],
+                                                     max_tokens=40)
+    assert free.choices[0].message.tool_calls[0].function.name == "get_wether"
+    message = strict.choices[0].message
+    if message.tool_calls:
+        assert message.tool_calls[0].function.name == "get_weather"
+        assert isinstance(json.loads(message.tool_calls[0].function.arguments)["city"], str)
+    else:  # the block ran out of tokens: still a valid start of a call
+        grammar = ToolCallGrammar([strict_tool])
+        body = message.content.removeprefix("<|tool_call_start|>")
+        assert message.content.startswith("<|tool_call_start|>[get_weather(")
+        assert grammar.feed(grammar.initial(), body.encode()) is not None
 
 
 def test_stop_sequences_and_max_tokens(live, llm):

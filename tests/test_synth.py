@@ -17,6 +17,7 @@ from lfm2.train.synth import (
     LOOKUPS_HELDOUT,
     LOOKUPS_TRAIN,
     SLOTS,
+    Variety,
     conversations,
     eval_expression,
     random_tool,
@@ -97,9 +98,9 @@ def test_made_up_verbs_only_when_asked_and_only_in_training():
 
     known = {*VERBS_LOOKUP, *(v for v, _, _ in ACTIONS_TRAIN), "calculate", "convert"}
     assert set(verbs(conversations(300, seed=0, split="train", tool_fraction=1.0))) <= known  # the tokenizer's texts
-    with_made_up = verbs(conversations(300, seed=0, split="train", tool_fraction=1.0, made_up_verbs=0.4))
+    with_made_up = verbs(conversations(300, seed=0, split="train", tool_fraction=1.0, variety=Variety(0.4)))
     assert 60 < sum(v not in known for v in with_made_up) < 180
-    held = verbs(conversations(100, seed=1, split="heldout", tool_fraction=1.0, made_up_verbs=0.4))
+    held = verbs(conversations(100, seed=1, split="heldout", tool_fraction=1.0, variety=Variety(0.4)))
     assert set(held) <= {*VERBS_LOOKUP, *(v for v, _, _ in ACTIONS_HELDOUT)}
 
 
@@ -133,7 +134,7 @@ def test_calculator_answers_are_right():
 def test_longer_conversations_call_other_listed_tools():
     """`exchanges` > 1: later requests in the same conversation call other tools from its list."""
     assert all(sum(m["role"] == "user" for m in c["messages"]) == 1 for c in conversations(100, seed=6))
-    convs = conversations(300, seed=6, tool_fraction=0.7, made_up_verbs=0.4, exchanges=3)
+    convs = conversations(300, seed=6, tool_fraction=0.7, exchanges=3, variety=Variety(0.4))
     turns = [sum(m["role"] == "user" for m in c["messages"]) for c in convs]
     assert max(turns) == 3 and 0.3 < sum(t > 1 for t in turns) / len(turns) < 0.9
     later_calls = 0
@@ -165,8 +166,8 @@ def test_made_up_words_from_a_vocabulary():
     assert vocabulary(docs, min_count=11) == ("the",)  # 20 times
     pool = {"quick", "brown", "fox", "jumps", "over", "lazy", "dog", "ate", "lantern"}
     assert set(words) == pool | {"the"}
-    convs = conversations(300, seed=0, split="train", tool_fraction=1.0, made_up_verbs=0.4, words=words)
-    assert convs != conversations(300, seed=0, split="train", tool_fraction=1.0, made_up_verbs=0.4)
+    convs = conversations(300, seed=0, split="train", tool_fraction=1.0, variety=Variety(0.4, words))
+    assert convs != conversations(300, seed=0, split="train", tool_fraction=1.0, variety=Variety(0.4))
     names = [c["expected"]["name"] for c in convs]
     from_pool = [n for n in names if set(n.split("_")[1:]) <= set(words)]
     assert len(from_pool) > 60  # made-up subjects and objects: one or two vocabulary words
@@ -176,5 +177,32 @@ def test_made_up_words_from_a_vocabulary():
     assert sum(v.lower() in words for v in values) > 50
     params = {k for c in convs for k in c["expected"]["arguments"]}
     assert params & set(words)
-    held = conversations(200, seed=1, split="heldout", tool_fraction=1.0, words=words)
+    held = conversations(200, seed=1, split="heldout", tool_fraction=1.0, variety=Variety(0.4, words, True))
     assert held == conversations(200, seed=1, split="heldout", tool_fraction=1.0)  # held-out: no made-up words
+
+
+def test_rich_wording_is_varied_and_never_held_out():
+    """`rich_wording`: hundreds of request forms and a dozen phrases per argument kind in training, none
+    of them a held-out phrasing (nor a held-out phrase's distinctive words); held-out and the
+    tokenizer's plain conversations are unchanged by it."""
+    for kind in ("lookup", "action"):
+        rich, held = set(ASK["rich"][kind]), set(ASK["heldout"][kind])
+        assert len(rich) > 300 and not rich & held
+        assert not any(core in r for r in rich for core in ("find out", "curious", "give me", "Would you",
+                                                              "Go ahead", "I'd like you"))
+        assert not set(DESCRIBE["rich"][kind]) & set(DESCRIBE["heldout"][kind])
+    for slot in SLOTS.values():
+        added = set(slot.phrases["rich"]) - set(slot.phrases["train"])
+        held_words = {p.split()[0] for p in slot.phrases["heldout"]}
+        assert len(slot.phrases["rich"]) >= 8 and not added & set(slot.phrases["heldout"])
+        assert not any(p.split()[0] in held_words for p in added), slot.kind
+        assert all(p.count("{v}") == 1 for p in slot.phrases["rich"])
+    rich = conversations(2000, seed=0, split="train", tool_fraction=1.0, variety=Variety(rich_wording=True))
+    plain = conversations(2000, seed=0, split="train", tool_fraction=1.0)
+    asks = {c["messages"][0]["content"] for c in rich}
+    assert len(asks) > 1500 and asks != {c["messages"][0]["content"] for c in plain}
+    for conv in rich[:300]:  # every argument value is still in the request, so it can be copied
+        if "expected" in conv:
+            assert all(str(v) in conv["messages"][0]["content"] for v in conv["expected"]["arguments"].values())
+    held = conversations(100, seed=1, split="heldout", tool_fraction=1.0)
+    assert conversations(100, seed=1, split="heldout", tool_fraction=1.0, variety=Variety(rich_wording=True)) == held

@@ -28,13 +28,14 @@ import argparse
 import json
 import math
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from lfm2.train.synth import conversations, vocabulary
+from lfm2.train.synth import Variety, conversations, vocabulary
 from lfm2.weights import write_text_atomic
 
 VAL_FRACTION = 0.02  # of corpus documents, held out for perplexity
@@ -59,6 +60,10 @@ class BundleConfig:
     # (0: syllable strings). With syllables the model learned to copy those syllable tokens only, and
     # unseen tools named with real words ("humidity") were called 1.5% of the time.
     sft_word_min_count: int = 10
+    # Requests, tool descriptions and argument phrases from many phrasings (hundreds of request forms,
+    # a dozen per argument) instead of the tokenizer's few: with the few, the model keyed on the
+    # template ("Could you find out the humidity" -> `find_out`) and missed held-out wordings.
+    sft_rich_wording: bool = True
     # Conversations of up to this many exchanges (the same tool list, other tools called later):
     # the model learns to follow a conversation, and reads each long tool list for several calls.
     sft_exchanges: int = 3
@@ -112,8 +117,9 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
         print("[2/6] data: packing the corpus, rendering the conversations")
         prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
         words = vocabulary(docs, cfg.sft_word_min_count) if cfg.sft_word_min_count else None
-        sft_convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train",
-                                  made_up_verbs=cfg.sft_made_up_verbs, exchanges=cfg.sft_exchanges, words=words)
+        variety = Variety(cfg.sft_made_up_verbs, words, cfg.sft_rich_wording)
+        sft_convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train", exchanges=cfg.sft_exchanges,
+                                  variety=variety)
         cut = len(sft_convs) * 95 // 100
         prepare_chat(_with_text(sft_convs[:cut], docs, cfg), tok, data, "sft", max_len=cfg.sft_seq_len,
                      drop_longer=True)
@@ -205,21 +211,30 @@ def evaluate(model_dir: Path, pretrain_dir: Path, cfg: BundleConfig) -> dict[str
     copy_loss = validation_loss(llm.model, copy_val, copy_cfg, pad)["val_loss"]
     pretrain_copy_loss = validation_loss(lfm2.load(pretrain_dir / "model").model, copy_val, copy_cfg, pad)["val_loss"]
     held = conversations(cfg.eval_prompts, seed=cfg.seed + 12345, split="heldout", tool_fraction=1.0)
-    right_tool = right_args = 0
-    for conv in tqdm(held, desc="tool-call eval"):
-        reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96)
-        calls = reply.get("tool_calls") or []
-        if calls and calls[0]["function"]["name"] == conv["expected"]["name"]:
-            right_tool += 1
-            if json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]:
-                right_args += 1
+    scores = {strict: tool_call_scores(llm, held, strict) for strict in (False, True)}
     return {"heldout_corpus_loss": final_loss, "heldout_corpus_perplexity": math.exp(final_loss),
             "pretrain_heldout_corpus_loss": val[-1] if val else None,
             "pretrain_heldout_corpus_perplexity": math.exp(val[-1]) if val else None,
             "copy_loss": copy_loss, "pretrain_copy_loss": pretrain_copy_loss,
             "copy_chance_loss": math.log(high - low),
-            "tool_prompts": len(held), "right_tool": right_tool / len(held),
-            "right_tool_and_arguments": right_args / len(held)}
+            "tool_prompts": len(held), "right_tool": scores[False][0], "right_tool_and_arguments": scores[False][1],
+            "strict_right_tool": scores[True][0], "strict_right_tool_and_arguments": scores[True][1]}
+
+
+def tool_call_scores(llm: Any, convs: list[dict], strict: bool) -> tuple[float, float]:
+    """Greedy first replies to `convs`: the fraction calling the expected tool, and with exactly the
+    expected arguments; `strict` constrains the calls to the listed schemas (`lfm2.constrain`)."""
+    right_tool = right_args = 0
+    for conv in tqdm(convs, desc=f"tool-call eval ({'strict' if strict else 'unconstrained'})"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unparsable call is just a miss here
+            reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96,
+                             strict_tools=strict)
+        calls = reply.get("tool_calls") or []
+        if calls and calls[0]["function"]["name"] == conv["expected"]["name"]:
+            right_tool += 1
+            right_args += json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]
+    return right_tool / len(convs), right_args / len(convs)
 
 
 def model_card(cfg: BundleConfig, results: dict[str, Any], packages: dict[str, str]) -> str:
@@ -252,6 +267,8 @@ tools are built from parts, many made up (subjects, parameter names, values, and
 verbs), so that the model learns to copy from the tool list and the request rather than to memorise; the
 made-up words are real words of the corpus (seen at least {cfg.sft_word_min_count} times, the held-out tools' words
 excluded), so that copying is learned for any word rather than for a closed set of syllables.
+{"Requests, tool descriptions and argument phrases come in many wordings (hundreds of request forms, a dozen "
+ "phrases per kind of argument), none of them the held-out ones." if cfg.sft_rich_wording else ""}
 Config: `bundle_config.json`.
 
 ## Measured quality
@@ -260,8 +277,12 @@ Config: `bundle_config.json`.
 - Copying from the context (loss on the second copy of a random {lo}-{hi}-token span, nats; chance
   {results['copy_chance_loss']:.1f}): {results['pretrain_copy_loss']:.2f} after pretraining,
   {results['copy_loss']:.2f} shipped
-- Tool calls on {results['tool_prompts']} held-out prompts (tools and phrasings unseen in training),
-  greedy: right tool {results['right_tool']:.1%}, right tool and arguments {results['right_tool_and_arguments']:.1%}
+- Tool calls on {results['tool_prompts']} held-out prompts (tools and phrasings unseen in training), greedy:
+  - with strict tool calls (`strict_tools=True`: every token of a call kept valid against the listed
+    schemas, `lfm2.constrain`): right tool {results['strict_right_tool']:.1%}, right tool and arguments
+    {results['strict_right_tool_and_arguments']:.1%}
+  - unconstrained: right tool {results['right_tool']:.1%}, right tool and arguments
+    {results['right_tool_and_arguments']:.1%}
 
 ## Limitations
 A 7M-parameter model: it answers the kinds of questions its conversations contain (greetings,

@@ -155,6 +155,96 @@ ASK = {  # request phrasings: {what} the subject or object, {args} the argument 
                            "I'd like you to {verb} a {what} {args}.")},
 }
 
+# Rich wording ("rich"): the fine-tuning conversations' many phrasings, so that the model learns to read
+# a request by its subject, its tool list and its values, not by the few templates it saw. None of the
+# held-out phrasings occurs here (a test checks); the plain training wording stays as it was, since the
+# tokenizer is trained on it.
+_LOOKUP_ASKS = (
+    "what is the {what} {args}?", "what's the {what} {args}?", "tell me the {what} {args}.",
+    "check the {what} {args}.", "get the {what} {args}.", "fetch the {what} {args}.", "show me the {what} {args}.",
+    "look up the {what} {args}.", "find the {what} {args}.", "can you get the {what} {args}?",
+    "can you check the {what} {args}?", "could you look up the {what} {args}?", "could you tell me the {what} {args}?",
+    "I want to know the {what} {args}.", "I need the {what} {args}.", "do you know the {what} {args}?",
+    "pull up the {what} {args}.", "read me the {what} {args}.", "how about the {what} {args}?",
+    "{what} {args}?", "the {what} {args}, please.", "{args}, what is the {what}?", "{args}: the {what}?",
+    "I wonder what the {what} is {args}.", "let me know the {what} {args}.", "need the {what} {args}.",
+    "is there any {what} data {args}?", "what does the {what} look like {args}?", "report the {what} {args}.",
+)
+_ACTION_ASKS = (
+    "{verb} a {what} {args}.", "please {verb} a {what} {args}.", "can you {verb} a {what} {args}?",
+    "could you {verb} a {what} {args}?", "I need you to {verb} a {what} {args}.",
+    "I want you to {verb} a {what} {args}.",
+    "I want to {verb} a {what} {args}.", "I need to {verb} a {what} {args}.", "help me {verb} a {what} {args}.",
+    "let's {verb} a {what} {args}.", "time to {verb} a {what} {args}.", "{args}, {verb} a {what}.",
+    "{verb} the {what} {args}.", "can you {verb} the {what} {args}?", "{verb} one {what} {args}, please.",
+    "you can {verb} a {what} {args} now.", "kindly {verb} a {what} {args}.", "{args}: {verb} a {what}.",
+    "we should {verb} a {what} {args}.", "make sure to {verb} a {what} {args}.",
+)
+_OPENERS = ("", "", "", "Hey, ", "Hi, ", "Quick question: ", "Okay, ", "Sorry, ", "Hello! ")
+_CLOSERS = ("", "", "", " Thanks.", " Thank you!", " Cheers.")
+
+
+def _compose(asks: tuple[str, ...]) -> tuple[str, ...]:
+    """Every opener x request x closer (repeats kept: they weight the plain forms), the first letter
+    capitalised where no opener precedes it ("{args}" -> "{Args}", "{what}" -> "{What}")."""
+    out = []
+    for opener in _OPENERS:
+        for ask in asks:
+            body = ask
+            if not opener:
+                body = ("{Args}" + ask[6:] if ask.startswith("{args}") else "{What}" + ask[6:]
+                        if ask.startswith("{what}") else ask[0].upper() + ask[1:])
+            out += [opener + body + closer for closer in _CLOSERS]
+    return tuple(out)
+
+
+ASK["rich"] = {"lookup": _compose(_LOOKUP_ASKS), "action": _compose(_ACTION_ASKS)}
+DESCRIBE["rich"] = {
+    "lookup": (*DESCRIBE["train"]["lookup"], "Fetch the latest {what}", "Returns {what} data", "Check the {what}",
+               "Gives the {what} for a request", "Look up {what}", "{What} lookup", "Retrieve the {what}",
+               "Shows the current {what}", "Answers questions about the {what}", "The {what} service"),
+    "action": (*DESCRIBE["train"]["action"], "Can {verb} a {what}", "Use this to {verb} a {what}",
+               "Call this to {verb} a {what}", "{Verb} one {what}", "Helps {verb} a {what}",
+               "Will {verb} a {what} when asked", "Service to {verb} a {what}", "{Verb} a {what} right away"),
+}
+_RICH_PHRASES = {
+    "city": ("near {v}", "at {v}", "in the city of {v}", "within {v}", "across {v}", "located in {v}",
+             "for the town of {v}", "in central {v}"),
+    "day": ("coming {v}", "during {v}", "on a {v}", "starting {v}", "until {v}", "{v}", "for the day {v}",
+            "later on {v}"),
+    "time": ("at about {v}", "starting at {v}", "before {v}", "at exactly {v}", "{v}", "no later than {v}",
+             "close to {v}", "for {v}"),
+    "person": ("belonging to {v}", "whose name is {v}", "for my friend {v}", "for contact {v}",
+               "with my colleague {v}", "for user {v}", "for someone called {v}", "on behalf of {v}"),
+    "number": ("for {v}", "with {v}", "adding up to {v}", "in total {v}", "equal to {v}", "summing to {v}",
+               "of exactly {v}", "that is {v}"),
+    "topic": ("on {v}", "titled {v}", "for {v}", "with the word {v}", "concerning {v}", "labelled {v}",
+              "on the topic of {v}", "that says {v}"),
+}
+for _slot in SLOTS.values():
+    _slot.phrases["rich"] = (*_slot.phrases["train"], *_RICH_PHRASES[_slot.kind])
+
+
+@dataclass(frozen=True)
+class Variety:
+    """How the training split varies its tools and wordings (the held-out split ignores it).
+
+    `made_up_verbs`: the fraction of tools with made-up verbs; `words`: a `vocabulary` to draw the
+    made-up words from (else syllable strings); `rich_wording`: requests, descriptions and argument
+    phrases from the many "rich" phrasings instead of the few plain ones."""
+
+    made_up_verbs: float = 0.0
+    words: tuple[str, ...] | None = None
+    rich_wording: bool = False
+
+
+PLAIN = Variety()  # the tokenizer's conversations
+
+
+def wording(split: str, variety: Variety) -> str:
+    """The key of the phrasing tables (ASK, DESCRIBE, Slot.phrases) for `split` under `variety`."""
+    return "rich" if split == "train" and variety.rich_wording else split
+
 
 @dataclass(frozen=True)
 class Tool:
@@ -174,16 +264,17 @@ class Tool:
 
 
 def make_tool(rng: random.Random, split: str, kind: str, verb: str, what: str, slots: str,
-              words: Sequence[str] | None = None) -> Tool:
+              variety: Variety = PLAIN) -> Tool:
     """A tool from parts, with parameter names and description drawn at random."""
     params, used = [], set()
     for s in slots.split():
         slot = SLOTS[s]
         name = made_up_or(rng, split, MADE_UP_PARAM_FRACTION, rng.choice([n for n in slot.names if n not in used]),
-                          words)
+                          variety.words)
         used.add(name)
         params.append((name, slot))
-    desc = rng.choice(DESCRIBE[split][kind]).format(what=what, verb=verb, Verb=verb.capitalize())
+    desc = rng.choice(DESCRIBE[wording(split, variety)][kind]).format(
+        what=what, What=what.capitalize(), verb=verb, Verb=verb.capitalize())
     return Tool(f"{verb}_{what.replace(' ', '_')}", desc, kind, verb, what, tuple(params))
 
 
@@ -228,22 +319,22 @@ def lookup_verb(rng: random.Random) -> str:
     return "get" if rng.random() < 0.5 else rng.choice(VERBS_LOOKUP)
 
 
-def random_tool(rng: random.Random, split: str, made_up_verbs: float = 0.0,
-                words: Sequence[str] | None = None) -> Tool:
-    """A tool of `split`; in training, a `made_up_verbs` fraction have a made-up verb (`zormef_weather`,
-    "Please zormef a table"), which only reading the tool list or the request predicts."""
+def random_tool(rng: random.Random, split: str, variety: Variety = PLAIN) -> Tool:
+    """A tool of `split`; in training, a `variety.made_up_verbs` fraction have a made-up verb
+    (`zormef_weather`, "Please zormef a table"), which only reading the tool list or the request predicts."""
+    words, made_up_verbs = variety.words, variety.made_up_verbs
     lookups = LOOKUPS_TRAIN if split == "train" else LOOKUPS_HELDOUT
     actions = ACTIONS_TRAIN if split == "train" else ACTIONS_HELDOUT
     made_up = split == "train" and rng.random() < MADE_UP_FRACTION
     if rng.random() < 0.6:
         what, slots = (made_up_what(rng, words), rng.choice(SLOT_SETS)) if made_up else rng.choice(lookups)
         verb = made_up_or(rng, split, made_up_verbs, lookup_verb(rng), words)
-        return make_tool(rng, split, "lookup", verb, what, slots, words)
+        return make_tool(rng, split, "lookup", verb, what, slots, variety)
     verb, what, slots = rng.choice(actions)
     verb = made_up_or(rng, split, made_up_verbs, verb, words)
     if made_up:
         what, slots = made_up_what(rng, words), rng.choice(SLOT_SETS)
-    return make_tool(rng, split, "action", verb, what, slots, words)
+    return make_tool(rng, split, "action", verb, what, slots, variety)
 
 
 def _value(rng: random.Random, slot: Slot, split: str, words: Sequence[str] | None = None) -> Any:
@@ -255,8 +346,7 @@ def _value(rng: random.Random, slot: Slot, split: str, words: Sequence[str] | No
 
 
 def tool_conversation(
-    rng: random.Random, split: str = "train", made_up_verbs: float = 0.0, exchanges: int = 1,
-    words: Sequence[str] | None = None,
+    rng: random.Random, split: str = "train", exchanges: int = 1, variety: Variety = PLAIN,
 ) -> dict[str, Any]:
     """A conversation: tools listed, a request, the call, its result, and the final answer.
 
@@ -269,11 +359,11 @@ def tool_conversation(
     if split == "train" and rng.random() < 0.15:
         tool, args, ask, result, answer = _classic(rng)
     else:
-        tool = random_tool(rng, split, made_up_verbs, words)
-        args, ask, result, answer = _request(rng, tool, split, words)
+        tool = random_tool(rng, split, variety)
+        args, ask, result, answer = _request(rng, tool, split, variety)
     offered = [tool]
     while len(offered) < 1 + rng.randint(0, 3):
-        other = random_tool(rng, split, made_up_verbs, words)
+        other = random_tool(rng, split, variety)
         if all(other.what != t.what for t in offered):
             offered.append(other)
     rng.shuffle(offered)
@@ -285,7 +375,7 @@ def tool_conversation(
             if fresh and rng.random() < 0.8:
                 nxt = rng.choice(fresh)
                 called.add(nxt.name)
-                messages += _exchange(rng, nxt, *_request(rng, nxt, split, words))
+                messages += _exchange(rng, nxt, *_request(rng, nxt, split, variety))
             else:
                 messages += chat_conversation(rng, system=False)["messages"]
     return {"messages": messages, "tools": [t.schema() for t in offered],
@@ -293,14 +383,16 @@ def tool_conversation(
 
 
 def _request(rng: random.Random, tool: Tool, split: str,
-             words: Sequence[str] | None = None) -> tuple[dict[str, Any], str, str, str]:
+             variety: Variety = PLAIN) -> tuple[dict[str, Any], str, str, str]:
     """Arguments for `tool`, the request that asks for them, the tool's result and the answer."""
-    args = {name: _value(rng, slot, split, words) for name, slot in tool.params}
-    phrases = [rng.choice(slot.phrases[split]).format(v=args[name]) for name, slot in tool.params]
+    args = {name: _value(rng, slot, split, variety.words) for name, slot in tool.params}
+    key = wording(split, variety)
+    phrases = [rng.choice(slot.phrases[key]).format(v=args[name]) for name, slot in tool.params]
     rng.shuffle(phrases)
-    template = rng.choice(ASK[split][tool.kind])
+    template = rng.choice(ASK[key][tool.kind])
+    args_text = " ".join(phrases)
     ask = template.format(what=tool.what, What=tool.what.capitalize(), verb=tool.verb,
-                          Verb=tool.verb.capitalize(), args=" ".join(phrases))
+                          Verb=tool.verb.capitalize(), args=args_text, Args=args_text[:1].upper() + args_text[1:])
     where = " ".join(phrases)
     if tool.kind == "lookup":
         n = rng.randint(1, 999)
@@ -390,8 +482,8 @@ def chat_conversation(rng: random.Random, system: bool = True) -> dict[str, Any]
 
 
 def conversations(
-    n: int, seed: int, split: str = "train", tool_fraction: float = 0.6, made_up_verbs: float = 0.0,
-    exchanges: int = 1, words: Sequence[str] | None = None,
+    n: int, seed: int, split: str = "train", tool_fraction: float = 0.6, exchanges: int = 1,
+    variety: Variety = PLAIN,
 ) -> list[dict[str, Any]]:
     """`n` conversations, a `tool_fraction` of them with tools; deterministic in `seed`.
 
@@ -405,12 +497,12 @@ def conversations(
     out = []
     for _ in range(n):
         if rng.random() < tool_fraction:
-            out.append(tool_conversation(rng, split, made_up_verbs, exchanges, words))
+            out.append(tool_conversation(rng, split, exchanges, variety))
             continue
         conv = chat_conversation(rng)
         for _ in range(rng.randint(0, exchanges - 1) if exchanges > 1 else 0):
             conv["messages"] += chat_conversation(rng, system=False)["messages"]
         if split == "train" and rng.random() < 0.2:
-            conv["tools"] = [random_tool(rng, split, made_up_verbs, words).schema() for _ in range(rng.randint(1, 3))]
+            conv["tools"] = [random_tool(rng, split, variety).schema() for _ in range(rng.randint(1, 3))]
         out.append(conv)
     return out

@@ -1,0 +1,380 @@
+"""Constrained decoding of tool calls: inside `<|tool_call_start|>...<|tool_call_end|>`, only tokens
+that keep the call valid against the offered tools' schemas.
+
+A model that decides to call a tool may still misspell the tool's name, invent a parameter, write a
+word where the schema wants a number, or never close the list. With a constraint, every token it
+samples inside a call block keeps the block a prefix of
+
+    [name(param=value, ...), ...]<|tool_call_end|>
+
+where each name is one of the listed tools, each parameter one of that tool's (once each, every
+required one before the `)`), and each value a literal of the parameter's JSON-schema type (strings
+quoted, numbers as digits, `True`/`False`/`None`, enums as one of their values; arrays, objects and
+untyped parameters as any bracket-balanced literal). Outside call blocks nothing is constrained: the
+model still chooses whether to call a tool at all. vLLM and llama.cpp do the same with grammars
+(guided decoding); this is that idea for exactly one grammar, small enough to read.
+
+How: `ToolCallGrammar` is a recognizer over bytes (byte-level BPE tokens are byte strings) whose
+states are small hashable tuples. The tokens allowed in a state are found by walking a byte trie of
+the vocabulary with the recognizer, pruning every branch it rejects, and the mask is cached per
+state: a state recurs (every string value is in the same few states), so after the first call a
+step costs a dictionary lookup. `ToolCallConstraint` follows one generation token by token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lfm2.errors import ToolError
+from lfm2.tools import TOOL_CALL_END, TOOL_CALL_START, tool_schema
+
+State = tuple  # ("kind", ...): see ToolCallGrammar.step
+MAX_NUMBER_DIGITS = 20  # a greedy model can repeat a digit forever; no JSON number needs more
+GRAMMAR_CACHE = 32  # tool lists whose grammars (and masks) a vocabulary keeps
+
+_DIGITS = frozenset(b"0123456789")
+_IDENT_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_IDENT = _IDENT_START | _DIGITS
+_CLOSE = {ord("]"): ord("["), ord("}"): ord("{"), ord(")"): ord("(")}
+
+
+class _Tool:
+    """What the grammar needs of one tool: its name, parameters, their value kinds, and the required ones."""
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        fn = tool_schema(schema)["function"]
+        self.name: bytes = fn["name"].encode()
+        params = fn.get("parameters") or {}
+        props = params.get("properties")
+        # No "properties" at all: any identifier may be a parameter, with any literal value.
+        self.free = not isinstance(props, Mapping)
+        self.params: dict[bytes, tuple[str, ...]] = {}
+        for key, spec in (props or {}).items():
+            self.params[key.encode()] = _value_kinds(spec if isinstance(spec, Mapping) else {})
+        required = params.get("required") or []
+        self.required = frozenset(r.encode() for r in required if isinstance(r, str) and r.encode() in self.params)
+
+
+def _value_kinds(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The literal forms a parameter's schema admits: ("enum", reprs...) or a set of kinds."""
+    if isinstance(spec.get("enum"), list) and spec["enum"]:
+        reprs: list[str] = []
+        for v in spec["enum"]:
+            if isinstance(v, str):
+                reprs += [repr(v), '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"']
+            elif isinstance(v, bool) or v is None:
+                reprs.append(repr(v))
+            elif isinstance(v, (int, float)):
+                reprs.append(repr(v))
+            else:
+                return ("string", "number", "boolean", "null", "compound")  # an enum of lists: any literal
+        return ("enum", *dict.fromkeys(reprs))
+    types = spec.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    kinds = set()
+    for t in types:
+        kinds |= {"string": {"string"}, "integer": {"integer"}, "number": {"number"}, "boolean": {"boolean"},
+                  "null": {"null"}, "array": {"compound"}, "object": {"compound"}}.get(t, set())
+    if not kinds:  # untyped, or types we do not know: any literal
+        kinds = {"string", "number", "boolean", "null", "compound"}
+    if "number" in kinds:
+        kinds.discard("integer")
+    return tuple(sorted(kinds))
+
+
+class ToolCallGrammar:
+    """The language of call blocks for a list of tools, recognised byte by byte.
+
+    States (tuples, so they hash): ("open",) before `[`; ("name", prefix, space_ok); ("args", tool,
+    used, space_ok); ("param", tool, used, prefix); ("value", tool, used, param); ("str", tool, used,
+    quote, escaped); ("num", tool, used, integer, phase); ("word", tool, used, options, done);
+    ("compound", tool, used, stack, quote, escaped); ("after_value", tool, used); ("after_call",);
+    ("end",) where only `<|tool_call_end|>` may follow. `step` returns the next state or None.
+    `masks` caches the allowed tokens per state for the vocabulary the grammar is used with.
+    """
+
+    def __init__(self, tools: Sequence[Mapping[str, Any]]) -> None:
+        if not tools:
+            raise ToolError("constrained tool calls need at least one tool")
+        self.tools = [_Tool(t) for t in tools]
+        self.masks: dict[State, torch.Tensor] = {}
+
+    def initial(self) -> State:
+        return ("open",)
+
+    def feed(self, state: State | None, data: bytes) -> State | None:
+        for byte in data:
+            if state is None:
+                return None
+            state = self.step(state, byte)
+        return state
+
+    def step(self, state: State, b: int) -> State | None:  # noqa: C901 - one branch per state, flat on purpose
+        kind = state[0]
+        if kind == "open":
+            return ("name", b"", False) if b == ord("[") else None
+        if kind == "name":
+            prefix, space_ok = state[1], state[2]
+            if b == ord(" ") and space_ok and not prefix:
+                return ("name", b"", False)
+            if b == ord("("):
+                for i, t in enumerate(self.tools):
+                    if t.name == prefix:
+                        return ("args", i, frozenset(), False)
+                return None
+            longer = prefix + bytes([b])
+            return ("name", longer, False) if any(t.name.startswith(longer) for t in self.tools) else None
+        if kind == "args":
+            tool, used, space_ok = self.tools[state[1]], state[2], state[3]
+            if b == ord(")"):
+                return ("after_call",) if tool.required <= used else None
+            if b == ord(" ") and space_ok:
+                return ("args", state[1], used, False)
+            return self.step(("param", state[1], used, b""), b)
+        if kind == "param":
+            i, used, prefix = state[1], state[2], state[3]
+            tool = self.tools[i]
+            if b == ord("="):
+                if prefix and (prefix in tool.params or tool.free) and prefix not in used:
+                    return ("value", i, used | {prefix}, prefix)
+                return None
+            longer = prefix + bytes([b])
+            if tool.free:
+                ok = b in (_IDENT if prefix else _IDENT_START)
+            else:
+                ok = any(p.startswith(longer) for p in tool.params if p not in used)
+            return ("param", i, used, longer) if ok else None
+        if kind == "value":
+            i, used, param = state[1], state[2], state[3]
+            tool = self.tools[i]
+            kinds = tool.params.get(param, ("string", "number", "boolean", "null", "compound"))
+            if kinds[0] == "enum":
+                return self.step(("word", i, used, kinds[1:], 0), b)
+            if b in (ord("'"), ord('"')) and "string" in kinds:
+                return ("str", i, used, b, False)
+            if (b in _DIGITS or b == ord("-")) and ("number" in kinds or "integer" in kinds):
+                return self.step(("num", i, used, "number" not in kinds, "start", 0), b)
+            words = (("True", "False") if "boolean" in kinds else ()) + (("None",) if "null" in kinds else ())
+            if words and chr(b) in "TFN":
+                return self.step(("word", i, used, words, 0), b)
+            if b in (ord("["), ord("{")) and "compound" in kinds:
+                return ("compound", i, used, bytes([b]), None, False)
+            return None
+        if kind == "str":
+            i, used, quote, escaped = state[1:]
+            if b == ord("\n"):
+                return None
+            if escaped:
+                return ("str", i, used, quote, False)
+            if b == ord("\\"):
+                return ("str", i, used, quote, True)
+            if b == quote:
+                return ("after_value", i, used)
+            return state
+        if kind == "num":
+            i, used, integer, phase, digits = state[1:]
+            if b == ord("-") and phase == "start":
+                return ("num", i, used, integer, "sign", 0)
+            if b in _DIGITS:
+                if digits >= MAX_NUMBER_DIGITS:
+                    return None
+                return ("num", i, used, integer, "frac" if phase in ("dot", "frac") else "int", digits + 1)
+            if b == ord(".") and phase == "int" and not integer:
+                return ("num", i, used, integer, "dot", digits)
+            if phase in ("int", "frac"):
+                return self.step(("after_value", i, used), b)
+            return None
+        if kind == "word":
+            i, used, options, done = state[1:]
+            left = tuple(o for o in options if len(o) > done and ord(o[done]) == b)
+            if left:
+                return ("word", i, used, left, done + 1)
+            if any(len(o) == done for o in options):
+                return self.step(("after_value", i, used), b)
+            return None
+        if kind == "compound":
+            i, used, stack, quote, escaped = state[1:]
+            if quote is not None:
+                if b == ord("\n"):
+                    return None
+                if escaped:
+                    return ("compound", i, used, stack, quote, False)
+                if b == ord("\\"):
+                    return ("compound", i, used, stack, quote, True)
+                return ("compound", i, used, stack, None if b == quote else quote, False)
+            if b in (ord("'"), ord('"')):
+                return ("compound", i, used, stack, b, False)
+            if b in (ord("["), ord("{"), ord("(")):
+                return ("compound", i, used, stack + bytes([b]), None, False)
+            if b in _CLOSE:
+                if stack[-1] != _CLOSE[b]:
+                    return None
+                return ("compound", i, used, stack[:-1], None, False) if len(stack) > 1 else ("after_value", i, used)
+            return None if b == ord("\n") else state
+        if kind == "after_value":
+            i, used = state[1], state[2]
+            if b == ord(","):
+                tool = self.tools[i]
+                more = tool.free or any(p not in used for p in tool.params)
+                return ("args", i, used, True) if more else None
+            if b == ord(")"):
+                return ("after_call",) if self.tools[i].required <= used else None
+            return None
+        if kind == "after_call":
+            if b == ord(","):
+                return ("name", b"", True)
+            return ("end",) if b == ord("]") else None
+        return None  # "end": only the end marker, which is a token, not bytes
+
+
+class _Trie:
+    """The vocabulary's byte strings as a trie: node = (ids ending here, {byte: child})."""
+
+    def __init__(self, token_bytes: Sequence[bytes | None]) -> None:
+        self.root: tuple[list[int], dict[int, Any]] = ([], {})
+        for tid, data in enumerate(token_bytes):
+            if not data:
+                continue
+            node = self.root
+            for byte in data:
+                node = node[1].setdefault(byte, ([], {}))
+            node[0].append(tid)
+
+
+class ToolCallConstraint:
+    """Follows one generation; `mask()` is None outside call blocks, else the allowed token ids.
+
+    `forced` is text already in the prompt that the model's reply continues (tool_choice's
+    `<|tool_call_start|>[` or `<|tool_call_start|>[name(`): the constraint starts where it ends.
+    """
+
+    def __init__(self, grammar: ToolCallGrammar, vocab: TokenVocabulary, forced: str = "") -> None:
+        self.grammar, self.vocab, self.forced = grammar, vocab, forced
+        self.state: State | None = None
+        if forced:
+            if not forced.startswith(TOOL_CALL_START):
+                raise ToolError(f"forced reply text {forced!r} does not start a tool call")
+            self.state = grammar.feed(grammar.initial(), forced[len(TOOL_CALL_START):].encode())
+            if self.state is None:
+                raise ToolError(f"forced reply text {forced!r} is not a valid start of a call to the offered tools")
+
+    def fresh(self) -> ToolCallConstraint:
+        """A constraint for another generation from the same prompt (each choice of n needs its own)."""
+        return ToolCallConstraint(self.grammar, self.vocab, self.forced)
+
+    def mask(self) -> torch.Tensor | None:
+        """The tokens allowed next, or None where nothing is constrained. A state no token can
+        continue (a vocabulary without single-byte tokens) ends the constraint rather than the text."""
+        if self.state is None:
+            return None
+        masks = self.grammar.masks
+        if self.state not in masks:
+            masks[self.state] = self.vocab.allowed(self.grammar, self.state)
+        mask = masks[self.state]
+        if not bool(mask.any()):
+            self.state = None
+            return None
+        return mask
+
+    def advance(self, token: int) -> None:
+        v = self.vocab
+        if self.state is None:
+            if token == v.start_id:
+                self.state = self.grammar.initial()
+        elif self.state == ("end",):
+            self.state = None  # the end marker closed the block (the mask allowed nothing else)
+        else:
+            data = v.token_bytes[token] if 0 <= token < len(v.token_bytes) else None
+            self.state = self.grammar.feed(self.state, data) if data else None
+
+
+class TokenVocabulary:
+    """A tokenizer's tokens as bytes (None for special tokens), its trie, and the call markers' ids."""
+
+    def __init__(self, token_bytes: Sequence[bytes | None], start_id: int, end_id: int, size: int) -> None:
+        self.token_bytes = list(token_bytes)
+        self.start_id, self.end_id, self.size = start_id, end_id, size
+        self.trie = _Trie(self.token_bytes)
+        self.grammars: OrderedDict[str, ToolCallGrammar] = OrderedDict()
+
+    def grammar(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallGrammar:
+        """The grammar of `tools`, reused (with its masks) while the same tool list keeps coming."""
+        key = json.dumps([tool_schema(t) for t in tools], sort_keys=True, default=str)
+        if key in self.grammars:
+            self.grammars.move_to_end(key)
+        else:
+            self.grammars[key] = ToolCallGrammar(tools)
+            if len(self.grammars) > GRAMMAR_CACHE:
+                self.grammars.popitem(last=False)
+        return self.grammars[key]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, size: int | None = None) -> TokenVocabulary:
+        start, end = tokenizer.token_to_id(TOOL_CALL_START), tokenizer.token_to_id(TOOL_CALL_END)
+        if start is None or end is None:
+            raise ToolError(
+                f"{tokenizer.name}: the vocabulary has no {TOOL_CALL_START} / {TOOL_CALL_END} tokens, so tool calls "
+                "cannot be constrained"
+            )
+        return cls(tokenizer.token_bytes(), start, end, size or tokenizer.vocab_size)
+
+    def allowed(self, grammar: ToolCallGrammar, state: State) -> torch.Tensor:
+        """Boolean mask over the vocabulary: the tokens whose bytes `grammar` accepts from `state`."""
+        mask = torch.zeros(self.size, dtype=torch.bool)
+        if state == ("end",):
+            mask[self.end_id] = True
+            return mask
+        ids: list[int] = []
+        stack = [(self.trie.root, state)]
+        while stack:
+            (_, children), st = stack.pop()
+            for byte, child in children.items():
+                nxt = grammar.step(st, byte)
+                if nxt is not None:
+                    ids.extend(child[0])
+                    if child[1]:
+                        stack.append((child, nxt))
+        if ids:
+            mask[torch.tensor(ids)] = True
+        return mask
+
+
+def tool_call_constraint(tokenizer: Any, tools: Iterable[Mapping[str, Any]], forced: str = "",
+                         vocab_size: int | None = None) -> ToolCallConstraint:
+    """A fresh constraint for one generation (the vocabulary's trie is cached on the tokenizer)."""
+    vocab = getattr(tokenizer, "_constraint_vocabulary", None)
+    if vocab is None or (vocab_size and vocab.size != vocab_size):
+        vocab = TokenVocabulary.from_tokenizer(tokenizer, vocab_size)
+        tokenizer._constraint_vocabulary = vocab
+    return ToolCallConstraint(vocab.grammar(list(tools)), vocab, forced)
+
+
+def wants_constraint(tools: Sequence[Any], tool_choice: Any, strict_tools: bool | None) -> bool:
+    """Whether a reply's tool calls are constrained: `strict_tools` if given, else when `tool_choice`
+    forces a call ("required" or a named function) or any offered function says `"strict": true`."""
+    if strict_tools is not None:
+        return bool(strict_tools)
+    if tool_choice == "required" or isinstance(tool_choice, Mapping):
+        return True
+    return any(isinstance(t, Mapping) and (t.get("function", t) or {}).get("strict") is True for t in tools)
+
+
+def apply_constraints(logits: torch.Tensor, constraints: Sequence[ToolCallConstraint | None]) -> torch.Tensor:
+    """`logits` (B, V) with the tokens each row's constraint forbids set to -inf (rows without one,
+    or outside a tool-call block, unchanged)."""
+    out = logits
+    for r, c in enumerate(constraints):
+        mask = None if c is None else c.mask()
+        if mask is not None:
+            if out is logits:
+                out = logits.clone()
+            allowed = mask.to(logits.device)
+            V = min(out.shape[-1], allowed.shape[0])
+            out[r, :V].masked_fill_(~allowed[:V], float("-inf"))
+            out[r, V:] = float("-inf")
+    return out
