@@ -41,6 +41,9 @@ _DIGITS = frozenset(b"0123456789")
 _IDENT_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _IDENT = _IDENT_START | _DIGITS
 _CLOSE = {ord("]"): ord("["), ord("}"): ord("{"), ord(")"): ord("(")}
+# Bytes that keep a string (quoted by the key) or a compound literal's top level where they are.
+_PLAIN_TEXT = {q: bytes(b for b in range(256) if b not in (q, ord("\\"), ord("\n"))) for q in (ord("'"), ord('"'))}
+_PLAIN_COMPOUND = bytes(b for b in range(256) if b not in b"'\"[]{}()\n")
 
 
 class _Tool:
@@ -106,6 +109,15 @@ class ToolCallGrammar:
 
     def initial(self) -> State:
         return ("open",)
+
+    def loop_bytes(self, state: State) -> bytes | None:
+        """Bytes that leave `state` as it is (a string's plain characters), or None: every token made
+        only of them is allowed there, which spares walking most of the vocabulary in a string."""
+        if state[0] == "str" and not state[4]:
+            return _PLAIN_TEXT[state[3]]
+        if state[0] == "compound" and not state[5]:
+            return _PLAIN_TEXT[state[4]] if state[4] is not None else _PLAIN_COMPOUND
+        return None
 
     def feed(self, state: State | None, data: bytes) -> State | None:
         for byte in data:
@@ -301,6 +313,17 @@ class TokenVocabulary:
         self.start_id, self.end_id, self.size = start_id, end_id, size
         self.trie = _Trie(self.token_bytes)
         self.grammars: OrderedDict[str, ToolCallGrammar] = OrderedDict()
+        self._loops: dict[bytes, tuple[torch.Tensor, _Trie]] = {}
+
+    def _loop_split(self, loop: bytes) -> tuple[torch.Tensor, _Trie]:
+        """The tokens made only of `loop` bytes (a mask), and a trie of all the others."""
+        if loop not in self._loops:
+            inside = [bool(b) and not b.translate(None, loop) for b in self.token_bytes]
+            mask = torch.zeros(self.size, dtype=torch.bool)
+            mask[: len(inside)] = torch.tensor(inside, dtype=torch.bool)
+            rest = _Trie([None if keep else b for b, keep in zip(self.token_bytes, inside, strict=True)])
+            self._loops[loop] = (mask, rest)
+        return self._loops[loop]
 
     def grammar(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallGrammar:
         """The grammar of `tools`, reused (with its masks) while the same tool list keeps coming."""
@@ -329,8 +352,12 @@ class TokenVocabulary:
         if state == ("end",):
             mask[self.end_id] = True
             return mask
+        trie, loop = self.trie, grammar.loop_bytes(state)
+        if loop is not None:
+            inside, trie = self._loop_split(loop)
+            mask |= inside
         ids: list[int] = []
-        stack = [(self.trie.root, state)]
+        stack = [(trie.root, state)]
         while stack:
             (_, children), st = stack.pop()
             for byte, child in children.items():

@@ -95,14 +95,19 @@ def llm(chat_checkpoint):
     return lfm2.load(chat_checkpoint)
 
 
-def test_masks_follow_the_grammar_token_by_token(llm):
+@pytest.mark.parametrize("tools, text", [
+    (SMALL, "[get_weather(city='Lyon', days=12, unit=\"c\"), get_weather_map()]"),
+    (TOOLS, "[get_weather(city='a\\'b\"', tags=['x', {\"k\": (1, 2)}], where={'a': \"]\"}), log(z=None)]"),
+])
+def test_masks_follow_the_grammar_token_by_token(llm, tools, text):
     """Every token of a valid call is allowed where it comes; the masks hold exactly the tokens whose
-    bytes the grammar accepts (checked against a brute-force pass over the vocabulary)."""
+    bytes the grammar accepts (checked against a brute-force pass over the vocabulary; in strings the
+    masks are built from the tokens of plain characters plus a walk over the rest)."""
     tok = llm.tokenizer
-    c = tool_call_constraint(tok, SMALL)
+    c = tool_call_constraint(tok, tools)
     assert c.mask() is None  # outside a call block nothing is constrained
     c.advance(tok.token_to_id("<|tool_call_start|>"))
-    ids = tok.encode("[get_weather(city='Lyon', days=12, unit=\"c\"), get_weather_map()]")
+    ids = tok.encode(text)
     token_bytes = tok.token_bytes()
     for i in ids:
         mask = c.mask()
