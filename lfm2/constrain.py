@@ -193,12 +193,16 @@ class ToolCallGrammar:
             if b == ord("-") and phase == "start":
                 return ("num", i, used, integer, "sign", 0)
             if b in _DIGITS:
-                if digits >= MAX_NUMBER_DIGITS:
+                if digits >= MAX_NUMBER_DIGITS or phase == "zero":  # Python allows no 07
                     return None
-                return ("num", i, used, integer, "frac" if phase in ("dot", "frac") else "int", digits + 1)
-            if b == ord(".") and phase == "int" and not integer:
+                if phase in ("start", "sign"):
+                    phase = "zero" if b == ord("0") else "int"
+                elif phase == "dot":
+                    phase = "frac"
+                return ("num", i, used, integer, phase, digits + 1)
+            if b == ord(".") and phase in ("int", "zero") and not integer:
                 return ("num", i, used, integer, "dot", digits)
-            if phase in ("int", "frac"):
+            if phase in ("int", "zero", "frac"):
                 return self.step(("after_value", i, used), b)
             return None
         if kind == "word":

@@ -74,6 +74,19 @@ def test_calls_known_tools(llm):
     assert right / len(convs) >= 0.8
 
 
+def test_strict_tool_calls_on_unseen_tools(llm):
+    """Held-out tools and wordings (not the recipe's evaluation prompts: another seed). Strict tool calls
+    keep names and parameters to the listed schemas; measured on these 30: strict right tool 0.70 and
+    arguments 0.50, unconstrained 0.33 and 0.17 (the recipe's 200: 0.68 / 0.41 and 0.17 / 0.07)."""
+    from lfm2.train.bundle import tool_call_scores
+
+    held = conversations(30, seed=4242, split="heldout", tool_fraction=1.0)
+    strict_tool, strict_args = tool_call_scores(llm, held, strict=True)
+    free_tool, free_args = tool_call_scores(llm, held, strict=False)
+    assert strict_tool >= 0.6 and strict_args >= 0.4, (strict_tool, strict_args)
+    assert strict_tool > free_tool and strict_args > free_args
+
+
 def test_answers_from_the_tool_result(llm):
     """The README's exchange: the call, then an answer that takes its facts from the tool's result."""
     def get_weather(city: str) -> str:

@@ -35,7 +35,7 @@ def accepts(text: str, tools=TOOLS) -> bool:
 
 
 @pytest.mark.parametrize("args", [
-    {"city": "Paris"},
+    {"city": "Paris", "days": 0, "ratio": -0.5},
     {"city": "It's \"quoted\" \\ and | <|tool_call_end|>", "days": -3},
     {"city": "Zürich 東京", "unit": "f", "detailed": False, "ratio": None},
     {"city": "Oslo", "ratio": 0.25, "tags": ["a", "b]", [1, 2]], "where": {"lat": 1.5, "name": "x}"}},
@@ -65,6 +65,8 @@ def test_rendered_calls_are_accepted(args):
     "[get_weather(city='Paris')",  # the list never closed
     "get_weather(city='Paris')",  # no list
     f"[get_weather(city='Paris', days={'9' * (MAX_NUMBER_DIGITS + 1)})]",  # a runaway number
+    "[get_weather(city='Paris', days=07)]",  # a leading zero (Python refuses it)
+    "[get_weather(city='Paris', ratio=1.)]",  # a dot without a digit after it
 ])
 def test_invalid_calls_are_rejected(text):
     assert not accepts(text)
