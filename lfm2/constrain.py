@@ -64,19 +64,17 @@ class _Tool:
 
 
 def _value_kinds(spec: Mapping[str, Any]) -> tuple[str, ...]:
-    """The literal forms a parameter's schema admits: ("enum", reprs...) or a set of kinds."""
+    """The literal forms a parameter's schema admits: ("enum", UTF-8 reprs...) or a set of kinds."""
     if isinstance(spec.get("enum"), list) and spec["enum"]:
         reprs: list[str] = []
         for v in spec["enum"]:
             if isinstance(v, str):
                 reprs += [repr(v), '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"']
-            elif isinstance(v, bool) or v is None:
-                reprs.append(repr(v))
-            elif isinstance(v, (int, float)):
+            elif v is None or isinstance(v, (bool, int, float)):
                 reprs.append(repr(v))
             else:
                 return ("string", "number", "boolean", "null", "compound")  # an enum of lists: any literal
-        return ("enum", *dict.fromkeys(reprs))
+        return ("enum", *dict.fromkeys(r.encode() for r in reprs))
     types = spec.get("type")
     types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
     kinds = set()
@@ -171,8 +169,8 @@ class ToolCallGrammar:
                 return ("str", i, used, b, False)
             if (b in _DIGITS or b == ord("-")) and ("number" in kinds or "integer" in kinds):
                 return self.step(("num", i, used, "number" not in kinds, "start", 0), b)
-            words = (("True", "False") if "boolean" in kinds else ()) + (("None",) if "null" in kinds else ())
-            if words and chr(b) in "TFN":
+            words = ((b"True", b"False") if "boolean" in kinds else ()) + ((b"None",) if "null" in kinds else ())
+            if words and b in b"TFN":
                 return self.step(("word", i, used, words, 0), b)
             if b in (ord("["), ord("{")) and "compound" in kinds:
                 return ("compound", i, used, bytes([b]), None, False)
@@ -207,7 +205,7 @@ class ToolCallGrammar:
             return None
         if kind == "word":
             i, used, options, done = state[1:]
-            left = tuple(o for o in options if len(o) > done and ord(o[done]) == b)
+            left = tuple(o for o in options if len(o) > done and o[done] == b)
             if left:
                 return ("word", i, used, left, done + 1)
             if any(len(o) == done for o in options):

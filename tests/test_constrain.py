@@ -16,7 +16,7 @@ from tests.test_chat import Script
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "required": ["city"],
-        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f"]},
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f", "°C"]},
                        "detailed": {"type": "boolean"}, "ratio": {"type": ["number", "null"]},
                        "tags": {"type": "array"}, "where": {"type": "object"}}}}},
     {"type": "function", "function": {"name": "get_weather_map", "parameters": {"type": "object", "properties": {}}}},
@@ -38,6 +38,7 @@ def accepts(text: str, tools=TOOLS) -> bool:
     {"city": "Paris", "days": 0, "ratio": -0.5},
     {"city": "It's \"quoted\" \\ and | <|tool_call_end|>", "days": -3},
     {"city": "Zürich 東京", "unit": "f", "detailed": False, "ratio": None},
+    {"city": "Oslo", "unit": "°C"},
     {"city": "Oslo", "ratio": 0.25, "tags": ["a", "b]", [1, 2]], "where": {"lat": 1.5, "name": "x}"}},
 ])
 def test_rendered_calls_are_accepted(args):
