@@ -73,6 +73,7 @@ class Tokenizer:
         name: str = "tokenizer",
     ) -> None:
         self._tok = tokenizer
+        self._token_bytes: list[bytes | None] | None = None  # filled on first use (constrained decoding)
         self.special_tokens = dict(special_tokens)
         self.chat_template = chat_template
         self.name = name
@@ -158,7 +159,7 @@ class Tokenizer:
         the bytes are read back through that table; a token outside it (another kind of
         tokenizer) is decoded on its own. Constrained decoding matches these against a grammar.
         """
-        if getattr(self, "_token_bytes", None) is None:
+        if self._token_bytes is None:
             byte_of = {ch: b for b, ch in _byte_level_alphabet().items()}
             added = set(self._tok.get_added_tokens_decoder())
             out: list[bytes | None] = []
