@@ -24,6 +24,7 @@ step costs a dictionary lookup. `ToolCallConstraint` follows one generation toke
 from __future__ import annotations
 
 import json
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -36,6 +37,9 @@ from lfm2.tools import TOOL_CALL_END, TOOL_CALL_START, tool_schema
 State = tuple  # ("kind", ...): see ToolCallGrammar.step
 MAX_NUMBER_DIGITS = 20  # a greedy model can repeat a digit forever; no JSON number needs more
 GRAMMAR_CACHE = 32  # tool lists whose grammars (and masks) a vocabulary keeps
+_KIND_OF_TYPE = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean", "null": "null",
+                 "array": "compound", "object": "compound"}  # JSON-schema type -> the literal form it takes
+ANY_LITERAL = ("compound", "boolean", "null", "number", "string")  # untyped parameters (sorted, as kinds are)
 
 _DIGITS = frozenset(b"0123456789")
 _IDENT_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
@@ -73,16 +77,13 @@ def _value_kinds(spec: Mapping[str, Any]) -> tuple[str, ...]:
             elif v is None or isinstance(v, (bool, int, float)):
                 reprs.append(repr(v))
             else:
-                return ("string", "number", "boolean", "null", "compound")  # an enum of lists: any literal
+                return ANY_LITERAL  # an enum of lists or dicts
         return ("enum", *dict.fromkeys(r.encode() for r in reprs))
     types = spec.get("type")
     types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
-    kinds = set()
-    for t in types:
-        kinds |= {"string": {"string"}, "integer": {"integer"}, "number": {"number"}, "boolean": {"boolean"},
-                  "null": {"null"}, "array": {"compound"}, "object": {"compound"}}.get(t, set())
-    if not kinds:  # untyped, or types we do not know: any literal
-        kinds = {"string", "number", "boolean", "null", "compound"}
+    kinds = {_KIND_OF_TYPE[t] for t in types if t in _KIND_OF_TYPE}
+    if not kinds:  # untyped, or types we do not know
+        return ANY_LITERAL
     if "number" in kinds:
         kinds.discard("integer")
     return tuple(sorted(kinds))
@@ -93,7 +94,7 @@ class ToolCallGrammar:
 
     States (tuples, so they hash): ("open",) before `[`; ("name", prefix, space_ok); ("args", tool,
     used, space_ok); ("param", tool, used, prefix); ("value", tool, used, param); ("str", tool, used,
-    quote, escaped); ("num", tool, used, integer, phase); ("word", tool, used, options, done);
+    quote, escaped); ("num", tool, used, integer, phase, digits); ("word", tool, used, options, done);
     ("compound", tool, used, stack, quote, escaped); ("after_value", tool, used); ("after_call",);
     ("end",) where only `<|tool_call_end|>` may follow. `step` returns the next state or None.
     `masks` caches the allowed tokens per state for the vocabulary the grammar is used with.
@@ -162,7 +163,7 @@ class ToolCallGrammar:
         if kind == "value":
             i, used, param = state[1], state[2], state[3]
             tool = self.tools[i]
-            kinds = tool.params.get(param, ("string", "number", "boolean", "null", "compound"))
+            kinds = tool.params.get(param, ANY_LITERAL)  # a free tool's parameters are untyped
             if kinds[0] == "enum":
                 return self.step(("word", i, used, kinds[1:], 0), b)
             if b in (ord("'"), ord('"')) and "string" in kinds:
@@ -373,13 +374,15 @@ class TokenVocabulary:
         return mask
 
 
+_VOCABULARIES: weakref.WeakKeyDictionary[Any, TokenVocabulary] = weakref.WeakKeyDictionary()
+
+
 def tool_call_constraint(tokenizer: Any, tools: Iterable[Mapping[str, Any]], forced: str = "",
                          vocab_size: int | None = None) -> ToolCallConstraint:
-    """A fresh constraint for one generation (the vocabulary's trie is cached on the tokenizer)."""
-    vocab = getattr(tokenizer, "_constraint_vocabulary", None)
+    """A fresh constraint for one generation (each tokenizer's vocabulary trie is built once)."""
+    vocab = _VOCABULARIES.get(tokenizer)
     if vocab is None or (vocab_size and vocab.size != vocab_size):
-        vocab = TokenVocabulary.from_tokenizer(tokenizer, vocab_size)
-        tokenizer._constraint_vocabulary = vocab
+        vocab = _VOCABULARIES[tokenizer] = TokenVocabulary.from_tokenizer(tokenizer, vocab_size)
     return ToolCallConstraint(vocab.grammar(list(tools)), vocab, forced)
 
 

@@ -10,12 +10,13 @@ verb and a subject ("get" + "humidity" -> `get_humidity`), an action tool a verb
 (`book_table`), and each takes one to three arguments of a few kinds (a city, a day, a time, a
 person, a number, a topic) whose parameter names vary from tool to tool. Half the training
 tools have made-up subjects or objects (`get_velmorpim`), a third of their parameters made-up
-names, half their city, person and topic values are made-up words, and `made_up_verbs` (used for
-the bundled model's fine-tuning data) gives some tools made-up verbs too: no amount of memorising
+names, half their city, person and topic values are made-up words, and `Variety.made_up_verbs` (used
+for the bundled model's fine-tuning data) gives some tools made-up verbs too: no amount of memorising
 predicts those, only copying them (from the tool list, from the request) lowers the loss, and
 copying is what calling an unseen tool takes. The made-up words are syllable strings by default;
-`words` (a `vocabulary` of the corpus) draws them from real words instead, so that what the model
-learns to copy is any word, not a closed set of syllable tokens. To measure
+`Variety.words` (a `vocabulary` of the corpus) draws them from real words instead, so that what the
+model learns to copy is any word, not a closed set of syllable tokens; `Variety.rich_wording` words the
+requests, descriptions and arguments in many more ways. To measure
 generalisation rather than memory, `split="heldout"` draws from subjects, objects, tool
 descriptions and request phrasings that `split="train"` never uses.
 """
@@ -490,7 +491,7 @@ def conversations(
     In the training split, one chat conversation in five also lists tools it does not need, so the
     model learns to answer directly when no tool fits. `exchanges` > 1 lets conversations go on
     for up to that many exchanges (with `exchanges=1` the conversations are those of before).
-    `words` draws the made-up words from a vocabulary (see `vocabulary`) instead of syllables."""
+    `variety` (see `Variety`) varies the training split's tools and wordings."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(seed)
