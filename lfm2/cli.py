@@ -2,6 +2,7 @@
 
     lfm2 generate --model M "prompt"      stream a completion to stdout
     lfm2 chat --model M                   interactive multi-turn chat (/reset, /system, /exit)
+    lfm2 chat --tools tools.json          ... offering tools: you type each call's result
     lfm2 train --config run.json          train or fine-tune (resumable), see lfm2/train/trainer.py
     lfm2 convert SRC --to gguf|hf -o OUT  convert between Hugging Face checkpoints and GGUF files
     lfm2 serve --model M --port 8000      OpenAI-compatible HTTP server, concurrent requests batched
@@ -17,7 +18,9 @@ prints one line starting with "lfm2: error:" and exits with status 2; no stack t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from lfm2.convert import add_convert_parser, cmd_convert
@@ -57,6 +60,42 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="compile the decode step with torch.compile (faster tokens after a one-time compile)")
 
 
+def _add_tool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tools", default=None, metavar="FILE",
+                   help="JSON file: a list of tools in OpenAI's shape ({'type': 'function', 'function': {...}})")
+    p.add_argument("--strict-tools", action="store_true",
+                   help="keep every tool call valid against the listed schemas (lfm2.constrain)")
+
+
+def _load_tools(path: str | None) -> list[dict[str, Any]] | None:
+    """The `--tools` file: a JSON list of tool schemas (one object is taken as a list of one)."""
+    if path is None:
+        return None
+    from lfm2.tools import tool_schema
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LFM2Error(f"--tools {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise LFM2Error(f"--tools {path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    tools = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(tools, list) or not tools:
+        raise LFM2Error(f"--tools {path}: expected a JSON list of tool schemas, got {type(raw).__name__}")
+    schemas = []
+    for i, tool in enumerate(tools):
+        try:
+            schemas.append(tool_schema(tool))
+        except LFM2Error as e:
+            raise LFM2Error(f"--tools {path}: tool {i}: {e}") from None
+    return schemas
+
+
+def _format_call(call: dict[str, Any]) -> str:
+    fn = call["function"]
+    return f"[tool call] {fn['name']}({fn['arguments']})"
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "seed", "max_new_tokens", "stop")
@@ -72,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt (read from stdin when absent)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (benchmarks)")
+    _add_tool_args(g)
     c = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model_args(c)
     _add_sampling_args(c)
+    _add_tool_args(c)
     c.add_argument("--system", default=None, help="system prompt")
     t = sub.add_parser("train", help="train or fine-tune from a JSON config (resumes if interrupted)")
     t.add_argument("--config", required=True, help="JSON file of lfm2.train.trainer.TrainConfig fields")
@@ -114,11 +155,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import lfm2
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    tools = _load_tools(args.tools)
+    if (tools or args.strict_tools) and not args.chat:
+        raise LFM2Error("--tools and --strict-tools need --chat (tools are offered through the chat template)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     compile=args.compile)
     sampling = _sampling(args)
     if args.chat:
-        pieces = (d.get("content", "") for d in llm.chat_stream([{"role": "user", "content": prompt}], **sampling))
+        deltas = llm.chat_stream([{"role": "user", "content": prompt}], tools=tools,
+                                 strict_tools=args.strict_tools or None, **sampling)
+        pieces = (d.get("content") or "\n".join(map(_format_call, d["tool_calls"])) for d in deltas)
     else:
         pieces = llm.stream(prompt, ignore_eos=args.ignore_eos, **sampling)
     for piece in pieces:
@@ -132,12 +178,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     import lfm2
 
+    tools = _load_tools(args.tools)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     compile=args.compile)
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = _sampling(args)
     print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit.")
+    if tools:
+        names = ", ".join(t["function"]["name"] for t in tools)
+        print(f"Tools offered: {names}. When the model calls one, type its result (JSON or text).")
     while True:
         try:
             line = input("> ")
@@ -162,20 +212,35 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(f"[unknown command {text.split()[0]}; use /reset, /system TEXT or /exit]")
             continue
         history.append({"role": "user", "content": text})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        reply = ""
-        try:
-            for delta in llm.chat_stream(messages, **sampling):
-                piece = delta.get("content", "")
-                reply += piece
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [interrupted]")
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
-        if args.verbose:
-            _print_stats(llm)
+        while True:  # until the model answers without calling a tool
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            reply, calls = "", []
+            try:
+                for delta in llm.chat_stream(messages, tools=tools, strict_tools=args.strict_tools or None,
+                                             **sampling):
+                    piece = delta.get("content", "")
+                    reply += piece
+                    calls += delta.get("tool_calls", [])
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [interrupted]")
+                calls = []
+            if reply or not calls:  # a reply that is only a call is shown as the call below
+                sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": reply, **({"tool_calls": calls} if calls else {})})
+            if args.verbose:
+                _print_stats(llm)
+            if not calls:
+                break
+            for call in calls:
+                print(_format_call(call))
+                try:
+                    result = input(f"[result of {call['function']['name']}]> ")
+                except (EOFError, KeyboardInterrupt):
+                    print()
+                    return
+                history.append({"role": "tool", "tool_call_id": call.get("id"), "content": result})
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -80,3 +81,50 @@ def test_chat_two_turns_in_a_terminal(chat_checkpoint):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
+                   "required": ["city"]}}}
+
+
+def test_chat_with_tools_asks_for_each_result(tmp_path):
+    """The bundled model calls the offered tool; the result typed in goes back as a tool turn and the
+    model answers from it (with `--strict-tools` too); the history keeps the whole exchange."""
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    child = pexpect.spawn(sys.executable, ["-m", "lfm2", "chat", "--tools", str(tools), "--strict-tools",
+                                           "--temperature", "0", "--max-new-tokens", "40", "--verbose"],
+                          encoding="utf-8", timeout=60)
+    child.expect("Tools offered: get_weather")
+    child.expect("> ")
+    child.sendline("Is it raining in Lima?")
+    child.expect(r'\[tool call\] get_weather\(\{"city": "Lima"\}\)')
+    child.expect(r"\[result of get_weather\]> ")
+    child.sendline('{"temperature": 18, "condition": "rainy"}')
+    child.expect(r"\[\d+ prompt tokens")  # the statistics follow the answer
+    assert "rainy" in child.before and "18" in child.before, child.before
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_generate_prints_tool_calls(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(WEATHER))  # one object: a list of one
+    out = run("generate", "--chat", "--tools", str(tools), "--temperature", "0", "What's the weather in Paris?")
+    assert out.returncode == 0 and out.stdout.strip() == '[tool call] get_weather({"city": "Paris"})'
+
+
+@pytest.mark.parametrize("content, words", [
+    ('[{"x": 1}]', "tool 0: tool has no 'name'"), ("[", "not JSON (Expecting value at line 1, column 2"),
+    ("[]", "expected a JSON list of tool schemas"), (None, "cannot read it"),
+])
+def test_bad_tools_file_is_one_line(tmp_path, content, words):
+    path = tmp_path / "tools.json"
+    if content is not None:
+        path.write_text(content)
+    out = run("chat", "--tools", str(path))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
