@@ -141,12 +141,12 @@ class ToolCallGrammar:
             longer = prefix + bytes([b])
             return ("name", longer, False) if any(t.name.startswith(longer) for t in self.tools) else None
         if kind == "args":
-            tool, used, space_ok = self.tools[state[1]], state[2], state[3]
+            i, used, space_ok = state[1:]
             if b == ord(")"):
-                return ("after_call",) if tool.required <= used else None
+                return self._close(i, used)
             if b == ord(" ") and space_ok:
-                return ("args", state[1], used, False)
-            return self.step(("param", state[1], used, b""), b)
+                return ("args", i, used, False)
+            return self.step(("param", i, used, b""), b)
         if kind == "param":
             i, used, prefix = state[1], state[2], state[3]
             tool = self.tools[i]
@@ -178,15 +178,10 @@ class ToolCallGrammar:
             return None
         if kind == "str":
             i, used, quote, escaped = state[1:]
-            if b == ord("\n"):
+            inside = _quoted_byte(b, quote, escaped)
+            if inside is None:
                 return None
-            if escaped:
-                return ("str", i, used, quote, False)
-            if b == ord("\\"):
-                return ("str", i, used, quote, True)
-            if b == quote:
-                return ("after_value", i, used)
-            return state
+            return ("str", i, used, quote, inside[1]) if inside[0] else ("after_value", i, used)
         if kind == "num":
             i, used, integer, phase, digits = state[1:]
             if b == ord("-") and phase == "start":
@@ -215,13 +210,10 @@ class ToolCallGrammar:
         if kind == "compound":
             i, used, stack, quote, escaped = state[1:]
             if quote is not None:
-                if b == ord("\n"):
+                inside = _quoted_byte(b, quote, escaped)
+                if inside is None:
                     return None
-                if escaped:
-                    return ("compound", i, used, stack, quote, False)
-                if b == ord("\\"):
-                    return ("compound", i, used, stack, quote, True)
-                return ("compound", i, used, stack, None if b == quote else quote, False)
+                return ("compound", i, used, stack, quote if inside[0] else None, inside[1])
             if b in (ord("'"), ord('"')):
                 return ("compound", i, used, stack, b, False)
             if b in (ord("["), ord("{"), ord("(")):
@@ -237,14 +229,28 @@ class ToolCallGrammar:
                 tool = self.tools[i]
                 more = tool.free or any(p not in used for p in tool.params)
                 return ("args", i, used, True) if more else None
-            if b == ord(")"):
-                return ("after_call",) if self.tools[i].required <= used else None
-            return None
+            return self._close(i, used) if b == ord(")") else None
         if kind == "after_call":
             if b == ord(","):
                 return ("name", b"", True)
             return ("end",) if b == ord("]") else None
         return None  # "end": only the end marker, which is a token, not bytes
+
+    def _close(self, tool: int, used: frozenset[bytes]) -> State | None:
+        """`)`: the call ends, once every required parameter has been given."""
+        return ("after_call",) if self.tools[tool].required <= used else None
+
+
+def _quoted_byte(b: int, quote: int, escaped: bool) -> tuple[bool, bool] | None:
+    """Byte `b` inside a string opened by `quote`: (still inside, next byte escaped), or None where
+    it cannot stand (a raw newline)."""
+    if b == ord("\n"):
+        return None
+    if escaped:
+        return True, False
+    if b == ord("\\"):
+        return True, True
+    return b != quote, False
 
 
 class _Trie:
