@@ -72,12 +72,13 @@ def test_calls_known_tools(llm):
 
 def test_strict_tool_calls_on_unseen_tools(llm):
     """Held-out tools and wordings (not the recipe's evaluation prompts: another seed). Strict tool calls
-    keep names and parameters to the listed schemas; measured on these 30: strict right tool 0.70 and
-    arguments 0.50, unconstrained 0.33 and 0.17 (the recipe's 200: 0.68 / 0.41 and 0.17 / 0.07)."""
+    keep names and parameters to the listed schemas; measured on these 30: strict right tool 0.77 and
+    arguments 0.67, unconstrained 0.43 and 0.33 (the recipe's 200: 0.735 / 0.605 and 0.41 / 0.15)."""
     held = conversations(30, seed=4242, split="heldout", tool_fraction=1.0)
     strict_tool, strict_args = tool_call_scores(llm, held, strict=True)
     free_tool, free_args = tool_call_scores(llm, held, strict=False)
-    assert strict_tool >= 0.6 and strict_args >= 0.4, (strict_tool, strict_args)
+    assert strict_tool >= 0.65 and strict_args >= 0.55, (strict_tool, strict_args)
+    assert free_tool >= 0.3 and free_args >= 0.2, (free_tool, free_args)
     assert strict_tool > free_tool and strict_args > free_args
 
 

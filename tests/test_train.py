@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import lfm2
 from lfm2.tokenizer import Tokenizer
-from lfm2.train.data import TokenFile, assistant_mask, prepare_chat, prepare_copy, prepare_text
+from lfm2.train.data import TokenFile, assistant_mask, copy_rows, prepare_chat, prepare_copy, prepare_text
 from lfm2.train.tokenizer import train_tokenizer
 from lfm2.train.trainer import TrainConfig, lr_at, train
 from tests.conftest import CORPUS
@@ -107,6 +108,25 @@ def test_text_rows_in_chat_data_train_on_every_token(data_dir, tmp_path):
     assert (y0 == -100).sum() > 0  # the conversation still trains on the reply only
 
 
+def test_token_rows_in_chat_data_keep_their_mask(data_dir, tmp_path):
+    """Copying rows mixed into fine-tuning data train on their own mask, packed beside conversations."""
+    tok = Tokenizer.from_dir(data_dir)
+    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    ids, mask = copy_rows(3, 20, (100, 200), seed=1, span=(3, 8))
+    rows = [conv, *({"ids": i, "mask": m} for i, m in zip(ids.tolist(), mask.tolist(), strict=True))]
+    assert prepare_chat(rows, tok, tmp_path, "mix", max_len=64) == 4
+    f = TokenFile.open(tmp_path, "mix")
+    for r in range(3):
+        x, y = f.batch([r + 1], seq_len=64, pad_id=0)
+        assert x[0].tolist() == ids[r, :-1].tolist()
+        assert y[0].tolist() == [int(t) if m else -100 for t, m in zip(ids[r, 1:], mask[r, 1:], strict=True)]
+    x, y, seg = f.batch([0], seq_len=200, pad_id=0, pack=True)  # all four rows packed into one
+    assert seg[0].unique().tolist() == [0, 1, 2, 3] and (y[0] != -100).sum() == mask[:, 1:].sum() + (
+        TokenFile.open(tmp_path, "mix").mask[: f.meta["offsets"][1]][1:].sum())
+    with pytest.raises(lfm2.LFM2Error, match="row 0: 3 token ids but 2 mask values"):
+        prepare_chat([{"ids": [1, 2, 3], "mask": [0, 1]}], tok, tmp_path, "bad", max_len=64)
+
+
 def test_copy_rows_repeat_one_span_and_train_on_the_repeat(tmp_path):
     """Each row: random tokens in range, one span repeated once, targets exactly the repeat's tokens after its first."""
     prepare_copy(tmp_path, "copy", rows=50, seq_len=40, token_ids=(100, 200), seed=3, span=(4, 12))
@@ -160,6 +180,8 @@ def test_bundle_recipe_end_to_end(tmp_path):
     card = (model_dir / "README.md").read_text()
     assert "Jargon File" in card and "WordNet" in card and "held-out prompts" in card
     results = json.loads((tmp_path / "bundle" / "eval.json").read_text())
+    assert json.loads((model_dir / "eval.json").read_text()) == results  # shipped with the model
+    assert json.loads((model_dir / "bundle_config.json").read_text())["sft_steps"] == cfg.sft_steps
     assert results["tool_prompts"] == 3 and 0 <= results["right_tool"] <= 1
     # Both the pretraining checkpoint's and the shipped model's held-out perplexity are reported.
     assert results["heldout_corpus_perplexity"] > 1 and results["pretrain_heldout_corpus_perplexity"] > 1
@@ -168,6 +190,12 @@ def test_bundle_recipe_end_to_end(tmp_path):
     assert results["copy_chance_loss"] == pytest.approx(math.log(cfg.vocab_size - 14 - 256))  # uniform, ordinary ids
     assert results["copy_loss"] > 0 and results["pretrain_copy_loss"] > 0
     assert "Copying from the context" in card and (tmp_path / "bundle" / "copy" / "model").is_dir()
+    # Fine-tuning rows: conversations, documents cut short, and copying rows (with their own masks).
+    sft = TokenFile.open(tmp_path / "bundle" / "data", "sft")
+    lengths = np.diff(sft.meta["offsets"])
+    assert (lengths == cfg.copy_seq_len + 1).sum() >= round(len(lengths) / (1 + cfg.sft_copy_fraction)
+                                                            * cfg.sft_copy_fraction)
+    assert lengths.max() <= cfg.sft_seq_len
     llm = lfm2.load(model_dir)
     assert llm.sampling_params().temperature == 0.3
     assert isinstance(llm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)["content"], str)

@@ -99,12 +99,15 @@ def assistant_mask(
 
 def prepare_chat(
     conversations: Iterable[dict[str, Any]], tokenizer: Tokenizer, out_dir: str | os.PathLike, name: str,
-    max_len: int, drop_longer: bool = False,
+    max_len: int, drop_longer: bool = False, max_text_len: int | None = None,
 ) -> int:
     """Render conversations (`{"messages": [...], "tools": [...]}`) into `NAME.bin` + `NAME.mask.bin`.
 
-    A `{"text": ...}` row is plain text, trained on every token and cut to `max_len`: mixed into
-    fine-tuning data it keeps the model's language modelling from being forgotten.
+    A `{"text": ...}` row is plain text, trained on every token and cut to `max_len` (or the shorter
+    `max_text_len`, which keeps documents from outweighing the conversations' few trained tokens): mixed into
+    fine-tuning data it keeps the model's language modelling from being forgotten. A
+    `{"ids": [...], "mask": [...]}` row is taken as it is (token ids and their 0/1 loss mask), such as
+    `copy_rows`, which keep a model's copying from being forgotten.
 
     Each conversation is stored whole, followed by an offsets table in the metadata, so batches
     never mix the end of one conversation with the start of another. Conversations longer than
@@ -116,10 +119,15 @@ def prepare_chat(
     offsets = [0]
     eot = tokenizer.token_to_id("<|endoftext|>")
     dropped = 0
+    text_len = min(max_len, max_text_len or max_len)
     for i, conv in enumerate(conversations):
-        if "text" in conv:  # plain text, trained on every token, cut to max_len
-            t = (tokenizer.encode(conv["text"]) + ([eot] if eot is not None else []))[:max_len]
+        if "text" in conv:  # plain text, trained on every token, cut to text_len
+            t = (tokenizer.encode(conv["text"]) + ([eot] if eot is not None else []))[:text_len]
             m = [1] * len(t)
+        elif "ids" in conv:  # pre-tokenized, with its own loss mask
+            t, m = [int(x) for x in conv["ids"]], [int(x) for x in conv["mask"]]
+            if len(t) != len(m):
+                raise LFM2Error(f"row {i}: {len(t)} token ids but {len(m)} mask values")
         else:
             t, m = assistant_mask(tokenizer, conv["messages"], conv.get("tools"))
         if len(t) > max_len:
@@ -137,11 +145,11 @@ def prepare_chat(
     return len(offsets) - 1
 
 
-def prepare_copy(
-    out_dir: str | os.PathLike, name: str, rows: int, seq_len: int, token_ids: tuple[int, int], seed: int,
-    span: tuple[int, int] = (8, 40),
-) -> int:
-    """Rows of `seq_len + 1` random tokens in which one span of random length appears twice.
+def copy_rows(
+    rows: int, seq_len: int, token_ids: tuple[int, int], seed: int, span: tuple[int, int] = (8, 40),
+) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` rows of `seq_len + 1` random tokens in which one span of random length appears twice,
+    and their loss masks (ids and mask arrays, both (rows, seq_len + 1)).
 
     The loss is on the second copy only (from its second token: the first cannot be predicted).
     Why: a tiny model pretrained on a few hundred steps of text never learns to copy from its
@@ -153,7 +161,7 @@ def prepare_copy(
     """
     lo, hi = token_ids
     if not (0 <= lo < hi) or not (1 <= span[0] <= span[1]) or 2 * span[1] > seq_len + 1:
-        raise LFM2Error(f"prepare_copy: need 0 <= low < high and spans of 1..{(seq_len + 1) // 2} tokens, "
+        raise LFM2Error(f"copy rows: need 0 <= low < high and spans of 1..{(seq_len + 1) // 2} tokens, "
                         f"got token_ids={token_ids}, span={span}, seq_len={seq_len}")
     rng = np.random.default_rng(seed)
     n = seq_len + 1
@@ -164,6 +172,16 @@ def prepare_copy(
         start = int(rng.integers(0, n - 2 * length + 1))
         ids[r, start + length : start + 2 * length] = ids[r, start : start + length]
         mask[r, start + length + 1 : start + 2 * length] = 1
+    return ids, mask
+
+
+def prepare_copy(
+    out_dir: str | os.PathLike, name: str, rows: int, seq_len: int, token_ids: tuple[int, int], seed: int,
+    span: tuple[int, int] = (8, 40),
+) -> int:
+    """`copy_rows` written as a token file of one example per row (see `copy_rows` for why)."""
+    ids, mask = copy_rows(rows, seq_len, token_ids, seed, span)
+    n = seq_len + 1
     offsets = list(range(0, rows * n + 1, n))
     write_tokens(Path(out_dir), name, ids.reshape(-1), {"kind": "chat", "offsets": offsets}, mask=mask.reshape(-1))
     return rows
