@@ -15,8 +15,9 @@ Steps, each resumable (a finished step is skipped when the command is run again)
 5. copying: rows of random tokens with one span repeated, loss on the repeat, until induction
    heads form (a tiny model pretrained for minutes cannot copy from its context, and calling an
    unseen tool is copying: its name from the tool list, the argument values from the request);
-6. supervised fine-tuning on the conversations packed into rows, with corpus documents mixed in
-   so the model keeps its language modelling, first in the plain wordings, then in the rich ones
+6. supervised fine-tuning on the conversations packed into rows, with a few short corpus documents
+   and copying rows mixed in so the model keeps some language modelling and its copying, first in
+   the plain wordings, then in the rich ones
    (steps 4-6 with `lfm2.train.trainer`, so checkpoints resume after a kill);
 7. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
    tool-call accuracy on generated prompts whose tools and phrasings the model never saw;
