@@ -405,9 +405,14 @@ def wants_constraint(tools: Sequence[Any], tool_choice: Any, strict_tools: bool 
 def apply_constraints(logits: torch.Tensor, constraints: Sequence[ToolCallConstraint | None]) -> torch.Tensor:
     """`logits` (B, V) with the tokens each row's constraint forbids set to -inf (rows without one,
     or outside a tool-call block, unchanged)."""
+    return apply_masks(logits, [None if c is None else c.mask() for c in constraints])
+
+
+def apply_masks(logits: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """`logits` (B, V) with the tokens each row's mask (from `ToolCallConstraint.mask`) forbids set to
+    -inf; for callers that already asked the constraints for their masks."""
     out = logits
-    for r, c in enumerate(constraints):
-        mask = None if c is None else c.mask()
+    for r, mask in enumerate(masks):
         if mask is not None:
             if out is logits:
                 out = logits.clone()

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from lfm2.cache import Cache
-from lfm2.constrain import apply_constraints
+from lfm2.constrain import apply_masks
 from lfm2.errors import GenerationError, SchedulerBusy
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
@@ -342,7 +342,7 @@ class Scheduler:
             try:
                 row_logits = logits[i : i + 1]
                 if masks[i] is not None:
-                    row_logits = apply_constraints(row_logits, [row.request.constraint])
+                    row_logits = apply_masks(row_logits, [masks[i]])
                 out[i] = int(sample_next(row_logits, row.request.params, row.generator, row.history))
             except Exception as exc:
                 log.warning("sampling failed for one request (%s: %s); ending it", type(exc).__name__, exc)
