@@ -67,9 +67,11 @@ def _add_tool_args(p: argparse.ArgumentParser) -> None:
                    help="keep every tool call valid against the listed schemas (lfm2.constrain)")
 
 
-def _load_tools(path: str | None) -> list[dict[str, Any]] | None:
+def _load_tools(path: str | None, strict: bool = False) -> list[dict[str, Any]] | None:
     """The `--tools` file: a JSON list of tool schemas (one object is taken as a list of one)."""
     if path is None:
+        if strict:
+            raise LFM2Error("--strict-tools needs --tools FILE (the schemas the calls are kept to)")
         return None
     from lfm2.tools import tool_schema
 
@@ -155,9 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import lfm2
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    tools = _load_tools(args.tools)
-    if (tools or args.strict_tools) and not args.chat:
-        raise LFM2Error("--tools and --strict-tools need --chat (tools are offered through the chat template)")
+    tools = _load_tools(args.tools, args.strict_tools)
+    if tools and not args.chat:
+        raise LFM2Error("--tools needs --chat (tools are offered through the chat template)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     compile=args.compile)
     sampling = _sampling(args)
@@ -178,7 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     import lfm2
 
-    tools = _load_tools(args.tools)
+    tools = _load_tools(args.tools, args.strict_tools)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     compile=args.compile)
     system = args.system

@@ -118,6 +118,12 @@ def test_generate_prints_tool_calls(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == '[tool call] get_weather({"city": "Paris"})'
 
 
+def test_strict_tools_without_tools_is_one_line():
+    out = run("chat", "--strict-tools")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "lfm2: error: --strict-tools needs --tools FILE (the schemas the calls are kept to)"), out.stderr
+
+
 @pytest.mark.parametrize("content, words", [
     ('[{"x": 1}]', "tool 0: tool has no 'name'"), ("[", "not JSON (Expecting value at line 1, column 2"),
     ("[]", "expected a JSON list of tool schemas"), (None, "cannot read it"),

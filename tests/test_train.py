@@ -122,7 +122,7 @@ def test_token_rows_in_chat_data_keep_their_mask(data_dir, tmp_path):
         assert y[0].tolist() == [int(t) if m else -100 for t, m in zip(ids[r, 1:], mask[r, 1:], strict=True)]
     x, y, seg = f.batch([0], seq_len=200, pad_id=0, pack=True)  # all four rows packed into one
     assert seg[0].unique().tolist() == [0, 1, 2, 3] and (y[0] != -100).sum() == mask[:, 1:].sum() + (
-        TokenFile.open(tmp_path, "mix").mask[: f.meta["offsets"][1]][1:].sum())
+        f.mask[: f.meta["offsets"][1]][1:].sum())
     with pytest.raises(lfm2.LFM2Error, match="row 0: 3 token ids but 2 mask values"):
         prepare_chat([{"ids": [1, 2, 3], "mask": [0, 1]}], tok, tmp_path, "bad", max_len=64)
 

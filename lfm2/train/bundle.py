@@ -226,8 +226,7 @@ def evaluate(model_dir: Path, pretrain_dir: Path, copy_dir: Path, cfg: BundleCon
     from lfm2.train.trainer import TrainConfig
     from lfm2.train.trainer import evaluate as validation_loss
 
-    val, copy_val_losses = ([m["val_loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                             if "val_loss" in m] for d in (pretrain_dir, copy_dir))
+    val, copy_val_losses = _val_losses(pretrain_dir), _val_losses(copy_dir)
     llm = lfm2.load(model_dir)
     # The shipped (fine-tuned) model on the same held-out text: fine-tuning can make it forget.
     data = Path(cfg.out) / "data"
@@ -251,6 +250,12 @@ def evaluate(model_dir: Path, pretrain_dir: Path, copy_dir: Path, cfg: BundleCon
             "copy_chance_loss": math.log(high - low),
             "tool_prompts": len(held), "right_tool": scores[False][0], "right_tool_and_arguments": scores[False][1],
             "strict_right_tool": scores[True][0], "strict_right_tool_and_arguments": scores[True][1]}
+
+
+def _val_losses(run_dir: Path) -> list[float]:
+    """The validation losses a training run logged, in step order."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [m["val_loss"] for m in rows if "val_loss" in m]
 
 
 def tool_call_scores(llm: Any, convs: list[dict], strict: bool) -> tuple[float, float]:
