@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lfm2
 from lfm2.errors import CheckpointError, ConfigError, LFM2Error
@@ -20,6 +21,7 @@ from lfm2.merge import merge_adapter, merge_models, slerp
 from lfm2.train.datasets import DataError, tokenize_conversations
 from lfm2.train.finetune import FinetuneArgs, finetune
 from lfm2.train.losses import dpo_loss, sequence_logps, topk_distill_loss
+from lfm2.train.trainer import loss_fn
 from tests.conftest import CORPUS, random_model, tiny_config, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -183,6 +185,13 @@ def test_packed_rows_equal_examples_run_alone(chat_checkpoint, tmp_path):
                 where = (seg[r] == k).nonzero().flatten()
                 assert torch.equal(y[r, where], ys[k, :n])
                 assert (packed[r, where] - alone).abs().max() <= 1e-4
+        # Training computes the logits of the target positions only: the same logits, the same loss.
+        keep = y != -100
+        assert 0 < int(keep.sum()) < keep.numel()
+        assert (model(x, segment_ids=seg, logits_at=keep) - packed[keep]).abs().max() <= 1e-5
+        loss, count = loss_fn(model, x, y, seg)
+        full = F.cross_entropy(packed.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        assert count == int(keep.sum()) and abs(float(loss) - float(full)) <= 1e-3 * float(full)
 
 
 # -- losses -------------------------------------------------------------------------------------

@@ -206,3 +206,48 @@ def test_rich_wording_is_varied_and_never_held_out():
             assert all(str(v) in conv["messages"][0]["content"] for v in conv["expected"]["arguments"].values())
     held = conversations(100, seed=1, split="heldout", tool_fraction=1.0)
     assert conversations(100, seed=1, split="heldout", tool_fraction=1.0, variety=Variety(rich_wording=True)) == held
+
+
+def test_noisy_requests_keep_their_content_and_nothing_else():
+    """`noise`: that fraction of training requests is random words around the tool's subject (or verb
+    and object) and the argument values, which are all still there to copy; the plain and rich
+    conversations without noise, and the held-out split, are unchanged by the field."""
+    words = ("lantern", "quietly", "mill", "ahead", "velvet", "ochre")
+    demo = ("get_weather", "calculate", "convert_units")  # the README's tools keep their own wordings
+
+    def framed(noise: float) -> tuple[float, list[dict]]:
+        """The fraction of requests that open with a random word, and the conversations."""
+        convs = conversations(400, seed=2, split="train", tool_fraction=1.0, variety=Variety(0.4, words, True, noise))
+        convs = [c for c in convs if c["expected"]["name"] not in demo]
+        return sum(c["messages"][0]["content"].split()[0].lower() in words for c in convs) / len(convs), convs
+
+    assert framed(0.0)[0] < 0.05 and 0.4 < framed(0.5)[0] < 0.6 and framed(1.0)[0] == 1.0
+    rich = conversations(400, seed=2, split="train", tool_fraction=1.0, variety=Variety(0.4, words, True))
+    assert rich == conversations(400, seed=2, split="train", tool_fraction=1.0, variety=Variety(0.4, words, True, 0.0))
+    for conv in framed(1.0)[1]:  # the subject and every value are still in the request
+        ask, call = conv["messages"][0]["content"], conv["expected"]
+        assert all(str(v) in ask for v in call["arguments"].values())
+        assert call["name"].split("_", 1)[1].replace("_", " ") in ask
+    noisiest = Variety(0.4, words, True, 1.0)
+    held = conversations(100, seed=1, split="heldout", tool_fraction=1.0)
+    assert conversations(100, seed=1, split="heldout", tool_fraction=1.0, variety=noisiest) == held
+
+
+def test_confusable_distractors_differ_from_the_right_tool_only_in_subject():
+    """`confusable`: distractors with the right tool's verb and kinds of arguments, so the subject or
+    object is the only way to choose (random distractors also differ in verb and arguments)."""
+    def shape(tool: dict) -> tuple[str, list[str]]:
+        """The verb, and the kinds of arguments (each kind's parameters share a description)."""
+        fn = tool["function"]
+        return fn["name"].split("_")[0], sorted(p["description"] for p in fn["parameters"]["properties"].values())
+
+    def alike(confusable: float) -> float:
+        """The fraction of distractors shaped like the right tool (the demo calculator and converter aside)."""
+        variety = Variety(0.4, None, True, 0.0, confusable)
+        convs = conversations(300, seed=4, split="train", tool_fraction=1.0, variety=variety)
+        pairs = [(t, next(r for r in c["tools"] if r["function"]["name"] == c["expected"]["name"]))
+                 for c in convs if c["expected"]["name"] not in ("calculate", "convert_units")
+                 for t in c["tools"] if t["function"]["name"] != c["expected"]["name"]]
+        return sum(shape(t) == shape(right) for t, right in pairs) / len(pairs)
+
+    assert alike(0.0) < 0.2 and alike(1.0) == 1.0

@@ -301,6 +301,7 @@ class Lfm2ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
         segment_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model on `input_ids` (B, T).
 
@@ -311,6 +312,9 @@ class Lfm2ForCausalLM(nn.Module):
         `segment_ids` (B, T) packs several examples into one row (training): each run of equal
         ids is its own sequence, with its own positions, attention and convolution state, so the
         logits equal those of the examples run one by one.
+        `logits_at` (B, T) bool returns the logits of those positions only, (N, vocab) in row-major
+        order: training needs them where a target is, and in fine-tuning that is a fifth of the
+        tokens, while the head and its softmax over the vocabulary were a quarter of a step's time.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -357,6 +361,8 @@ class Lfm2ForCausalLM(nn.Module):
                 x = layer(x, ctx)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.model.embedding_norm(x))
 
 

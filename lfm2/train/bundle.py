@@ -76,6 +76,12 @@ class BundleConfig:
     # calls with the right arguments (strict) from 27.5% to 41%.
     sft_rich_steps: int = 400
     sft_rich_lr: float = 3e-4
+    # Requests of the rich stage worded with random words around their content (`synth.Variety.noise`):
+    # no template to key on, so the model must find the tool by its subject and the values by their form.
+    sft_rich_noise: float = 0.3
+    # Distractors of the rich stage with the right tool's verb and kinds of arguments (`synth.confusable`),
+    # so that only the subject or object tells the tools apart.
+    sft_rich_confusable: float = 0.0
     # Copying rows (as in the copying step) mixed into both fine-tuning stages, as many as this fraction
     # of their rows: fine-tuning on conversations alone lost the copying step's skill (loss on repeated
     # random spans 0.26 after copying, 5.4 after fine-tuning; chance is 9.0), and with it the copying of
@@ -136,8 +142,10 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
         prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
         words = vocabulary(docs, cfg.sft_word_min_count) if cfg.sft_word_min_count else None
         for split, rich in (("sft", False), ("sft_rich", True)):  # the same conversations, worded two ways
+            variety = Variety(cfg.sft_made_up_verbs, words, rich, *((cfg.sft_rich_noise, cfg.sft_rich_confusable)
+                                                                     if rich else (0.0, 0.0)))
             sft_convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train",
-                                      exchanges=cfg.sft_exchanges, variety=Variety(cfg.sft_made_up_verbs, words, rich))
+                                      exchanges=cfg.sft_exchanges, variety=variety)
             cut = len(sft_convs) * 95 // 100
             prepare_chat(_mixed(sft_convs[:cut], docs, cfg), tok, data, split, max_len=cfg.sft_seq_len,
                          drop_longer=True, max_text_len=cfg.sft_text_tokens)

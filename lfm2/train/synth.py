@@ -187,14 +187,14 @@ _CLOSERS = ("", "", "", " Thanks.", " Thank you!", " Cheers.")
 
 def _compose(asks: tuple[str, ...]) -> tuple[str, ...]:
     """Every opener x request x closer (repeats kept: they weight the plain forms), the first letter
-    capitalised where no opener precedes it ("{args}" -> "{Args}", "{what}" -> "{What}")."""
+    capitalised where no opener precedes it ("{args}" -> "{Args}", "{verb}" -> "{Verb}")."""
     out = []
     for opener in _OPENERS:
         for ask in asks:
             body = ask
             if not opener:
-                body = ("{Args}" + ask[6:] if ask.startswith("{args}") else "{What}" + ask[6:]
-                        if ask.startswith("{what}") else ask[0].upper() + ask[1:])
+                field = next((f for f in ("{args}", "{what}", "{verb}") if ask.startswith(f)), None)
+                body = field[:2].upper() + ask[2:] if field else ask[0].upper() + ask[1:]
             out += [opener + body + closer for closer in _CLOSERS]
     return tuple(out)
 
@@ -232,11 +232,15 @@ class Variety:
 
     `made_up_verbs`: the fraction of tools with made-up verbs; `words`: a `vocabulary` to draw the
     made-up words from (else syllable strings); `rich_wording`: requests, descriptions and argument
-    phrases from the many "rich" phrasings instead of the few plain ones."""
+    phrases from the many "rich" phrasings instead of the few plain ones; `noise`: the fraction of
+    requests worded with random words around their content (see `_noisy_ask`); `confusable`: the
+    fraction of distractors that share the right tool's verb and kinds of arguments (see `confusable`)."""
 
     made_up_verbs: float = 0.0
     words: tuple[str, ...] | None = None
     rich_wording: bool = False
+    noise: float = 0.0
+    confusable: float = 0.0
 
 
 PLAIN = Variety()  # the tokenizer's conversations
@@ -365,6 +369,8 @@ def tool_conversation(
     offered = [tool]
     while len(offered) < 1 + rng.randint(0, 3):
         other = random_tool(rng, split, variety)
+        if variety.confusable and rng.random() < variety.confusable:
+            other = confusable(rng, split, variety, tool, other)
         if all(other.what != t.what for t in offered):
             offered.append(other)
     rng.shuffle(offered)
@@ -383,23 +389,75 @@ def tool_conversation(
             "expected": {"name": tool.name, "arguments": args}}
 
 
+def confusable(rng: random.Random, split: str, variety: Variety, tool: Tool, other: Tool) -> Tool:
+    """`other` remade with `tool`'s verb and kinds of arguments, so that only the subject or object
+    tells them apart (`get_humidity(city)` beside `get_rent_price(city)`). Random distractors mostly
+    differ in those too, and the model learned to pick by them: asked for the rent price in Geneva,
+    it called the first tool that takes a city."""
+    kinds = " ".join(slot.kind for _, slot in tool.params)
+    if not all(k in SLOTS for k in kinds.split()):  # the demo tools' own kinds (expression, unit)
+        return other
+    return make_tool(rng, split, other.kind, tool.verb, other.what, kinds, variety)
+
+
 def _request(rng: random.Random, tool: Tool, split: str,
              variety: Variety = PLAIN) -> tuple[dict[str, Any], str, str, str]:
     """Arguments for `tool`, the request that asks for them, the tool's result and the answer."""
     args = {name: _value(rng, slot, split, variety.words) for name, slot in tool.params}
     key = wording(split, variety)
-    phrases = [rng.choice(slot.phrases[key]).format(v=args[name]) for name, slot in tool.params]
+    noisy = split == "train" and variety.noise > 0 and rng.random() < variety.noise
+    phrases = [_phrase(rng, slot, key, args[name], noisy, variety.words) for name, slot in tool.params]
     rng.shuffle(phrases)
-    template = rng.choice(ASK[key][tool.kind])
     args_text = " ".join(phrases)
-    ask = template.format(what=tool.what, What=tool.what.capitalize(), verb=tool.verb,
-                          Verb=tool.verb.capitalize(), args=args_text, Args=args_text[:1].upper() + args_text[1:])
+    if noisy:
+        ask = _noisy_ask(rng, tool, args_text, variety.words)
+    else:
+        template = rng.choice(ASK[key][tool.kind])
+        ask = template.format(what=tool.what, What=tool.what.capitalize(), verb=tool.verb,
+                              Verb=tool.verb.capitalize(), args=args_text, Args=args_text[:1].upper() + args_text[1:])
     where = " ".join(phrases)
     if tool.kind == "lookup":
         n = rng.randint(1, 999)
         return args, ask, json.dumps({tool.what.replace(" ", "_"): n}), f"The {tool.what} {where} is {n}."
     result = json.dumps({"status": "done", "id": rng.randint(100, 999)})
     return args, ask, result, f"Done: your {tool.what} {where} is confirmed."
+
+
+def _phrase(rng: random.Random, slot: Slot, key: str, value: Any, noisy: bool = False,
+            words: Sequence[str] | None = None) -> str:
+    """How a request mentions `value`: a phrase of the `key` wording, or (if `noisy`, half the time, for
+    the kinds whose values show what they are: a capitalised name, a day, a time, a number) one or two
+    random made-up words in front of it, so that the value must be found by its form."""
+    if noisy and slot.kind != "topic" and rng.random() < 0.5:
+        return f"{_filler(rng, words, 1, 2)} {value}"
+    return rng.choice(slot.phrases[key]).format(v=value)
+
+
+def _filler(rng: random.Random, words: Sequence[str] | None, lo: int, hi: int) -> str:
+    """`lo` to `hi` random made-up words."""
+    return " ".join(made_up_word(rng, words) for _ in range(rng.randint(lo, hi)))
+
+
+def _noisy_ask(rng: random.Random, tool: Tool, args_text: str, words: Sequence[str] | None) -> str:
+    """A request whose frame is random words around the tool's subject ("the humidity") or verb and
+    object ("reserve a room") and the argument phrases: "Lantern ahead the humidity near Paris mill?".
+
+    Why: with any fixed set of templates, however large, the model keys on the template ("Could you
+    find out the rent price" -> `find_dew_point`, the wrong subject with the request's verb) and on the
+    words before a value ("next Wednesday" -> "Monday"). In a request with no template the only
+    clues are the content: the subject or action that matches one listed tool, and values by their form.
+    A trailing filler is left out when a topic (a lower-case word) ends the request."""
+    if tool.kind == "lookup":
+        core = rng.choice(["the {what}", "{what}", "the {what} {args}", "{what} {args}", "{args} the {what}"])
+    else:
+        core = rng.choice(["{verb} a {what}", "{verb} the {what}", "{verb} a {what} {args}", "{verb} the {what} {args}",
+                           "{args} {verb} a {what}"])
+    if "{args}" not in core:  # the arguments after the subject, with random words between them at times
+        core += " {args}" if rng.random() < 0.7 else f" {_filler(rng, words, 1, 2)} {{args}}"
+    text = f"{_filler(rng, words, 1, 4)} {core.format(what=tool.what, verb=tool.verb, args=args_text)}"
+    if not any(slot.kind == "topic" for _, slot in tool.params) and rng.random() < 0.4:
+        text += f" {_filler(rng, words, 1, 2)}"
+    return text[0].upper() + text[1:] + rng.choice(["?", ".", "!", "", ", please."])
 
 
 def _exchange(rng: random.Random, tool: Tool, args: dict[str, Any], ask: str, result: str,

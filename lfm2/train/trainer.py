@@ -165,10 +165,11 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def loss_fn(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens (-100 ignored) and their count."""
-    logits = model(x) if segments is None else model(x, segment_ids=segments)
-    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="sum")
-    return loss, int((y != -100).sum())
+    """Summed next-token cross-entropy over target tokens (-100 ignored) and their count; the logits
+    are computed at the target positions only."""
+    keep = y != -100
+    logits = model(x, logits_at=keep) if segments is None else model(x, segment_ids=segments, logits_at=keep)
+    return F.cross_entropy(logits.float(), y[keep], reduction="sum"), int(keep.sum())
 
 
 class Objective:
