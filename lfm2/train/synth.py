@@ -392,8 +392,8 @@ def tool_conversation(
 def confusable(rng: random.Random, split: str, variety: Variety, tool: Tool, other: Tool) -> Tool:
     """`other` remade with `tool`'s verb and kinds of arguments, so that only the subject or object
     tells them apart (`get_humidity(city)` beside `get_rent_price(city)`). Random distractors mostly
-    differ in those too, and the model learned to pick by them: asked for the rent price in Geneva,
-    it called the first tool that takes a city."""
+    differ in those too, and a model can learn to pick by them. (In the bundled recipe this made the
+    model worse at choosing held-out tools: see `BundleConfig.sft_confusable`.)"""
     kinds = " ".join(slot.kind for _, slot in tool.params)
     if not all(k in SLOTS for k in kinds.split()):  # the demo tools' own kinds (expression, unit)
         return other
@@ -446,7 +446,8 @@ def _noisy_ask(rng: random.Random, tool: Tool, args_text: str, words: Sequence[s
     find out the rent price" -> `find_dew_point`, the wrong subject with the request's verb) and on the
     words before a value ("next Wednesday" -> "Monday"). In a request with no template the only
     clues are the content: the subject or action that matches one listed tool, and values by their form.
-    A trailing filler is left out when a topic (a lower-case word) ends the request."""
+    A trailing filler is left out when a topic (a lower-case word) ends the request. (In the bundled
+    recipe's second stage it did not measurably help: see `BundleConfig.sft_rich_noise`.)"""
     if tool.kind == "lookup":
         core = rng.choice(["the {what}", "{what}", "the {what} {args}", "{what} {args}", "{args} the {what}"])
     else:
