@@ -168,7 +168,7 @@ def loss_fn(
     """Summed next-token cross-entropy over target tokens (-100 ignored) and their count; the logits
     are computed at the target positions only."""
     keep = y != -100
-    logits = model(x, logits_at=keep, **({} if segments is None else {"segment_ids": segments}))
+    logits = model(x, segment_ids=segments, logits_at=keep)
     return F.cross_entropy(logits.float(), y[keep], reduction="sum"), int(keep.sum())
 
 
@@ -205,10 +205,9 @@ class Objective:
         from lfm2.train.losses import topk_distill_loss
 
         keep = y != -100  # both models' logits at the target positions only (see loss_fn)
-        packed = {} if segments is None else {"segment_ids": segments}
-        logits = model(x, logits_at=keep, **packed)
+        logits = model(x, segment_ids=segments, logits_at=keep)
         with torch.no_grad():
-            t_logits = self.teacher(x, logits_at=keep, **packed)
+            t_logits = self.teacher(x, segment_ids=segments, logits_at=keep)
             t_logp, t_ids = torch.log_softmax(t_logits.float(), dim=-1).topk(self.cfg.top_k, dim=-1)
         losses = topk_distill_loss(logits, t_logp, t_ids, self.cfg.temperature)
         return losses.sum(), int(keep.sum()), {}
