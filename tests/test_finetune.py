@@ -203,7 +203,7 @@ def test_dpo_loss_matches_a_direct_computation():
     targets = torch.randint(0, 11, (4, 6))
     targets[:, :2] = -100  # prompt tokens
     targets[1, 5] = -100  # a shorter rejected response
-    logps, lengths = sequence_logps(logits, targets)
+    logps, lengths = sequence_logps(logits[targets != -100], targets)
     direct = [sum(torch.log_softmax(logits[b, t], -1)[targets[b, t]] for t in range(6) if targets[b, t] != -100)
               for b in range(4)]
     assert torch.allclose(logps, torch.stack(direct), atol=1e-5)
@@ -315,7 +315,7 @@ def _preference(model, tok, prompts: list[str], chosen: str, rejected: str) -> f
             x = torch.tensor([ids[:-1]])
             y = torch.tensor([[t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)]])
             with torch.no_grad():
-                lp, n = sequence_logps(model(x), y)
+                lp, n = sequence_logps(model(x, logits_at=y != -100), y)
             scores.append(float(lp / n))
         wins += scores[0] > scores[1]
     return wins / len(prompts)

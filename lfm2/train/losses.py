@@ -12,12 +12,16 @@ import torch.nn.functional as F
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's target tokens (-100 ignored), and their count.
 
-    logits (B, T, V), targets (B, T) -> (B,), (B,). Computed in float32.
+    logits (N, V) at the target positions only, in row-major order (`model(x, logits_at=targets !=
+    -100)`: a response is a fraction of its row, and the head over every position is most of the
+    cost); targets (B, T) -> (B,), (B,). Computed in float32.
     """
     mask = targets != -100
     logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return (picked * mask).sum(-1), mask.sum(-1)
+    picked = logp.gather(-1, targets[mask][:, None])[:, 0]
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(targets.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+    return sums, mask.sum(-1)
 
 
 def dpo_loss(

@@ -196,7 +196,7 @@ class Objective:
         if self.cfg.objective == "dpo":
             from lfm2.train.losses import dpo_loss, sequence_logps
 
-            logps, lengths = sequence_logps(model(x), y)
+            logps, lengths = sequence_logps(model(x, logits_at=y != -100), y)
             ref = torch.as_tensor(self.reference[split][indices], dtype=torch.float32, device=logps.device)
             losses, r_c, r_r = dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], lengths[0::2],
                                         lengths[1::2], self.cfg.beta)
@@ -237,7 +237,7 @@ class Objective:
             for b in range(0, n, self.cfg.batch_size):
                 idx = list(range(b, min(n, b + self.cfg.batch_size)))
                 x, y = (t.to(self.device) for t in data.batch(idx, self.cfg.seq_len, pad_id))
-                logps, _ = sequence_logps(model(x), y)
+                logps, _ = sequence_logps(model(x, logits_at=y != -100), y)
                 rows.append(logps.view(-1, 2).cpu().numpy())
         model.train(was_training)
         self.reference[split] = np.concatenate(rows)
