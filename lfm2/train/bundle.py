@@ -1,6 +1,6 @@
 """The recipe that builds lfm2's bundled tiny LFM2 from scratch, with our own pipeline.
 
-    python -m lfm2.train.bundle --out runs/tiny --install  # the full recipe (about 2 hours on 2 CPU cores)
+    python -m lfm2.train.bundle --out runs/tiny --install  # the full recipe (about 2 hours on 2 bf16-capable CPU cores)
     python -m lfm2.train.bundle --out /tmp/t --quick       # a minutes-long smoke run of every step
 
 Steps, each resumable (a finished step is skipped when the command is run again):
