@@ -382,7 +382,11 @@ def test_bundled_model_top1_agreement(kind, agree, clear):
         same = out[0].argmax(-1) == ref[0].argmax(-1)
         assert same.float().mean().item() >= agree
         assert same[margin >= clear].all(), margin[~same].tolist()
-    assert _rel(decoded, prefill) < (0.02 if kind == "int8" else 0.05)
+    # Decoding rounds activations to int8 (the GEMV); so does prefill with the int8 GEMM (AVX-512 VNNI),
+    # but without it prefill multiplies dequantized weights in float, and the activations' rounding then
+    # separates the two paths: int8 measured 0.023 apart on an AVX2-only CPU (weights' rounding alone 0.013).
+    bound = 0.05 if kind == "int4" else 0.02 if kernels.has_int8_gemm() else 0.04
+    assert _rel(decoded, prefill) < bound
 
 
 def test_kernel_and_fallback_models_agree(monkeypatch):
