@@ -13,8 +13,8 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     """Summed log-probability of each row's target tokens (-100 ignored), and their count.
 
     logits (N, V) at the target positions only, in row-major order (`model(x, logits_at=targets !=
-    -100)`: a response is a fraction of its row, and the head over every position is most of the
-    cost); targets (B, T) -> (B,), (B,). Computed in float32.
+    -100)`: a response is a fraction of its row, and the head over every position was a quarter of
+    a fine-tuning step); targets (B, T) -> (B,), (B,). Computed in float32.
     """
     mask = targets != -100
     logp = torch.log_softmax(logits.float(), dim=-1)
