@@ -190,6 +190,11 @@ def test_bundle_recipe_end_to_end(tmp_path):
     assert results["copy_chance_loss"] == pytest.approx(math.log(cfg.vocab_size - 14 - 256))  # uniform, ordinary ids
     assert results["copy_loss"] > 0 and results["pretrain_copy_loss"] > 0
     assert "Copying from the context" in card and (tmp_path / "bundle" / "copy" / "model").is_dir()
+    # The shipped model is the last fine-tuning stage's: the rich stage's batches again, restarted from its model.
+    assert model_dir == tmp_path / "bundle" / "sft_repeat" / "model"
+    repeat = json.loads((tmp_path / "bundle" / "sft_repeat" / "train_config.json").read_text())
+    assert repeat["init_from"] == str(tmp_path / "bundle" / "sft_rich" / "model") and repeat["lr"] == cfg.sft_repeat_lr
+    assert "batches again" in card
     # Fine-tuning rows: conversations, documents cut short, and copying rows (with their own masks).
     sft = TokenFile.open(tmp_path / "bundle" / "data", "sft")
     lengths = np.diff(sft.meta["offsets"])
