@@ -355,7 +355,8 @@ def test_quantized_model_close_to_float(path, kind, bound):
 
 
 # int4 (group 32) moves this model's logits by up to 4.5-7: flipped top-1 choices measured at float margins
-# of up to 2.7 (the stop-19 model) and 3.5 (its retrained successor) on three sets of conversations.
+# of up to 2.7 (the model before the recipe's third fine-tuning stage) and 3.5 (after it), on three sets of
+# conversations.
 @pytest.mark.parametrize("kind,agree,clear", [("int8", 0.95, 0.5), ("int4", 0.85, 4.5)])
 def test_bundled_model_top1_agreement(kind, agree, clear):
     """On trained weights (the bundled model), teacher-forced top-1 agreement with float, decoding token
