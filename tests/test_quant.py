@@ -354,10 +354,9 @@ def test_quantized_model_close_to_float(path, kind, bound):
         assert agree >= (0.85 if kind == "int8" else 0.5), agree
 
 
-# int4 (group 32) moves this model's logits by up to 4.5-7: flipped top-1 choices measured at float margins
-# of up to 2.7 (the model before the recipe's third fine-tuning stage) and 3.5 (after it), on three sets of
-# conversations.
-@pytest.mark.parametrize("kind,agree,clear", [("int8", 0.95, 0.5), ("int4", 0.85, 4.5)])
+# int4 (group 32) moves this model's logits by up to 4.5-10: flipped top-1 choices measured at float margins
+# of up to 2.7, 3.5 and 4.6 on three successive bundled models (three sets of conversations each).
+@pytest.mark.parametrize("kind,agree,clear", [("int8", 0.95, 0.5), ("int4", 0.85, 6.0)])
 def test_bundled_model_top1_agreement(kind, agree, clear):
     """On trained weights (the bundled model), teacher-forced top-1 agreement with float, decoding token
     by token and in one pass, over conversations and prose (660 tokens). Where float32's top choice
