@@ -183,22 +183,22 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
                              init_from=str(pre / "model"), train_split="copy", val_split="copy_val",
                              seq_len=cfg.copy_seq_len, max_steps=cfg.copy_steps, lr=1e-3, min_lr=1e-3,
                              warmup_steps=max(1, min(20, cfg.copy_steps // 10)), weight_decay=0.0))
+
+    def finetune(name: str, init: Path, split: str, steps: int, lr: float, warmup: int) -> Path:
+        """A fine-tuning stage from `init`'s model: rows packed with `split`'s conversations, cosine to lr / 10."""
+        return train(TrainConfig(**{**common, "batch_size": cfg.sft_batch_size}, out_dir=str(out / name),
+                                 init_from=str(init / "model"), train_split=split, val_split=f"{split}_val",
+                                 seq_len=cfg.sft_seq_len, pack=True, max_steps=steps, lr=lr, min_lr=lr / 10,
+                                 warmup_steps=warmup))
+
     print("[5/8] supervised fine-tuning")
-    sft = train(TrainConfig(**{**common, "batch_size": cfg.sft_batch_size}, out_dir=str(out / "sft"),
-                            init_from=str(copy / "model"), train_split="sft", val_split="sft_val",
-                            seq_len=cfg.sft_seq_len, pack=True, max_steps=cfg.sft_steps, lr=1e-3, min_lr=1e-4,
-                            warmup_steps=max(1, cfg.sft_steps // 20)))
+    sft = finetune("sft", copy, "sft", cfg.sft_steps, 1e-3, max(1, cfg.sft_steps // 20))
     print("[6/8] supervised fine-tuning, rich wordings")
-    rich = train(TrainConfig(**{**common, "batch_size": cfg.sft_batch_size}, out_dir=str(out / "sft_rich"),
-                             init_from=str(sft / "model"), train_split="sft_rich", val_split="sft_rich_val",
-                             seq_len=cfg.sft_seq_len, pack=True, max_steps=cfg.sft_rich_steps, lr=cfg.sft_rich_lr,
-                             min_lr=cfg.sft_rich_lr / 10, warmup_steps=max(1, min(20, cfg.sft_rich_steps // 10))))
+    rich = finetune("sft_rich", sft, "sft_rich", cfg.sft_rich_steps, cfg.sft_rich_lr,
+                    max(1, min(20, cfg.sft_rich_steps // 10)))
     print("[7/8] supervised fine-tuning, rich wordings again")
-    again = train(TrainConfig(**{**common, "batch_size": cfg.sft_batch_size}, out_dir=str(out / "sft_repeat"),
-                              init_from=str(rich / "model"), train_split="sft_rich", val_split="sft_rich_val",
-                              seq_len=cfg.sft_seq_len, pack=True, max_steps=cfg.sft_repeat_steps,
-                              lr=cfg.sft_repeat_lr, min_lr=cfg.sft_repeat_lr / 10,
-                              warmup_steps=max(1, min(20, cfg.sft_repeat_steps // 10))))
+    again = finetune("sft_repeat", rich, "sft_rich", cfg.sft_repeat_steps, cfg.sft_repeat_lr,
+                     max(1, min(20, cfg.sft_repeat_steps // 10)))
     print("[8/8] evaluation")
     model_dir = again / "model"
     results = evaluate(model_dir, pre, copy, cfg)
