@@ -3,23 +3,24 @@
     python -m lfm2.train.bundle --out runs/tiny --install  # the full recipe (about 2 hours on 2 bf16-capable CPU cores)
     python -m lfm2.train.bundle --out /tmp/t --quick       # a minutes-long smoke run of every step
 
-Steps, each resumable (a finished step is skipped when the command is run again):
-1. corpus: the Jargon File and WordNet glosses from Debian packages (`lfm2.train.corpus`), plus
-   generated chat and tool conversations (`lfm2.train.synth`, training split only);
-2. tokenizer: a byte-level BPE with LFM2's special tokens, trained on both, with no merge across the
-   character in front of a word (so a word copies into a tool call token for token);
-3. data: the corpus packed into windows (with a held-out split), the conversations rendered
+Steps, each resumable (a finished step is skipped when the command is run again), numbered as the
+recipe prints them:
+1. tokenizer: a byte-level BPE with LFM2's special tokens, trained on the corpus (the Jargon File and
+   WordNet glosses from Debian packages, `lfm2.train.corpus`) and on generated chat and tool
+   conversations (`lfm2.train.synth`, training split only), with no merge across the character in
+   front of a word (so a word copies into a tool call token for token);
+2. data: the corpus packed into windows (with a held-out split), the conversations rendered
    with the chat template and masked to assistant tokens (twice: in the plain wordings the tokenizer
    saw, and in many richer ones);
-4. pretraining on the corpus;
-5. copying: rows of random tokens with one span repeated, loss on the repeat, until induction
+3. pretraining on the corpus;
+4. copying: rows of random tokens with one span repeated, loss on the repeat, until induction
    heads form (a tiny model pretrained for minutes cannot copy from its context, and calling an
    unseen tool is copying: its name from the tool list, the argument values from the request);
-6. supervised fine-tuning on the conversations packed into rows, with a few short corpus documents
-   and copying rows mixed in so the model keeps some language modelling and its copying, first in
-   the plain wordings, then in the rich ones, then over the rich stage's batches again with the
-   learning rate restarted (steps 4-6 with `lfm2.train.trainer`, so checkpoints resume after a kill);
-7. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
+5.-7. supervised fine-tuning on the conversations packed into rows, with a few short corpus documents
+   and copying rows mixed in so the model keeps some language modelling and its copying: first in
+   the plain wordings (5), then in the rich ones (6), then over the rich stage's batches again with the
+   learning rate restarted (7) (steps 3-7 with `lfm2.train.trainer`, so checkpoints resume after a kill);
+8. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
    tool-call accuracy on generated prompts whose tools and phrasings the model never saw;
    written with the data and licence into a model card.
 """
