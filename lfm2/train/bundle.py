@@ -186,7 +186,7 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
     copy = train(TrainConfig(**{**common, "batch_size": cfg.copy_batch_size}, out_dir=str(out / "copy"),
                              init_from=str(pre / "model"), train_split="copy", val_split="copy_val",
                              seq_len=cfg.copy_seq_len, max_steps=cfg.copy_steps, lr=1e-3, min_lr=1e-3,
-                             warmup_steps=max(1, min(20, cfg.copy_steps // 10)), weight_decay=0.0))
+                             warmup_steps=_warmup(cfg.copy_steps), weight_decay=0.0))
 
     def finetune(name: str, init: Path, split: str, steps: int, lr: float, warmup: int) -> Path:
         """A fine-tuning stage from `init`'s model: rows packed with `split`'s conversations, cosine to lr / 10."""
@@ -198,11 +198,10 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
     print("[5/8] supervised fine-tuning")
     sft = finetune("sft", copy, "sft", cfg.sft_steps, 1e-3, max(1, cfg.sft_steps // 20))
     print("[6/8] supervised fine-tuning, rich wordings")
-    rich = finetune("sft_rich", sft, "sft_rich", cfg.sft_rich_steps, cfg.sft_rich_lr,
-                    max(1, min(20, cfg.sft_rich_steps // 10)))
+    rich = finetune("sft_rich", sft, "sft_rich", cfg.sft_rich_steps, cfg.sft_rich_lr, _warmup(cfg.sft_rich_steps))
     print("[7/8] supervised fine-tuning, rich wordings again")
     again = finetune("sft_repeat", rich, "sft_rich", cfg.sft_repeat_steps, cfg.sft_repeat_lr,
-                     max(1, min(20, cfg.sft_repeat_steps // 10)))
+                     _warmup(cfg.sft_repeat_steps))
     print("[8/8] evaluation")
     model_dir = again / "model"
     results = evaluate(model_dir, pre, copy, cfg)
@@ -215,6 +214,11 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
          "eos_token_id": sorted(tok.stop_ids), "pad_token_id": tok.pad_id}, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return model_dir
+
+
+def _warmup(steps: int) -> int:
+    """Warmup of a stage that starts from a trained model: a tenth of its steps, at most 20."""
+    return max(1, min(20, steps // 10))
 
 
 def ordinary_token_ids(cfg: BundleConfig) -> tuple[int, int]:
