@@ -62,6 +62,22 @@ def test_train_learns_and_resume_reproduces(data_dir, tmp_path):
     assert (full / "loss.png").stat().st_size > 1000
 
 
+def test_fine_tuning_trains_float32_weights(data_dir, tmp_path, monkeypatch):
+    """On CUDA `lfm2.load` defaults to bfloat16; a run from a checkpoint must still step float32 weights
+    (AdamW on bfloat16 weights rounds small updates away). The CUDA default is imitated here on the CPU."""
+    from safetensors import safe_open
+
+    import lfm2.llm
+
+    base = train(_cfg(data_dir, tmp_path / "base", max_steps=2))
+    default = lfm2.llm.parse_dtype
+    monkeypatch.setattr(lfm2.llm, "parse_dtype",
+                        lambda dtype, device: torch.bfloat16 if dtype is None else default(dtype, device))
+    tuned = train(_cfg(data_dir, tmp_path / "tuned", max_steps=2, init_from=str(base / "model")))
+    with safe_open(tuned / "model" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
 def test_lr_schedule():
     cfg = TrainConfig(out_dir="x", data_dir="x", max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

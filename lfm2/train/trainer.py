@@ -341,7 +341,9 @@ def _build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> torch.nn.
     if cfg.init_from:
         import lfm2
 
-        model = lfm2.load(cfg.init_from, device=device).model
+        # float32 weights on every device: on CUDA `lfm2.load` defaults to bfloat16, and AdamW steps on
+        # bfloat16 weights round small updates away. Autocast still runs the matmuls in bfloat16.
+        model = lfm2.load(cfg.init_from, dtype=torch.float32, device=device).model
     else:
         model = build_model(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **cfg.model}), device="cpu")
         init_weights(model)
