@@ -1,6 +1,7 @@
 """The tiny LFM2 that ships inside the package, so lfm2 works out of the box without a network.
 
-It is built from scratch by `python -m lfm2.train.bundle --out DIR --install`; its model card
+It is built from scratch by `python -m lfm2.train.bundle --out DIR --device cuda --install` (or
+without `--device`, on the CPU, in hours); its model card
 (`lfm2-tiny/README.md`) records the data, the licences, the command and the measured quality.
 """
 
