@@ -185,14 +185,20 @@ def test_autocast_option():
     assert uses_bf16("auto", cuda)  # CPUs: only with native bf16 (see cpu_has_native_bf16)
 
 
-def test_bundle_recipe_end_to_end(tmp_path):
+def test_bundle_recipe_end_to_end(tmp_path, monkeypatch):
     """Every step of the bundled-model recipe at toy scale, on a small injected corpus."""
+    import lfm2.train.corpus
     from lfm2.train.bundle import BundleConfig, build
 
     cfg = BundleConfig.quick(str(tmp_path / "bundle"))
     cfg.pretrain_steps = cfg.sft_steps = cfg.copy_steps = 6
     cfg.eval_prompts = 3
-    model_dir = build(cfg, docs=[f"{s} ({i})" for i, s in enumerate(CORPUS)])
+    # The data step alone (`--data-only`), then training from its files without the corpus, as on a
+    # GPU machine that cannot fetch the Debian packages.
+    data = build(cfg, docs=[f"{s} ({i})" for i, s in enumerate(CORPUS)], data_only=True)
+    assert (data / "copy_val.json").is_file() and not (tmp_path / "bundle" / "pretrain").exists()
+    monkeypatch.setattr(lfm2.train.corpus, "documents", lambda: pytest.fail("the corpus was read again"))
+    model_dir = build(cfg)
     card = (model_dir / "README.md").read_text()
     assert "Jargon File" in card and "WordNet" in card and "held-out prompts" in card
     results = json.loads((tmp_path / "bundle" / "eval.json").read_text())

@@ -150,8 +150,10 @@ class BundleConfig:
                               max_position_embeddings=512))
 
 
-def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
-    """Run every step (skipping finished ones); `docs` replaces the Debian corpus (tests)."""
+def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = False) -> Path:
+    """Run every step (skipping finished ones); `docs` replaces the Debian corpus (tests). `data_only`
+    stops after the data step and returns the data directory: a CPU prepares it (minutes of Python),
+    a GPU machine trains from it (`benchmarks/bundle_variants.py`)."""
     from lfm2.tokenizer import Tokenizer
     from lfm2.train.corpus import PACKAGES, documents
     from lfm2.train.data import prepare_chat, prepare_copy, prepare_text
@@ -162,7 +164,8 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "bundle_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     data = out / "data"
-    docs = documents() if docs is None else docs
+    if docs is None:  # only the tokenizer and data steps read the corpus (a training machine may lack apt)
+        docs = [] if (data / "copy_val.json").is_file() else documents()
     if cfg.corpus_limit:
         docs = random.Random(cfg.seed).sample(docs, min(cfg.corpus_limit, len(docs)))
     if not (data / "tokenizer.json").is_file():
@@ -188,6 +191,8 @@ def build(cfg: BundleConfig, docs: list[str] | None = None) -> Path:
         for name, rows, seed in (("copy", cfg.copy_steps * cfg.copy_batch_size, cfg.seed),
                                  ("copy_val", 8 * cfg.copy_batch_size, cfg.seed + 1)):
             prepare_copy(data, name, rows, cfg.copy_seq_len, ordinary_token_ids(cfg), seed, span=copy_spans(cfg))
+    if data_only:
+        return data
     print("[3/8] pretraining")
     common = dict(data_dir=str(data), batch_size=cfg.batch_size, seed=cfg.seed, eval_every=100, save_every=50,
                   device=cfg.device)
@@ -411,9 +416,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="toy scale, to check the recipe in minutes")
     ap.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda (bfloat16 autocast)")
     ap.add_argument("--install", action="store_true", help="copy the result into lfm2/bundled/ (the default model)")
+    ap.add_argument("--data-only", action="store_true", help="stop after the tokenizer and the data files")
     args = ap.parse_args()
     cfg = BundleConfig.quick(args.out) if args.quick else BundleConfig(out=args.out)
     cfg.device = args.device
+    if args.data_only:
+        print(f"data files in {build(cfg, data_only=True)}")
+        return
     model_dir = build(cfg)
     if args.install:
         install(model_dir)
