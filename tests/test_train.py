@@ -198,6 +198,13 @@ def test_bundle_recipe_end_to_end(tmp_path, monkeypatch):
     data = build(cfg, docs=[f"{s} ({i})" for i, s in enumerate(CORPUS)], data_only=True)
     assert (data / "copy_val.json").is_file() and not (tmp_path / "bundle" / "pretrain").exists()
     monkeypatch.setattr(lfm2.train.corpus, "documents", lambda: pytest.fail("the corpus was read again"))
+    # The copying rows (random tokens) need not travel with the data: they are made again, the same.
+    copy_files = {p.name: p.read_bytes() for p in data.glob("copy*")}
+    assert len(copy_files) == 6
+    for name in copy_files:
+        (data / name).unlink()
+    build(cfg, data_only=True)
+    assert {p.name: p.read_bytes() for p in data.glob("copy*")} == copy_files
     model_dir = build(cfg)
     card = (model_dir / "README.md").read_text()
     assert "Jargon File" in card and "WordNet" in card and "held-out prompts" in card

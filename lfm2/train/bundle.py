@@ -166,8 +166,9 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "bundle_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     data = out / "data"
-    if docs is None:  # only the tokenizer and data steps read the corpus (a training machine may lack apt)
-        docs = [] if (data / "copy_val.json").is_file() else documents()
+    texts_done = (data / "sft_rich_val.json").is_file()  # the last corpus or conversation file of step 2
+    if docs is None:  # only the tokenizer and those files read the corpus (a GPU machine may lack apt)
+        docs = [] if texts_done else documents()
     if cfg.corpus_limit:
         docs = random.Random(cfg.seed).sample(docs, min(cfg.corpus_limit, len(docs)))
     if not (data / "tokenizer.json").is_file():
@@ -177,7 +178,7 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
         print(f"[1/8] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
         train_tokenizer(_tokenizer_texts(docs, convs), cfg.vocab_size, data, words_alike=True)
     tok = Tokenizer.from_dir(data)
-    if not (data / "copy_val.json").is_file():  # the last file this step writes
+    if not texts_done:
         print("[2/8] data: packing the corpus, rendering the conversations")
         prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
         words = vocabulary(docs, cfg.sft_word_min_count) if cfg.sft_word_min_count else None
@@ -190,6 +191,8 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
             prepare_chat(_mixed(sft_convs[:cut], docs, cfg), tok, data, split, max_len=cfg.sft_seq_len,
                          drop_longer=True, max_text_len=cfg.sft_text_tokens)
             prepare_chat(sft_convs[cut:], tok, data, f"{split}_val", max_len=cfg.sft_seq_len, drop_longer=True)
+    if not (data / "copy_val.json").is_file():  # random tokens: seconds to make, so need not travel with the data
+        print("[2/8] data: copying rows")
         for name, rows, seed in (("copy", cfg.copy_steps * cfg.copy_batch_size, cfg.seed),
                                  ("copy_val", 8 * cfg.copy_batch_size, cfg.seed + 1)):
             prepare_copy(data, name, rows, cfg.copy_seq_len, ordinary_token_ids(cfg), seed, span=copy_spans(cfg))
