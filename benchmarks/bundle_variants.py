@@ -8,7 +8,7 @@
 Each variant is `lfm2.train.bundle.build` with the named `BundleConfig` fields changed (values are
 JSON; `model.X` sets a model field), run in its own process from the same data files (a finished
 data step: tokenizer and token files; variants that change the data's fields need their own). To
-carry the data to another machine, leave out `copy*` (random tokens, the largest file to compress) and
+carry the data to another machine, leave out `copy*` (random tokens, which barely compress) and
 run `python -m lfm2.train.bundle --out DIR --data-only` there: it makes them again, without the corpus. All
 run at once: a small model leaves one GPU mostly idle, so eight share an H200 at 8-18 steps per
 second each (2026-11-26). `--deadline` stops the runs still going after that many seconds, so that
