@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-SEEDS = (12345, 777)  # held-out prompt seeds; the recipe's own evaluation uses 12345 (its seed 0 + 12345)
+SEEDS = (12345, 777)  # held-out prompt seeds; the recipe's own evaluation uses its seed + HELDOUT_SEED
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
@@ -51,8 +51,7 @@ def run_one(name: str, fields: dict[str, object], data: Path, out: Path, device:
     import torch
 
     import lfm2
-    from lfm2.train.bundle import BundleConfig, build, tool_call_scores
-    from lfm2.train.synth import conversations
+    from lfm2.train.bundle import HELDOUT_SEED, BundleConfig, build, heldout_prompts, tool_call_scores
 
     torch.set_num_threads(threads)
     run = out / name
@@ -73,11 +72,10 @@ def run_one(name: str, fields: dict[str, object], data: Path, out: Path, device:
     llm = lfm2.load(model_dir)
     strict = {}
     for seed in SEEDS:
-        if seed == cfg.seed + 12345 and cfg.eval_prompts == prompts:  # already scored by the recipe's evaluation
+        if seed == cfg.seed + HELDOUT_SEED and cfg.eval_prompts == prompts:  # scored by the recipe's evaluation
             strict[seed] = (result["strict_right_tool"], result["strict_right_tool_and_arguments"])
         else:
-            held = conversations(prompts, seed=seed, split="heldout", tool_fraction=1.0)
-            strict[seed] = tool_call_scores(llm, held, True)
+            strict[seed] = tool_call_scores(llm, heldout_prompts(prompts, seed), True)
     result.update(name=name, fields=fields, wall_s=time.time() - start, strict_by_seed=strict, prompts=prompts)
     (run / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 

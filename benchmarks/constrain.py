@@ -22,11 +22,11 @@ import torch
 
 import lfm2
 from lfm2.constrain import TokenVocabulary, ToolCallConstraint
-from lfm2.train.synth import conversations
+from lfm2.train.bundle import HELDOUT_SEED, heldout_prompts
 
 
 def chat_rows(llm: lfm2.LLM, prompts: int) -> None:
-    held = conversations(prompts, seed=12345, split="heldout", tool_fraction=1.0)
+    held = heldout_prompts(prompts, HELDOUT_SEED)
     secs = {False: 0.0, True: 0.0}
     tokens = {False: 0, True: 0}
     for conv in held:

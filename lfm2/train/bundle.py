@@ -46,6 +46,7 @@ VAL_FRACTION = 0.02  # of corpus documents, held out for perplexity
 # pretraining's batch size: the trainer's validation takes its first 8 batches, so it moves with it
 # (the previous bundled model: 48.5 over the first 128 windows, 42.5 over all).
 HELDOUT_ROWS = 64  # windows per evaluation batch
+HELDOUT_SEED = 12345  # added to the recipe's seed: the seed of its held-out tool prompts
 
 
 @dataclass
@@ -312,7 +313,7 @@ def evaluate(model_dir: Path, pretrain_dir: Path, copy_dir: Path, cfg: BundleCon
     low, high = ordinary_token_ids(cfg)  # the copying rows' tokens: uniform over these is chance
     copy_loss = validation_loss(llm.model, copy_val, copy_cfg, pad)["val_loss"]
     pretrain_copy_loss = validation_loss(pretrained, copy_val, copy_cfg, pad)["val_loss"]
-    held = conversations(cfg.eval_prompts, seed=cfg.seed + 12345, split="heldout", tool_fraction=1.0)
+    held = heldout_prompts(cfg.eval_prompts, cfg.seed + HELDOUT_SEED)
     scores = {strict: tool_call_scores(llm, held, strict) for strict in (False, True)}
     return {"heldout_corpus_loss": final_loss, "heldout_corpus_perplexity": math.exp(final_loss),
             "pretrain_heldout_corpus_loss": pretrain_loss,
@@ -328,6 +329,11 @@ def _val_losses(run_dir: Path) -> list[float]:
     """The validation losses a training run logged, in step order."""
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     return [m["val_loss"] for m in rows if "val_loss" in m]
+
+
+def heldout_prompts(n: int, seed: int) -> list[dict]:
+    """`n` generated tool-use prompts whose tools and phrasings training never saw, each calling a tool."""
+    return conversations(n, seed=seed, split="heldout", tool_fraction=1.0)
 
 
 def tool_call_scores(llm: Any, convs: list[dict], strict: bool) -> tuple[float, float]:
