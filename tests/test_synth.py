@@ -251,3 +251,28 @@ def test_confusable_distractors_differ_from_the_right_tool_only_in_subject():
         return sum(shape(t) == shape(right) for t, right in pairs) / len(pairs)
 
     assert alike(0.0) < 0.2 and alike(1.0) == 1.0
+
+
+def test_prefixed_requests_keep_the_request_behind_random_words():
+    """`prefix`: that fraction of training tool requests is the request as it was, behind one to three
+    random words and a joiner, so that the first word is not the tool's verb; the held-out split, and
+    conversations without the field, are unchanged."""
+    words = ("lantern", "quietly", "mill", "ahead", "velvet", "ochre")
+    demo = ("get_weather", "calculate", "convert_units")
+    base = Variety(0.4, words, True)
+    plain = [c for c in conversations(400, seed=3, split="train", tool_fraction=1.0, variety=base)
+             if c["expected"]["name"] not in demo]
+    assert sum(c["messages"][0]["content"].split()[0].lower() in words for c in plain) / len(plain) < 0.05
+    every = Variety(0.4, words, True, prefix=1.0)
+    convs = [c for c in conversations(400, seed=3, split="train", tool_fraction=1.0, variety=every)
+             if c["expected"]["name"] not in demo]
+    for conv in convs:
+        ask, call = conv["messages"][0]["content"], conv["expected"]
+        head = ask.split()[0].strip(",:!").lower()
+        assert head in words and ask[0].isupper(), ask
+        assert all(str(v) in ask for v in call["arguments"].values())
+    assert len({c["messages"][0]["content"].split()[0] for c in convs}) > 6  # one to three words, several joiners
+    held = conversations(100, seed=1, split="heldout", tool_fraction=1.0)
+    assert conversations(100, seed=1, split="heldout", tool_fraction=1.0, variety=every) == held
+    assert conversations(50, seed=3, split="train", variety=base) == conversations(
+        50, seed=3, split="train", variety=Variety(0.4, words, True, prefix=0.0))

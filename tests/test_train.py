@@ -168,6 +168,35 @@ def test_copy_rows_repeat_one_span_and_train_on_the_repeat(tmp_path):
         prepare_copy(tmp_path, "bad", 5, 39, (100, 200), seed=0, span=(4, 30))
 
 
+def test_call_weight_counts_the_choice_of_tool_more(data_dir):
+    """`call_weight`: the loss on the three targets after `<|tool_call_start|>` (`[` and the tool name's
+    start) counts that many times over in training, and not in validation."""
+    from lfm2.config import ModelConfig
+    from lfm2.models import build_model
+    from lfm2.train.trainer import Objective, call_weights, loss_fn
+
+    x = torch.tensor([[5, 9, 7, 8, 9, 3, 4, 6], [1, 2, 3, 4, 5, 6, 7, 9]])
+    assert call_weights(x, 9, 4.0).tolist() == [[1, 4, 4, 4, 4, 4, 4, 1], [1] * 7 + [4]]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=400, **MODEL), device="cpu").eval()
+    y = torch.randint(0, 400, x.shape)
+    y[0, 0] = y[1, 3] = -100
+    w = call_weights(x, 9, 4.0)
+    with torch.no_grad():
+        plain, n = loss_fn(model, x, y)
+        weighted, m = loss_fn(model, x, y, weights=w)
+        per_token = torch.nn.functional.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none")
+    keep = y != -100
+    assert n == m == 14 and plain.item() == pytest.approx(per_token[keep].sum().item(), rel=1e-5)
+    assert weighted.item() == pytest.approx((per_token * w)[keep].sum().item(), rel=1e-5)
+    objective = Objective(_cfg(data_dir, "x", call_weight=4.0), model, torch.device("cpu"), call_start=9)
+    with torch.no_grad():
+        assert objective(model, (x, y), [0, 1], "train")[0].item() == pytest.approx(weighted.item(), rel=1e-5)
+        assert objective(model, (x, y), [0, 1], "val")[0].item() == pytest.approx(plain.item(), rel=1e-5)
+    with pytest.raises(lfm2.LFM2Error, match="call_weight must be positive"):
+        TrainConfig(out_dir="x", data_dir="y", call_weight=0)
+
+
 def test_bad_config_is_named(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"out_dir": "x", "data_dir": "y", "learning_rate": 1}))
@@ -219,11 +248,15 @@ def test_bundle_recipe_end_to_end(tmp_path, monkeypatch):
     assert results["copy_chance_loss"] == pytest.approx(math.log(cfg.vocab_size - 14 - 256))  # uniform, ordinary ids
     assert results["copy_loss"] > 0 and results["pretrain_copy_loss"] > 0
     assert "Copying from the context" in card and (tmp_path / "bundle" / "copy" / "model").is_dir()
-    # The shipped model is the last fine-tuning stage's: the rich stage's batches again, restarted from its model.
-    assert model_dir == tmp_path / "bundle" / "sft_repeat" / "model"
+    # The third fine-tuning stage: the rich stage's batches again, restarted from its model; the shipped
+    # model is the fourth's, on new noisy conversations with the choice of tool weighted up.
     repeat = json.loads((tmp_path / "bundle" / "sft_repeat" / "train_config.json").read_text())
     assert repeat["init_from"] == str(tmp_path / "bundle" / "sft_rich" / "model") and repeat["lr"] == cfg.sft_repeat_lr
-    assert "batches again" in card
+    assert model_dir == tmp_path / "bundle" / "sft_robust" / "model"
+    robust = json.loads((tmp_path / "bundle" / "sft_robust" / "train_config.json").read_text())
+    assert robust["init_from"] == str(tmp_path / "bundle" / "sft_repeat" / "model")
+    assert robust["call_weight"] == cfg.robust_call_weight and robust["train_split"] == "sft_robust"
+    assert "batches again" in card and "random words" in card
     # Fine-tuning rows: conversations, documents cut short, and copying rows (with their own masks).
     sft = TokenFile.open(tmp_path / "bundle" / "data", "sft")
     lengths = np.diff(sft.meta["offsets"])

@@ -16,11 +16,13 @@ recipe prints them:
 4. copying: rows of random tokens with one span repeated, loss on the repeat, until induction
    heads form (a tiny model pretrained for minutes cannot copy from its context, and calling an
    unseen tool is copying: its name from the tool list, the argument values from the request);
-5.-7. supervised fine-tuning on the conversations packed into rows, with a few short corpus documents
+5.-8. supervised fine-tuning on the conversations packed into rows, with a few short corpus documents
    and copying rows mixed in so the model keeps some language modelling and its copying: first in
    the plain wordings (5), then in the rich ones (6), then over the rich stage's batches again with the
-   learning rate restarted (7) (steps 3-7 with `lfm2.train.trainer`, so checkpoints resume after a kill);
-8. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
+   learning rate restarted (7), then on new conversations whose requests are often random words around
+   their content, with the loss on the choice of tool weighted up (8) (steps 3-8 with
+   `lfm2.train.trainer`, so checkpoints resume after a kill);
+9. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
    tool-call accuracy on generated prompts whose tools and phrasings the model never saw;
    written with the data and licence into a model card.
 """
@@ -121,6 +123,22 @@ class BundleConfig:
     # Conversations of up to this many exchanges (the same tool list, other tools called later):
     # the model learns to follow a conversation, and reads each long tool list for several calls.
     sft_exchanges: int = 3
+    # An eighth stage, after the third fine-tuning one: new conversations (their own seed) in the rich
+    # wordings, robust_noise of the requests random words around their content (`synth.Variety.noise`) and
+    # robust_prefix of all of them behind random words ("Chicken dandy! check the humidity in Paris":
+    # `synth.Variety.prefix`), with the loss on the choice of tool counted robust_call_weight times
+    # (`TrainConfig.call_weight`). Why: the model read a held-out request's capitalised first word as the
+    # tool's verb ("Go ahead and lock a door": 19 of 42 right), and where no listed tool had it, it called
+    # the last one listed. Measured from the model of the first seven steps (on a CPU; 400 held-out prompts,
+    # seeds 12345 and 777, strict right tool / right arguments): before 311 / 302; this stage with
+    # call_weight 1: 323 / 316; with 5: 327 / 318, "Go ahead and" 28 of 42 right, unconstrained (recipe's 200)
+    # 67.5% / 56.5% -> 73.5% / 58.5%, corpus perplexity 25.7 -> 25.1. The weight is within noise of 1.
+    robust_conversations: int = 30000
+    robust_noise: float = 0.5
+    robust_prefix: float = 0.4
+    robust_call_weight: float = 5.0
+    robust_steps: int = 500
+    robust_lr: float = 3e-4
     # Pretraining on 1000 x 64 rows of 256 tokens (16M tokens, 1.5 passes over the corpus) rather than
     # 300 x 16 (1.2M): measured on one GPU, the rest of the recipe as here (400 held-out prompts, seeds
     # 12345 and 777; strict right tool / right arguments; unconstrained on the first 200; corpus
@@ -150,7 +168,7 @@ class BundleConfig:
     def quick(cls, out: str) -> BundleConfig:
         """Every step at toy scale, to check the recipe end to end in a few minutes."""
         return cls(out=out, vocab_size=600, sft_conversations=300, pretrain_steps=20, copy_steps=10, sft_steps=20,
-                   sft_rich_steps=10, sft_repeat_steps=10,
+                   sft_rich_steps=10, sft_repeat_steps=10, robust_steps=10, robust_conversations=300,
                    batch_size=4, sft_batch_size=4, seq_len=64, copy_batch_size=4, copy_seq_len=32, sft_seq_len=1024,
                    eval_prompts=10, corpus_limit=200,
                    model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -172,66 +190,72 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "bundle_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     data = out / "data"
-    texts_done = (data / "sft_rich_val.json").is_file()  # the last corpus or conversation file of step 2
+    # Each corpus or conversation split of step 2 is done once its validation file (written last) is there.
+    missing = [name for name in ("val", *(f"{split}_val" for split, *_ in _sft_sets(cfg, None)))
+               if not (data / f"{name}.json").is_file()]
     if docs is None:  # only the tokenizer and those files read the corpus (a GPU machine may lack apt)
-        docs = [] if texts_done else documents()
+        docs = documents() if missing else []
     if cfg.corpus_limit:
         docs = random.Random(cfg.seed).sample(docs, min(cfg.corpus_limit, len(docs)))
     if not (data / "tokenizer.json").is_file():
         # Plain conversations (no made-up verbs): the tokenizer, and with it every later step,
         # does not depend on how the fine-tuning data is varied.
         convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train")
-        print(f"[1/8] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
+        print(f"[1/9] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
         train_tokenizer(_tokenizer_texts(docs, convs), cfg.vocab_size, data, words_alike=True)
     tok = Tokenizer.from_dir(data)
-    if not texts_done:
-        print("[2/8] data: packing the corpus, rendering the conversations")
-        prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
+    if missing:
+        print("[2/9] data: packing the corpus, rendering the conversations")
+        if "val" in missing:
+            prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
         words = vocabulary(docs, cfg.sft_word_min_count) if cfg.sft_word_min_count else None
-        for split, rich in (("sft", False), ("sft_rich", True)):  # the same conversations, worded two ways
-            variety = Variety(cfg.sft_made_up_verbs, words, rich, cfg.sft_rich_noise if rich else 0.0,
-                              cfg.sft_confusable)
-            sft_convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train",
-                                      exchanges=cfg.sft_exchanges, variety=variety)
+        for split, n, seed, variety in _sft_sets(cfg, words):
+            if f"{split}_val" not in missing:
+                continue
+            sft_convs = conversations(n, seed=seed, split="train", exchanges=cfg.sft_exchanges, variety=variety)
             cut = len(sft_convs) * 95 // 100
             prepare_chat(_mixed(sft_convs[:cut], docs, cfg), tok, data, split, max_len=cfg.sft_seq_len,
                          drop_longer=True, max_text_len=cfg.sft_text_tokens)
             prepare_chat(sft_convs[cut:], tok, data, f"{split}_val", max_len=cfg.sft_seq_len, drop_longer=True)
     if not (data / "copy_val.json").is_file():  # random tokens: seconds to make, so need not travel with the data
-        print("[2/8] data: copying rows")
+        print("[2/9] data: copying rows")
         for name, rows, seed in (("copy", cfg.copy_steps * cfg.copy_batch_size, cfg.seed),
                                  ("copy_val", 8 * cfg.copy_batch_size, cfg.seed + 1)):
             prepare_copy(data, name, rows, cfg.copy_seq_len, ordinary_token_ids(cfg), seed, span=copy_spans(cfg))
     if data_only:
         return data
-    print("[3/8] pretraining")
+    print("[3/9] pretraining")
     common = dict(data_dir=str(data), batch_size=cfg.batch_size, seed=cfg.seed, eval_every=100, save_every=50,
                   device=cfg.device)
     pre = train(TrainConfig(out_dir=str(out / "pretrain"), model=cfg.model, seq_len=cfg.seq_len,
                             max_steps=cfg.pretrain_steps, lr=3e-3, min_lr=3e-4,
                             warmup_steps=max(1, cfg.pretrain_steps // 20), **common))
-    print("[4/8] copying (induction heads)")
+    print("[4/9] copying (induction heads)")
     copy = train(TrainConfig(**{**common, "batch_size": cfg.copy_batch_size}, out_dir=str(out / "copy"),
                              init_from=str(pre / "model"), train_split="copy", val_split="copy_val",
                              seq_len=cfg.copy_seq_len, max_steps=cfg.copy_steps, lr=1e-3, min_lr=1e-3,
                              warmup_steps=_warmup(cfg.copy_steps), weight_decay=0.0))
 
-    def finetune(name: str, init: Path, split: str, steps: int, lr: float, warmup: int) -> Path:
+    def finetune(name: str, init: Path, split: str, steps: int, lr: float, warmup: int,
+                 call_weight: float = 1.0) -> Path:
         """A fine-tuning stage from `init`'s model: rows packed with `split`'s conversations, cosine to lr / 10."""
         return train(TrainConfig(**{**common, "batch_size": cfg.sft_batch_size}, out_dir=str(out / name),
                                  init_from=str(init / "model"), train_split=split, val_split=f"{split}_val",
                                  seq_len=cfg.sft_seq_len, pack=True, max_steps=steps, lr=lr, min_lr=lr / 10,
-                                 warmup_steps=warmup))
+                                 warmup_steps=warmup, call_weight=call_weight))
 
-    print("[5/8] supervised fine-tuning")
+    print("[5/9] supervised fine-tuning")
     sft = finetune("sft", copy, "sft", cfg.sft_steps, 1e-3, max(1, cfg.sft_steps // 20))
-    print("[6/8] supervised fine-tuning, rich wordings")
+    print("[6/9] supervised fine-tuning, rich wordings")
     rich = finetune("sft_rich", sft, "sft_rich", cfg.sft_rich_steps, cfg.sft_rich_lr, _warmup(cfg.sft_rich_steps))
-    print("[7/8] supervised fine-tuning, rich wordings again")
+    print("[7/9] supervised fine-tuning, rich wordings again")
     again = finetune("sft_repeat", rich, "sft_rich", cfg.sft_repeat_steps, cfg.sft_repeat_lr,
                      _warmup(cfg.sft_repeat_steps))
-    print("[8/8] evaluation")
-    model_dir = again / "model"
+    print("[8/9] supervised fine-tuning, robust wordings")
+    robust = finetune("sft_robust", again, "sft_robust", cfg.robust_steps, cfg.robust_lr, _warmup(cfg.robust_steps),
+                      cfg.robust_call_weight)
+    print("[9/9] evaluation")
+    model_dir = robust / "model"
     results = evaluate(model_dir, pre, copy, cfg)
     for where in (out, model_dir):  # the model directory is what `--install` ships: it says how it was made
         write_text_atomic(where / "eval.json", json.dumps(results, indent=2) + "\n")
@@ -242,6 +266,16 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
          "eos_token_id": sorted(tok.stop_ids), "pad_token_id": tok.pad_id}, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return model_dir
+
+
+def _sft_sets(cfg: BundleConfig, words: tuple[str, ...] | None) -> list[tuple[str, int, int, Variety]]:
+    """The fine-tuning conversation splits: (name, how many, seed, variety). The first two are the same
+    conversations worded two ways; the third new ones, noisier."""
+    v = cfg.sft_made_up_verbs, words
+    return [("sft", cfg.sft_conversations, cfg.seed, Variety(*v, False, 0.0, cfg.sft_confusable)),
+            ("sft_rich", cfg.sft_conversations, cfg.seed, Variety(*v, True, cfg.sft_rich_noise, cfg.sft_confusable)),
+            ("sft_robust", cfg.robust_conversations, cfg.seed + 7,
+             Variety(*v, True, cfg.robust_noise, cfg.sft_confusable, cfg.robust_prefix))]
 
 
 def _warmup(steps: int) -> int:
@@ -404,7 +438,11 @@ excluded), so that copying is learned for any word rather than for a closed set 
 {_confusable_line(cfg)}A second stage of {cfg.sft_rich_steps} steps fine-tunes on the same conversations in many
 wordings (hundreds of request forms, a dozen phrases per kind of argument, none of them the held-out
 ones{_noise_words(cfg)}), and a third of {cfg.sft_repeat_steps} steps draws that stage's batches again (the same
-seed: its first {cfg.sft_rich_steps} repeat it) with the learning rate restarted at {cfg.sft_repeat_lr:g}.
+seed: its first {cfg.sft_rich_steps} repeat it) with the learning rate restarted at {cfg.sft_repeat_lr:g}. A fourth
+of {cfg.robust_steps} steps fine-tunes on {cfg.robust_conversations} new conversations:
+{cfg.robust_noise:.0%} of their requests are random words around the subject and the values,
+{cfg.robust_prefix:.0%} stand behind random words ("Chicken dandy! check the humidity in Paris"), and the loss
+on the choice of tool (a call's first tokens) counts {cfg.robust_call_weight:g} times over.
 Config: `bundle_config.json`.
 
 ## Measured quality

@@ -234,13 +234,15 @@ class Variety:
     made-up words from (else syllable strings); `rich_wording`: requests, descriptions and argument
     phrases from the many "rich" phrasings instead of the few plain ones; `noise`: the fraction of
     requests worded with random words around their content (see `_noisy_ask`); `confusable`: the
-    fraction of distractors that share the right tool's verb and kinds of arguments (see `confusable`)."""
+    fraction of distractors that share the right tool's verb and kinds of arguments (see `confusable`);
+    `prefix`: the fraction of tool requests with random words and a joiner in front (see `_prefixed`)."""
 
     made_up_verbs: float = 0.0
     words: tuple[str, ...] | None = None
     rich_wording: bool = False
     noise: float = 0.0
     confusable: float = 0.0
+    prefix: float = 0.0
 
 
 PLAIN = Variety()  # the tokenizer's conversations
@@ -415,6 +417,8 @@ def _request(rng: random.Random, tool: Tool, split: str,
         template = rng.choice(ASK[key][tool.kind])
         ask = template.format(what=tool.what, What=tool.what.capitalize(), verb=tool.verb,
                               Verb=tool.verb.capitalize(), args=args_text, Args=args_text[:1].upper() + args_text[1:])
+    if split == "train" and variety.prefix and rng.random() < variety.prefix:
+        ask = _prefixed(rng, ask, variety.words)
     where = " ".join(phrases)
     if tool.kind == "lookup":
         n = rng.randint(1, 999)
@@ -459,6 +463,20 @@ def _noisy_ask(rng: random.Random, tool: Tool, args_text: str, words: Sequence[s
     if not any(slot.kind == "topic" for _, slot in tool.params) and rng.random() < 0.4:
         text += f" {_filler(rng, words, 1, 2)}"
     return text[0].upper() + text[1:] + rng.choice(["?", ".", "!", "", ", please."])
+
+
+PREFIX_JOINERS = (" and ", ", ", " to ", ": ", " then ", "! ")
+
+
+def _prefixed(rng: random.Random, ask: str, words: Sequence[str] | None) -> str:
+    """`ask` behind one to three random words and a joiner: "Chicken dandy! check the birthday of Ines."
+
+    Why: trained on "{Verb} a {what}" requests, the model took a request's capitalised first word for the
+    tool's verb, and where no listed tool had it ("Go ahead and lock a door"), it called the last tool
+    listed. Random words in front of the request, which no tool is named after, break that habit."""
+    head = _filler(rng, words, 1, 3)
+    rest = ask if ask.startswith(("I ", "I'")) else ask[:1].lower() + ask[1:]
+    return head[:1].upper() + head[1:] + rng.choice(PREFIX_JOINERS) + rest
 
 
 def _exchange(rng: random.Random, tool: Tool, args: dict[str, Any], ask: str, result: str,
