@@ -168,7 +168,7 @@ def test_copy_rows_repeat_one_span_and_train_on_the_repeat(tmp_path):
         prepare_copy(tmp_path, "bad", 5, 39, (100, 200), seed=0, span=(4, 30))
 
 
-def test_call_weight_counts_the_choice_of_tool_more(data_dir):
+def test_call_weight_counts_the_choice_of_tool_more(data_dir, tmp_path, monkeypatch):
     """`call_weight`: the loss on the three targets after `<|tool_call_start|>` (`[` and the tool name's
     start) counts that many times over in training, and not in validation."""
     from lfm2.config import ModelConfig
@@ -195,6 +195,10 @@ def test_call_weight_counts_the_choice_of_tool_more(data_dir):
         assert objective(model, (x, y), [0, 1], "val")[0].item() == pytest.approx(plain.item(), rel=1e-5)
     with pytest.raises(lfm2.LFM2Error, match="call_weight must be positive"):
         TrainConfig(out_dir="x", data_dir="y", call_weight=0)
+    # A tokenizer without the call marker (ours all have it) cannot weight calls: said, not ignored.
+    monkeypatch.setattr(Tokenizer, "token_to_id", lambda self, token: None)
+    with pytest.raises(lfm2.LFM2Error, match="has no <.tool_call_start.> token"):
+        train(_cfg(data_dir, tmp_path / "w", call_weight=4.0))
 
 
 def test_bad_config_is_named(tmp_path):

@@ -430,7 +430,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-    objective = Objective(cfg, model, device, tokenizer.token_to_id(TOOL_CALL_START))
+    call_start = tokenizer.token_to_id(TOOL_CALL_START)
+    if cfg.call_weight != 1 and call_start is None:
+        raise LFM2Error(f"call_weight={cfg.call_weight} weights tool calls, but the tokenizer in {cfg.data_dir} has no "
+                        f"{TOOL_CALL_START} token; leave call_weight at 1")
+    objective = Objective(cfg, model, device, call_start)
     if cfg.objective == "dpo":
         objective.prepare_reference(model, train_data, "train", out, pad_id, resumed=step > 0)
         if val_data is not None:
