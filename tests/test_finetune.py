@@ -435,8 +435,9 @@ def test_cli_finetune_and_merge(chat_checkpoint, tmp_path, capsys):
 
     data = _write_jsonl(tmp_path / "d.jsonl", _conversations(12))
     main(["finetune", "sft", "--model", str(chat_checkpoint), "--data", str(data), "--out", str(tmp_path / "run"),
-          "--max-steps", "2", "--batch-size", "4", "--seq-len", "128", "--lora-rank", "2"])
+          "--max-steps", "2", "--batch-size", "4", "--seq-len", "128", "--lora-rank", "2", "--call-weight", "3"])
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["call_weight"] == 3.0
     main(["merge", "--model", str(chat_checkpoint), "--adapter", str(tmp_path / "run" / "adapter"),
           "-o", str(tmp_path / "merged")])
     assert "merged checkpoint written" in capsys.readouterr().out

@@ -47,6 +47,7 @@ class FinetuneArgs:
     top_k: int = 32
     temperature: float = 2.0
     pack: bool = False
+    call_weight: float = 1.0  # sft: the loss on each tool call's first tokens counts this many times
     grad_checkpointing: bool = False
     device: str = "cpu"
     autocast: str = "auto"  # bfloat16 autocast: auto | bf16 | off (see TrainConfig)
@@ -118,6 +119,7 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
                                         "targets": list(lora.targets)},
         beta=args.beta, teacher=teacher, top_k=args.top_k, temperature=args.temperature,
         grad_checkpointing=args.grad_checkpointing, device=args.device, autocast=args.autocast,
+        call_weight=args.call_weight,
     )
     if rank == 0:
         print(f"{args.kind}: {what}, {steps} steps of {args.batch_size * args.grad_accum}, "
@@ -184,6 +186,9 @@ def add_finetune_parser(sub) -> None:
             k.add_argument("--temperature", type=float, default=2.0)
         if kind != "dpo":
             k.add_argument("--pack", action="store_true", help="several conversations per row (no leakage)")
+        if kind == "sft":
+            k.add_argument("--call-weight", type=float, default=1.0,
+                           help="count the loss on each tool call's first tokens (the choice of tool) this many times")
         k.add_argument("--grad-checkpointing", action="store_true", help="less activation memory, more compute")
         k.add_argument("--device", default="cpu")
         k.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
