@@ -123,7 +123,7 @@ class BundleConfig:
     # Conversations of up to this many exchanges (the same tool list, other tools called later):
     # the model learns to follow a conversation, and reads each long tool list for several calls.
     sft_exchanges: int = 3
-    # An eighth stage, after the third fine-tuning one: new conversations (their own seed) in the rich
+    # Step 8, a fourth fine-tuning stage after the third: new conversations (their own seed) in the rich
     # wordings, robust_noise of the requests random words around their content (`synth.Variety.noise`) and
     # robust_prefix of all of them behind random words ("Chicken dandy! check the humidity in Paris":
     # `synth.Variety.prefix`), with the loss on the choice of tool counted robust_call_weight times
