@@ -213,6 +213,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if text.startswith("/"):
             print(f"[unknown command {text.split()[0]}; use /reset, /system TEXT or /exit]")
             continue
+        start = len(history)
         history.append({"role": "user", "content": text})
         while True:  # until the model answers without calling a tool
             messages = ([{"role": "system", "content": system}] if system else []) + history
@@ -235,14 +236,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 _print_stats(llm)
             if not calls:
                 break
-            for call in calls:
-                print(_format_call(call))
-                try:
+            try:
+                for call in calls:
+                    print(_format_call(call))
                     result = input(f"[result of {call['function']['name']}]> ")
-                except (EOFError, KeyboardInterrupt):
-                    print()
-                    return
-                history.append({"role": "tool", "tool_call_id": call.get("id"), "content": result})
+                    history.append({"role": "tool", "tool_call_id": call.get("id"), "content": result})
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:  # the request is given up, not the chat: a call without results is dropped
+                del history[start:]
+                print("\n[cancelled: the request and its tool calls are left out of the conversation]")
+                break
 
 
 def cmd_train(args: argparse.Namespace) -> None:

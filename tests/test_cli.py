@@ -134,3 +134,31 @@ def test_bad_tools_file_is_one_line(tmp_path, content, words):
         path.write_text(content)
     out = run("chat", "--tools", str(path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
+
+
+def test_chat_ctrl_c_at_a_tool_result_cancels_the_request_only(tmp_path):
+    """Ctrl-C at a tool's result prompt drops that request and its call from the conversation and goes
+    back to the prompt; the chat goes on (it used to end)."""
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    child = pexpect.spawn(sys.executable, ["-m", "lfm2", "chat", "--tools", str(tools), "--strict-tools",
+                                           "--temperature", "0", "--max-new-tokens", "40", "--verbose"],
+                          encoding="utf-8", timeout=60)
+    child.expect("> ")
+    child.sendline("Is it raining in Lima?")
+    child.expect(r"\[(\d+) prompt tokens")
+    first_prompt = int(child.match.group(1))
+    child.expect(r"\[result of get_weather\]> ")
+    child.sendintr()
+    child.expect(r"\[cancelled: the request and its tool calls are left out of the conversation\]")
+    child.expect("> ")
+    child.sendline("Is it raining in Lima?")
+    child.expect(r"\[(\d+) prompt tokens")
+    assert int(child.match.group(1)) == first_prompt  # the same prompt again: nothing of the first try is left
+    child.expect(r"\[result of get_weather\]> ")
+    child.sendline('{"temperature": 18, "condition": "rainy"}')
+    child.expect(r"\[\d+ prompt tokens")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
