@@ -276,3 +276,23 @@ def test_prefixed_requests_keep_the_request_behind_random_words():
     assert conversations(100, seed=1, split="heldout", tool_fraction=1.0, variety=every) == held
     assert conversations(50, seed=3, split="train", variety=base) == conversations(
         50, seed=3, split="train", variety=Variety(0.4, words, True, prefix=0.0))
+
+
+def test_tools_sets_how_many_tools_a_training_conversation_lists():
+    """`tools=(fewest, most)`: every training tool conversation lists that many tools, the most of them
+    at times; the default is the lists of before, the held-out split ignores it, and a range that
+    cannot be met is refused."""
+    words = ("lantern", "quietly", "mill", "ahead", "velvet", "ochre", "granite", "meadow", "copper")
+    counts = [len(c["tools"]) for c in conversations(300, seed=4, split="train", tool_fraction=1.0,
+                                                      variety=Variety(0.4, words, True, tools=(2, 5)))]
+    assert min(counts) == 2 and max(counts) == 5
+    default = [len(c["tools"]) for c in conversations(300, seed=4, split="train", tool_fraction=1.0,
+                                                       variety=Variety(0.4, words, True))]
+    assert min(default) == 1 and max(default) == 4
+    assert conversations(50, seed=4, split="train", variety=Variety(0.4, words, True)) == conversations(
+        50, seed=4, split="train", variety=Variety(0.4, words, True, tools=(1, 4)))
+    held = conversations(100, seed=1, split="heldout", tool_fraction=1.0)
+    assert conversations(100, seed=1, split="heldout", tool_fraction=1.0, variety=Variety(tools=(3, 5))) == held
+    for bad in ((0, 3), (3, 2)):
+        with pytest.raises(ValueError, match="fewest"):
+            Variety(tools=bad)

@@ -235,7 +235,8 @@ class Variety:
     phrases from the many "rich" phrasings instead of the few plain ones; `noise`: the fraction of
     requests worded with random words around their content (see `_noisy_ask`); `confusable`: the
     fraction of distractors that share the right tool's verb and kinds of arguments (see `confusable`);
-    `prefix`: the fraction of tool requests with random words and a joiner in front (see `_prefixed`)."""
+    `prefix`: the fraction of tool requests with random words and a joiner in front (see `_prefixed`);
+    `tools`: the fewest and most tools a tool conversation lists (a single tool asks for no choice)."""
 
     made_up_verbs: float = 0.0
     words: tuple[str, ...] | None = None
@@ -243,6 +244,11 @@ class Variety:
     noise: float = 0.0
     confusable: float = 0.0
     prefix: float = 0.0
+    tools: tuple[int, int] = (1, 4)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.tools[0] <= self.tools[1]:
+            raise ValueError(f"Variety.tools must be (fewest, most) with 1 <= fewest <= most, got {self.tools}")
 
 
 PLAIN = Variety()  # the tokenizer's conversations
@@ -357,11 +363,11 @@ def tool_conversation(
 ) -> dict[str, Any]:
     """A conversation: tools listed, a request, the call, its result, and the final answer.
 
-    The offered tools are the right one plus up to three distractors from the same split (with
-    other subjects), in a random order, so the model must choose by reading the list. With
-    `exchanges` > 1 the user goes on, up to that many exchanges in all, with requests for other
-    listed tools or a plain question: the model learns to pick from the same list again, to
-    follow a conversation, and it reads the long tool list once for several calls.
+    The offered tools are the right one plus up to three distractors from the same split (in training,
+    as many as `variety.tools` allows) with other subjects, in a random order, so the model must
+    choose by reading the list. With `exchanges` > 1 the user goes on, up to that many exchanges in
+    all, with requests for other listed tools or a plain question: the model learns to pick from the
+    same list again, to follow a conversation, and it reads the long tool list once for several calls.
     """
     if split == "train" and rng.random() < 0.15:
         tool, args, ask, result, answer = _classic(rng)
@@ -369,7 +375,8 @@ def tool_conversation(
         tool = random_tool(rng, split, variety)
         args, ask, result, answer = _request(rng, tool, split, variety)
     offered = [tool]
-    while len(offered) < 1 + rng.randint(0, 3):
+    fewest, most = variety.tools if split == "train" else PLAIN.tools
+    while len(offered) < fewest + rng.randint(0, most - fewest):
         other = random_tool(rng, split, variety)
         if variety.confusable and rng.random() < variety.confusable:
             other = confusable(rng, split, variety, tool, other)
