@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lfm2.constrain import ToolCallConstraint, apply_constraints
+from lfm2.constrain import ToolCallConstraint, apply_constraints, choose_tool_names
 from lfm2.errors import GenerationError
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
@@ -113,6 +113,8 @@ def decode_tokens(
     should_stop = should_stop if should_stop is not None else [False] * B
     for step in range(max_new_tokens):
         if constraints:
+            temperature = 0.0 if params.greedy else params.temperature
+            choose_tool_names(model, cache, logits, constraints, [temperature] * B, [generator] * B)
             logits = apply_constraints(logits, constraints)
         nxt = sample_next(logits, params, generator, history)
         tokens = nxt.tolist()

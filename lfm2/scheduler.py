@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from lfm2.cache import Cache
-from lfm2.constrain import apply_masks
+from lfm2.constrain import apply_masks, choose_tool_names, name_room
 from lfm2.errors import GenerationError, SchedulerBusy
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
@@ -291,9 +291,11 @@ class Scheduler:
             ids[j, T - len(request.prompt) :] = torch.tensor(list(request.prompt))
             mask[j, T - len(request.prompt) :] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        prefill = self.model.make_cache(k, T)
+        # tool_choice "required" puts the reply at a call's name: room to score the listed names there
+        prefill = self.model.make_cache(k, T + name_room(r.constraint for r in requests))
         logits = self.model(ids, prefill, attention_mask=None if bool(mask.all()) else mask, last_only=True)[:, -1]
         rows = [_Row(r, self.model.config.vocab_size, self.device) for r in requests]
+        self._choose_names(logits, rows, prefill)
         tokens = self._sample(logits, rows)
         n = len(self._rows)
         if n == 0:
@@ -319,7 +321,15 @@ class Scheduler:
         logits = self.model(last, view)[:, -1]
         cache.length = view.length
         self.steps += 1
+        self._choose_names(logits, self._rows, view)
         self._deliver(range(n), self._sample(logits, self._rows))
+
+    def _choose_names(self, logits: torch.Tensor, rows: list[_Row], cache: Any) -> None:
+        """Rows at the start of a tool call's name get it chosen whole (`lfm2.constrain.choose_tool_names`)."""
+        constraints = [row.request.constraint for row in rows]
+        if any(c is not None and c.at_name() for c in constraints):
+            temperatures = [0.0 if row.request.params.greedy else row.request.params.temperature for row in rows]
+            choose_tool_names(self.model, cache, logits, constraints, temperatures, [row.generator for row in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
         """One token per row of `logits` (n, V), each row with its own parameters.

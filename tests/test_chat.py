@@ -40,7 +40,9 @@ class Script:
 
     def pre(self, module, args):
         ids = args[0]
-        if ids.shape[1] > 1:  # a prefill: a new generation starts
+        # Several tokens on a filled cache: strict tool calls scoring the listed names, not a prefill.
+        self.scoring = ids.shape[1] > 1 and args[1].length > 0
+        if ids.shape[1] > 1 and not self.scoring:  # a prefill: a new generation starts
             self.generation += 1
             self.step = 0
             self.prompts.append(ids[0].tolist())
@@ -48,6 +50,10 @@ class Script:
     def post(self, module, args, out):
         script = self.replies[self.generation]
         out = out.clone()
+        if self.scoring:  # the scripted tokens that would follow, position by position
+            for i in range(out.shape[1]):
+                out[:, i, script[min(self.step + i, len(script) - 1)]] = 1e4
+            return out
         out[..., script[min(self.step, len(script) - 1)]] = 1e4
         self.step += 1
         return out

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import random
+import string
+import threading
 import warnings
 
 import pytest
+import torch
 
 import lfm2
-from lfm2.constrain import MAX_NUMBER_DIGITS, ToolCallGrammar, tool_call_constraint, wants_constraint
+from lfm2.constrain import (
+    MAX_NUMBER_DIGITS,
+    ToolCallConstraint,
+    ToolCallGrammar,
+    tool_call_constraint,
+    wants_constraint,
+)
 from lfm2.errors import ToolError
 from lfm2.tools import parse_tool_calls, render_tool_calls
 from tests.test_chat import Script
@@ -188,3 +198,113 @@ def test_sampled_calls_under_tool_choice_are_always_valid(llm, seed):
             assert "city" in json.loads(call["function"]["arguments"])
     if not reply.get("tool_calls"):  # ran out of tokens inside the block
         assert valid_prefix(reply["content"], SMALL), reply["content"]
+
+
+# -- the tool chosen by its whole name -----------------------------------------------------------
+
+# Names of as many tokens each, so that a random model's choice is not simply the shortest name.
+NAMES = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("a_x", "b_y", "c_z", "d_w")]
+
+
+def name_scores(llm, messages, tools) -> dict[str, float]:
+    """Each listed name's log-probability after `<|tool_call_start|>[`, from one full forward pass per
+    name on a fresh cache: independent of the incremental scoring under test."""
+    tok = llm.tokenizer
+    prompt = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True) + "<|tool_call_start|>["
+    ids = tok.encode(prompt, add_special_tokens=False)
+    scores = {}
+    for t in tools:
+        name = t["function"]["name"]
+        full = ids + tok.encode(name + "(", add_special_tokens=False)
+        with torch.inference_mode():
+            logits = llm.model(torch.tensor([full]), llm.model.make_cache(1, len(full)))[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        scores[name] = sum(logp[i - 1, full[i]].item() for i in range(len(ids), len(full)))
+    return scores
+
+
+def first_name(reply) -> str:
+    """The first call's name, from the call or (a random model rarely closes one) the text so far."""
+    if reply.get("tool_calls"):
+        return reply["tool_calls"][0]["function"]["name"]
+    return reply["content"].removeprefix("<|tool_call_start|>[").partition("(")[0]
+
+
+def letter_tools(seed: int) -> list[dict]:
+    """Four tools named like `q_k`: as many tokens each, distinct first letters."""
+    rng = random.Random(seed)
+    return [{"type": "function", "function": {"name": f"{a}_{rng.choice(string.ascii_lowercase)}", "parameters": {}}}
+            for a in rng.sample(string.ascii_lowercase, 4)]
+
+
+def test_strict_calls_choose_the_most_likely_whole_name(llm, monkeypatch):
+    """Greedy strict calls pick the listed name the model gives the highest probability as a whole
+    (checked against full forward passes), where token by token the first token decides: on this
+    random model the two differ for some tool lists, so the test tells them apart."""
+    messages = [{"role": "user", "content": "go"}]
+    warnings.simplefilter("ignore")  # calls left open: only their names are looked at
+    whole, by_token = [], []
+    for seed in range(16):
+        tools = letter_tools(seed)
+        reply = llm.chat(messages, tools=tools, tool_choice="required", temperature=0, max_new_tokens=8)
+        scores = name_scores(llm, messages, tools)
+        assert first_name(reply) == max(scores, key=scores.get), (tools, scores)
+        whole.append(first_name(reply))
+    monkeypatch.setattr(ToolCallConstraint, "at_name", lambda self: False)
+    for seed in range(16):
+        reply = llm.chat(messages, tools=letter_tools(seed), tool_choice="required", temperature=0, max_new_tokens=8)
+        by_token.append(first_name(reply))
+    assert whole != by_token
+
+
+def test_whole_names_in_a_batch_and_in_the_scheduler(llm):
+    """Rows of different lengths and tool lists, decoded together, choose as each does alone; the
+    server's scheduler chooses the same names."""
+    from lfm2.generate import decode_tokens
+    from lfm2.sampling import SamplingParams
+    from lfm2.scheduler import Request, Scheduler
+
+    tok, greedy = llm.tokenizer, SamplingParams(temperature=0.0)
+    cases = [("short", NAMES), ("a much longer request than the other one, with more words", NAMES[1:4])]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": ask}], tools=tools,
+                                                  add_generation_prompt=True) + "<|tool_call_start|>[",
+                          add_special_tokens=False) for ask, tools in cases]
+
+    def constraint(tools):
+        return tool_call_constraint(tok, tools, "<|tool_call_start|>[", llm.config.vocab_size)
+
+    def run(rows):
+        steps = decode_tokens(llm.model, [prompts[i] for i in rows], greedy, 8,
+                              constraints=[constraint(cases[i][1]) for i in rows])
+        out = [[] for _ in rows]
+        for step in steps:
+            for j, token in enumerate(step.tokens):
+                out[j].append(token)
+        return [tok.decode(o) for o in out]
+
+    alone = [run([0])[0], run([1])[0]]
+    assert run([0, 1]) == alone
+    assert all("(" in text for text in alone)
+    with Scheduler(llm.model, max_batch=2) as sched:
+        got = [[], []]
+        done = threading.Semaphore(0)
+        for i in range(2):
+            sched.submit(Request(prompts[i], greedy, 8, lambda t, i=i: got[i].append(t) or False,
+                                 lambda r: done.release(), constraint=constraint(cases[i][1])))
+        for _ in range(2):
+            assert done.acquire(timeout=60)
+    assert [tok.decode(g) for g in got] == alone
+
+
+def test_sampled_whole_names_follow_the_seed(llm):
+    """At temperature > 0 the name is drawn, reproducibly for a seed, and any listed name can come out."""
+    messages = [{"role": "user", "content": "go"}]
+    warnings.simplefilter("ignore")  # calls left open: only their names are looked at
+
+    def pick(seed):
+        return first_name(llm.chat(messages, tools=NAMES, tool_choice="required", temperature=2.0, seed=seed,
+                                   max_new_tokens=12))
+
+    picks = [pick(seed) for seed in range(12)]
+    assert picks == [pick(seed) for seed in range(12)]
+    assert len(set(picks)) > 1 and set(picks) <= {t["function"]["name"] for t in NAMES}

@@ -89,7 +89,9 @@ class Script:
     def pre(self, module, args):
         ids = args[0]
         assert ids.shape[0] == 1, "scripted requests must run one at a time"
-        if ids.shape[1] > 1:  # a prefill: a new request starts
+        # Several tokens on a filled cache: strict tool calls scoring the listed names, not a prefill.
+        self.scoring = ids.shape[1] > 1 and args[1].length > 0
+        if ids.shape[1] > 1 and not self.scoring:  # a prefill: a new request starts
             prompt = self.tok.decode(ids[0].tolist())
             self.prompts.append(prompt)
             self.current = next((v for k, v in self.replies.items() if k in prompt), None)
@@ -99,6 +101,10 @@ class Script:
         if self.current is None:
             return out
         out = out.clone()
+        if self.scoring:  # the scripted tokens that would follow, position by position
+            for i in range(out.shape[1]):
+                out[:, i, self.current[min(self.step + i, len(self.current) - 1)]] = 1e4
+            return out
         out[..., self.current[min(self.step, len(self.current) - 1)]] = 1e4
         self.step += 1
         return out
