@@ -59,6 +59,9 @@ class LLM:
     tokenizer: Any
     path: Path
     last_stats: list[GenerationStats] = field(default_factory=list)
+    # Strict tool calls choose each call's tool by its whole name's probability (`lfm2.constrain`);
+    # False: token by token, as grammar-constrained decoding elsewhere does (for comparison).
+    whole_tool_names: bool = True
 
     @property
     def device(self) -> torch.device:
@@ -194,7 +197,7 @@ class LLM:
             forced = f"<|tool_call_start|>[{tool_choice['function']['name']}("
         constraint = None
         if use_tools and wants_constraint(use_tools, tool_choice, strict_tools):
-            constraint = tool_call_constraint(tok, use_tools, forced, self.config.vocab_size)
+            constraint = tool_call_constraint(tok, use_tools, forced, self.config.vocab_size, self.whole_tool_names)
         return tok.encode(prompt + forced, add_special_tokens=False), forced, use_tools, constraint
 
     # -- plumbing -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import torch
 import lfm2
 from lfm2.constrain import (
     MAX_NUMBER_DIGITS,
-    ToolCallConstraint,
     ToolCallGrammar,
     tool_call_constraint,
     wants_constraint,
@@ -206,9 +205,9 @@ def test_sampled_calls_under_tool_choice_are_always_valid(llm, seed):
 NAMES = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("a_x", "b_y", "c_z", "d_w")]
 
 
-def name_scores(llm, messages, tools) -> dict[str, float]:
-    """Each listed name's log-probability after `<|tool_call_start|>[`, from one full forward pass per
-    name on a fresh cache: independent of the incremental scoring under test."""
+def name_scores(llm, messages, tools, first_only: bool = False) -> dict[str, float]:
+    """Each listed name's log-probability after `<|tool_call_start|>[` (or its first token's), from one
+    full forward pass per name on a fresh cache: independent of the incremental scoring under test."""
     tok = llm.tokenizer
     prompt = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True) + "<|tool_call_start|>["
     ids = tok.encode(prompt, add_special_tokens=False)
@@ -219,7 +218,8 @@ def name_scores(llm, messages, tools) -> dict[str, float]:
         with torch.inference_mode():
             logits = llm.model(torch.tensor([full]), llm.model.make_cache(1, len(full)))[0].float()
         logp = torch.log_softmax(logits, dim=-1)
-        scores[name] = sum(logp[i - 1, full[i]].item() for i in range(len(ids), len(full)))
+        end = len(ids) + 1 if first_only else len(full)
+        scores[name] = sum(logp[i - 1, full[i]].item() for i in range(len(ids), end))
     return scores
 
 
@@ -237,7 +237,7 @@ def letter_tools(seed: int) -> list[dict]:
             for a in rng.sample(string.ascii_lowercase, 4)]
 
 
-def test_strict_calls_choose_the_most_likely_whole_name(llm, monkeypatch):
+def test_strict_calls_choose_the_most_likely_whole_name(llm):
     """Greedy strict calls pick the listed name the model gives the highest probability as a whole
     (checked against full forward passes), where token by token the first token decides: on this
     random model the two differ for some tool lists, so the test tells them apart."""
@@ -250,11 +250,15 @@ def test_strict_calls_choose_the_most_likely_whole_name(llm, monkeypatch):
         scores = name_scores(llm, messages, tools)
         assert first_name(reply) == max(scores, key=scores.get), (tools, scores)
         whole.append(first_name(reply))
-    monkeypatch.setattr(ToolCallConstraint, "at_name", lambda self: False)
+    llm.whole_tool_names = False
     for seed in range(16):
         reply = llm.chat(messages, tools=letter_tools(seed), tool_choice="required", temperature=0, max_new_tokens=8)
         by_token.append(first_name(reply))
     assert whole != by_token
+    for seed in range(16):  # token by token: the first token is the mask's argmax, whatever follows
+        tools = letter_tools(seed)
+        scores = name_scores(llm, messages, tools, first_only=True)
+        assert by_token[seed] == max(scores, key=scores.get)
 
 
 def test_whole_names_in_a_batch_and_in_the_scheduler(llm):

@@ -252,15 +252,21 @@ def test_bundle_recipe_end_to_end(tmp_path, monkeypatch):
     assert results["copy_chance_loss"] == pytest.approx(math.log(cfg.vocab_size - 14 - 256))  # uniform, ordinary ids
     assert results["copy_loss"] > 0 and results["pretrain_copy_loss"] > 0
     assert "Copying from the context" in card and (tmp_path / "bundle" / "copy" / "model").is_dir()
-    # The third fine-tuning stage: the rich stage's batches again, restarted from its model; the shipped
-    # model is the fourth's, on new noisy conversations with the choice of tool weighted up.
+    # The third fine-tuning stage: the rich stage's batches again, restarted from its model; the fourth on
+    # new noisy conversations with the choice of tool weighted up; the shipped model is the fifth's, on
+    # longer lists of tools that differ in their subject only.
     repeat = json.loads((tmp_path / "bundle" / "sft_repeat" / "train_config.json").read_text())
     assert repeat["init_from"] == str(tmp_path / "bundle" / "sft_rich" / "model") and repeat["lr"] == cfg.sft_repeat_lr
-    assert model_dir == tmp_path / "bundle" / "sft_robust" / "model"
     robust = json.loads((tmp_path / "bundle" / "sft_robust" / "train_config.json").read_text())
     assert robust["init_from"] == str(tmp_path / "bundle" / "sft_repeat" / "model")
     assert robust["call_weight"] == cfg.robust_call_weight and robust["train_split"] == "sft_robust"
-    assert "batches again" in card and "random words" in card
+    assert model_dir == tmp_path / "bundle" / "sft_choice" / "model"
+    choice = json.loads((tmp_path / "bundle" / "sft_choice" / "train_config.json").read_text())
+    assert choice["init_from"] == str(tmp_path / "bundle" / "sft_robust" / "model")
+    assert choice["train_split"] == "sft_choice" and choice["max_steps"] == cfg.choice_steps
+    assert "batches again" in card and "random words" in card and "only the subject or object" in card
+    # Strict calls are scored with whole names (the default) and token by token.
+    assert 0 <= results["strict_token_right_tool"] <= 1 and "token by token" in card
     # Fine-tuning rows: conversations, documents cut short, and copying rows (with their own masks).
     sft = TokenFile.open(tmp_path / "bundle" / "data", "sft")
     lengths = np.diff(sft.meta["offsets"])

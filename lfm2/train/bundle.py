@@ -16,13 +16,14 @@ recipe prints them:
 4. copying: rows of random tokens with one span repeated, loss on the repeat, until induction
    heads form (a tiny model pretrained for minutes cannot copy from its context, and calling an
    unseen tool is copying: its name from the tool list, the argument values from the request);
-5.-8. supervised fine-tuning on the conversations packed into rows, with a few short corpus documents
+5.-9. supervised fine-tuning on the conversations packed into rows, with a few short corpus documents
    and copying rows mixed in so the model keeps some language modelling and its copying: first in
    the plain wordings (5), then in the rich ones (6), then over the rich stage's batches again with the
    learning rate restarted (7), then on new conversations whose requests are often random words around
-   their content, with the loss on the choice of tool weighted up (8) (steps 3-8 with
-   `lfm2.train.trainer`, so checkpoints resume after a kill);
-9. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
+   their content, with the loss on the choice of tool weighted up (8), then on new ones whose tool lists
+   are longer and half of whose distractors differ from the right tool only in their subject (9) (steps
+   3-9 with `lfm2.train.trainer`, so checkpoints resume after a kill);
+10. evaluation: held-out corpus perplexity, the loss on repeated random spans (copying), and
    tool-call accuracy on generated prompts whose tools and phrasings the model never saw;
    written with the data and licence into a model card.
 """
@@ -140,6 +141,22 @@ class BundleConfig:
     robust_call_weight: float = 5.0
     robust_steps: int = 500
     robust_lr: float = 3e-4
+    # Step 9, a fifth fine-tuning stage: new conversations (their own seed) worded as step 8's, with its call
+    # weight, but every tool list choice_tools[0] to choice_tools[1] tools long and choice_confusable of the
+    # distractors sharing the right tool's verb and kinds of arguments (`synth.confusable`), so that only the
+    # subject or object tells them apart. Why: after step 8 the model chose the right tool for 78% of requests
+    # even worded as in training, and for all of those whose right tool shared its verb with another listed
+    # one: it tells tools apart by the word after the verb, not by the verb, which comes first. Choosing a
+    # strict call's tool by its whole name (`lfm2.constrain`) lets that skill decide, and this stage trains it.
+    # Measured from step 8's model (on a CPU; 400 held-out prompts, seeds 12345 and 777; right tool / right
+    # arguments, strict with whole names; in brackets strict token by token): before 368 / 358 (327 / 318);
+    # this stage 392 / 382 (326 / 317); on 200 requests worded as in training (seed 4242, rich wordings)
+    # 84% -> 94.5% right tool. With confusable 0.0 or other step counts: not measured.
+    choice_conversations: int = 30000
+    choice_confusable: float = 0.5
+    choice_tools: tuple[int, int] = (2, 5)
+    choice_steps: int = 400
+    choice_lr: float = 3e-4
     # Pretraining on 1000 x 64 rows of 256 tokens (16M tokens, 1.5 passes over the corpus) rather than
     # 300 x 16 (1.2M): measured on one GPU, the rest of the recipe as here (400 held-out prompts, seeds
     # 12345 and 777; strict right tool / right arguments; unconstrained on the first 200; corpus
@@ -170,6 +187,7 @@ class BundleConfig:
         """Every step at toy scale, to check the recipe end to end in a few minutes."""
         return cls(out=out, vocab_size=600, sft_conversations=300, pretrain_steps=20, copy_steps=10, sft_steps=20,
                    sft_rich_steps=10, sft_repeat_steps=10, robust_steps=10, robust_conversations=300,
+                   choice_steps=10, choice_conversations=300,
                    batch_size=4, sft_batch_size=4, seq_len=64, copy_batch_size=4, copy_seq_len=32, sft_seq_len=1024,
                    eval_prompts=10, corpus_limit=200,
                    model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -202,11 +220,11 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
         # Plain conversations (no made-up verbs): the tokenizer, and with it every later step,
         # does not depend on how the fine-tuning data is varied.
         convs = conversations(cfg.sft_conversations, seed=cfg.seed, split="train")
-        print(f"[1/9] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
+        print(f"[1/10] tokenizer: {cfg.vocab_size} tokens from {len(docs)} documents and {len(convs)} conversations")
         train_tokenizer(_tokenizer_texts(docs, convs), cfg.vocab_size, data, words_alike=True)
     tok = Tokenizer.from_dir(data)
     if missing:
-        print("[2/9] data: packing the corpus, rendering the conversations")
+        print("[2/10] data: packing the corpus, rendering the conversations")
         if "val" in missing:
             prepare_text(docs, tok, data, val_fraction=VAL_FRACTION)
         words = vocabulary(docs, cfg.sft_word_min_count) if cfg.sft_word_min_count else None
@@ -219,19 +237,19 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
                          drop_longer=True, max_text_len=cfg.sft_text_tokens)
             prepare_chat(sft_convs[cut:], tok, data, f"{split}_val", max_len=cfg.sft_seq_len, drop_longer=True)
     if not (data / "copy_val.json").is_file():  # random tokens: seconds to make, so need not travel with the data
-        print("[2/9] data: copying rows")
+        print("[2/10] data: copying rows")
         for name, rows, seed in (("copy", cfg.copy_steps * cfg.copy_batch_size, cfg.seed),
                                  ("copy_val", 8 * cfg.copy_batch_size, cfg.seed + 1)):
             prepare_copy(data, name, rows, cfg.copy_seq_len, ordinary_token_ids(cfg), seed, span=copy_spans(cfg))
     if data_only:
         return data
-    print("[3/9] pretraining")
+    print("[3/10] pretraining")
     common = dict(data_dir=str(data), batch_size=cfg.batch_size, seed=cfg.seed, eval_every=100, save_every=50,
                   device=cfg.device)
     pre = train(TrainConfig(out_dir=str(out / "pretrain"), model=cfg.model, seq_len=cfg.seq_len,
                             max_steps=cfg.pretrain_steps, lr=3e-3, min_lr=3e-4,
                             warmup_steps=max(1, cfg.pretrain_steps // 20), **common))
-    print("[4/9] copying (induction heads)")
+    print("[4/10] copying (induction heads)")
     copy = train(TrainConfig(**{**common, "batch_size": cfg.copy_batch_size}, out_dir=str(out / "copy"),
                              init_from=str(pre / "model"), train_split="copy", val_split="copy_val",
                              seq_len=cfg.copy_seq_len, max_steps=cfg.copy_steps, lr=1e-3, min_lr=1e-3,
@@ -245,18 +263,21 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
                                  seq_len=cfg.sft_seq_len, pack=True, max_steps=steps, lr=lr, min_lr=lr / 10,
                                  warmup_steps=warmup, call_weight=call_weight))
 
-    print("[5/9] supervised fine-tuning")
+    print("[5/10] supervised fine-tuning")
     sft = finetune("sft", copy, "sft", cfg.sft_steps, 1e-3, max(1, cfg.sft_steps // 20))
-    print("[6/9] supervised fine-tuning, rich wordings")
+    print("[6/10] supervised fine-tuning, rich wordings")
     rich = finetune("sft_rich", sft, "sft_rich", cfg.sft_rich_steps, cfg.sft_rich_lr, _warmup(cfg.sft_rich_steps))
-    print("[7/9] supervised fine-tuning, rich wordings again")
+    print("[7/10] supervised fine-tuning, rich wordings again")
     again = finetune("sft_repeat", rich, "sft_rich", cfg.sft_repeat_steps, cfg.sft_repeat_lr,
                      _warmup(cfg.sft_repeat_steps))
-    print("[8/9] supervised fine-tuning, robust wordings")
+    print("[8/10] supervised fine-tuning, robust wordings")
     robust = finetune("sft_robust", again, "sft_robust", cfg.robust_steps, cfg.robust_lr, _warmup(cfg.robust_steps),
                       cfg.robust_call_weight)
-    print("[9/9] evaluation")
-    model_dir = robust / "model"
+    print("[9/10] supervised fine-tuning, choosing among similar tools")
+    choice = finetune("sft_choice", robust, "sft_choice", cfg.choice_steps, cfg.choice_lr, _warmup(cfg.choice_steps),
+                      cfg.robust_call_weight)
+    print("[10/10] evaluation")
+    model_dir = choice / "model"
     results = evaluate(model_dir, pre, copy, cfg)
     for where in (out, model_dir):  # the model directory is what `--install` ships: it says how it was made
         write_text_atomic(where / "eval.json", json.dumps(results, indent=2) + "\n")
@@ -271,12 +292,15 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
 
 def _sft_sets(cfg: BundleConfig, words: tuple[str, ...] | None) -> list[tuple[str, int, int, Variety]]:
     """The fine-tuning conversation splits: (name, how many, seed, variety). The first two are the same
-    conversations worded two ways; the third new ones, noisier."""
+    conversations worded two ways; the third new ones, noisier; the fourth new ones again, with longer
+    tool lists of similar tools."""
     v = cfg.sft_made_up_verbs, words
     return [("sft", cfg.sft_conversations, cfg.seed, Variety(*v, False, 0.0, cfg.sft_confusable)),
             ("sft_rich", cfg.sft_conversations, cfg.seed, Variety(*v, True, cfg.sft_rich_noise, cfg.sft_confusable)),
             ("sft_robust", cfg.robust_conversations, cfg.seed + 7,
-             Variety(*v, True, cfg.robust_noise, cfg.sft_confusable, cfg.robust_prefix))]
+             Variety(*v, True, cfg.robust_noise, cfg.sft_confusable, cfg.robust_prefix)),
+            ("sft_choice", cfg.choice_conversations, cfg.seed + 8,
+             Variety(*v, True, cfg.robust_noise, cfg.choice_confusable, cfg.robust_prefix, tuple(cfg.choice_tools)))]
 
 
 def _warmup(steps: int) -> int:
@@ -350,6 +374,7 @@ def evaluate(model_dir: Path, pretrain_dir: Path, copy_dir: Path, cfg: BundleCon
     pretrain_copy_loss = validation_loss(pretrained, copy_val, copy_cfg, pad)["val_loss"]
     held = heldout_prompts(cfg.eval_prompts, cfg.seed + HELDOUT_SEED)
     scores = {strict: tool_call_scores(llm, held, strict) for strict in (False, True)}
+    by_token = tool_call_scores(llm, held, True, whole_names=False)
     return {"heldout_corpus_loss": final_loss, "heldout_corpus_perplexity": math.exp(final_loss),
             "pretrain_heldout_corpus_loss": pretrain_loss,
             "pretrain_heldout_corpus_perplexity": math.exp(pretrain_loss),
@@ -357,7 +382,8 @@ def evaluate(model_dir: Path, pretrain_dir: Path, copy_dir: Path, cfg: BundleCon
             "copy_step_loss": copy_val_losses[-1] if copy_val_losses else None,
             "copy_chance_loss": math.log(high - low),
             "tool_prompts": len(held), "right_tool": scores[False][0], "right_tool_and_arguments": scores[False][1],
-            "strict_right_tool": scores[True][0], "strict_right_tool_and_arguments": scores[True][1]}
+            "strict_right_tool": scores[True][0], "strict_right_tool_and_arguments": scores[True][1],
+            "strict_token_right_tool": by_token[0], "strict_token_right_tool_and_arguments": by_token[1]}
 
 
 def _val_losses(run_dir: Path) -> list[float]:
@@ -371,11 +397,21 @@ def heldout_prompts(n: int, seed: int) -> list[dict]:
     return conversations(n, seed=seed, split="heldout", tool_fraction=1.0)
 
 
-def tool_call_scores(llm: Any, convs: list[dict], strict: bool) -> tuple[float, float]:
+def tool_call_scores(llm: Any, convs: list[dict], strict: bool, whole_names: bool = True) -> tuple[float, float]:
     """Greedy first replies to `convs`: the fraction calling the expected tool, and with exactly the
-    expected arguments; `strict` constrains the calls to the listed schemas (`lfm2.constrain`)."""
+    expected arguments; `strict` constrains the calls to the listed schemas (`lfm2.constrain`), choosing
+    each tool by its whole name unless `whole_names` is False (then token by token)."""
+    kind = ("strict" if whole_names else "strict, token by token") if strict else "unconstrained"
+    llm.whole_tool_names, was = whole_names, llm.whole_tool_names
+    try:
+        return _scores(llm, convs, strict, kind)
+    finally:
+        llm.whole_tool_names = was
+
+
+def _scores(llm: Any, convs: list[dict], strict: bool, kind: str) -> tuple[float, float]:
     right_tool = right_args = 0
-    for conv in tqdm(convs, desc=f"tool-call eval ({'strict' if strict else 'unconstrained'})"):
+    for conv in tqdm(convs, desc=f"tool-call eval ({kind})"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an unparsable call is just a miss here
             reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96,
@@ -443,7 +479,11 @@ seed: its first {cfg.sft_rich_steps} repeat it) with the learning rate restarted
 of {cfg.robust_steps} steps fine-tunes on {cfg.robust_conversations} new conversations:
 {cfg.robust_noise:.0%} of their requests are random words around the subject and the values,
 {cfg.robust_prefix:.0%} stand behind random words ("Chicken dandy! check the humidity in Paris"), and the loss
-on the choice of tool (a call's first tokens) counts {cfg.robust_call_weight:g} times over.
+on the choice of tool (a call's first tokens) counts {cfg.robust_call_weight:g} times over. A fifth of
+{cfg.choice_steps} steps fine-tunes on {cfg.choice_conversations} new conversations worded the same way, whose
+tool lists have {cfg.choice_tools[0]} to {cfg.choice_tools[1]} tools and {cfg.choice_confusable:.0%} of whose
+distractors share the right tool's verb and kinds of arguments, so that only the subject or object tells them
+apart.
 Config: `bundle_config.json`.
 
 ## Measured quality
@@ -454,8 +494,11 @@ Config: `bundle_config.json`.
   {results['copy_step_loss']:.2f} after the copying step, {results['copy_loss']:.2f} shipped
 - Tool calls on {results['tool_prompts']} held-out prompts (tools and phrasings unseen in training), greedy:
   - with strict tool calls (`strict_tools=True`: every token of a call kept valid against the listed
-    schemas, `lfm2.constrain`): right tool {results['strict_right_tool']:.1%}, right tool and arguments
-    {results['strict_right_tool_and_arguments']:.1%}
+    schemas, and each call's tool chosen by its whole name's probability, `lfm2.constrain`): right tool
+    {results['strict_right_tool']:.1%}, right tool and arguments {results['strict_right_tool_and_arguments']:.1%}
+  - strict, with the tool chosen token by token (`LLM.whole_tool_names = False`, as grammar-constrained
+    decoding elsewhere does): right tool {results['strict_token_right_tool']:.1%}, right tool and arguments
+    {results['strict_token_right_tool_and_arguments']:.1%}
   - unconstrained: right tool {results['right_tool']:.1%}, right tool and arguments
     {results['right_tool_and_arguments']:.1%}
 

@@ -1,0 +1,94 @@
+"""How well models choose tools: unconstrained, strict token by token, and strict with whole names.
+
+    python benchmarks/tool_choice.py [MODEL ...] [--prompts 200] [--threads 2]
+
+For each model (default: the bundled one), greedy first replies to generated tool prompts in three
+ways: unconstrained; strict calls with the tool chosen token by token (`LLM.whole_tool_names = False`,
+what a grammar-constrained decoder does); strict with each tool chosen by its whole name's probability
+(the default, `lfm2.constrain.choose_tool_names`). Two sets: the held-out prompts (unseen tools and
+phrasings; `--prompts` for each of the seeds 12345 and 777, the first being the recipe's) and as many
+requests worded as in training (rich wordings, made-up words from the corpus, seed 4242). The
+second set is split by whether the right tool's verb is shared with another listed tool: then the
+first token of the name says nothing and the choice falls on the subject. Figures are right tool /
+right tool and arguments, and seconds per prompt (what scoring the names costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+import warnings
+
+import torch
+
+import lfm2
+from lfm2.train.bundle import heldout_prompts
+from lfm2.train.corpus import documents
+from lfm2.train.synth import Variety, tool_conversation, vocabulary
+
+SEEDS = (12345, 777)
+MODES = {"unconstrained": (False, True), "strict, token by token": (True, False), "strict, whole names": (True, True)}
+
+
+def in_training_wording(n: int) -> list[dict]:
+    words = vocabulary(documents(), 10)
+    rng = random.Random(4242)
+    return [tool_conversation(rng, "train", variety=Variety(0.4, words, True)) for _ in range(n)]
+
+
+def shared_verb(conv: dict) -> bool:
+    names = [t.get("name") or t["function"]["name"] for t in conv["tools"]]
+    verb = conv["expected"]["name"].split("_")[0]
+    return len(names) > 1 and sum(n.split("_")[0] == verb for n in names) > 1
+
+
+def score(llm: lfm2.LLM, convs: list[dict], strict: bool, whole: bool) -> tuple[list[tuple[bool, bool]], float]:
+    llm.whole_tool_names = whole
+    out, start = [], time.perf_counter()
+    for conv in convs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96,
+                             strict_tools=strict)
+        calls = reply.get("tool_calls") or []
+        tool = bool(calls) and calls[0]["function"]["name"] == conv["expected"]["name"]
+        args = tool and json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]
+        out.append((tool, args))
+    llm.whole_tool_names = True
+    return out, (time.perf_counter() - start) / len(convs)
+
+
+def fraction(rows: list[tuple[bool, bool]]) -> str:
+    if not rows:
+        return "-"
+    return f"{sum(t for t, _ in rows)}/{sum(a for _, a in rows)} of {len(rows)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", default=[None], help="model directories (default: the bundled model)")
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    held = [c for seed in SEEDS for c in heldout_prompts(args.prompts, seed)]
+    trained = in_training_wording(args.prompts)
+    shared = [shared_verb(c) for c in trained]
+    head = (f"{'model':24s} {'mode':24s} {'held-out':>16s} {'recipe 200':>14s} {'as trained':>16s} "
+            f"{'verb shared':>13s} {'s/prompt':>9s}")
+    print(head)
+    print("-" * len(head))
+    for path in args.models:
+        llm = lfm2.load(path)
+        name = "bundled" if path is None else str(path)[-24:]
+        for mode, (strict, whole) in MODES.items():
+            h, secs = score(llm, held, strict, whole)
+            t, _ = score(llm, trained, strict, whole)
+            print(f"{name:24s} {mode:24s} {fraction(h):>16s} {fraction(h[:args.prompts]):>14s} {fraction(t):>16s} "
+                  f"{fraction([r for r, s in zip(t, shared, strict=True) if s]):>13s} {secs:>9.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
