@@ -6,11 +6,12 @@ For each model (default: the bundled one), greedy first replies to generated too
 ways: unconstrained; strict calls with the tool chosen token by token (`LLM.whole_tool_names = False`,
 what a grammar-constrained decoder does); strict with each tool chosen by its whole name's probability
 (the default, `lfm2.constrain.choose_tool_names`). Two sets: the held-out prompts (unseen tools and
-phrasings; `--prompts` for each of the seeds 12345 and 777, the first being the recipe's) and as many
-requests worded as in training (rich wordings, made-up words from the corpus, seed 4242). The
-second set is split by whether the right tool's verb is shared with another listed tool: then the
-first token of the name says nothing and the choice falls on the subject. Figures are right tool /
-right tool and arguments, and seconds per prompt (what scoring the names costs).
+phrasings; `--prompts` for each of the seeds 12345 and 777, the first being the recipe's), as many
+requests worded as in training (rich wordings, made-up words from the corpus, seed 4242), and as
+many again whose distractors all share the right tool's verb and kinds of arguments ("same verb":
+`synth.confusable`, seed 4343), where a name's first token says nothing and the choice falls on the
+subject. Figures are right tool / right tool and arguments, and seconds per held-out prompt (what
+scoring the names costs).
 """
 
 from __future__ import annotations
@@ -32,16 +33,10 @@ SEEDS = (12345, 777)
 MODES = {"unconstrained": (False, True), "strict, token by token": (True, False), "strict, whole names": (True, True)}
 
 
-def in_training_wording(n: int) -> list[dict]:
-    words = vocabulary(documents(), 10)
-    rng = random.Random(4242)
-    return [tool_conversation(rng, "train", variety=Variety(0.4, words, True)) for _ in range(n)]
-
-
-def shared_verb(conv: dict) -> bool:
-    names = [t.get("name") or t["function"]["name"] for t in conv["tools"]]
-    verb = conv["expected"]["name"].split("_")[0]
-    return len(names) > 1 and sum(n.split("_")[0] == verb for n in names) > 1
+def in_training_wording(n: int, seed: int, confusable: float, words: tuple[str, ...]) -> list[dict]:
+    rng = random.Random(seed)
+    return [tool_conversation(rng, "train", variety=Variety(0.4, words, True, confusable=confusable))
+            for _ in range(n)]
 
 
 def score(llm: lfm2.LLM, convs: list[dict], strict: bool, whole: bool) -> tuple[list[tuple[bool, bool]], float]:
@@ -74,10 +69,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     held = [c for seed in SEEDS for c in heldout_prompts(args.prompts, seed)]
-    trained = in_training_wording(args.prompts)
-    shared = [shared_verb(c) for c in trained]
+    words = vocabulary(documents(), 10)
+    trained = in_training_wording(args.prompts, 4242, 0.0, words)
+    same_verb = in_training_wording(args.prompts, 4343, 1.0, words)
     head = (f"{'model':24s} {'mode':24s} {'held-out':>16s} {'recipe 200':>14s} {'as trained':>16s} "
-            f"{'verb shared':>13s} {'s/prompt':>9s}")
+            f"{'same verb':>16s} {'s/prompt':>9s}")
     print(head)
     print("-" * len(head))
     for path in args.models:
@@ -86,8 +82,9 @@ def main() -> None:
         for mode, (strict, whole) in MODES.items():
             h, secs = score(llm, held, strict, whole)
             t, _ = score(llm, trained, strict, whole)
+            v, _ = score(llm, same_verb, strict, whole)
             print(f"{name:24s} {mode:24s} {fraction(h):>16s} {fraction(h[:args.prompts]):>14s} {fraction(t):>16s} "
-                  f"{fraction([r for r, s in zip(t, shared, strict=True) if s]):>13s} {secs:>9.3f}", flush=True)
+                  f"{fraction(v):>16s} {secs:>9.3f}", flush=True)
 
 
 if __name__ == "__main__":
