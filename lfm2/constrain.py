@@ -426,13 +426,13 @@ def tool_call_constraint(tokenizer: Any, tools: Iterable[Mapping[str, Any]], for
     return ToolCallConstraint(grammar, vocab, forced, whole_names)
 
 
-@torch.inference_mode()
 def name_room(constraints: Iterable[ToolCallConstraint | None]) -> int:
     """Cache slots `choose_tool_names` may need beyond the current length for these constraints."""
     return max((len(ids) for c in constraints if c is not None and c.at_name() for ids in c.grammar.name_ids),
                default=0)
 
 
+@torch.inference_mode()
 def choose_tool_names(model: Any, cache: Any, logits: torch.Tensor, constraints: Sequence[ToolCallConstraint | None],
                       temperatures: Sequence[float], generators: Sequence[torch.Generator | None]) -> None:
     """For each row whose constraint is where a call's name begins (`ToolCallConstraint.at_name`), score
@@ -446,11 +446,11 @@ def choose_tool_names(model: Any, cache: Any, logits: torch.Tensor, constraints:
     if not rows:
         return
     names = {r: constraints[r].grammar.name_ids for r in rows}
-    first = torch.log_softmax(logits.float(), dim=-1)
-    scores = {r: [first[r, ids[0]].item() for ids in names[r]] for r in rows}
     longest = max(len(ids) for r in rows for ids in names[r])
     if cache.length + longest - 1 > cache.max_len:  # no room left to score the names: token by token then
         return
+    first = torch.log_softmax(logits.float(), dim=-1)
+    scores = {r: [first[r, ids[0]].item() for ids in names[r]] for r in rows}
     if longest > 1:
         snap = cache.snapshot()
         for k in range(max(len(names[r]) for r in rows)):

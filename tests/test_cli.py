@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -141,9 +142,11 @@ def test_chat_ctrl_c_at_a_tool_result_cancels_the_request_only(tmp_path):
     back to the prompt; the chat goes on (it used to end)."""
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([WEATHER]))
+    # A run started in the background (`cmd &`) ignores SIGINT, and so would the chat: restore it.
     child = pexpect.spawn(sys.executable, ["-m", "lfm2", "chat", "--tools", str(tools), "--strict-tools",
                                            "--temperature", "0", "--max-new-tokens", "40", "--verbose"],
-                          encoding="utf-8", timeout=60)
+                          encoding="utf-8", timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("> ")
     child.sendline("Is it raining in Lima?")
     child.expect(r"\[(\d+) prompt tokens")

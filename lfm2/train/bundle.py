@@ -144,14 +144,15 @@ class BundleConfig:
     # Step 9, a fifth fine-tuning stage: new conversations (their own seed) worded as step 8's, with its call
     # weight, but every tool list choice_tools[0] to choice_tools[1] tools long and choice_confusable of the
     # distractors sharing the right tool's verb and kinds of arguments (`synth.confusable`), so that only the
-    # subject or object tells them apart. Why: after step 8 the model chose the right tool for 78% of requests
-    # even worded as in training, and for all of those whose right tool shared its verb with another listed
-    # one: it tells tools apart by the word after the verb, not by the verb, which comes first. Choosing a
-    # strict call's tool by its whole name (`lfm2.constrain`) lets that skill decide, and this stage trains it.
-    # Measured from step 8's model (on a CPU; 400 held-out prompts, seeds 12345 and 777; right tool / right
-    # arguments, strict with whole names; in brackets strict token by token): before 368 / 358 (327 / 318);
-    # this stage 392 / 382 (326 / 317); on 200 requests worded as in training (seed 4242, rich wordings)
-    # 84% -> 94.5% right tool. With confusable 0.0 or other step counts: not measured.
+    # subject or object tells them apart. Why: after step 8 the model chose the right tool (strict, token by
+    # token) for 78% of requests even worded as in training: a mask makes it commit to a name's first token,
+    # usually the verb, before the part that says which tool it is. Choosing a strict call's tool by its whole
+    # name (`lfm2.constrain`) lets that part decide (78% -> 84%), and this stage trains telling similar tools
+    # apart by it (requests whose distractors all share the right tool's verb: 83.5% -> 99.5%). Measured from
+    # step 8's model with `benchmarks/tool_choice.py` (on a CPU; 400 held-out prompts, seeds 12345 and 777;
+    # right tool / right arguments, strict with whole names; in brackets token by token): before 368 / 358
+    # (327 / 318); after this stage 392 / 382 (326 / 317); worded as in training 84% -> 94.5% right tool.
+    # With confusable 0.0 or other step counts: not measured.
     choice_conversations: int = 30000
     choice_confusable: float = 0.5
     choice_tools: tuple[int, int] = (2, 5)
