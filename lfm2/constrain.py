@@ -21,16 +21,16 @@ state: a state recurs (every string value is in the same few states), so after t
 step costs a dictionary lookup. `ToolCallConstraint` follows one generation token by token.
 
 Which tool: where a call's name begins, `choose_tool_names` scores every listed tool's whole name
-(`name(`) with the model and the reply goes on with the most likely one (at temperature T, one drawn
-in proportion to p ** (1/T)). Token by token, a mask lets the model commit to a name's first token
-before it has read the rest: after `[`, the verb of `lookup_postcode` is all it may choose, and a
-small model that cannot tell which verb goes with "postcode" is stuck with the tool it picked. The
-name as a whole is a single choice among a handful, and its probability counts the subject too.
-The probability is the name's whole (no per-token normalisation): once a trained model has read which
-tool is meant, the rest of its name is near-certain, so a longer name costs little. (Right tools of 400
-held-out requests, token by token / whole names: the bundled model before its recipe's step 9, 327 / 368;
-after it, a stage that trains telling similar tools apart by their subject, 326 / 392;
-`benchmarks/tool_choice.py`.)
+(`name(`) with the model and the reply goes on with the most likely one (when sampling, one drawn
+from the names' probabilities under the sampling parameters). Token by token, a mask lets the model
+commit to a name's first token before it has read the rest: after `[`, the verb of `lookup_postcode`
+is all it may choose, and a small model that cannot tell which verb goes with "postcode" is stuck
+with the tool it picked. The name as a whole is a single choice among a handful, and its probability
+counts the subject too. It is the whole name's probability (no per-token normalisation): once a trained
+model has read which tool is meant, the rest of its name is near-certain, so a longer name costs
+little. (Right tools of 400 held-out requests, token by token / whole names: the bundled model before
+its recipe's step 9, 327 / 368; after it, a stage that trains telling similar tools apart by their
+subject, 326 / 392; `benchmarks/tool_choice.py`.)
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from lfm2.errors import ToolError
+from lfm2.sampling import SamplingParams, apply_temperature, min_p_filter, top_k_filter, top_p_filter
 from lfm2.tools import TOOL_CALL_END, TOOL_CALL_START, tool_schema
 
 State = tuple  # ("kind", ...): see ToolCallGrammar.step
@@ -434,10 +435,11 @@ def name_room(constraints: Iterable[ToolCallConstraint | None]) -> int:
 
 @torch.inference_mode()
 def choose_tool_names(model: Any, cache: Any, logits: torch.Tensor, constraints: Sequence[ToolCallConstraint | None],
-                      temperatures: Sequence[float], generators: Sequence[torch.Generator | None]) -> None:
+                      params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> None:
     """For each row whose constraint is where a call's name begins (`ToolCallConstraint.at_name`), score
-    every listed tool's `name(` with the model and force the best (temperature 0) or one drawn with
-    probability proportional to p ** (1 / temperature); see the module's docstring for why.
+    every listed tool's `name(` with the model and force the best (greedy) or one drawn from the names'
+    probabilities under the row's temperature, top-k, top-p and min-p (penalties, which count tokens,
+    do not apply to a choice among names); see the module's docstring for why.
 
     `logits` (B, V) are the model's next-token logits for the rows of `cache`: they score each name's
     first token. The rest are scored by running each candidate through the model from `cache`, which is
@@ -466,15 +468,19 @@ def choose_tool_names(model: Any, cache: Any, logits: torch.Tensor, constraints:
                     ids = names[r][k]
                     scores[r][k] += sum(out[r, i, ids[i + 1]].item() for i in range(len(ids) - 1))
     for r in rows:
-        score = torch.tensor(scores[r])
-        if temperatures[r] == 0:
-            pick = int(score.argmax())
-        else:
-            probs = torch.softmax(score / temperatures[r], dim=0)
-            if generators[r] is not None:
-                probs = probs.to(generators[r].device)
-            pick = int(torch.multinomial(probs, 1, generator=generators[r]))
-        constraints[r].force(names[r][pick])
+        constraints[r].force(names[r][_pick(torch.tensor([scores[r]]), params[r], generators[r])])
+
+
+def _pick(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """An index into `scores` (1, K), the names' log-probabilities, as `sample_next` picks a token."""
+    if params.greedy:
+        return int(scores.argmax())
+    logits = apply_temperature(scores, params.temperature)
+    logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
+    probs = logits.softmax(dim=-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def wants_constraint(tools: Sequence[Any], tool_choice: Any, strict_tools: bool | None) -> bool:

@@ -113,8 +113,7 @@ def decode_tokens(
     should_stop = should_stop if should_stop is not None else [False] * B
     for step in range(max_new_tokens):
         if constraints:
-            temperature = 0.0 if params.greedy else params.temperature
-            choose_tool_names(model, cache, logits, constraints, [temperature] * B, [generator] * B)
+            choose_tool_names(model, cache, logits, constraints, [params] * B, [generator] * B)
             logits = apply_constraints(logits, constraints)
         nxt = sample_next(logits, params, generator, history)
         tokens = nxt.tolist()

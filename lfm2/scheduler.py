@@ -328,8 +328,8 @@ class Scheduler:
         """Rows at the start of a tool call's name get it chosen whole (`lfm2.constrain.choose_tool_names`)."""
         constraints = [row.request.constraint for row in rows]
         if any(c is not None and c.at_name() for c in constraints):
-            temperatures = [0.0 if row.request.params.greedy else row.request.params.temperature for row in rows]
-            choose_tool_names(self.model, cache, logits, constraints, temperatures, [row.generator for row in rows])
+            choose_tool_names(self.model, cache, logits, constraints, [row.request.params for row in rows],
+                              [row.generator for row in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
         """One token per row of `logits` (n, V), each row with its own parameters.

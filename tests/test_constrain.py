@@ -312,3 +312,16 @@ def test_sampled_whole_names_follow_the_seed(llm):
     picks = [pick(seed) for seed in range(12)]
     assert picks == [pick(seed) for seed in range(12)]
     assert len(set(picks)) > 1 and set(picks) <= {t["function"]["name"] for t in NAMES}
+
+
+def test_sampled_whole_names_take_the_sampling_filters(llm):
+    """The name is drawn under the row's filters as a token would be: top_k=1 (or min_p=1) leaves only
+    the most likely name, whatever the temperature and the seed."""
+    messages = [{"role": "user", "content": "go"}]
+    warnings.simplefilter("ignore")  # calls left open: only their names are looked at
+    best = first_name(llm.chat(messages, tools=NAMES, tool_choice="required", temperature=0, max_new_tokens=8))
+    for seed in range(6):
+        for filters in ({"top_k": 1}, {"min_p": 1.0}):
+            reply = llm.chat(messages, tools=NAMES, tool_choice="required", temperature=2.0, seed=seed,
+                             max_new_tokens=8, **filters)
+            assert first_name(reply) == best, (seed, filters)
