@@ -12,9 +12,10 @@ carry the data to another machine, leave out `copy*` (random tokens, which barel
 run `python -m lfm2.train.bundle --out DIR --data-only` there: it makes them again, without the corpus. All
 run at once: a small model leaves one GPU mostly idle, so eight share an H200 at 8-18 steps per
 second each (2026-11-26). `--deadline` stops the runs still going after that many seconds, so that
-a time-limited machine still reports the finished ones. The table: strict held-out tool calls over
-`--prompts` prompts per seed (right tool / right tool and arguments), unconstrained on the recipe's 200,
-the held-out corpus perplexity, the copying loss of the final model and the wall time.
+a time-limited machine still reports the finished ones. The table: strict held-out tool calls (each
+tool chosen by its whole name) over `--prompts` prompts per seed (right tool / right tool and
+arguments), unconstrained on the recipe's 200, the held-out corpus perplexity, the copying loss of the
+final model and the wall time.
 """
 
 from __future__ import annotations
