@@ -17,15 +17,13 @@ scoring the names costs).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
-import warnings
 
 import torch
 
 import lfm2
-from lfm2.train.bundle import heldout_prompts
+from lfm2.train.bundle import heldout_prompts, tool_call_results
 from lfm2.train.corpus import documents
 from lfm2.train.synth import Variety, tool_conversation, vocabulary
 
@@ -40,19 +38,10 @@ def in_training_wording(n: int, seed: int, confusable: float, words: tuple[str, 
 
 
 def score(llm: lfm2.LLM, convs: list[dict], strict: bool, whole: bool) -> tuple[list[tuple[bool, bool]], float]:
-    llm.whole_tool_names = whole
-    out, start = [], time.perf_counter()
-    for conv in convs:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96,
-                             strict_tools=strict)
-        calls = reply.get("tool_calls") or []
-        tool = bool(calls) and calls[0]["function"]["name"] == conv["expected"]["name"]
-        args = tool and json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]
-        out.append((tool, args))
-    llm.whole_tool_names = True
-    return out, (time.perf_counter() - start) / len(convs)
+    """Each reply's (right tool, right arguments), and the seconds per prompt."""
+    start = time.perf_counter()
+    results = tool_call_results(llm, convs, strict, whole)
+    return results, (time.perf_counter() - start) / len(convs)
 
 
 def fraction(rows: list[tuple[bool, bool]]) -> str:

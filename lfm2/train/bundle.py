@@ -400,28 +400,31 @@ def heldout_prompts(n: int, seed: int) -> list[dict]:
 
 def tool_call_scores(llm: Any, convs: list[dict], strict: bool, whole_names: bool = True) -> tuple[float, float]:
     """Greedy first replies to `convs`: the fraction calling the expected tool, and with exactly the
-    expected arguments; `strict` constrains the calls to the listed schemas (`lfm2.constrain`), choosing
-    each tool by its whole name unless `whole_names` is False (then token by token)."""
+    expected arguments (see `tool_call_results`)."""
+    results = tool_call_results(llm, convs, strict, whole_names)
+    return sum(t for t, _ in results) / len(convs), sum(a for _, a in results) / len(convs)
+
+
+def tool_call_results(llm: Any, convs: list[dict], strict: bool, whole_names: bool = True) -> list[tuple[bool, bool]]:
+    """Greedy first replies to `convs`, each as (calls the expected tool, with exactly the expected
+    arguments); `strict` constrains the calls to the listed schemas (`lfm2.constrain`), choosing each tool
+    by its whole name unless `whole_names` is False (then token by token)."""
     kind = ("strict" if whole_names else "strict, token by token") if strict else "unconstrained"
+    results = []
     llm.whole_tool_names, was = whole_names, llm.whole_tool_names
     try:
-        return _scores(llm, convs, strict, kind)
+        for conv in tqdm(convs, desc=f"tool-call eval ({kind})"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an unparsable call is just a miss here
+                reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96,
+                                 strict_tools=strict)
+            calls = reply.get("tool_calls") or []
+            expected = conv["expected"]
+            tool = bool(calls) and calls[0]["function"]["name"] == expected["name"]
+            results.append((tool, tool and json.loads(calls[0]["function"]["arguments"]) == expected["arguments"]))
     finally:
         llm.whole_tool_names = was
-
-
-def _scores(llm: Any, convs: list[dict], strict: bool, kind: str) -> tuple[float, float]:
-    right_tool = right_args = 0
-    for conv in tqdm(convs, desc=f"tool-call eval ({kind})"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an unparsable call is just a miss here
-            reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96,
-                             strict_tools=strict)
-        calls = reply.get("tool_calls") or []
-        if calls and calls[0]["function"]["name"] == conv["expected"]["name"]:
-            right_tool += 1
-            right_args += json.loads(calls[0]["function"]["arguments"]) == conv["expected"]["arguments"]
-    return right_tool / len(convs), right_args / len(convs)
+    return results
 
 
 def _confusable_line(cfg: BundleConfig) -> str:
