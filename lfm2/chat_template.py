@@ -315,7 +315,7 @@ def render_chat_template(
 ) -> str:
     """Render `source` for one conversation, as `apply_chat_template(..., tokenize=False)` would.
 
-    `tools` must already be JSON schemas (see `lfm2.tools.tool_schema`); `kwargs` carries the
+    `tools` must already be dicts (see `lfm2.tools.template_tools`); `kwargs` carries the
     special tokens (`bos_token`, `eos_token`, ...) and any template-specific switches.
     `template_name` says where the template came from, for error messages.
     """

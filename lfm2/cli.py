@@ -23,10 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lfm2.convert import add_convert_parser, cmd_convert
 from lfm2.errors import LFM2Error
-from lfm2.merge import add_merge_parser, cmd_merge
-from lfm2.train.finetune import add_finetune_parser, cmd_finetune
+
+VERSION = "0.1.0"  # equal to pyproject.toml's and lfm2.__version__ (tests/test_cli.py checks)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +52,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--presence-penalty", type=float)
     g.add_argument("--frequency-penalty", type=float)
     g.add_argument("--seed", type=int)
-    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens a reply may have")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timing (tokens/s) to stderr")
     p.add_argument("--compile", action="store_true",
@@ -62,7 +61,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_tool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tools", default=None, metavar="FILE",
-                   help="JSON file: a list of tools in OpenAI's shape ({'type': 'function', 'function': {...}})")
+                   help="JSON file: a list of tools, in OpenAI's shape ({'type': 'function', 'function': {...}}) "
+                        "or bare ({'name', 'description', 'parameters'}), listed to the model as written")
     p.add_argument("--strict-tools", action="store_true",
                    help="keep every tool call valid against the listed schemas (lfm2.constrain)")
 
@@ -84,13 +84,12 @@ def _load_tools(path: str | None, strict: bool = False) -> list[dict[str, Any]] 
     tools = [raw] if isinstance(raw, dict) else raw
     if not isinstance(tools, list) or not tools:
         raise LFM2Error(f"--tools {path}: expected a JSON list of tool schemas, got {type(raw).__name__}")
-    schemas = []
     for i, tool in enumerate(tools):
         try:
-            schemas.append(tool_schema(tool))
+            tool_schema(tool)  # checked here; the chat template lists each tool as the file has it
         except LFM2Error as e:
             raise LFM2Error(f"--tools {path}: tool {i}: {e}") from None
-    return schemas
+    return tools
 
 
 def _format_call(call: dict[str, Any]) -> str:
@@ -104,32 +103,72 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lfm2", description="Run Liquid AI's LFM2 models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+# Each subcommand: its one-line help, and the function that adds its arguments. Only the command
+# being run gets its arguments (and imports its module): `lfm2 --help` and `lfm2 generate --help`
+# then never import torch, which costs seconds.
+_COMMANDS = {
+    "generate": "complete a prompt, streaming to stdout",
+    "chat": "interactive multi-turn chat",
+    "train": "train or fine-tune from a JSON config (resumes if interrupted)",
+    "convert": "convert a checkpoint to GGUF (llama.cpp) or a GGUF file back to a checkpoint",
+    "finetune": "fine-tune a model: sft, dpo or distill (LoRA by default)",
+    "merge": "fold a LoRA adapter into its model, or average checkpoints",
+    "bench": "lfm2 vs transformers vs llama.cpp, prefill/decode/TTFT/memory, side by side",
+    "quantize": "write an int8 / int4 copy of a float checkpoint (loads directly)",
+    "serve": "OpenAI-compatible HTTP server with continuous batching",
+}
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help=_COMMANDS["generate"], formatter_class=_Help)
     _add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("prompt", nargs="?", help="the prompt (read from stdin when absent)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (benchmarks)")
     _add_tool_args(g)
-    c = sub.add_parser("chat", help="interactive multi-turn chat")
+
+
+def _add_chat(sub) -> None:
+    c = sub.add_parser("chat", help=_COMMANDS["chat"], formatter_class=_Help)
     _add_model_args(c)
     _add_sampling_args(c)
     _add_tool_args(c)
     c.add_argument("--system", default=None, help="system prompt")
-    t = sub.add_parser("train", help="train or fine-tune from a JSON config (resumes if interrupted)")
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help=_COMMANDS["train"], formatter_class=_Help)
     t.add_argument("--config", required=True, help="JSON file of lfm2.train.trainer.TrainConfig fields")
     t.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+
+
+def _add_convert(sub) -> None:
+    from lfm2.convert import add_convert_parser
+
     add_convert_parser(sub)
+
+
+def _add_finetune(sub) -> None:
+    from lfm2.train.finetune import add_finetune_parser
+
     add_finetune_parser(sub)
+
+
+def _add_merge(sub) -> None:
+    from lfm2.merge import add_merge_parser
+
     add_merge_parser(sub)
-    b = sub.add_parser("bench", help="lfm2 vs transformers vs llama.cpp, prefill/decode/TTFT/memory, side by side")
+
+
+def _add_bench(sub) -> None:
     from lfm2.bench import add_arguments
 
-    add_arguments(b)
-    q = sub.add_parser("quantize", help="write an int8 / int4 copy of a float checkpoint (loads directly)")
+    add_arguments(sub.add_parser("bench", help=_COMMANDS["bench"], formatter_class=_Help))
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help=_COMMANDS["quantize"], formatter_class=_Help)
     q.add_argument("src", help="float checkpoint directory or hub id")
     q.add_argument("-o", "--out", required=True, help="output directory")
     q.add_argument("--type", required=True, choices=["int8", "int4"])
@@ -137,9 +176,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="32, 64 or 128 values per scale, or 'channel' (int8 only: one scale per output row)")
     q.add_argument("--embedding-type", choices=["int8", "int4"], default=None,
                    help="format of the embedding / output head (default: int8, also for --type int4)")
+
+
+def _add_serve(sub) -> None:
     from lfm2.server import add_serve_parser
 
     add_serve_parser(sub)
+
+
+_ADDERS = {"generate": _add_generate, "chat": _add_chat, "train": _add_train, "convert": _add_convert,
+           "finetune": _add_finetune, "merge": _add_merge, "bench": _add_bench, "quantize": _add_quantize,
+           "serve": _add_serve}
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default where it has a real one (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in help or not action.option_strings:
+            return help
+        return f"{help} (default: %(default)s)" if help else "(default: %(default)s)"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `lfm2` parser. With `command` (a name, or "" for none), only that subcommand gets its
+    arguments and the others are listed by name and help alone, so that parsing never imports
+    what another command needs; None builds them all."""
+    parser = _Parser(prog="lfm2", description="Run, serve and fine-tune Liquid AI's LFM2 models.")
+    parser.add_argument("--version", action="version", version=f"lfm2 {VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    for name, help in _COMMANDS.items():
+        if command is None or name == command:
+            _ADDERS[name](sub)
+        else:
+            sub.add_parser(name, help=help)
     return parser
 
 
@@ -169,16 +240,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pieces = (d.get("content") or "\n".join(map(_format_call, d["tool_calls"])) for d in deltas)
     else:
         pieces = llm.stream(prompt, ignore_eos=args.ignore_eos, **sampling)
-    for piece in pieces:
-        sys.stdout.write(piece)
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:  # also on Ctrl-C: the shell's prompt starts on a line of its own
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
     if args.verbose:
         _print_stats(llm)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     import lfm2
+    from lfm2.tools import tool_schema
 
     tools = _load_tools(args.tools, args.strict_tools)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
@@ -188,7 +263,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     sampling = _sampling(args)
     print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit.")
     if tools:
-        names = ", ".join(t["function"]["name"] for t in tools)
+        names = ", ".join(tool_schema(t)["function"]["name"] for t in tools)
         print(f"Tools offered: {names}. When the model calls one, type its result (JSON or text).")
     while True:
         try:
@@ -289,8 +364,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run(args)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lfm2.convert import cmd_convert as run
+
+    run(args)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lfm2.train.finetune import cmd_finetune as run
+
+    run(args)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lfm2.merge import cmd_merge as run
+
+    run(args)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in _COMMANDS else ""
+    args = build_parser(command).parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "convert": cmd_convert,
                     "serve": cmd_serve, "finetune": cmd_finetune, "merge": cmd_merge,

@@ -345,6 +345,44 @@ class ToolCallConstraint:
             self.state = self.grammar.feed(self.state, data) if data else None
 
 
+class NoToolCalls:
+    """A reply that may not call tools: the call markers are masked, everything else is free.
+
+    A model cannot call a tool that was not offered (no tools, or `tool_choice="none"`), so the
+    marker that opens a call must never reach the reply: left alone, a model trained on tool use
+    may still open a block and the user would see `<|tool_call_start|>[...` as text. It follows
+    the `ToolCallConstraint` protocol (`mask`, `advance`, `at_name`, `fresh`), so the decode loops
+    treat it like any other constraint.
+    """
+
+    def __init__(self, banned: Sequence[int], size: int) -> None:
+        self.banned = [t for t in banned if 0 <= t < size]
+        self._mask = torch.ones(size, dtype=torch.bool)
+        self._mask[self.banned] = False
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, size: int) -> NoToolCalls | None:
+        """None when the vocabulary has no call markers (nothing to keep out)."""
+        ids = [tokenizer.token_to_id(m) for m in (TOOL_CALL_START, TOOL_CALL_END)]
+        ids = [i for i in ids if i is not None]
+        return cls(ids, size) if ids else None
+
+    def fresh(self) -> NoToolCalls:
+        return self  # stateless
+
+    def at_name(self) -> bool:
+        return False
+
+    def force(self, ids: Sequence[int]) -> None:
+        raise ToolError("a reply that may not call tools cannot be forced into a call")
+
+    def mask(self) -> torch.Tensor:
+        return self._mask
+
+    def advance(self, token: int) -> None:
+        pass
+
+
 class TokenVocabulary:
     """A tokenizer's tokens as bytes (None for special tokens), its trie, and the call markers' ids."""
 

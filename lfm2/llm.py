@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lfm2.config import ModelConfig
-from lfm2.constrain import tool_call_constraint, wants_constraint
+from lfm2.constrain import NoToolCalls, tool_call_constraint, wants_constraint
 from lfm2.errors import CheckpointError, ConfigError, GenerationError
 from lfm2.generate import GenerationStats, stream_text
 from lfm2.models import build_model, cast_model
@@ -26,10 +26,24 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def parse_device(device: str | torch.device) -> torch.device:
+    """The device, checked to exist here: asking for CUDA on a CPU-only build fails now, with a line
+    that says what to do, rather than deep inside the first tensor move."""
     try:
-        return torch.device(device)
+        out = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"unknown device {device!r} ({e}); use cpu, cuda, cuda:N or mps") from None
+    if out.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "has no CUDA support" if torch.version.cuda is None else "sees no CUDA GPU"
+            raise ConfigError(f"device {device!r}: this PyTorch ({torch.__version__}) {build}; use --device cpu")
+        if out.index is not None and out.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif out.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: Apple's MPS backend is not available here; use --device cpu")
+    elif out.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r}: lfm2 runs on cpu, cuda or mps")
+    return out
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -144,7 +158,7 @@ class LLM:
 
         ids, forced, tools, constraint = self._chat_prompt(messages, tools, tool_choice, strict_tools)
         if tools is None:  # no tools offered: the reply is plain content
-            for _, piece in self._stream([ids], sampling):
+            for _, piece in self._stream([ids], sampling, [constraint]):
                 yield {"content": piece}
             return
         parser = ToolCallStreamParser(tools)
@@ -172,7 +186,8 @@ class LLM:
     def _chat_prompt(self, messages, tools, tool_choice, strict_tools=None) -> tuple[list[int], str, list | None, Any]:
         """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, the tools
         actually offered (None when there are none, or `tool_choice` is "none"), and the tool-call
-        constraint for the reply (None when calls are not constrained).
+        constraint for the reply: None when calls are not constrained, and `NoToolCalls` (the call
+        markers masked) when no tools are offered, since a call to nothing is text the user would see.
 
         `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
         named function starts it with `<|tool_call_start|>[name(`, so the model must call it.
@@ -196,7 +211,9 @@ class LLM:
         elif isinstance(tool_choice, dict):
             forced = f"<|tool_call_start|>[{tool_choice['function']['name']}("
         constraint = None
-        if use_tools and wants_constraint(use_tools, tool_choice, strict_tools):
+        if not use_tools:
+            constraint = NoToolCalls.for_tokenizer(tok, self.config.vocab_size)
+        elif wants_constraint(use_tools, tool_choice, strict_tools):
             constraint = tool_call_constraint(tok, use_tools, forced, self.config.vocab_size, self.whole_tool_names)
         return tok.encode(prompt + forced, add_special_tokens=False), forced, use_tools, constraint
 

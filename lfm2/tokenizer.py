@@ -246,15 +246,16 @@ class Tokenizer:
     ) -> str:
         """Render a conversation to the prompt text (encode it with `encode`, no special tokens added).
 
-        Tools may be OpenAI tool dicts, bare function dicts or Python callables. OpenAI-style
-        assistant `tool_calls` are turned into LFM2's Pythonic call text first when the template
-        cannot render them itself. Extra keyword arguments reach the template (e.g. LFM2.5's
-        `keep_past_thinking=True`).
+        Tools may be OpenAI tool dicts, bare function dicts or Python callables; the template sees
+        each dict as given and each callable as transformers converts it (`lfm2.tools.template_tools`),
+        so the prompt equals transformers'. OpenAI-style assistant `tool_calls` are turned into
+        LFM2's Pythonic call text first when the template cannot render them itself. Extra keyword
+        arguments reach the template (e.g. LFM2.5's `keep_past_thinking=True`).
         """
-        from lfm2.tools import prepare_messages, tool_schema
+        from lfm2.tools import prepare_messages, template_tools
 
         source = self.chat_template_source(tools)
-        schemas = None if tools is None else [tool_schema(t) for t in tools]
+        schemas = template_tools(tools)
         messages = prepare_messages(messages, template_renders_tool_calls="tool_calls" in source)
         template_vars = {**self.special_tokens, **kwargs}
         return render_chat_template(

@@ -7,8 +7,9 @@ LFM2 writes tool calls as a Python list of calls between two special tokens::
 while clients speak OpenAI's JSON (`tool_calls` with `arguments` as a JSON string). This module
 converts both ways:
 
-- `tool_schema` turns OpenAI tool dicts, bare function dicts or Python callables into the OpenAI
-  tool shape the chat templates list in the system prompt.
+- `tool_schema` turns OpenAI tool dicts, bare function dicts or Python callables into OpenAI's
+  tool shape, the one view that parsing, constraints and the server read; `template_tools` is what
+  the chat template lists: dicts as the caller gave them, callables as transformers converts them.
 - `prepare_messages` readies OpenAI messages for a chat template: most LFM2 templates render an
   assistant's `content` only, so `tool_calls` are rendered into the Pythonic text first.
 - `render_tool_calls` is that rendering, identical to LFM2.5-8B-A1B.jinja's macro for simple
@@ -60,17 +61,41 @@ def tool_schema(tool: Mapping[str, Any] | Callable[..., Any]) -> dict[str, Any]:
     """Return `tool` in OpenAI's shape: `{"type": "function", "function": {name, description, parameters}}`.
 
     Accepts that shape itself, a bare `{"name", "description", "parameters"}` dict, or a Python
-    callable whose signature, type hints and Google-style docstring describe it. The result is a
-    new dict, so callers may change it without touching their tool definitions.
+    callable (converted by `function_schema`). The result is a new dict, so callers may change it
+    without touching their tool definitions. This is the normalized view that parsing, constraints
+    and the server read; the chat template gets `template_tools`, what the caller passed.
     """
     if isinstance(tool, Mapping):
         return _schema_from_dict(tool)
     if callable(tool):
-        return _schema_from_callable(tool)
+        return function_schema(tool)
     raise ToolError(
         f"a tool must be a dict (OpenAI's {{'type': 'function', 'function': {{...}}}} or "
         f"{{'name', 'description', 'parameters'}}) or a Python callable, got {type(tool).__name__}"
     )
+
+
+def template_tools(tools: Sequence[Mapping[str, Any] | Callable[..., Any]] | None) -> list[Any] | None:
+    """The tools as a chat template lists them: each dict exactly as given (bare or OpenAI-wrapped;
+    the model card's own prompt lists bare ones), each callable as `function_schema` describes it.
+
+    transformers' `apply_chat_template` does the same (`render_jinja_template` in
+    transformers/utils/chat_template_utils.py), so prompts match it byte for byte. Rewriting the
+    dicts into one shape would show the model a prompt that differs from its training format.
+    """
+    if tools is None:
+        return None
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Iterable):
+        raise ToolError(f"tools must be a list of tool dicts or callables, got {type(tools).__name__}")
+    out: list[Any] = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, Mapping):
+            out.append(copy.deepcopy(dict(tool)))
+        elif callable(tool):
+            out.append(function_schema(tool))
+        else:
+            raise ToolError(f"tools[{i}] must be a dict or a Python callable, got {type(tool).__name__}")
+    return out
 
 
 def _schema_from_dict(tool: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,7 +121,14 @@ def _schema_from_dict(tool: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": "function", "function": out}
 
 
-def _schema_from_callable(fn: Callable[..., Any]) -> dict[str, Any]:
+def function_schema(fn: Callable[..., Any]) -> dict[str, Any]:
+    """A Python callable as an OpenAI tool, from its signature, type hints and Google-style docstring.
+
+    The schema is the one transformers' `get_json_schema` writes (same keys, order and values:
+    `nullable` for Optional, a `return` entry, `(choices: [...])` in an argument's description
+    becoming an `enum`), so a callable renders into the same prompt in both. Where transformers
+    refuses (no docstring, an undescribed or unannotated argument) we describe what we can instead.
+    """
     name = getattr(fn, "__name__", None)
     if not isinstance(name, str) or not name or name == "<lambda>":
         raise ToolError(f"callable {fn!r} has no usable __name__; wrap it in a def or pass a dict")
@@ -108,10 +140,13 @@ def _schema_from_callable(fn: Callable[..., Any]) -> dict[str, Any]:
         hints = typing.get_type_hints(fn)
     except Exception:  # unresolvable forward references: fall back to untyped parameters
         hints = {}
-    summary, arg_docs = _parse_docstring(inspect.getdoc(fn) or "")
+    description, arg_docs, return_doc = _parse_docstring(inspect.getdoc(fn) or "")
+    params = list(signature.parameters.values())
+    if params and params[0].name in ("self", "cls") and params[0].annotation is inspect.Parameter.empty:
+        params = params[1:]  # an unbound method's receiver is not the model's to fill
     properties: dict[str, Any] = {}
     required: list[str] = []
-    for param in signature.parameters.values():
+    for param in params:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             star = "*" if param.kind == param.VAR_POSITIONAL else "**"
             raise ToolError(
@@ -119,88 +154,114 @@ def _schema_from_callable(fn: Callable[..., Any]) -> dict[str, Any]:
             )
         schema = _type_schema(hints.get(param.name, param.annotation), f"{name}.{param.name}")
         if param.name in arg_docs:
-            schema["description"] = arg_docs[param.name]
+            doc = arg_docs[param.name]
+            choices = _CHOICES.search(doc)
+            if choices:
+                try:
+                    values = json.loads(choices.group(1))
+                except json.JSONDecodeError as e:
+                    raise ToolError(f"tool {name!r}: the choices of argument {param.name!r} are not JSON: {e}") from e
+                schema["enum"] = [v.strip() if isinstance(v, str) else v for v in values]
+                doc = doc[: choices.start()].strip()
+            schema["description"] = doc
         properties[param.name] = schema
         if param.default is param.empty:
             required.append(param.name)
-    parameters = {"type": "object", "properties": properties, "required": required}
-    return {"type": "function", "function": {"name": name, "description": summary, "parameters": parameters}}
+    parameters: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        parameters["required"] = required
+    out: dict[str, Any] = {"name": name, "description": description, "parameters": parameters}
+    if "return" in hints:
+        try:
+            returns = _type_schema(hints["return"], f"{name} return value")
+        except ToolError:
+            returns = None  # the model never writes the return value: leave it out rather than fail
+        if returns is not None:
+            if return_doc is not None:
+                returns["description"] = return_doc
+            out["return"] = returns
+    return {"type": "function", "function": out}
 
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+_BARE_TYPES = {**_JSON_TYPES, list: "array", tuple: "array", dict: "object"}
 
 
 def _type_schema(hint: Any, where: str) -> dict[str, Any]:
-    """JSON schema for a type hint; `Optional[X]` describes X since the model may simply omit it."""
+    """JSON schema for a type hint, as transformers writes it; `Optional[X]` is X with `nullable`."""
     if hint is inspect.Parameter.empty or hint is Any:
         return {}
-    if hint in _JSON_TYPES:
-        return {"type": _JSON_TYPES[hint]}
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        values = [member.value for member in hint]
-        return {**_literal_type(values), "enum": values}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint in (list, tuple, set, frozenset) or origin in (list, tuple, set, frozenset, Sequence, Iterable):
-        items = [a for a in args if a is not Ellipsis]
-        if len(set(items)) == 1:
-            return {"type": "array", "items": _type_schema(items[0], where)}
-        return {"type": "array"}
-    if hint is dict or origin in (dict, Mapping):
-        if len(args) == 2:
-            return {"type": "object", "additionalProperties": _type_schema(args[1], where)}
-        return {"type": "object"}
-    if origin is Literal:
-        return {**_literal_type(list(args)), "enum": list(args)}
+    if origin is None and isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _enum_schema([member.value for member in hint], where)
+    if origin is None and hint in _BARE_TYPES:
+        return {"type": _BARE_TYPES[hint]}
     if origin is Union or origin is types.UnionType:
-        options = [a for a in args if a is not type(None)]
+        options = [_type_schema(a, where) for a in args if a is not type(None)]
         if len(options) == 1:
-            return _type_schema(options[0], where)
-        return {"anyOf": [_type_schema(a, where) for a in options]}
+            out = options[0]
+        elif all(o.keys() == {"type"} and isinstance(o["type"], str) for o in options):
+            names = sorted({o["type"] for o in options})
+            out = {"type": names[0] if len(names) == 1 else names}
+        else:
+            out = {"anyOf": options}
+        if type(None) in args:
+            out["nullable"] = True
+        return out
+    if origin is Literal and args:
+        return _enum_schema(list(args), where)
+    if origin is list:
+        return {"type": "array", "items": _type_schema(args[0], where)} if args else {"type": "array"}
+    if origin is tuple:
+        if not args:
+            return {"type": "array"}
+        if len(args) == 1 or Ellipsis in args:
+            raise ToolError(f"tool parameter {where}: use list[...] for a variable-length sequence, not {hint!r}")
+        return {"type": "array", "prefixItems": [_type_schema(a, where) for a in args]}
+    if origin is dict:
+        out = {"type": "object"}
+        if len(args) == 2:
+            out["additionalProperties"] = _type_schema(args[1], where)
+        return out
     raise ToolError(
         f"tool parameter {where}: cannot describe type {hint!r} in JSON schema; use str, int, float, "
-        "bool, list[...], dict[str, ...], Optional[...], Literal[...] or an Enum"
+        "bool, list[...], tuple[...], dict[str, ...], Optional[...], Literal[...] or an Enum"
     )
 
 
-def _literal_type(values: list[Any]) -> dict[str, Any]:
-    kinds = {_JSON_TYPES.get(type(v)) for v in values}
-    return {"type": kinds.pop()} if len(kinds) == 1 and None not in kinds else {}
+def _enum_schema(values: list[Any], where: str) -> dict[str, Any]:
+    """An enum of JSON scalars; "type" lists each value's JSON type once, in order of appearance."""
+    if not values or any(type(v) not in _JSON_TYPES for v in values):
+        raise ToolError(f"tool parameter {where}: an enum needs one or more str, int, float, bool or None values")
+    kinds = list(dict.fromkeys(_JSON_TYPES[type(v)] for v in values))
+    return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": values}
 
 
-_SECTION = re.compile(r"^(Args|Arguments|Parameters|Returns?|Yields?|Raises|Examples?|Notes?|Attributes):\s*$")
-_ARG_LINE = re.compile(r"^(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+# Google-style docstring sections, read as transformers' `parse_google_format_docstring` reads them:
+# the description is everything before the first Args:/Returns:/Raises: line; an argument's text
+# runs to the next `name:` line that is not indented deeper than it.
+_DESCRIPTION = re.compile(r"^(.*?)[\n\s]*(?:Args:|Returns:|Raises:|\Z)", re.DOTALL)
+_ARGS = re.compile(r"\n\s*Args:\n(.*?)[\n\s]*(?:Returns:|Raises:|\Z)", re.DOTALL)
+_RETURNS = re.compile(r"\n\s*Returns:\n\s*(.*?)[\n\s]*(?:Raises:|\Z)", re.DOTALL)
+_ARG_ENTRY = re.compile(
+    r"(?:^|\n)([ \t]*)(\w+)(?:[ \t]*\([^()\n]*\))?:\s*(.*?)\s*(?=\n(?!\1[ \t])[ \t]*\w+(?:[ \t]*\([^()\n]*\))?:|\Z)",
+    re.DOTALL,
+)
+_CHOICES = re.compile(r"\(choices:\s*(.*?)\)\s*$", re.IGNORECASE)
 
 
-def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
-    """Split a Google-style docstring into its first paragraph and its `Args:` descriptions."""
-    lines = doc.splitlines()
-    summary_lines: list[str] = []
-    for line in lines:
-        if not line.strip() or _SECTION.match(line.strip()):
-            break
-        summary_lines.append(line.strip())
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str], str | None]:
+    """A Google-style docstring's description, its `Args:` descriptions and its `Returns:` text."""
+    doc = doc.strip()
+    description = _DESCRIPTION.search(doc)
+    args_block = _ARGS.search(doc)
+    returns = _RETURNS.search(doc)
     args: dict[str, str] = {}
-    in_args, current, entry_indent = False, None, None
-    for line in lines:
-        stripped, indent = line.strip(), len(line) - len(line.lstrip())
-        section = _SECTION.match(stripped)
-        if section and (entry_indent is None or indent < entry_indent):
-            in_args, current, entry_indent = (
-                section.group(1) in ("Args", "Arguments", "Parameters"),
-                None,
-                None,
-            )
-            continue
-        if not in_args or not stripped:
-            continue
-        match = _ARG_LINE.match(stripped)
-        if match and (entry_indent is None or indent <= entry_indent):
-            entry_indent = indent
-            current = match.group(1).lstrip("*")
-            args[current] = match.group(2).strip()
-        elif current is not None:
-            args[current] = f"{args[current]} {stripped}".strip()
-    return " ".join(summary_lines), args
+    if args_block:
+        block = "\n".join(line for line in args_block.group(1).split("\n") if line.strip())
+        for _, arg, text in _ARG_ENTRY.findall(block):
+            args[arg] = re.sub(r"\s*\n+\s*", " ", text.strip())
+    return (description.group(1).strip() if description else ""), args, (returns.group(1).strip() if returns else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,32 @@ from lfm2.weights import save_checkpoint
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Real chat templates and configs, beside the project (../shared/reference); tests that read them
+# skip where it is absent, and the run fails if it is present and one of them skipped anyway.
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+_reference_skips: list[str] = []
+
+
+def reference_file(*parts: str) -> Path:
+    """A file under ../shared/reference, or a skip naming it when the reference is not there."""
+    path = REFERENCE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference file {path} is not present (the shared/ folder beside the project)")
+    return path
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "reference" in report.keywords and REFERENCE.is_dir():
+        _reference_skips.append(f"{report.nodeid}: {report.longrepr[-1] if report.longrepr else ''}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A reference test that skips while the reference is present checks nothing: fail the run."""
+    if _reference_skips:
+        print(f"\n{len(_reference_skips)} reference test(s) skipped although {REFERENCE} is present:", file=sys.stderr)
+        for line in _reference_skips:
+            print(f"  {line}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -31,7 +57,7 @@ def random_model(config: ModelConfig, seed: int = 0):
     """A random model whose every weight matters: norms and expert biases are randomised too.
 
     The blocks' output projections are scaled up so that the prediction depends on the
-    context, not only on the current token (see shared/notes/testing-random-models.md).
+    context, not only on the current token (docs/testing.md).
     """
     torch.manual_seed(seed)
     model = build_model(config, device="cpu")

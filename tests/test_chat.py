@@ -181,3 +181,26 @@ def test_multi_turn_history_renders(llm):
         "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nHow are you?<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+def test_a_reply_without_tools_cannot_open_a_tool_call():
+    # The bundled model opens a call block for "Tell me a joke." when no tool is listed (greedy, unconstrained);
+    # a call to nothing would reach the user as `<|tool_call_start|>[...` text, so the markers are masked.
+    import lfm2
+    from lfm2.constrain import NoToolCalls
+
+    llm = lfm2.load(lfm2.default_model_path())
+    tok = llm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a joke."}], add_generation_prompt=True)
+    assert llm.generate(prompt, temperature=0, max_new_tokens=8).startswith("<|tool_call_start|>")  # the premise
+    start, end = tok.token_to_id("<|tool_call_start|>"), tok.token_to_id("<|tool_call_end|>")
+    for tools, choice in [(None, None), ([], "auto"), ([{"name": "f", "parameters": {}}], "none")]:
+        _, _, offered, constraint = llm._chat_prompt([{"role": "user", "content": "Tell me a joke."}], tools, choice)
+        assert offered is None and isinstance(constraint, NoToolCalls)
+        mask = constraint.mask()
+        assert not mask[start] and not mask[end] and int(mask.sum()) == llm.config.vocab_size - 2
+    reply = llm.chat([{"role": "user", "content": "Tell me a joke."}], temperature=0, max_new_tokens=24)
+    assert "<|tool_call" not in reply["content"] and "tool_calls" not in reply
+    streamed = "".join(d.get("content", "") for d in llm.chat_stream([{"role": "user", "content": "Tell me a joke."}],
+                                                                      temperature=0, max_new_tokens=24))
+    assert streamed == reply["content"]

@@ -1,7 +1,7 @@
 """Chat templates rendered by lfm2 must be byte-identical to transformers' `apply_chat_template`.
 
 Each conversation is rendered with the three real LFM2 templates (from
-/work/shared/reference/chat_templates, skipped when absent) and with lfm2's DEFAULT_CHAT_TEMPLATE,
+../shared/reference/chat_templates beside the project, skipped when absent) and with lfm2's DEFAULT_CHAT_TEMPLATE,
 by our `Tokenizer.apply_chat_template` and by `AutoTokenizer.apply_chat_template(tokenize=False)`
 on the same tokenizer folder. Our side always gets OpenAI-shaped messages; templates that cannot
 render `tool_calls` get, on the transformers side, the Pythonic call text already in `content`,
@@ -15,6 +15,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -22,10 +23,11 @@ from lfm2.chat_template import DEFAULT_CHAT_TEMPLATE, compile_template, render_c
 from lfm2.errors import TokenizerError
 from lfm2.tokenizer import Tokenizer
 from lfm2.train.tokenizer import train_tokenizer
+from tests.conftest import reference_file
 
 transformers = pytest.importorskip("transformers")
 
-REFERENCE_DIR = Path("/work/shared/reference/chat_templates")
+pytestmark = pytest.mark.reference
 REFERENCE_TEMPLATES = ["LFM2-8B-A1B.jinja", "LFM2.5-Instruct.jinja", "LFM2.5-8B-A1B.jinja"]
 TEMPLATE_NAMES = ["default", *REFERENCE_TEMPLATES]
 
@@ -41,12 +43,39 @@ WEATHER = {
         },
     },
 }
-SEARCH_BARE = {  # a bare function dict: ours normalizes it, transformers gets the OpenAI shape
+SEARCH_BARE = {  # a bare function dict, as the model card's tool prompt lists them: rendered as given
     "name": "search",
     "description": "Search the web.",
     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
 }
 SEARCH = {"type": "function", "function": SEARCH_BARE}
+ADD_BARE = {  # keys in an unusual order, an extra key: the template must see exactly this
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                   "required": ["a", "b"]},
+    "name": "add",
+    "strict": True,
+    "description": "Add two numbers.",
+}
+
+
+def book_table(restaurant: str, people: int, time: str | None = None, seating: Literal["in", "out"] = "in",
+               tags: list[str] | None = None) -> dict:
+    """Book a table at a restaurant.
+
+    Works for most places in town.
+
+    Args:
+        restaurant: the restaurant's name
+        people: how many people, counting
+            the one who books
+        time: when, as HH:MM
+        seating: where to sit
+        tags: dietary notes (choices: ["vegan", "halal"])
+
+    Returns:
+        the booking, with its id
+    """
+    return {}
 
 CALL_WEATHER = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 CALL_WEATHER_TEXT = "<|tool_call_start|>[get_weather(city='Paris')]<|tool_call_end|>"
@@ -96,7 +125,11 @@ CONVERSATIONS = [
         [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Go"}],
         [WEATHER, SEARCH],
     ),
-    conv("bare-function-tool", [{"role": "user", "content": "Find it"}], [SEARCH_BARE], hf_tools=[SEARCH]),
+    conv("bare-function-tool", [{"role": "user", "content": "Find it"}], [SEARCH_BARE]),
+    conv("bare-tools-with-system", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Go"}],
+         [SEARCH_BARE, ADD_BARE]),
+    conv("mixed-tools", [{"role": "user", "content": "Weather, then search"}], [WEATHER, SEARCH_BARE, ADD_BARE]),
+    conv("callable-tools", [{"role": "user", "content": "Book it"}], [book_table, SEARCH_BARE, WEATHER]),
     conv(
         "tool-call-and-result",
         [
@@ -261,9 +294,7 @@ CONVERSATIONS = [
 def template_source(name: str) -> str:
     if name == "default":
         return DEFAULT_CHAT_TEMPLATE
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"{REFERENCE_DIR} is not available")
-    return (REFERENCE_DIR / name).read_text(encoding="utf-8")
+    return reference_file("chat_templates", name).read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -318,8 +349,6 @@ def test_matches_transformers(tokenizers_by_template, template: str, case: dict,
 def test_reference_templates_cannot_or_can_render_tool_calls() -> None:
     # Guards the premise of the tool-call cases above: which templates render `tool_calls` themselves.
     assert "tool_calls" in DEFAULT_CHAT_TEMPLATE
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"{REFERENCE_DIR} is not available")
     renders = {name: "tool_calls" in template_source(name) for name in REFERENCE_TEMPLATES}
     assert renders == {"LFM2-8B-A1B.jinja": False, "LFM2.5-Instruct.jinja": False, "LFM2.5-8B-A1B.jinja": True}
 

@@ -49,7 +49,8 @@ def test_bad_invocations_print_one_line(args, words):
 
 
 @pytest.mark.parametrize("flag, value, words", [("--dtype", "float8", "unknown dtype 'float8'"),
-                                                ("--device", "gpu7", "unknown device 'gpu7'")])
+                                                ("--device", "gpu7", "unknown device 'gpu7'"),
+                                                ("--device", "tpu", "unknown device 'tpu'")])
 def test_bad_dtype_or_device_is_one_line(chat_checkpoint, flag, value, words):
     r = run("generate", "--model", str(chat_checkpoint), flag, value, "hi")
     assert r.returncode == 2
@@ -165,3 +166,64 @@ def test_chat_ctrl_c_at_a_tool_result_cancels_the_request_only(tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_unavailable_device_is_one_line(chat_checkpoint):
+    # On a machine without the device, one line that says so and what to use instead; never a traceback.
+    import torch
+
+    for device, available in [("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())]:
+        if available:
+            continue
+        r = run("generate", "--model", str(chat_checkpoint), "--device", device, "--chat", "Hi")
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+        assert r.stderr.startswith(f"lfm2: error: device '{device}'") and "--device cpu" in r.stderr
+
+
+def test_version_and_help_are_quick_and_import_no_torch():
+    from pathlib import Path
+
+    import tomllib
+
+    import lfm2
+    from lfm2.cli import VERSION
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert VERSION == lfm2.__version__ == project["version"]
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"lfm2 {VERSION}"
+    # Parsing `--help` must not import torch (seconds): checked in a fresh interpreter.
+    probe = ("import sys; from lfm2.cli import main\n"
+             "for argv in (['--help'], ['generate', '--help'], ['chat', '--help']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().endswith("False"), r.stdout + r.stderr
+    assert "COMMAND" in r.stdout and "serve" in r.stdout and "(default: cpu)" in r.stdout
+    assert "(default: 512)" in r.stdout  # --max-new-tokens shows its default
+
+
+def test_lfm2_exports_resolve():
+    import lfm2
+
+    for name in lfm2.__all__:
+        assert getattr(lfm2, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lfm2.nope  # noqa: B018
+
+
+def test_ctrl_c_during_generate_ends_the_line(chat_checkpoint):
+    """Ctrl-C while tokens stream: exit 130, and the output ends with a newline so the shell's prompt
+    starts on its own line (it was left after the last token)."""
+    child = pexpect.spawn(sys.executable, ["-m", "lfm2", "generate", "--model", str(chat_checkpoint),
+                                           "--temperature", "0", "--ignore-eos", "--max-new-tokens", "100000",
+                                           "Hello"],
+                          encoding="utf-8", timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child.expect(r"\S")  # tokens are streaming
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 or child.signalstatus == signal.SIGINT
+    assert child.before.endswith(("\n", "\r\n")), repr(child.before[-40:])

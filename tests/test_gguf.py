@@ -4,7 +4,7 @@ Round trips start from the session's `chat_checkpoint` (random weights, untied h
 byte-level BPE) and from a tied MoE checkpoint whose embedding is padded beyond the tokenizer.
 The llama.cpp tests run where `llama-cpp-python` is installed (the `llama` extra) and skip
 elsewhere; they use untied random models, whose predictions depend on the context (see
-shared/notes/testing-random-models.md), and assert that the reference output is diverse.
+docs/testing.md), and assert that the reference output is diverse.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import lfm2
 from lfm2.config import PRESETS, ModelConfig, preset
 from lfm2.errors import CheckpointError, ConfigError
 from lfm2.models import build_model, count_parameters
-from tests.conftest import REFERENCE
+from tests.conftest import reference_file
 
 CARD_COUNTS = {
     "LFM2-350M": (354_483_968, 354_483_968),
@@ -34,10 +34,9 @@ def test_preset_parameter_counts(name):
         assert (total, active) == CARD_COUNTS[name]
 
 
+@pytest.mark.reference
 def test_released_config_resolves_block_ff_dim():
-    path = REFERENCE / "configs" / "LFM2-1.2B.config.json"
-    if not path.is_file():
-        pytest.skip("shared/reference is not present")
+    path = reference_file("configs", "LFM2-1.2B.config.json")
     cfg = ModelConfig.from_json(path)
     assert cfg.intermediate_size == 8192  # block_ff_dim 12288 adjusted, not intermediate_size 8192 adjusted
     assert cfg.attention_layers == [2, 5, 8, 10, 12, 14]

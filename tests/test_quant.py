@@ -349,7 +349,7 @@ def test_quantized_model_close_to_float(path, kind, bound):
         assert ref.argmax(-1).unique().numel() > 10  # the reference is not degenerate
         assert _rel(out, ref) < bound
         agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        # Random weights have small top-1 margins (shared/notes/testing-random-models.md): measured
+        # Random weights have small top-1 margins (docs/testing.md): measured
         # 0.90 (int8) and 0.6-0.7 (int4) on these fixtures.
         assert agree >= (0.85 if kind == "int8" else 0.5), agree
 

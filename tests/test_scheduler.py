@@ -4,7 +4,7 @@ Reference outputs come from `decode_tokens`, the batch engine the Python API use
 prompt at a time: the scheduler must give every request exactly those tokens however requests
 join, leave and share the batch. Greedy comparisons are only meaningful where top-1 margins are
 far above float rounding; `greedy_path` measures them and the tests assert they are (see
-shared/notes/testing-random-models.md).
+docs/testing.md).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import random
 import re
 import warnings
 from enum import Enum
-from pathlib import Path
 from typing import Literal, Optional
 from unittest import mock
 
@@ -31,11 +30,12 @@ from lfm2.tools import (
     prepare_messages,
     render_tool_calls,
     run_tool_calls,
+    template_tools,
     tool_schema,
 )
+from tests.conftest import reference_file
 
 S, E = TOOL_CALL_START, TOOL_CALL_END
-TEMPLATES = Path("/work/shared/reference/chat_templates")
 
 
 def ok(text: str, content: str, *calls: tuple[str, dict], warns: bool = False) -> tuple[str, str, list, bool]:
@@ -396,10 +396,7 @@ def _jinja_env():
 
 
 def _template(name: str) -> str:
-    path = TEMPLATES / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return path.read_text()
+    return reference_file("chat_templates", name).read_text()
 
 
 SIMPLE_ARGUMENTS = [
@@ -412,6 +409,7 @@ SIMPLE_ARGUMENTS = [
 ]
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("arguments", SIMPLE_ARGUMENTS)
 def test_render_matches_the_template_macro(arguments):
     source = _template("LFM2.5-8B-A1B.jinja")
@@ -431,6 +429,7 @@ def test_render_matches_the_template_macro(arguments):
     )
 
 
+@pytest.mark.reference
 def test_prepared_messages_render_the_same_with_and_without_template_support():
     env = _jinja_env()
     template = env.from_string(_template("LFM2.5-8B-A1B.jinja"))
@@ -569,11 +568,13 @@ def get_forecast(
 
 
 def test_tool_schema_from_a_function():
+    # transformers would refuse this function (four arguments lack a description); we describe what we can,
+    # in transformers' format: the whole description, `nullable` for Optional, the return value.
     assert tool_schema(get_forecast) == {
         "type": "function",
         "function": {
             "name": "get_forecast",
-            "description": "Get the forecast for a city.",
+            "description": "Get the forecast for a city.\n\nUses the national service.",
             "parameters": {
                 "type": "object",
                 "properties": {
@@ -581,15 +582,87 @@ def test_tool_schema_from_a_function():
                     "days": {"type": "integer", "description": "How many days ahead."},
                     "unit": {"type": "string", "enum": ["c", "f"], "description": "Temperature unit."},
                     "scale": {"type": "string", "enum": ["c", "f"]},
-                    "hours": {"type": "array", "items": {"type": "integer"}},
-                    "extra": {"type": "object", "additionalProperties": {"type": "number"}},
+                    "hours": {"type": "array", "items": {"type": "integer"}, "nullable": True},
+                    "extra": {"type": "object", "additionalProperties": {"type": "number"}, "nullable": True},
                     "detailed": {"type": "boolean"},
                     "ratio": {"type": "number", "description": "A ratio."},
                 },
                 "required": ["city", "ratio"],
             },
+            "return": {"type": "string", "description": "The forecast text."},
         },
     }
+
+
+def convert_money(amount: float, currency: Literal["EUR", "USD", 1, None], rounding: int | str | None = None,
+                  pair: tuple[str, int] = ("a", 1), notes: list | None = None, when: Unit | None = None,
+                  mode: str = "fast") -> dict[str, list[float]]:
+    """Convert an amount of money.
+
+    Rates are refreshed hourly,
+    and cached.
+
+    Args:
+        amount (float): how much
+        currency: the target currency
+        rounding: digits, or a
+            named rule such as 'bank'
+        pair: a currency and a scale
+        notes: free notes
+        when: a unit of time
+        mode: how hard to try (choices: ["fast", "exact"])
+
+    Returns:
+        a mapping of rates
+        to amounts
+
+    Raises:
+        ValueError: never
+    """
+    return {}
+
+
+def no_return_doc(x: int, y: bool = False) -> int:
+    """Short.
+
+    Args:
+        x: an x
+        y: a y
+    """
+    return x
+
+
+class Shelf:
+    def put(self, item: str) -> None:
+        """Put an item on the shelf.
+
+        Args:
+            item: what to put
+        """
+
+
+@pytest.mark.parametrize("fn", [convert_money, no_return_doc, Shelf().put], ids=["rich", "no-return-doc", "method"])
+def test_tool_schema_of_a_callable_equals_transformers(fn):
+    # The chat template lists a callable as this schema; transformers' get_json_schema is the reference.
+    transformers_utils = pytest.importorskip("transformers.utils")
+    expected = transformers_utils.get_json_schema(fn)
+    assert tool_schema(fn) == expected
+    assert json.dumps(tool_schema(fn)) == json.dumps(expected)  # the same key order, so the same prompt text
+
+
+def test_template_tools_keep_dicts_as_given_and_convert_callables():
+    bare = {"parameters": {"type": "object", "properties": {}}, "name": "ping", "x-extra": 1}
+    wrapped = {"type": "function", "function": dict(WEATHER)}
+    got = template_tools([bare, wrapped, no_return_doc])
+    assert got == [bare, wrapped, tool_schema(no_return_doc)]
+    assert list(got[0]) == ["parameters", "name", "x-extra"]  # key order kept: it is the prompt's order
+    got[0]["name"] = "changed"
+    assert bare["name"] == "ping"  # copies: the caller's dicts are never touched
+    assert template_tools(None) is None
+    with pytest.raises(ToolError, match=r"tools\[1\] must be a dict"):
+        template_tools([bare, 3])
+    with pytest.raises(ToolError, match="list of tool dicts"):
+        template_tools(bare)
 
 
 def test_tool_schema_from_an_untyped_function_and_a_method():

@@ -1,8 +1,8 @@
 """lfm2's C++ kernels (`qgemv.cpp`, `attention.cpp`), compiled on first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
-run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth: see
-shared/notes/cpu-kernels.md), so the quantized layers of `lfm2.quant` call a small kernel of our
+run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth, as we measured them on
+2-core AVX2 and AVX-512 machines), so the quantized layers of `lfm2.quant` call a small kernel of our
 own; the model's wide float32 layers use its float32 GEMV at decode (`lfm2.models.lfm2.Linear`),
 and its attention layers a decode attention that reads the KV cache once (`attention.cpp`).
 It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)

@@ -1,6 +1,7 @@
 """LFM2 (dense), in plain PyTorch.
 
-The architecture, block by block (see `LFM2_SPEC.md` and transformers' `modeling_lfm2.py`):
+The architecture, block by block (as in transformers' `models/lfm2/modeling_lfm2.py`
+and the model cards at https://huggingface.co/LiquidAI):
 - token embedding, tied to the output head; the final RMSNorm is named `embedding_norm`;
 - each block is pre-norm: `x += op(operator_norm(x))`, then `x += feed_forward(ffn_norm(x))`,
   where `op` is either a gated short convolution or grouped-query attention (`layer_types`);
