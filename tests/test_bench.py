@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 from conftest import tiny_config, write_checkpoint
 
 from lfm2.bench import run
 
 
+@pytest.mark.slow  # two child processes, one of them compiling: about 30 s
 def test_bench_child_measures_eager_and_compiled(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m", tiny_config(vocab_size=65536))  # the child draws ids up to 60000
     args = argparse.Namespace(prompt=24, new=6, threads=1)

@@ -26,6 +26,7 @@ def _decode_logits(model, step, prompt: list[int], n: int) -> torch.Tensor:
 WIDE = dict(hidden_size=1024, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2)
 
 
+@pytest.mark.slow  # torch.compile: 10-20 s a case on 2 cores
 @pytest.mark.parametrize("quantize,wide", [(None, False), ("int8", False), (None, True)])
 def test_compiled_decode_equals_eager(quantize, wide):
     """`wide`: the float32 GEMV and the decode attention kernels traced into the compiled step."""

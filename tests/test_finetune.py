@@ -281,6 +281,7 @@ def test_sft_kill_and_resume_reproduces_the_run(chat_checkpoint, tmp_path):
     assert all("lora_" in k for k in state)  # the checkpoint holds the adapter, not a copy of the model
 
 
+@pytest.mark.slow  # two torchrun worker processes
 def test_torchrun_two_processes_equal_one(chat_checkpoint, tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", _conversations(40))
     # float32: under bfloat16 autocast a batch split over two processes rounds differently

@@ -12,6 +12,7 @@ Each item lists 2-5 tools and expects one call. The first reply (greedy) scores:
 - right tool and arguments: also every expected argument present and equal under the item's match
   rule ("exact": JSON equality with 5 == 5.0, "casefold": case and surrounding spaces ignored,
   "contains": the expected text inside the produced one), and no argument the tool does not have.
+A prompt longer than the model's context counts as a miss.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lfm2.errors import LFM2Error
+from lfm2.errors import GenerationError, LFM2Error
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "tool_eval.json"
 
@@ -39,8 +40,9 @@ class Item:
     match: dict[str, str]
 
 
-def load_items(path: Path = DEFAULT_PATH) -> list[Item]:
-    """The evaluation items, each with its tools' schemas in the listed order."""
+def load_items(path: Path | None = None) -> list[Item]:
+    """The evaluation items (default: the repository's set), each with its tools' schemas in the listed order."""
+    path = DEFAULT_PATH if path is None else path
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
@@ -98,8 +100,13 @@ def run(llm: Any, items: list[Item], strict: bool, whole_names: bool = True,
                          disable=not progress):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unparsable call is just a miss here
-                reply = llm.chat(item.messages, tools=item.tools, temperature=0, max_new_tokens=96,
-                                 strict_tools=strict)
+                try:
+                    reply = llm.chat(item.messages, tools=item.tools, temperature=0, max_new_tokens=96,
+                                     strict_tools=strict)
+                except GenerationError as e:
+                    if "context" not in str(e):
+                        raise
+                    reply = {}  # the prompt does not fit the model's context: a miss
             results.append(score_call(reply.get("tool_calls") or [], item))
     finally:
         llm.whole_tool_names = was
