@@ -262,14 +262,17 @@ def test_bundle_recipe_end_to_end(tmp_path, monkeypatch):
     assert results["copy_loss"] > 0 and results["pretrain_copy_loss"] > 0
     assert "Copying from the context" in card and (tmp_path / "bundle" / "copy" / "model").is_dir()
     # The third fine-tuning stage: the rich stage's batches again, restarted from its model; the fourth on
-    # new noisy conversations with the choice of tool weighted up; the shipped model is the fifth's, on
-    # longer lists of tools that differ in their subject only.
+    # new noisy conversations with the choice of tool weighted up; the fifth on
+    # longer lists of tools that differ in their subject only; the shipped model is the sixth's (synth_wide).
     repeat = json.loads((tmp_path / "bundle" / "sft_repeat" / "train_config.json").read_text())
     assert repeat["init_from"] == str(tmp_path / "bundle" / "sft_rich" / "model") and repeat["lr"] == cfg.sft_repeat_lr
     robust = json.loads((tmp_path / "bundle" / "sft_robust" / "train_config.json").read_text())
     assert robust["init_from"] == str(tmp_path / "bundle" / "sft_repeat" / "model")
     assert robust["call_weight"] == cfg.robust_call_weight and robust["train_split"] == "sft_robust"
-    assert model_dir == tmp_path / "bundle" / "sft_choice" / "model"
+    assert model_dir == tmp_path / "bundle" / "sft_wide" / "model"
+    wide = json.loads((tmp_path / "bundle" / "sft_wide" / "train_config.json").read_text())
+    assert wide["init_from"] == str(tmp_path / "bundle" / "sft_choice" / "model")
+    assert wide["train_split"] == "sft_wide" and wide["max_steps"] == cfg.wide_steps and "synth_wide" in card
     choice = json.loads((tmp_path / "bundle" / "sft_choice" / "train_config.json").read_text())
     assert choice["init_from"] == str(tmp_path / "bundle" / "sft_robust" / "model")
     assert choice["train_split"] == "sft_choice" and choice["max_steps"] == cfg.choice_steps
