@@ -2,28 +2,37 @@
 
 Endpoints, in OpenAI's wire format so that the official clients work unchanged:
 `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` (both streamed as
-server-sent events or not), and `GET /health` (load: active and queued requests).
+server-sent events or not), and `GET /health` (load: active and queued requests). `/openapi.json`
+(and `/docs`) describe them as they behave: every status code the server answers, each error in
+OpenAI's shape, and the stream's events.
 
-How a request flows: the handler validates the body (pydantic models, strict types), renders
-the chat template and tokenizes in the event loop, then submits one `scheduler.Request` per
-choice to the `Scheduler`, which decodes every client's rows together in its own thread. The
-request's callbacks run in that thread: `on_token` pushes the token through a `TextStream`
-(incremental detokenizer + stop strings, which ends the request when a stop string appears) and
-hands the text to the event loop with `loop.call_soon_threadsafe`; the handler turns it into
-deltas, with tool calls parsed out by `ToolCallStreamParser` as they close. A client that goes
-away is noticed by a watcher on the ASGI `receive` channel, which cancels its requests, so its
-row is free at the next decode step.
+How a request flows: a gate in front of the app checks the API key and the body's size before
+the body is read; the handler validates the body (pydantic models, strict types), then renders
+the chat template and tokenizes in a worker thread, so that a long prompt never stalls the event
+loop, and submits one `scheduler.Request` per choice to the `Scheduler`, which decodes every
+client's rows together in its own thread. The request's callbacks run in that thread: `on_token`
+pushes the token through a `TextStream` (incremental detokenizer + stop strings, which ends the
+request when a stop string appears) and hands the text to the event loop with
+`loop.call_soon_threadsafe`; the handler turns it into deltas, with tool calls parsed out by
+`ToolCallStreamParser` as they close. A client that goes away is noticed by a watcher on the
+ASGI `receive` channel, which cancels its requests, so its row is free at the next decode step.
 
 Every failure a client can cause gets OpenAI's error body, `{"error": {"message", "type",
-"param", "code"}}`, with status 400 (bad body or values, prompt longer than the context), 404
-(unknown model or route), 405, or 429 with `Retry-After` when the wait queue is full; anything
+"param", "code"}}`, with status 400 (bad body or values, prompt longer than the context), 401
+(missing or wrong API key, when the server has one), 404 (unknown model or route), 405, 413
+(body over `max_body_bytes`) or 429 with `Retry-After` when the wait queue is full; anything
 else is a 500 in the same shape, logged with its traceback, and the server keeps serving.
 Each request is logged as one JSON line on the `lfm2.server` logger (id, tokens in and out,
 time to first token, tokens/s).
 
+With an API key (`--api-key`, else `$LFM2_API_KEY`), every route needs `Authorization: Bearer
+KEY` except `/health` (for load balancers) and the API's description (`/openapi.json`, `/docs`,
+`/redoc`), which hold nothing private. Keys are compared in constant time.
+
 Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `min_p`, `repetition_penalty`
 and `ignore_eos`. Unset sampling fields take the checkpoint's defaults (generation_config.json,
-else the LFM2 model card), not OpenAI's.
+else the LFM2 model card), not OpenAI's; an unset `max_tokens` is the rest of the context for
+chat completions and 16 for completions, as in OpenAI's API.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at definition
@@ -32,16 +41,21 @@ else the LFM2 model card), not OpenAI's.
 import argparse
 import asyncio
 import dataclasses
+import errno
+import hmac
+import ipaddress
 import json
 import logging
 import math
+import os
+import socket
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Iterable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
 from lfm2.generate import TextStream
@@ -54,6 +68,9 @@ log = logging.getLogger("lfm2.server")
 DEFAULT_MAX_LEN = 4096  # slots per row when the model's context is longer: 16 rows of 128k would not fit
 MAX_STOP_STRINGS = 16
 GREEDY_BELOW = 1e-5  # smaller temperatures overflow the logits to inf: treated as 0 (greedy), as vLLM does
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat completions default to the context
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is about 0.5 MiB of text
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})  # no API key
 
 
 # -- request bodies ---------------------------------------------------------------------------
@@ -81,12 +98,49 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+class _Message(_Body):
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+
+class _TextMessage(_Message):
+    """Every role but the assistant: content required (a tool's result too, as in OpenAI's API)."""
+
+    content: str | list[TextPart]
+    tool_calls: None = Field(None, description="only assistant messages carry tool calls")
+
+
+class SystemMessage(_TextMessage):
+    """A system prompt; "developer" is OpenAI's newer name for it and renders the same."""
+
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_TextMessage):
+    role: Literal["user"]
+
+
+class ToolMessage(_TextMessage):
+    role: Literal["tool"]
+
+
+class AssistantMessage(_Message):
+    """An earlier reply: text, tool calls or both. The schema's `anyOf` says what the server checks
+    (`_message_dict`): a null or absent content needs at least one tool call, as in OpenAI's API."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+    ]})
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+# One model per role, told apart by `role`, so that the schema states what each role needs.
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class FunctionDefinition(_Body):
@@ -114,6 +168,11 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+# What the server refuses by name (`_unsupported`), the schema says too: one choice, no logprobs.
+_ONE = {"maximum": 1, "description": "only 1 is supported"}
+_NULL = WithJsonSchema({"type": "null", "description": "not supported"})
+
+
 class _GenerationBody(_Body):
     model: str
     stream: bool = False
@@ -125,7 +184,7 @@ class _GenerationBody(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, json_schema_extra=_ONE)
     user: str | None = None
     # Extensions (vLLM's names).
     top_k: int | None = Field(None, ge=-1)
@@ -136,20 +195,159 @@ class _GenerationBody(_Body):
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=1, description="max_tokens' newer name; wins over it")
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None
+    logprobs: Annotated[bool | None, WithJsonSchema({"enum": [False, None], "description": "not supported"})] = None
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}, {"type": "null"}],
+        "description": "only {'type': 'text'}"})] = None
 
 
 class CompletionRequest(_GenerationBody):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=1, description=f"default: {COMPLETION_MAX_TOKENS}, as in OpenAI's API")
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: Annotated[int | None, _NULL] = None
+    best_of: int | None = Field(None, ge=1, json_schema_extra=_ONE)
+    suffix: Annotated[str | None, _NULL] = None
+
+
+# -- response bodies ----------------------------------------------------------------------------
+# What the handlers return, for /openapi.json only: the handlers build plain dicts (no response
+# validation on the hot path), and the fuzz test (tests/test_server_fuzz.py) holds the two equal.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
+    param: str | None = Field(description="the request field at fault, as in 'messages[0].content'")
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which comes with every status but 200."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object, in a string")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class AssistantReply(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantReply
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat completion; with `include_usage`, a last one has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None = Field(description="null in a stream's text events")
+
+
+class Completion(BaseModel):
+    """A completion, and also each event of a streamed one (without usage, or with it last)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    active: int
+    queued: int
+    max_batch: int
+    max_queue: int
+    max_len: int
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -179,32 +377,44 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _param_path(loc: tuple) -> str:
-    """pydantic's ('body', 'messages', 0, 'content') -> OpenAI's 'messages[0].content'.
+    """pydantic's ('body', 'messages', 0, 'user', 'content') -> OpenAI's 'messages[0].content'.
 
     Parts naming which member of a union pydantic tried ('str', 'list[int]', 'NamedToolChoice',
-    "literal['none','auto']") are left out: they are not fields.
+    "literal['none','auto']", a message's role after its index) are left out: they are not fields.
     """
-    out = ""
+    out, after_index = "", False
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not part.isidentifier() or part[:1].isupper() or part in _TYPE_TAGS:
-            continue
-        else:
+        elif (part.isidentifier() and not part[:1].isupper() and part not in _TYPE_TAGS
+              and not (after_index and part in MESSAGE_ROLES)):
             out += f".{part}" if out else part
+        after_index = isinstance(part, int)
     return out
 
 
-def _validation_error(errors: list[dict]) -> APIError:
-    """The first of pydantic's errors, spelled for a client (malformed JSON has its own message)."""
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _validation_error(errors: list[dict], wants: str) -> APIError:
+    """The first of pydantic's errors, spelled for a client (malformed JSON has its own message).
+
+    `wants` names the body's required fields ("'model' and 'messages'"), for a body that is
+    empty or not a JSON object at all.
+    """
     if not errors:
         return APIError(400, "the request body is invalid")
     # Of a union's failed members, the one that got furthest into the value says the most.
     first = max(errors, key=lambda e: len(e.get("loc", ())))
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
-    param = _param_path(tuple(first.get("loc", ())))
+    loc = tuple(first.get("loc", ()))
+    param = _param_path(loc)
     if not param and isinstance(first.get("input"), bytes):  # a body sent without a JSON content type
         try:
             json.loads(first["input"])
@@ -212,10 +422,25 @@ def _validation_error(errors: list[dict]) -> APIError:
             return APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json")
         return APIError(400, "send the request body with 'Content-Type: application/json'", code="invalid_json")
     if not param:
-        kind = type(first.get("input")).__name__
-        return APIError(400, f"the request body must be a JSON object, got {kind}: {first.get('msg')}")
-    if first.get("type") == "missing":
+        if kind == "missing":
+            return APIError(400, f"the request body is empty: send a JSON object with {wants}")
+        return APIError(400, f"the request body must be a JSON object with {wants}, got "
+                        f"{_json_kind(first.get('input'))}")
+    # Inside messages[i], pydantic's location names the message's role after its index.
+    role = next((str(b) for a, b in zip(loc[:-1], loc[1:], strict=True) if isinstance(a, int) and b in MESSAGE_ROLES),
+                None)
+    where = param.split(".")[0]
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # the role that picks a message's model
+        param += ".role"
+        if kind == "union_tag_not_found":
+            kind = "missing"
+    if role is not None and param.endswith(".content") and (kind == "missing" or first.get("input") is None):
+        return APIError(400, f"{where}: a '{role}' message needs 'content'", param=param, code="invalid_value")
+    if kind == "missing":
         return APIError(400, f"missing required parameter '{param}'", param=param, code="missing_required_parameter")
+    if kind == "none_required" and role is not None and param.endswith(".tool_calls"):
+        return APIError(400, f"{where}: only assistant messages may have tool_calls, found role '{role}'",
+                        param=param, code="invalid_value")
     found = json.dumps(first.get("input"), default=str)
     found = found if len(found) <= 80 else found[:77] + "..."
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
@@ -272,6 +497,7 @@ class _Server:
         self.tokenizer = llm.tokenizer
         self.defaults = llm.sampling_params()  # read generation_config.json once
         self.created = int(time.time())
+        self.max_token_bytes = _max_token_bytes(self.tokenizer)
 
     # -- validation shared by both endpoints ------------------------------------------------
 
@@ -317,12 +543,40 @@ class _Server:
             raise APIError(400, "'stop' strings must not be empty", param="stop", code="invalid_value")
         return stops
 
-    def token_budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str) -> int:
-        """max_new_tokens for a prompt: the request's, or the rest of the context; 400 if it cannot fit."""
+    def check_max_tokens(self, max_tokens: int | None, param: str) -> None:
         limit = self.scheduler.max_len
         if max_tokens is not None and max_tokens >= limit:
             raise APIError(400, f"'{param}' is too large: {max_tokens}. This model's context holds {limit} tokens, "
                            "prompt included", param=param, code="invalid_value")
+
+    def check_fits(self, texts: Iterable[str], max_tokens: int | None, param: str) -> None:
+        """400 before tokenizing when `texts` alone cannot fit the context, whatever their tokens.
+
+        A token stands for at most `max_token_bytes` bytes of text, so n bytes make at least
+        n / max_token_bytes tokens: a 4 MiB prompt is refused at once, not after seconds of
+        tokenizing. Each of `texts` must appear whole in the prompt.
+        """
+        if self.max_token_bytes is None:
+            return
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        least = -(-size // self.max_token_bytes)
+        wanted = max_tokens if max_tokens is not None else 1
+        limit = self.scheduler.max_len
+        if least + wanted > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested at least "
+                f"{least + wanted} tokens ({size} bytes of prompt text make at least {least} tokens, {wanted} in "
+                "the completion). Please reduce the length of the prompt or the completion.",
+                param=param, code="context_length_exceeded",
+            )
+
+    def token_budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str,
+                     default: int | None = None) -> int:
+        """max_new_tokens for a prompt: the request's, else `default` or the rest of the context,
+        whichever is less; 400 if it cannot fit."""
+        limit = self.scheduler.max_len
+        self.check_max_tokens(max_tokens, param)
         wanted = max_tokens if max_tokens is not None else 1
         if prompt_len + wanted > limit:
             raise APIError(
@@ -332,7 +586,9 @@ class _Server:
                 "Please reduce the length of the prompt or the completion.",
                 param=prompt_param, code="context_length_exceeded",
             )
-        return max_tokens if max_tokens is not None else limit - prompt_len
+        if max_tokens is not None:
+            return max_tokens
+        return limit - prompt_len if default is None else min(default, limit - prompt_len)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, max_tokens: list[int], stop: list[str],
                ignore_eos: bool, constraint: Any = None) -> tuple[list[_Job], asyncio.Queue]:
@@ -366,10 +622,18 @@ class _Server:
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], str, list[dict] | None, Any]:
+    def chat_prompt(self, body: ChatCompletionRequest,
+                    max_tokens: int | None) -> tuple[list[int], str, list[dict] | None, Any]:
         """Prompt ids, forced reply prefix, the tools the reply is parsed against (None: plain text),
-        and the constraint on its tool calls (None: unconstrained; see `LLM.chat`'s `strict_tools`)."""
+        and the constraint on its tool calls (None: unconstrained; see `LLM.chat`'s `strict_tools`).
+
+        Slow for long prompts (template, tokenizer): the handler runs it in a worker thread.
+        """
+        _check_unicode(body)
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+        # Templates may trim a turn, or drop an assistant turn's thinking; the others' text stays whole.
+        self.check_fits(((m["content"] or "").strip() for m in messages if m["role"] != "assistant"), max_tokens,
+                        "messages")
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         choice: str | dict | None = body.tool_choice
         if isinstance(choice, NamedToolChoice):
@@ -387,7 +651,11 @@ class _Server:
             raise APIError(400, f"could not build the prompt: {exc}", param="messages", code="invalid_value") from exc
 
     def completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-        """Token ids and text of each prompt (strings get BOS, as `llm.generate` does)."""
+        """Token ids and text of each prompt (strings get BOS, as `llm.generate` does).
+
+        Slow for long prompts (tokenizer): the handler runs it in a worker thread.
+        """
+        _check_unicode(body)
         prompt = body.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -395,11 +663,16 @@ class _Server:
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+        strings = [p for p in prompt if isinstance(p, str)]
+        for text in strings:
+            self.check_fits([text], body.max_tokens, "prompt")
+        # encode_batch lets go of the GIL while it works (encode does not), so the event loop runs on.
+        encoded = iter(self.tokenizer.encode_batch(strings, add_special_tokens=True) if strings else [])
         ids, texts = [], []
         vocab = self.llm.config.vocab_size
         for i, p in enumerate(prompt):
             if isinstance(p, str):
-                ids.append(self.tokenizer.encode(p, add_special_tokens=True))
+                ids.append(next(encoded))
                 texts.append(p)
             else:
                 bad = [t for t in p if not 0 <= t < vocab]
@@ -411,6 +684,45 @@ class _Server:
             if not ids[-1]:
                 raise APIError(400, f"prompt[{i}] encodes to no tokens", param="prompt", code="invalid_value")
         return ids, texts
+
+
+def _max_token_bytes(tokenizer) -> int | None:
+    """The most bytes of text one token stands for, or None where no such bound holds.
+
+    None when the tokenizer normalizes text first (NFKC, lowercasing or accent stripping can
+    shrink it without limit) or when an added token takes in the whitespace beside it (lstrip,
+    rstrip: one token can then cover any length). `_tok` is the `tokenizers` object behind
+    `lfm2.tokenizer.Tokenizer`; the bound is only a shortcut, so without it the server
+    tokenizes every prompt, as before.
+    """
+    backend = getattr(tokenizer, "_tok", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    added = backend.get_added_tokens_decoder().values()
+    if any(token.lstrip or token.rstrip for token in added):
+        return None
+    longest = max((len(piece) for piece in tokenizer.token_bytes() if piece), default=0)
+    longest_added = max((len(token.content.encode()) for token in added), default=0)
+    return max(longest + 1, longest_added)  # + 1: a decoder may drop a leading space from a lone token
+
+
+def _check_unicode(body: BaseModel) -> None:
+    """400 for text holding a lone UTF-16 surrogate ("\\ud800" is valid JSON but no character):
+    the tokenizer and the UTF-8 encoder cannot take it."""
+    todo: list[tuple[str, Any]] = [("", body.model_dump(exclude_none=True))]
+    while todo:
+        param, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                raise APIError(400, f"'{param}' holds a lone UTF-16 surrogate ({value[exc.start]!r}), which is "
+                               "not a character: send valid Unicode", param=param, code="invalid_value") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                todo += [(param, key), (f"{param}.{key}" if param else key, item)]
+        elif isinstance(value, list):
+            todo += [(f"{param}[{i}]", item) for i, item in enumerate(value)]
 
 
 def _busy(sched: Scheduler) -> APIError:
@@ -428,10 +740,7 @@ def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
     if isinstance(content, list):
         content = "".join(part.text for part in content)
     role = "system" if message.role == "developer" else message.role
-    if message.tool_calls and role != "assistant":
-        raise APIError(400, f"messages[{i}]: only assistant messages may have tool_calls, found role '{role}'",
-                       param=f"messages[{i}].tool_calls", code="invalid_value")
-    if content is None and not message.tool_calls:
+    if content is None and not message.tool_calls:  # only an assistant message may lack content (pydantic)
         raise APIError(400, f"messages[{i}]: a '{role}' message needs 'content'", param=f"messages[{i}].content",
                        code="invalid_value")
     out: dict[str, Any] = {"role": role, "content": content}
@@ -507,18 +816,166 @@ async def _watch_disconnect(receive, on_disconnect) -> None:
     on_disconnect()
 
 
-def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None):
+# -- in front of the app: API key and body size ----------------------------------------------------
+
+
+class _Gate:
+    """ASGI middleware in front of the app: the API key, then the body's size, before any handler
+    reads the body.
+
+    A client without the key is refused unread. A body over `max_body_bytes` is refused from its
+    Content-Length, or, sent in chunks, as soon as the bytes received pass the limit; a body within
+    it is handed to the app whole, after which `receive` passes through (the disconnect watcher).
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.key = None if api_key is None else api_key.encode()
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            await _error_response(_unauthorized(headers), scope["path"])(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:  # uvicorn refuses malformed lengths
+            await _error_response(self._too_large(f"{int(declared)} bytes"), scope["path"])(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before the body was complete
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                await _error_response(self._too_large(f"more than {self.max_body_bytes} bytes"),
+                                      scope["path"])(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(413, f"the request body ({size}) is larger than this server's limit of {self.max_body_bytes} "
+                        "bytes (lfm2 serve --max-body-bytes)", code="request_too_large")
+
+
+def _unauthorized(headers: dict[bytes, bytes]) -> APIError:
+    if b"authorization" not in headers:
+        message = "You didn't provide an API key: send it in an Authorization header, 'Authorization: Bearer KEY'"
+    else:
+        message = "Incorrect API key provided: send this server's key as 'Authorization: Bearer KEY'"
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _error_response(err: APIError, path: str):
+    """`err` as a JSON response, logged. Non-ASCII is escaped, so that text echoed from the request
+    (a model name holding a lone surrogate, say) cannot break the encoding."""
+    from starlette.responses import Response
+
+    log.info(json.dumps({"event": "request_error", "path": path, "status": err.status, "code": err.code,
+                         "message": err.message}))
+    return Response(json.dumps(err.body()), status_code=err.status, headers=err.headers,
+                    media_type="application/json")
+
+
+# -- /openapi.json -----------------------------------------------------------------------------------
+
+_ERRORS = {
+    400: "A malformed body, a bad value, or a prompt longer than the context.",
+    401: "No API key, or a wrong one (only when the server has a key).",
+    404: "No such model.",
+    413: "A request body over the server's limit (lfm2 serve --max-body-bytes).",
+    429: "The wait queue is full: retry after Retry-After seconds.",
+    500: "An internal error, logged with its traceback.",
+    503: "The request was cancelled: the server is shutting down.",
+}
+_GENERATION_ERRORS = (400, 404, 429, 503)
+
+
+def _describe(app, api_key: bool, max_len: int) -> dict[str, Any]:
+    """The API's description as the server behaves: FastAPI's, less the 422 it documents for
+    every body (this server answers 400), plus what the gate and the streams do, and the largest
+    `max_tokens` this server's context takes."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    _, defs = models_json_schema([(m, "serialization") for m in (ErrorResponse, ChatCompletionChunk, Completion)],
+                                 ref_template="#/components/schemas/{model}")
+    schemas.update(defs["$defs"])
+    for body, field in (("ChatCompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_completion_tokens"),
+                        ("CompletionRequest", "max_tokens")):
+        schemas[body]["properties"][field]["maximum"] = max_len - 1
+    if api_key:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            responses.pop("422", None)
+            codes = [413, 500]  # the gate reads every body; any handler may fail
+            if method == "post":
+                codes += _GENERATION_ERRORS
+                chunk = "ChatCompletionChunk" if path.endswith("/chat/completions") else "Completion"
+                responses["200"]["content"]["text/event-stream"] = _event_stream(chunk)
+                responses["200"]["description"] = "The reply; with `stream: true`, server-sent events."
+            elif "{" in path:
+                codes.append(404)
+            if api_key and path not in OPEN_PATHS:
+                codes.append(401)
+                operation["security"] = [{"bearer": []}]
+            for code in sorted(codes):
+                responses[str(code)] = {"description": _ERRORS[code], "content": error}
+            if "429" in responses:
+                responses["429"]["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}}
+    return doc
+
+
+def _event_stream(chunk: str) -> dict[str, Any]:
+    """One server-sent event: a JSON `chunk`, an error, or the closing `[DONE]`."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
+    data = {"anyOf": [{"const": "[DONE]"},
+                      {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+
+
+def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
+               api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     """The FastAPI app serving `llm` as `model_name`; its scheduler runs while the app does (lifespan).
 
     `max_len` (slots per request: prompt + completion) defaults to the model's context, capped
-    at 4096; the KV cache holds `max_batch * max_len` slots per attention layer.
+    at 4096; the KV cache holds `max_batch * max_len` slots per attention layer. With `api_key`,
+    requests need `Authorization: Bearer <api_key>` (but /health and the docs); bodies over
+    `max_body_bytes` get 413.
     """
     import contextlib
 
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     context = llm.config.max_position_embeddings
@@ -539,19 +996,23 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                   description="OpenAI-compatible server for Liquid AI's LFM2 models")
     app.state.server = server
     app.state.scheduler = scheduler
+    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
 
-    def error_response(exc: APIError, request: HTTPRequest) -> JSONResponse:
-        log.info(json.dumps({"event": "request_error", "path": request.url.path, "status": exc.status,
-                             "code": exc.code, "message": exc.message}))
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _describe(app, api_key is not None, scheduler.max_len)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, exc: APIError):
-        return error_response(exc, request)
+        return _error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HTTPRequest, exc: RequestValidationError):
-        return error_response(_validation_error(list(exc.errors())), request)
+        wants = "'model' and 'messages'" if request.url.path.endswith("/chat/completions") else "'model' and 'prompt'"
+        return _error_response(_validation_error(list(exc.errors()), wants), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: HTTPRequest, exc: StarletteHTTPException):
@@ -560,19 +1021,21 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         elif exc.status_code == 405:
             err = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
                            code="method_not_allowed")
+        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # not UTF-8, say
+            err = APIError(400, "the request body could not be read as JSON: send UTF-8 JSON text", code="invalid_json")
         else:
             err = APIError(exc.status_code, str(exc.detail))
         err.headers = dict(exc.headers or {}) or None
-        return error_response(err, request)
+        return _error_response(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: HTTPRequest, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         err = APIError(500, f"internal server error ({type(exc).__name__}); see the server log", type="server_error",
                        code="internal_error")
-        return JSONResponse(err.body(), status_code=500)
+        return _error_response(err, request.url.path)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "active": scheduler.active, "queued": scheduler.queued,
                 "max_batch": scheduler.max_batch, "max_queue": scheduler.max_queue, "max_len": scheduler.max_len}
@@ -581,22 +1044,23 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         return {"id": model_name, "object": "model", "created": server.created, "owned_by": "lfm2",
                 "max_model_len": scheduler.max_len}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str) -> dict[str, Any]:
         server.check_model(model_id)
         return model_card()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         start = time.perf_counter()
         params, stop = server.validate(body)
-        ids, forced, tools, constraint = server.chat_prompt(body)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        server.check_max_tokens(wanted, max_param)
+        ids, forced, tools, constraint = await asyncio.to_thread(server.chat_prompt, body, wanted)
         budget = server.token_budget(len(ids), wanted, max_param, "messages")
         jobs, events = server.submit([ids], params, [budget], stop, body.ignore_eos, constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -692,12 +1156,14 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses={200: {"model": Completion}})
     async def completions(body: CompletionRequest, http: HTTPRequest):
         start = time.perf_counter()
         params, stop = server.validate(body)
-        prompts, texts = server.completion_prompts(body)
-        budgets = [server.token_budget(len(p), body.max_tokens, "max_tokens", "prompt") for p in prompts]
+        server.check_max_tokens(body.max_tokens, "max_tokens")
+        prompts, texts = await asyncio.to_thread(server.completion_prompts, body)
+        budgets = [server.token_budget(len(p), body.max_tokens, "max_tokens", "prompt", COMPLETION_MAX_TOKENS)
+                   for p in prompts]
         jobs, events = server.submit(prompts, params, budgets, stop, body.ignore_eos)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -801,44 +1267,114 @@ def serve(
     model_name: str | None = None,
     log_level: str = "info",
     adapter: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Load `model` (default: the bundled one), with a LoRA `adapter` if given, and serve it until interrupted.
 
-    Clients name it `model_name` (default: `model` as given, or the bundled model's name).
+    Clients name it `model_name` (default: `model` as given, or the bundled model's name). The
+    address is taken first, so that a port in use fails at once, before the model loads.
     """
     import uvicorn
 
     import lfm2
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
-    llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter)
-    from lfm2.bundled import NAME
+    sock = _bind(host, port)
+    try:
+        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
+        warning = _exposed(host, api_key)
+        if warning:
+            log.warning(warning)
+        llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter)
+        from lfm2.bundled import NAME
 
-    name = model_name or (str(model) if model else NAME)
-    app = create_app(llm, name, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+        name = model_name or (str(model) if model else NAME)
+        app = create_app(llm, name, max_batch=max_batch, max_queue=max_queue, max_len=max_len, api_key=api_key,
+                         max_body_bytes=max_body_bytes)
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or one LFM2Error saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise LFM2Error(f"--host {host}: not an address this machine can listen on ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need not wait
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = ("the address is in use (is another server running there?)" if exc.errno == errno.EADDRINUSE
+               else exc.strerror)
+        raise LFM2Error(f"cannot listen on {host}:{port}: {why}; choose another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _exposed(host: str, api_key: str | None) -> str | None:
+    """The warning to give when `host` lets other machines in and no API key keeps them out."""
+    if api_key is not None or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"lfm2 serve: listening on {host} without an API key: anyone who can reach it can use the model. "
+            "Pass --api-key KEY (or set LFM2_API_KEY), or listen on 127.0.0.1.")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: expected 0-65535 (0: any free port)")
+    return int(text)
+
+
+def _size(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: expected a positive number of bytes")
+    return int(text)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`lfm2 serve`: the arguments of `serve`, for the CLI's subcommand table."""
+    """`lfm2 serve`: the arguments of `serve`, for the CLI's subcommand table. Every help line says
+    the option's default."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file or hub id (default: bundled)")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", "-m", default=None,
+                   help="checkpoint directory, .gguf file or hub id (default: the bundled tiny model)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply (default: none)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; any other than loopback wants --api-key (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0 for any free one (default: %(default)s)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the docs "
+                        "(default: $LFM2_API_KEY, else none)")
+    p.add_argument("--max-body-bytes", type=_size, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help="larger request bodies get HTTP 413, unread (default: %(default)s, 4 MiB)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond, HTTP 429")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait; beyond, HTTP 429 (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help=f"prompt + completion tokens per request (default: the context, at most {DEFAULT_MAX_LEN})")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="how much the server logs (default: %(default)s)")
     p.set_defaults(handler=cmd_serve)
     return p
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    """`lfm2 serve`; the API key is --api-key, else $LFM2_API_KEY (an empty one means none)."""
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LFM2_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise LFM2Error("--api-key is empty: give the key clients must send, or leave the option out")
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_len=args.max_model_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
-          log_level=args.log_level, adapter=args.adapter)
+          log_level=args.log_level, adapter=args.adapter, api_key=api_key, max_body_bytes=args.max_body_bytes)

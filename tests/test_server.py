@@ -25,10 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lfm2
-from lfm2.server import create_app
+from lfm2.server import COMPLETION_MAX_TOKENS, _max_token_bytes, create_app
 
 MODEL = "lfm2-tiny"
 USER = [{"role": "user", "content": "Hi there"}]
+TOOL_CALLS = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "x"}'}}]
 
 
 class Live:
@@ -357,6 +358,24 @@ ERRORS = [
     ("/v1/completions", {"model": MODEL, "prompt": [[1, 10**7]]}, 400, "prompt", "outside the vocabulary"),
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
+    # Bodies that are no request at all.
+    (CHAT, b"", 400, None, "the request body is empty: send a JSON object with 'model' and 'messages'"),
+    ("/v1/completions", b"", 400, None, "the request body is empty: send a JSON object with 'model' and 'prompt'"),
+    (CHAT, b"null", 400, None, "must be a JSON object with 'model' and 'messages', got null"),
+    (CHAT, b'"hi"', 400, None, "must be a JSON object with 'model' and 'messages', got a string"),
+    (CHAT, b"{not json", 400, None, "not valid JSON"),
+    # What each role needs: the schema and the server agree (a tool's result has content, as in OpenAI's API).
+    (CHAT, chat(messages=[{"role": "tool", "tool_call_id": "c"}]), 400, "messages[0].content", "needs 'content'"),
+    (CHAT, chat(messages=[{"role": "tool", "content": None}]), 400, "messages[0].content", "needs 'content'"),
+    (CHAT, chat(messages=[{"role": "assistant", "content": None}]), 400, "messages[0].content", "needs 'content'"),
+    (CHAT, chat(messages=[{"content": "hi"}]), 400, "messages[0].role", "missing"),
+    (CHAT, chat(messages=[{"role": "user", "content": "hi", "tool_calls": TOOL_CALLS}]), 400,
+     "messages[0].tool_calls", "only assistant messages"),
+    # JSON may spell a lone surrogate, which is no character: the tokenizer cannot take it.
+    (CHAT, b'{"model": "lfm2-tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}', 400,
+     "messages[0].content", "lone UTF-16 surrogate"),
+    ("/v1/completions", b'{"model": "lfm2-tiny", "prompt": ["ok", "\\udfff"]}', 400, "prompt[1]", "surrogate"),
+    (CHAT, b'{"model": "\\ud800", "messages": [{"role": "user", "content": "a"}]}', 404, "model", "does not exist"),
 ]
 
 
@@ -371,6 +390,7 @@ def test_bad_requests_get_openai_errors(live, path, body, status, param, words):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and words in error["message"], error
     assert error["type"] == "invalid_request_error"
+    assert "NoneType" not in error["message"] and "Field required" not in error["message"]
 
 
 def test_errors_through_the_openai_client(live):
@@ -387,6 +407,125 @@ def test_errors_through_the_openai_client(live):
         r = httpx.request(method, live.url + path)
         assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_completions_default_to_16_tokens_and_chat_to_the_rest_of_the_context(live, llm):
+    """OpenAI's defaults: 16 tokens for /v1/completions (fewer if the context has less room); a
+    chat completion runs to the end of the context."""
+    kw = dict(model=MODEL, temperature=0, extra_body={"ignore_eos": True})
+    reply = live.client.completions.create(prompt="Once upon a time", **kw)
+    assert reply.usage.completion_tokens == COMPLETION_MAX_TOKENS == 16
+    assert reply.choices[0].finish_reason == "length"
+    limit = live.scheduler.max_len
+    almost_full = [7] * (limit - 5)  # room for 5 tokens
+    reply = live.client.completions.create(prompt=almost_full, **kw)
+    assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+
+    def messages(words: int) -> list[dict]:
+        return [{"role": "user", "content": " ".join(["word"] * words)}]
+
+    per_word = (len(llm._chat_prompt(messages(101), None, None)[0]) - len(llm._chat_prompt(messages(1), None, None)[0]))
+    words = int((limit - 40 - len(llm._chat_prompt(messages(1), None, None)[0])) / (per_word / 100))
+    room = limit - len(llm._chat_prompt(messages(words), None, None)[0])
+    assert 16 < room < 80, f"fixture: {room} free slots"
+    reply = live.client.chat.completions.create(messages=messages(words), **kw)
+    assert reply.usage.completion_tokens == room and reply.choices[0].finish_reason == "length"
+
+
+def test_openapi_documents_what_the_server_answers(live):
+    """No 422 (the server answers 400); every error status with OpenAI's error body; streams as
+    server-sent events; a tool message's content required, as the server requires it."""
+    doc = httpx.get(live.url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "securitySchemes" not in doc["components"]
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            codes = set(operation["responses"])
+            assert "422" not in codes and "401" not in codes, (method, path)  # no API key on this server
+            assert {"200", "413", "500"} <= codes
+            for code in codes - {"200"}:
+                assert operation["responses"][code]["content"]["application/json"]["schema"] == error_ref
+    for path, chunk in ((CHAT, "ChatCompletionChunk"), ("/v1/completions", "Completion")):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert {"400", "404", "413", "429", "500", "503"} < set(responses)
+        assert "Retry-After" in responses["429"]["headers"]
+        stream = responses["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+        assert stream[0] == {"const": "[DONE]"}
+        assert {"$ref": f"#/components/schemas/{chunk}"} in stream[1]["contentSchema"]["anyOf"]
+    assert schemas["ErrorResponse"]["required"] == ["error"]
+    assert set(schemas["ErrorDetail"]["required"]) == {"message", "type", "param", "code"}
+    assert "content" in schemas["ToolMessage"]["required"] and "content" in schemas["UserMessage"]["required"]
+    assert "content" not in schemas["AssistantMessage"]["required"]  # tool calls may stand in for it
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data())
+def test_a_token_never_stands_for_more_than_max_token_bytes(llm, data):
+    """The bound behind refusing long prompts before tokenizing: n bytes of text are at least
+    n / max_token_bytes tokens. Texts made of the vocabulary's own tokens, the longest included,
+    come closest to it."""
+    tok = llm.tokenizer
+    longest = _max_token_bytes(tok)
+    assert longest is not None
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+    pieces.sort(key=lambda p: -len(p.encode()))
+    piece = st.one_of(st.sampled_from(pieces[:20]), st.sampled_from(pieces), st.text(max_size=8))
+    text = "".join(data.draw(st.lists(piece, max_size=40)))
+    assert len(tok.encode(text)) >= -(-len(text.encode()) // longest)
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_while_others_go_on(live, llm, monkeypatch):
+    """3 MiB of text (under the body limit) cannot fit 512 tokens: the server says so from its
+    length, without rendering or tokenizing it, and small requests meanwhile answer at once."""
+    rendered: list[int] = []
+    render = llm.tokenizer.apply_chat_template
+    monkeypatch.setattr(llm.tokenizer, "apply_chat_template",
+                        lambda messages, *a, **kw: rendered.append(len(messages)) or render(messages, *a, **kw))
+    huge = "many words " * (3 * 2**20 // 11)
+    small = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    latencies = []
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(live.post, CHAT, json=chat(messages=[{"role": "user", "content": huge}]))
+        while not big.done() and len(latencies) < 100:
+            start = time.perf_counter()
+            assert live.post("/v1/completions", json=small).status_code == 200
+            latencies.append(time.perf_counter() - start)
+        r = big.result()
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "at least" in error["message"] and not rendered
+    assert max(latencies, default=0.0) < 1.0, latencies
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+def test_prompts_are_built_off_the_event_loop(live, llm, monkeypatch, path):
+    """The chat template and the tokenizer run in worker threads: while one request's prompt takes
+    2 s to build, another request is answered."""
+    started = threading.Event()
+    tok = llm.tokenizer
+    render, encode_batch = tok.apply_chat_template, tok.encode_batch
+
+    def slowly(build, marked: bool):
+        if marked:
+            started.set()
+            time.sleep(2)
+        return build
+
+    monkeypatch.setattr(tok, "apply_chat_template",
+                        lambda m, *a, **kw: slowly(render, "slowly" in str(m))(m, *a, **kw))
+    monkeypatch.setattr(tok, "encode_batch",
+                        lambda t, *a, **kw: slowly(encode_batch, "slowly" in str(t))(t, *a, **kw))
+    body = (chat(messages=[{"role": "user", "content": "slowly"}]) if path == CHAT
+            else {"model": MODEL, "prompt": "slowly", "max_tokens": 2})
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(live.post, path, json=body)
+        assert started.wait(30)
+        start = time.perf_counter()
+        quick = live.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        waited = time.perf_counter() - start
+        assert slow.result().status_code == 200
+    assert quick.status_code == 200 and waited < 1.0, f"a 2 s prompt held another request up for {waited:.1f} s"
 
 
 # -- concurrency -------------------------------------------------------------------------------------
@@ -474,7 +613,6 @@ JSON_VALUES = st.recursive(
 )
 
 
-TOOL_CALLS = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "x"}'}}]
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer"]), "content": st.text(max_size=30)},
     optional={"tool_call_id": st.text(max_size=5), "tool_calls": st.just(TOOL_CALLS)},
