@@ -206,7 +206,12 @@ class Tokenizer:
         `add_special_tokens` defaults to False, unlike transformers, because nearly everything we
         encode is a rendered chat prompt, which already starts with BOS; adding another would give
         the model two. Pass True for raw text that should get BOS from the post-processor.
+
+        A long text goes through `encode_batch`, which releases Python's GIL while it works (`encode`
+        holds it: seconds for megabytes), so that a server's other threads keep running meanwhile.
         """
+        if len(text) > 16384:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_with_offsets(self, text: str) -> list[tuple[int, tuple[int, int]]]:

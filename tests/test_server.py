@@ -745,3 +745,20 @@ def test_serve_subcommand_starts_a_server(chat_checkpoint):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("tools, choice", [(None, None), ([get_weather_tool()], "none")], ids=["no-tools", "none"])
+def test_a_reply_that_may_not_call_tools_never_shows_call_markers(live, llm, tools, choice):
+    """A model that reaches for a tool nobody offered (scripted here to open a call block) must not put
+    `<|tool_call_start|>` into the reply's content: the markers are masked (`lfm2.constrain.NoToolCalls`)."""
+    extra = {} if tools is None else {"tools": tools, "tool_choice": choice}
+    with Script(llm, {"Joke please": "<|tool_call_start|>[get_weather(city='x')]<|tool_call_end|>"}):
+        reply = live.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Joke please"}], max_tokens=12, **extra)
+        chunks = list(live.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Joke please"}], max_tokens=12, stream=True, **extra))
+    message = reply.choices[0].message
+    assert message.tool_calls is None and "<|tool_call" not in (message.content or "")
+    assert reply.choices[0].finish_reason != "tool_calls"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "<|tool_call" not in streamed and not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
