@@ -1,13 +1,14 @@
 """Run the recipe's step 10 (`BundleConfig.wide_*`) from the shipped model, on a CPU, and measure it.
 
-    python benchmarks/bundle_step10.py --out runs/step10 [--threads 2]
+    python benchmarks/bundle_step10.py --out runs/step10 [--threads 2] [--steps 250]
 
 The full recipe (`python -m lfm2.train.bundle`) builds every step from scratch; this script starts
 from the bundled model (steps 1-9) instead, with the data step 10 would get (`bundle.wide_rows`, mixed
 with corpus text and copying rows as every fine-tuning stage is), so that a machine without a GPU can
-add the step in about half an hour. It prints and writes (`OUT/eval.json`) the figures the model card
-quotes for the result: held-out corpus perplexity, copying loss, the recipe's held-out tool prompts,
-and the hand-written tool-call set (`lfm2.train.tool_eval`), which is only measured, never tuned on.
+add the step in about ten minutes (two cores, nothing else running). The recipe has the step off
+(`wide_steps` 0): docs/benchmarks.md says what it measured. It prints and writes (`OUT/eval.json`) the
+figures the model card quotes: held-out corpus perplexity, copying loss, the recipe's held-out tool
+prompts, and the hand-written tool-call set (`lfm2.train.tool_eval`), which is only measured, never tuned on.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="override wide_steps (a smoke run)")
+    ap.add_argument("--steps", type=int, default=250, help="steps of step 10 (the recipe has it off: wide_steps 0)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = default_model_path()
@@ -57,8 +58,7 @@ def main() -> None:
     # The shipped model's own config (steps 1-9), with this version's step 10 fields at their defaults.
     cfg = BundleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     cfg.out = args.out
-    if args.steps:
-        cfg.wide_steps = args.steps
+    cfg.wide_steps = args.steps
     out, data = Path(args.out), Path(args.out) / "data"
     data.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
