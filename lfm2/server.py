@@ -40,6 +40,7 @@ chat completions and 16 for completions, as in OpenAI's API.
 # generate` does not pay for it).
 import argparse
 import asyncio
+import copy
 import dataclasses
 import errno
 import hmac
@@ -55,7 +56,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, model_validator
 
 from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
 from lfm2.generate import TextStream
@@ -151,8 +152,23 @@ class FunctionDefinition(_Body):
 
 
 class Tool(_Body):
+    """A tool as the client sent it: validated by the fields below, and listed to the model exactly as
+    sent (`raw`: key order and extra keys kept), as transformers renders what it is given."""
+
     type: Literal["function"]
     function: FunctionDefinition
+    _raw: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw(cls, data: Any, handler: Any) -> "Tool":
+        tool = handler(data)
+        if isinstance(data, dict):
+            tool._raw = copy.deepcopy(data)
+        return tool
+
+    def raw(self) -> dict[str, Any]:
+        return self._raw if self._raw is not None else self.model_dump(exclude_none=True)
 
 
 class FunctionName(_Body):
@@ -634,7 +650,7 @@ class _Server:
         # Templates may trim a turn, or drop an assistant turn's thinking; the others' text stays whole.
         self.check_fits(((m["content"] or "").strip() for m in messages if m["role"] != "assistant"), max_tokens,
                         "messages")
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        tools = [t.raw() for t in body.tools] if body.tools else None
         choice: str | dict | None = body.tool_choice
         if isinstance(choice, NamedToolChoice):
             names = [t["function"]["name"] for t in tools or []]

@@ -762,3 +762,19 @@ def test_a_reply_that_may_not_call_tools_never_shows_call_markers(live, llm, too
     assert reply.choices[0].finish_reason != "tool_calls"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "<|tool_call" not in streamed and not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_tools_reach_the_template_as_the_client_sent_them(live, llm):
+    """Key order and extra keys of a client's tool are kept: the prompt equals the chat template rendered
+    on the request's own tools (as transformers renders what it is given), not on a re-serialised copy."""
+    tool = {"function": {"parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                         "x-note": "kept", "name": "get_weather", "description": "Weather now."},
+            "type": "function"}
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    with Script(llm, {"Weather in Oslo?": "Sunny."}) as script:
+        r = live.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "tools": [tool],
+                                                    "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    expected = llm.tokenizer.apply_chat_template(messages, tools=[tool], add_generation_prompt=True)
+    assert script.prompts[0] == expected
+    assert '{"function": {"parameters"' in expected and '"x-note": "kept"' in expected
