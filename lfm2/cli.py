@@ -40,6 +40,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the weights after loading (lfm2.quant's kernels); a checkpoint written by "
+                        "`lfm2 quantize` is loaded quantized without it")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -232,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if tools and not args.chat:
         raise LFM2Error("--tools needs --chat (tools are offered through the chat template)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                    compile=args.compile)
+                    quantize=args.quantize, compile=args.compile)
     sampling = _sampling(args)
     if args.chat:
         deltas = llm.chat_stream([{"role": "user", "content": prompt}], tools=tools,
@@ -257,7 +260,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     tools = _load_tools(args.tools, args.strict_tools)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                    compile=args.compile)
+                    quantize=args.quantize, compile=args.compile)
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = _sampling(args)

@@ -1285,8 +1285,10 @@ def serve(
     adapter: str | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    quantize: str | None = None,
 ) -> None:
-    """Load `model` (default: the bundled one), with a LoRA `adapter` if given, and serve it until interrupted.
+    """Load `model` (default: the bundled one), with a LoRA `adapter` if given, quantized if asked
+    (`quantize` "int8" / "int4", as `lfm2.load`), and serve it until interrupted.
 
     Clients name it `model_name` (default: `model` as given, or the bundled model's name). The
     address is taken first, so that a port in use fails at once, before the model loads.
@@ -1301,7 +1303,7 @@ def serve(
         warning = _exposed(host, api_key)
         if warning:
             log.warning(warning)
-        llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter)
+        llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
         from lfm2.bundled import NAME
 
         name = model_name or (str(model) if model else NAME)
@@ -1366,6 +1368,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply (default: none)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the weights after loading, as `lfm2.load(quantize=...)` (default: none; a "
+                        "checkpoint written by `lfm2 quantize` is served quantized without it)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; any other than loopback wants --api-key (default: %(default)s)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 0 for any free one (default: %(default)s)")
@@ -1393,4 +1398,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise LFM2Error("--api-key is empty: give the key clients must send, or leave the option out")
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_len=args.max_model_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
-          log_level=args.log_level, adapter=args.adapter, api_key=api_key, max_body_bytes=args.max_body_bytes)
+          log_level=args.log_level, adapter=args.adapter, api_key=api_key, max_body_bytes=args.max_body_bytes,
+          quantize=args.quantize)

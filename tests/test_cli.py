@@ -227,3 +227,20 @@ def test_ctrl_c_during_generate_ends_the_line(chat_checkpoint):
     child.close()
     assert child.exitstatus == 130 or child.signalstatus == signal.SIGINT
     assert child.before.endswith(("\n", "\r\n")), repr(child.before[-40:])
+
+
+def test_generate_and_chat_take_quantize(chat_checkpoint, monkeypatch, capsys):
+    """`--quantize int8|int4` on generate (and chat, which shares the model options) reaches `lfm2.load`."""
+    import lfm2
+    from lfm2.cli import main
+    from lfm2.quant import QuantLinear
+
+    loaded = []
+    real_load = lfm2.load
+    monkeypatch.setattr(lfm2, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    main(["generate", "--model", str(chat_checkpoint), "--quantize", "int4", "--temperature", "0",
+          "--max-new-tokens", "4", "Hello"])
+    assert capsys.readouterr().out.strip()
+    assert any(isinstance(m, QuantLinear) for m in loaded[0].model.modules())
+    r = run("chat", "--quantize", "int2")
+    assert r.returncode == 2 and "--quantize" in r.stderr and "invalid choice" in r.stderr

@@ -778,3 +778,37 @@ def test_tools_reach_the_template_as_the_client_sent_them(live, llm):
     expected = llm.tokenizer.apply_chat_template(messages, tools=[tool], add_generation_prompt=True)
     assert script.prompts[0] == expected
     assert '{"function": {"parameters"' in expected and '"x-note": "kept"' in expected
+
+
+def test_serve_quantize_reaches_the_loader_and_serves(monkeypatch, chat_checkpoint):
+    """`lfm2 serve --quantize int8` loads quantized weights (the library's `quantize=`) and serves them."""
+    import argparse
+
+    import uvicorn
+
+    from lfm2.quant import QuantLinear
+    from lfm2.server import add_serve_parser, cmd_serve
+
+    loaded = []
+    real_load = lfm2.load
+
+    def load(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    apps = []
+    monkeypatch.setattr(lfm2, "load", load)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
+    parser = argparse.ArgumentParser(prog="lfm2")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    cmd_serve(parser.parse_args(["serve", "--model", str(chat_checkpoint), "--port", "0", "--quantize", "int8"]))
+    monkeypatch.undo()  # uvicorn runs for real below
+    (llm,) = loaded
+    assert len(apps) == 1 and any(isinstance(m, QuantLinear) for m in llm.model.modules())
+    server = Live(llm)  # the same quantized model behind the app, answering
+    try:
+        reply = server.client.completions.create(model=MODEL, prompt="Hi", max_tokens=3,
+                                                 extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 3
+    finally:
+        server.close()
