@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lfm2 import __version__
 from lfm2.errors import LFM2Error
-
-VERSION = "0.1.0"  # equal to pyproject.toml's and lfm2.__version__ (tests/test_cli.py checks)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,7 +206,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     arguments and the others are listed by name and help alone, so that parsing never imports
     what another command needs; None builds them all."""
     parser = _Parser(prog="lfm2", description="Run, serve and fine-tune Liquid AI's LFM2 models.")
-    parser.add_argument("--version", action="version", version=f"lfm2 {VERSION}")
+    parser.add_argument("--version", action="version", version=f"lfm2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for name, help in _COMMANDS.items():
         if command is None or name == command:
