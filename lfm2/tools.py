@@ -223,6 +223,12 @@ def _type_schema(hint: Any, where: str) -> dict[str, Any]:
         if len(args) == 2:
             out["additionalProperties"] = _type_schema(args[1], where)
         return out
+    # Hints transformers refuses; we describe them as the JSON the model would write for them.
+    if hint in (set, frozenset) or origin in (set, frozenset, Sequence, Iterable):
+        return {"type": "array", "items": _type_schema(args[0], where)} if args else {"type": "array"}
+    if origin is Mapping:
+        return {"type": "object", "additionalProperties": _type_schema(args[1], where)} if len(args) == 2 else {
+            "type": "object"}
     raise ToolError(
         f"tool parameter {where}: cannot describe type {hint!r} in JSON schema; use str, int, float, "
         "bool, list[...], tuple[...], dict[str, ...], Optional[...], Literal[...] or an Enum"

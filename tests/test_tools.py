@@ -13,6 +13,7 @@ import os
 import random
 import re
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Literal, Optional
 from unittest import mock
@@ -770,3 +771,15 @@ def test_run_tool_calls_falls_back_to_str_for_results_json_cannot_hold():
     out = run_tool_calls([_call("obj", {}), _call("text", {})], {"obj": lambda: {1, 2}, "text": lambda: "plain"})
     assert out[0]["content"] == "{1, 2}"
     assert out[1]["content"] == "plain"
+
+
+def tag(names: Sequence[str], ids: set[int], pairs: Mapping[str, float], rest: Iterable[bool] = ()) -> None:
+    """Tag things."""
+
+
+def test_tool_schema_describes_hints_transformers_refuses():
+    props = tool_schema(tag)["function"]["parameters"]["properties"]
+    assert props == {"names": {"type": "array", "items": {"type": "string"}},
+                     "ids": {"type": "array", "items": {"type": "integer"}},
+                     "pairs": {"type": "object", "additionalProperties": {"type": "number"}},
+                     "rest": {"type": "array", "items": {"type": "boolean"}}}
