@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=250, help="steps of step 10 (the recipe has it off: wide_steps 0)")
+    ap.add_argument("--calls", type=float, default=None, help="wide_calls: of synth_wide's conversations, tool calls")
+    ap.add_argument("--keep", type=float, default=None, help="wide_keep: of all, step 9's kind")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = default_model_path()
@@ -59,6 +61,8 @@ def main() -> None:
     cfg = BundleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     cfg.out = args.out
     cfg.wide_steps = args.steps
+    cfg.wide_calls = cfg.wide_calls if args.calls is None else args.calls
+    cfg.wide_keep = cfg.wide_keep if args.keep is None else args.keep
     out, data = Path(args.out), Path(args.out) / "data"
     data.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

@@ -174,6 +174,7 @@ class BundleConfig:
     # calls, were still poor ("You can I help you today?"). docs/benchmarks.md has the table.
     wide_conversations: int = 24000
     wide_keep: float = 0.25
+    wide_calls: float = 0.6  # of synth_wide's conversations, tool calls; the rest need no tool
     wide_steps: int = 0
     wide_lr: float = 3e-4
     # Pretraining on 1000 x 64 rows of 256 tokens (16M tokens, 1.5 passes over the corpus) rather than
@@ -336,7 +337,7 @@ def wide_rows(cfg: BundleConfig, n: int, seed: int, variety: Variety) -> list[di
     from lfm2.train.synth_wide import wide_conversations
 
     keep = round(n * cfg.wide_keep)
-    rows = wide_conversations(n - keep, seed=seed) + conversations(keep, seed=seed, split="train",
+    rows = wide_conversations(n - keep, seed=seed, calls=cfg.wide_calls) + conversations(keep, seed=seed, split="train",
                                                                      exchanges=cfg.sft_exchanges, variety=variety)
     random.Random(seed).shuffle(rows)
     return rows

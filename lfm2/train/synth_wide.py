@@ -1325,16 +1325,16 @@ def no_tools_conversation(rng: random.Random) -> dict[str, Any]:
     return {"messages": [*_system(rng), {"role": "user", "content": text}, {"role": "assistant", "content": reply}]}
 
 
-def wide_conversations(n: int, seed: int) -> list[dict[str, Any]]:
-    """`n` conversations (60% tool calls, 20% tools listed but not called, 20% no tools); deterministic
-    in `seed`. See the module docstring for what they hold and why."""
+def wide_conversations(n: int, seed: int, calls: float = 0.6) -> list[dict[str, Any]]:
+    """`n` conversations (`calls` of them tool calls, the rest half tools listed but not called, half no
+    tools); deterministic in `seed`. See the module docstring for what they hold and why."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         r = rng.random()
-        if r < 0.6:
+        if r < calls:
             out.append(tool_call_conversation(rng))
-        elif r < 0.8:
+        elif r < calls + (1 - calls) / 2:
             out.append(listed_no_call_conversation(rng))
         else:
             out.append(no_tools_conversation(rng))
