@@ -28,6 +28,10 @@ from lfm2.errors import LFM2Error
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # every (sub)command's help shows its defaults
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one clear line instead of usage + message
         sys.stderr.write(f"lfm2: error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
@@ -122,7 +126,7 @@ _COMMANDS = {
 
 
 def _add_generate(sub) -> None:
-    g = sub.add_parser("generate", help=_COMMANDS["generate"], formatter_class=_Help)
+    g = sub.add_parser("generate", help=_COMMANDS["generate"])
     _add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("prompt", nargs="?", help="the prompt (read from stdin when absent)")
@@ -132,7 +136,7 @@ def _add_generate(sub) -> None:
 
 
 def _add_chat(sub) -> None:
-    c = sub.add_parser("chat", help=_COMMANDS["chat"], formatter_class=_Help)
+    c = sub.add_parser("chat", help=_COMMANDS["chat"])
     _add_model_args(c)
     _add_sampling_args(c)
     _add_tool_args(c)
@@ -140,7 +144,7 @@ def _add_chat(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    t = sub.add_parser("train", help=_COMMANDS["train"], formatter_class=_Help)
+    t = sub.add_parser("train", help=_COMMANDS["train"])
     t.add_argument("--config", required=True, help="JSON file of lfm2.train.trainer.TrainConfig fields")
     t.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
 
@@ -166,11 +170,11 @@ def _add_merge(sub) -> None:
 def _add_bench(sub) -> None:
     from lfm2.bench import add_arguments
 
-    add_arguments(sub.add_parser("bench", help=_COMMANDS["bench"], formatter_class=_Help))
+    add_arguments(sub.add_parser("bench", help=_COMMANDS["bench"]))
 
 
 def _add_quantize(sub) -> None:
-    q = sub.add_parser("quantize", help=_COMMANDS["quantize"], formatter_class=_Help)
+    q = sub.add_parser("quantize", help=_COMMANDS["quantize"])
     q.add_argument("src", help="float checkpoint directory or hub id")
     q.add_argument("-o", "--out", required=True, help="output directory")
     q.add_argument("--type", required=True, choices=["int8", "int4"])
