@@ -26,6 +26,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def bench(args: argparse.Namespace) -> None:
     if args.precision and not set(args.precision.split(",")) <= {"f32", "int8", "int4"}:
         raise SystemExit(f"--precision {args.precision!r}: choose from f32, int8, int4 (comma-separated)")
-    ckpt = random_checkpoint(args.preset, args.dir or Path("/tmp") / f"lfm2-serve-{args.preset}")
+    ckpt = random_checkpoint(args.preset, args.dir or Path(tempfile.gettempdir()) / f"lfm2-serve-{args.preset}")
     engines = engines_for(ckpt, args)
     results: dict[str, list[dict]] = {label: [] for label, *_ in engines}
     for r in range(args.rounds):
