@@ -337,8 +337,8 @@ def wide_rows(cfg: BundleConfig, n: int, seed: int, variety: Variety) -> list[di
     from lfm2.train.synth_wide import wide_conversations
 
     keep = round(n * cfg.wide_keep)
-    rows = wide_conversations(n - keep, seed=seed, calls=cfg.wide_calls) + conversations(keep, seed=seed, split="train",
-                                                                     exchanges=cfg.sft_exchanges, variety=variety)
+    rows = wide_conversations(n - keep, seed=seed, calls=cfg.wide_calls)
+    rows += conversations(keep, seed=seed, split="train", exchanges=cfg.sft_exchanges, variety=variety)
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -418,7 +418,7 @@ def evaluate(model_dir: Path, pretrain_dir: Path, copy_dir: Path, cfg: BundleCon
     # Requests written apart from `synth` (benchmarks/data/tool_eval.json, in a clone of the repository):
     # whether the model calls tools as people define and ask for them. A test set: no step is tuned on it.
     independent = tool_eval.evaluate(llm) if tool_eval.DEFAULT_PATH.is_file() else {}
-    return {**independent,"heldout_corpus_loss": final_loss, "heldout_corpus_perplexity": math.exp(final_loss),
+    return {**independent, "heldout_corpus_loss": final_loss, "heldout_corpus_perplexity": math.exp(final_loss),
             "pretrain_heldout_corpus_loss": pretrain_loss,
             "pretrain_heldout_corpus_perplexity": math.exp(pretrain_loss),
             "copy_loss": copy_loss, "pretrain_copy_loss": pretrain_copy_loss,
@@ -574,9 +574,10 @@ def _independent_lines(results: dict[str, Any]) -> str:
     if "independent_tool_prompts" not in results:
         return ""
     r = results
-    return (f"- Tool calls on {r['independent_tool_prompts']} hand-written requests over 56 tools of two dozen\n"
-            "  domains (`benchmarks/data/tool_eval.json`, written apart from the training data and never used to\n"
-            "  train or tune; `python -m lfm2.train.tool_eval`), greedy: with strict tool calls right tool\n"
+    return (f"- Tool calls on {r['independent_tool_prompts']} hand-written requests over "
+            f"{r['independent_tools']} tools\n"
+            "  of many domains (`benchmarks/data/tool_eval.json`, written apart from the training data and never\n"
+            "  used to train or tune; `python -m lfm2.train.tool_eval`), greedy: with strict tool calls right tool\n"
             f"  {r['independent_strict_right_tool']:.1%}, right tool and arguments "
             f"{r['independent_strict_right_tool_and_arguments']:.1%}; unconstrained right tool\n"
             f"  {r['independent_right_tool']:.1%}, right tool and arguments "

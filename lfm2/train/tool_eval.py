@@ -116,7 +116,8 @@ def run(llm: Any, items: list[Item], strict: bool, whole_names: bool = True,
 def evaluate(llm: Any, items: list[Item] | None = None, progress: bool = True) -> dict[str, Any]:
     """The figures the README and the model card quote, unconstrained and strict."""
     items = load_items() if items is None else items
-    out: dict[str, Any] = {"independent_tool_prompts": len(items)}
+    tools = {t["function"]["name"] for item in items for t in item.tools}
+    out: dict[str, Any] = {"independent_tool_prompts": len(items), "independent_tools": len(tools)}
     for key, strict in (("independent", False), ("independent_strict", True)):
         results = run(llm, items, strict, progress=progress)
         out[f"{key}_right_tool"] = sum(t for t, _ in results) / len(items)
