@@ -43,9 +43,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the weights after loading (lfm2.quant's kernels); a checkpoint written by "
-                        "`lfm2 quantize` is loaded quantized without it")
+    p.add_argument("--quantize", choices=["int8", "int4", "none"], default=None,
+                   help="quantize the weights after loading (lfm2.quant's kernels). Without it a checkpoint "
+                        "written by `lfm2 quantize` loads quantized, and a Q8_0 / Q4_0 .gguf file keeps its own "
+                        "format; none: dequantize such a file")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -735,17 +735,41 @@ class GGUFLLM(LLM):
         return SamplingParams.from_generation_config(self.generation_defaults, **sampling)
 
 
+def native_format(f: GGUFFile) -> str | None:
+    """The lfm2 format whose kernels run this file's weight matrices as they are stored: "int4" when
+    most of their bytes are Q4_0 blocks, "int8" when Q8_0, else None (F16/F32 files, and K-quants,
+    which lfm2 has no kernels for yet, are read as float)."""
+    sizes: dict[int, int] = {}
+    for name, info in f.tensors.items():
+        if name.startswith("blk.") and name.endswith(".weight") and len(info.shape) >= 2:
+            sizes[info.type] = sizes.get(info.type, 0) + info.nbytes
+    if not sizes:
+        return None
+    main = max(sizes, key=sizes.get)
+    return next((kind for kind, ttype in DIRECT_TYPES.items() if ttype == main), None)
+
+
 def load_gguf(
     path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-    quantize: str | None = None, group_size: int | None = 32,
+    quantize: str | None = None, group_size: int | None = 32, native: bool = False,
 ) -> GGUFLLM:
     """`lfm2.load()` for a `.gguf` file: an `LLM` with the file's config, weights and tokenizer.
 
     Quantized weights are dequantized to `dtype` (float32 on CPU by default, bfloat16 on
     accelerators); float32 weights loaded as float32 stay memory-mapped. With `quantize`, Q8_0 /
-    Q4_0 tensors become int8 / int4 layers as they are (see `load_model`).
+    Q4_0 tensors become int8 / int4 layers as they are (see `load_model`). With `native` and no
+    `quantize`, a CPU load keeps the file's own format where lfm2 has kernels for it
+    (`native_format`): a Q4_0 file runs as int4 from its blocks, at a quarter of float32's memory,
+    as llama.cpp runs it, rather than dequantized.
     """
     device = parse_device(device)
+    if quantize is None and native and device.type == "cpu" and group_size == 32:
+        quantize = native_format(GGUFFile(path))
+        if quantize is not None:
+            try:
+                return load_gguf(path, dtype, device, quantize, group_size)
+            except ConfigError:  # a layer whose width 32-value groups do not divide: read it as float
+                quantize = None
     config, model, tokenizer, f = read_gguf(path, parse_dtype(dtype, device), device, quantize=quantize,
                                             group_size=group_size)
     if quantize is not None and device.type == "cpu":

@@ -277,12 +277,17 @@ def load(
     (`group_size` 32, 64, 128, or None for int8 per channel; see `lfm2.quant`); an adapter is then
     folded into the weights first. A checkpoint written by `lfm2 quantize` loads quantized as it
     is, without float32 weights. A GGUF file's Q8_0 / Q4_0 tensors become int8 / int4 layers
-    directly when `quantize` names that format.
+    directly when `quantize` names that format, and by default on the CPU when the file's weight
+    matrices are mostly of one of those types (it keeps its own format, as in llama.cpp);
+    `quantize="none"` dequantizes them to `dtype` instead.
 
     `compile=True` runs decode steps through `torch.compile` (`lfm2.compile`): faster tokens after
     a one-time compile (about 45 s for LFM2-350M on 2 cores, a few seconds once inductor's disk cache
     holds it), with an eager fallback where compiling fails.
     """
+    native = quantize is None  # a GGUF file's own Q8_0 / Q4_0 blocks, where nothing else is asked
+    if quantize == "none":
+        quantize = None
     if quantize is not None:
         from lfm2.quant import check_format
 
@@ -294,7 +299,8 @@ def load(
     if str(path_or_hub_id).endswith(".gguf"):
         from lfm2.gguf import load_gguf
 
-        llm = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+        llm = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
+                        native=native and adapter is None)
         return _compiled(_with_adapter(llm, adapter), compile)
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)

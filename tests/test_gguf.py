@@ -139,7 +139,7 @@ def test_quantized_round_trip(dense, dense_gguf, kind, logit_bound, agree):
     """Every dequantized weight is within the quantization error of the original, and the logits
     stay close: measured max |diff| 0.047 (Q8_0) and 0.48 (Q4_0) for logits of magnitude 2.8,
     top-1 agreement 98% and 73% over 64 positions."""
-    loaded = lfm2.load(dense_gguf[kind])
+    loaded = lfm2.load(dense_gguf[kind], quantize="none")  # the dequantizing reader
     ref = dense.model.state_dict()
     for name, q in loaded.model.state_dict().items():
         w = ref[name]
@@ -269,7 +269,7 @@ def test_gguf_to_hf_to_load_identical(dense_gguf, dense, tmp_path):
         out = import_gguf(dense_gguf[kind], tmp_path / f"{kind}-{dtype}", dtype=dtype, progress=False)
         with safe_open(str(out / "model.safetensors"), framework="pt") as f:
             assert f.get_tensor("model.layers.0.feed_forward.w1.weight").dtype == (dtype or torch.float32)
-        via_hf, direct = lfm2.load(out, dtype=dtype), lfm2.load(dense_gguf[kind], dtype=dtype)
+        via_hf, direct = lfm2.load(out, dtype=dtype), lfm2.load(dense_gguf[kind], dtype=dtype, quantize="none")
         assert torch.equal(_logits(via_hf, ids), _logits(direct, ids)), kind
         assert via_hf.config == direct.config
         assert via_hf.tokenizer.chat_template == dense.tokenizer.chat_template
@@ -523,7 +523,7 @@ def test_llama_cpp_q8_0_teacher_forced_agreement(llama_cpp, dense_gguf, dense):
     path = dense_gguf["q8_0"]
     ids = _sequence(dense.config.vocab_size, 256)
     theirs = _llama_logits(_llama(llama_cpp, path), ids)
-    ours = _logits(lfm2.load(path), ids).numpy()
+    ours = _logits(lfm2.load(path, quantize="none"), ids).numpy()
     assert len(set(theirs.argmax(-1).tolist())) >= 64
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
 
@@ -569,6 +569,29 @@ def test_llama_cpp_quantized_files_read_alike(llama_cpp, wide_f32, tmp_path, fty
     assert {t.type.name for t in f.tensors.values() if len(t.shape) >= 2} - {"F32"} == {qtype}
     ids = _sequence(f.tensors["token_embd.weight"].shape[0], 128)
     theirs = _llama_logits(_llama(llama_cpp, out, 256), ids)
-    ours = _logits(lfm2.load(out), ids).numpy()
+    ours = _logits(lfm2.load(out, quantize="none"), ids).numpy()
     assert np.abs(ours - theirs).max() <= 0.15
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize(("kind", "fmt"), [("q8_0", "int8"), ("q4_0", "int4"), ("f16", None)])
+def test_a_gguf_file_keeps_its_own_format_by_default(dense_gguf, kind, fmt):
+    """Without `quantize`, a Q8_0 / Q4_0 file runs as int8 / int4 layers made from its blocks (what
+    `quantize=` names explicitly, the same weights), F16 as float; `quantize="none"` dequantizes."""
+    from lfm2.gguf import GGUFFile, native_format
+    from lfm2.quant import QuantEmbedding, QuantLinear
+
+    path = dense_gguf[kind]
+    assert native_format(GGUFFile(path)) == fmt
+    default = lfm2.load(path)
+    # The blocks' layers; the embedding and an untied head stay int8, as the file stores them.
+    layers = [m for name, m in default.model.named_modules()
+              if isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding) and name != "lm_head"]
+    assert bool(layers) == (fmt is not None) and all(m.kind == fmt for m in layers)
+    if fmt is not None:
+        explicit = lfm2.load(path, quantize=fmt)
+        ids = torch.tensor([[1, 5, 9, 2, 7]])
+        with torch.inference_mode():
+            assert torch.equal(default.model(ids), explicit.model(ids))
+    plain = lfm2.load(path, quantize="none")
+    assert not any(isinstance(m, QuantLinear) for m in plain.model.modules())
