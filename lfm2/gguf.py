@@ -715,12 +715,20 @@ def generation_defaults_from_gguf(f: GGUFFile) -> dict[str, Any]:
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               progress: bool | None = None, quantize: str | None = None, group_size: int | None = 32,
-              ) -> tuple[ModelConfig, torch.nn.Module, Tokenizer | None, GGUFFile]:
-    """(config, model, tokenizer or None, the `GGUFFile`) of a GGUF file, every tensor checked first."""
+              native: bool = False) -> tuple[ModelConfig, torch.nn.Module, Tokenizer | None, GGUFFile]:
+    """(config, model, tokenizer or None, the `GGUFFile`) of a GGUF file, every tensor checked first.
+    `native` (and no `quantize`): the file's own format where lfm2 has kernels for it (`native_format`)."""
     f = GGUFFile(path)
     config = config_from_gguf(f)
     tokenizer = tokenizer_from_gguf(f)
-    model = load_model(f, config, dtype, device, progress, quantize, group_size)
+    own = native_format(f) if quantize is None and native and group_size == 32 else None
+    try:
+        model = load_model(f, config, dtype, device, progress, quantize or own, group_size)
+    except ConfigError:
+        if own is None:
+            raise
+        # a layer whose width 32-value groups do not divide: the file's format cannot hold it, read it as float
+        model = load_model(f, config, dtype, device, progress, None, group_size)
     return config, model, tokenizer, f
 
 
@@ -763,16 +771,11 @@ def load_gguf(
     as llama.cpp runs it, rather than dequantized.
     """
     device = parse_device(device)
-    if quantize is None and native and device.type == "cpu" and group_size == 32:
-        quantize = native_format(GGUFFile(path))
-        if quantize is not None:
-            try:
-                return load_gguf(path, dtype, device, quantize, group_size)
-            except ConfigError:  # a layer whose width 32-value groups do not divide: read it as float
-                quantize = None
     config, model, tokenizer, f = read_gguf(path, parse_dtype(dtype, device), device, quantize=quantize,
-                                            group_size=group_size)
-    if quantize is not None and device.type == "cpu":
+                                            group_size=group_size, native=native and device.type == "cpu")
+    from lfm2.quant import QuantEmbedding
+
+    if device.type == "cpu" and isinstance(model.model.embed_tokens, QuantEmbedding):  # quantized, asked or own
         move_to_huge_pages(model)  # weights made in memory from the file's blocks (see lfm2.weights)
     return GGUFLLM(model=model, config=config, tokenizer=tokenizer, path=f.path,
                    generation_defaults=generation_defaults_from_gguf(f))
