@@ -34,12 +34,9 @@ import argparse
 import json
 import math
 import random
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from lfm2.train import tool_eval
 from lfm2.train.synth import Variety, conversations, vocabulary
@@ -450,22 +447,15 @@ def tool_call_scores(llm: Any, convs: list[dict], strict: bool, whole_names: boo
 def tool_call_results(llm: Any, convs: list[dict], strict: bool, whole_names: bool = True) -> list[tuple[bool, bool]]:
     """Greedy first replies to `convs`, each as (calls the expected tool, with exactly the expected
     arguments); `strict` constrains the calls to the listed schemas (`lfm2.constrain`), choosing each tool
-    by its whole name unless `whole_names` is False (then token by token)."""
+    by its whole name unless `whole_names` is False (then token by token); see `tool_eval.first_calls`."""
     kind = ("strict" if whole_names else "strict, token by token") if strict else "unconstrained"
+    requests = [(conv["messages"][:1], conv["tools"]) for conv in convs]
     results = []
-    llm.whole_tool_names, was = whole_names, llm.whole_tool_names
-    try:
-        for conv in tqdm(convs, desc=f"tool-call eval ({kind})"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # an unparsable call is just a miss here
-                reply = llm.chat(conv["messages"][:1], tools=conv["tools"], temperature=0, max_new_tokens=96,
-                                 strict_tools=strict)
-            calls = reply.get("tool_calls") or []
-            expected = conv["expected"]
-            tool = bool(calls) and calls[0]["function"]["name"] == expected["name"]
-            results.append((tool, tool and json.loads(calls[0]["function"]["arguments"]) == expected["arguments"]))
-    finally:
-        llm.whole_tool_names = was
+    for calls, conv in zip(tool_eval.first_calls(llm, requests, strict, whole_names, f"tool-call eval ({kind})"),
+                           convs, strict=True):
+        expected = conv["expected"]
+        tool = bool(calls) and calls[0]["function"]["name"] == expected["name"]
+        results.append((tool, tool and json.loads(calls[0]["function"]["arguments"]) == expected["arguments"]))
     return results
 
 

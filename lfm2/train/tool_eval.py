@@ -87,30 +87,37 @@ def score_call(calls: list[dict[str, Any]], item: Item) -> tuple[bool, bool]:
     return True, right
 
 
-def run(llm: Any, items: list[Item], strict: bool, whole_names: bool = True,
-        progress: bool = True) -> list[tuple[bool, bool]]:
-    """Each item's (right tool, right arguments), greedy; `strict` constrains calls to the schemas
-    (`lfm2.constrain`), choosing a tool by its whole name unless `whole_names` is False."""
+def first_calls(llm: Any, requests: list[tuple[list[dict], list[dict]]], strict: bool, whole_names: bool = True,
+                desc: str = "tool-call eval", progress: bool = True) -> list[list[dict[str, Any]]]:
+    """The `tool_calls` of the greedy first reply to each (messages, tools); `strict` constrains calls to
+    the schemas (`lfm2.constrain`), choosing a tool by its whole name unless `whole_names` is False.
+    A reply that does not parse, or a prompt longer than the model's context, gives no calls."""
     from tqdm import tqdm
 
-    results = []
+    out = []
     llm.whole_tool_names, was = whole_names, llm.whole_tool_names
     try:
-        for item in tqdm(items, desc=f"independent tool eval ({'strict' if strict else 'unconstrained'})",
-                         disable=not progress):
+        for messages, tools in tqdm(requests, desc=desc, disable=not progress):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unparsable call is just a miss here
                 try:
-                    reply = llm.chat(item.messages, tools=item.tools, temperature=0, max_new_tokens=96,
-                                     strict_tools=strict)
+                    reply = llm.chat(messages, tools=tools, temperature=0, max_new_tokens=96, strict_tools=strict)
                 except GenerationError as e:
                     if "context" not in str(e):
                         raise
-                    reply = {}  # the prompt does not fit the model's context: a miss
-            results.append(score_call(reply.get("tool_calls") or [], item))
+                    reply = {}
+            out.append(reply.get("tool_calls") or [])
     finally:
         llm.whole_tool_names = was
-    return results
+    return out
+
+
+def run(llm: Any, items: list[Item], strict: bool, whole_names: bool = True,
+        progress: bool = True) -> list[tuple[bool, bool]]:
+    """Each item's (right tool, right arguments), greedy (see `first_calls`)."""
+    desc = f"independent tool eval ({'strict' if strict else 'unconstrained'})"
+    calls = first_calls(llm, [(item.messages, item.tools) for item in items], strict, whole_names, desc, progress)
+    return [score_call(c, item) for c, item in zip(calls, items, strict=True)]
 
 
 def evaluate(llm: Any, items: list[Item] | None = None, progress: bool = True) -> dict[str, Any]:
