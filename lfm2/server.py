@@ -994,6 +994,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from lfm2 import web
+
     context = llm.config.max_position_embeddings
     max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else max_len
     pad = llm.tokenizer.pad_id if llm.tokenizer is not None and llm.tokenizer.pad_id is not None else 0
@@ -1020,6 +1022,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         return app.openapi_schema
 
     app.openapi = openapi
+    web.add_routes(app, model_name, server.defaults, scheduler.max_len)  # the chat page at /: lfm2/web
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, exc: APIError):
