@@ -26,7 +26,6 @@ import json, sys, torch
 prompt_len, new = int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(2)
 import lfm2, lfm2.kernels
-from lfm2.generate import decode_tokens
 lfm2.kernels.ops()
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
@@ -35,7 +34,7 @@ llm = lfm2.load(sys.argv[1])
 loaded = status("VmRSS") - base
 prompt = torch.randint(100, 60000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 params = llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0)
-for _ in decode_tokens(llm.model, [prompt], params, new, ignore_eos=True):
+for _ in llm.engine(1, prompt_len + new).generate([prompt], params, new, ignore_eos=True):
     pass
 model = llm.model
 weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -44,18 +44,18 @@ stamps = []
 compile_s = None
 if engine.startswith("lfm2"):
     import lfm2
-    from lfm2.generate import decode_tokens
     llm = lfm2.load(path, compile=engine == "lfm2-compile")
+    llm.prefix_cache.max_bytes = 0  # every run prefills its whole prompt
     params = llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0)
     t = time.perf_counter()
-    list(decode_tokens(llm.model, [prompt[:8]], params, 2, ignore_eos=True))  # first-use costs (kernels, compile)
+    list(llm.engine(1, 10).generate([prompt[:8]], params, 2, ignore_eos=True))  # first-use costs (kernels, compile)
     compiled = getattr(llm.model, "decode_step", None)
     if compiled is not None:
         if compiled.failed:
             raise SystemExit(f"compile failed: {compiled.failed}")
         compile_s = time.perf_counter() - t
     t0 = time.perf_counter()
-    for step in decode_tokens(llm.model, [prompt], params, new, ignore_eos=True):
+    for _ in llm.engine(1, prompt_len + new).generate([prompt], params, new, ignore_eos=True):
         stamps.append(time.perf_counter() - t0)
 elif engine == "transformers":
     import transformers

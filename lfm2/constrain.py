@@ -313,6 +313,17 @@ class ToolCallConstraint:
         """Emit `ids` next, whatever the logits say (`mask` allows only the next of them)."""
         self.pending = list(ids)
 
+    def look_ahead_room(self) -> int:
+        """Cache slots the look-ahead needs now (the engine's logits-processor protocol): where a
+        call's name begins, room to score the longest listed name; elsewhere 0 (no look-ahead)."""
+        return max(len(ids) for ids in self.grammar.name_ids) if self.at_name() else 0
+
+    @staticmethod
+    def look_ahead(model: Any, cache: Any, logits: torch.Tensor, processors: Sequence[Any],
+                   params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> None:
+        """The engine's look-ahead hook: choose the rows' tool names whole (`choose_tool_names`)."""
+        choose_tool_names(model, cache, logits, processors, params, generators)
+
     def mask(self) -> torch.Tensor | None:
         """The tokens allowed next, or None where nothing is constrained. A state no token can
         continue (a vocabulary without single-byte tokens) ends the constraint rather than the text."""
@@ -351,8 +362,8 @@ class NoToolCalls:
     A model cannot call a tool that was not offered (no tools, or `tool_choice="none"`), so the
     marker that opens a call must never reach the reply: left alone, a model trained on tool use
     may still open a block and the user would see `<|tool_call_start|>[...` as text. It follows
-    the `ToolCallConstraint` protocol (`mask`, `advance`, `at_name`, `fresh`), so the decode loops
-    treat it like any other constraint.
+    the engine's logits-processor protocol (`mask`, `advance`, `look_ahead_room`) and `fresh`, as
+    `ToolCallConstraint` does, so the engine treats it like any other constraint.
     """
 
     def __init__(self, banned: Sequence[int], size: int) -> None:
@@ -372,6 +383,9 @@ class NoToolCalls:
 
     def at_name(self) -> bool:
         return False
+
+    def look_ahead_room(self) -> int:
+        return 0
 
     def force(self, ids: Sequence[int]) -> None:
         raise ToolError("a reply that may not call tools cannot be forced into a call")
@@ -465,12 +479,6 @@ def tool_call_constraint(tokenizer: Any, tools: Iterable[Mapping[str, Any]], for
     return ToolCallConstraint(grammar, vocab, forced, whole_names)
 
 
-def name_room(constraints: Iterable[ToolCallConstraint | None]) -> int:
-    """Cache slots `choose_tool_names` may need beyond the current length for these constraints."""
-    return max((len(ids) for c in constraints if c is not None and c.at_name() for ids in c.grammar.name_ids),
-               default=0)
-
-
 @torch.inference_mode()
 def choose_tool_names(model: Any, cache: Any, logits: torch.Tensor, constraints: Sequence[ToolCallConstraint | None],
                       params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> None:
@@ -529,24 +537,3 @@ def wants_constraint(tools: Sequence[Any], tool_choice: Any, strict_tools: bool 
     if tool_choice == "required" or isinstance(tool_choice, Mapping):
         return True
     return any(isinstance(t, Mapping) and (t.get("function", t) or {}).get("strict") is True for t in tools)
-
-
-def apply_constraints(logits: torch.Tensor, constraints: Sequence[ToolCallConstraint | None]) -> torch.Tensor:
-    """`logits` (B, V) with the tokens each row's constraint forbids set to -inf (rows without one,
-    or outside a tool-call block, unchanged)."""
-    return apply_masks(logits, [None if c is None else c.mask() for c in constraints])
-
-
-def apply_masks(logits: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """`logits` (B, V) with the tokens each row's mask (from `ToolCallConstraint.mask`) forbids set to
-    -inf; for callers that already asked the constraints for their masks."""
-    out = logits
-    for r, mask in enumerate(masks):
-        if mask is not None:
-            if out is logits:
-                out = logits.clone()
-            allowed = mask.to(logits.device)
-            V = min(out.shape[-1], allowed.shape[0])
-            out[r, :V].masked_fill_(~allowed[:V], float("-inf"))
-            out[r, V:] = float("-inf")
-    return out

@@ -1,134 +1,23 @@
-"""Generation: prefill, then token-by-token decode with the caches, for a batch of prompts.
+"""Text over the engine: token ids in, text pieces out, for the Python API and the CLI.
 
-Two layers, kept apart so that the engine knows nothing about text (nanochat's rule):
-- `decode_tokens` works on token ids only: it left-pads the prompts, prefills the cache in one
-  call, then samples and feeds one token per row per step until every row has stopped (a stop
-  id, or `max_new_tokens`). It yields each step's tokens, so callers can stream.
-- `TextStream` turns one row's tokens into text pieces: an incremental detokenizer (never a
-  broken UTF-8 character) plus stop strings, holding back any tail that could still become a
-  stop string so a partial stop string is never printed.
-`generate_text` / `stream_text` join the two for the Python API and the CLI.
+`lfm2.engine.Engine` produces tokens (prefill, decode, sampling, prefix reuse); this module turns
+each request's tokens into text:
+- `TextStream` is an incremental detokenizer (never a broken UTF-8 character) plus stop strings,
+  holding back any tail that could still become a stop string so a partial one is never printed;
+  the server uses it too;
+- `stream_text` runs a batch of prompts through an engine and yields (row, text piece) as they come.
 """
 
 from __future__ import annotations
 
-import time
+import collections
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-from lfm2.constrain import ToolCallConstraint, apply_constraints, choose_tool_names
+from lfm2.engine import Engine, Request, Result, TokenLogprob
 from lfm2.errors import GenerationError
-from lfm2.models.lfm2 import Lfm2ForCausalLM
-from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
+from lfm2.sampling import SamplingParams
 from lfm2.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-@dataclass
-class GenerationStats:
-    """Per-request figures available to the caller (`llm.last_stats`, the CLI's `--verbose`)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    total_s: float = 0.0
-    finish_reason: str = "length"  # "stop" (stop id or stop string) or "length" (max_new_tokens)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Generated tokens per second after the first token (the decode rate)."""
-        decode_s = self.total_s - self.time_to_first_token_s
-        return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.time_to_first_token_s if self.time_to_first_token_s > 0 else 0.0
-
-
-@dataclass
-class Step:
-    """One decode step: the token each row produced, and which rows produced one (not yet stopped)."""
-
-    tokens: list[int]
-    active: list[bool]
-    stopped_by_id: list[bool] = field(default_factory=list)
-
-
-PREFILL_CHUNK = 512  # prompt tokens per forward pass during prefill
-
-
-@torch.inference_mode()
-def decode_tokens(
-    model: Lfm2ForCausalLM,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    max_new_tokens: int,
-    stop_ids: frozenset[int] | set[int] = frozenset(),
-    ignore_eos: bool = False,
-    pad_id: int = 0,
-    should_stop: list[bool] | None = None,
-    constraints: Sequence[ToolCallConstraint | None] | None = None,
-) -> Iterator[Step]:
-    """Generate up to `max_new_tokens` per prompt, yielding one `Step` per decode step.
-
-    A row stops when it samples one of `stop_ids` (not yielded as active; unless `ignore_eos`),
-    at `max_new_tokens`, or when the caller sets `should_stop[row] = True` (stop strings).
-    `constraints[row]` (see `lfm2.constrain`) restricts the row's tokens inside tool-call blocks.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GenerationError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    cfg = model.config
-    B, T = len(prompts), max(len(p) for p in prompts)
-    if T + max_new_tokens > cfg.max_position_embeddings:
-        raise GenerationError(
-            f"prompt of {T} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
-            f"{cfg.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
-        )
-    for p in prompts:
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
-    device = model.model.embed_tokens.weight.device
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    for r, p in enumerate(prompts):  # left padding: every row's last prompt token is at T-1
-        ids[r, T - len(p) :] = torch.tensor(list(p))
-        mask[r, T - len(p) :] = True
-    ids, mask = ids.to(device), mask.to(device)
-    history = TokenHistory(ids, cfg.vocab_size, pad_mask=~mask) if params.needs_history else None
-    generator = None if params.greedy else make_generator(params.seed, device)
-    cache = model.make_cache(B, T + max_new_tokens)
-    padded = not bool(mask.all())
-    # Chunked prefill: activations (and the dequantized tiles of quantized layers) stay bounded by
-    # the chunk, whatever the prompt length; the cache makes the result equal a single pass.
-    for start in range(0, T, PREFILL_CHUNK):
-        chunk = slice(start, start + PREFILL_CHUNK)
-        logits = model(ids[:, chunk], cache, attention_mask=mask[:, chunk] if padded else None, last_only=True)
-    logits = logits[:, -1]
-    step_fn = getattr(model, "decode_step", None) or model  # lfm2.compile: a compiled step
-    active = [True] * B
-    should_stop = should_stop if should_stop is not None else [False] * B
-    for step in range(max_new_tokens):
-        if constraints:
-            choose_tool_names(model, cache, logits, constraints, [params] * B, [generator] * B)
-            logits = apply_constraints(logits, constraints)
-        nxt = sample_next(logits, params, generator, history)
-        tokens = nxt.tolist()
-        for r, c in enumerate(constraints or ()):
-            if c is not None:
-                c.advance(tokens[r])
-        by_id = [active[r] and not ignore_eos and tokens[r] in stop_ids for r in range(B)]
-        now = [active[r] and not by_id[r] for r in range(B)]
-        yield Step(tokens, now, by_id)
-        active = [now[r] and not should_stop[r] for r in range(B)]
-        if not any(active) or step == max_new_tokens - 1:
-            return
-        if history is not None:
-            history.update(nxt, torch.tensor(active, device=device))
-        logits = step_fn(nxt[:, None], cache)[:, -1]
 
 
 class TextStream:
@@ -180,46 +69,78 @@ class TextStream:
 
 
 def stream_text(
-    model: Lfm2ForCausalLM,
+    engine: Engine,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     max_new_tokens: int,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
-    stats: list[GenerationStats] | None = None,
-    constraints: Sequence[ToolCallConstraint | None] | None = None,
+    stats: list[Result] | None = None,
+    constraints: Sequence[Any] | None = None,
+    checkpoints: Sequence[Sequence[int]] | None = None,
+    logprobs: int | None = None,
+    token_logprobs: list[list[TokenLogprob]] | None = None,
 ) -> Iterator[tuple[int, str]]:
-    """Yield (row, text piece) as tokens are generated; fills `stats` (one per row) as it goes."""
+    """Yield (row, text piece) as `engine` generates each prompt's reply (all decoded together).
+
+    `params`: one for every row, or a list with each row's. Fills `stats` with one `Result` per row
+    when they finish, and `token_logprobs` (one list per row) with each generated token's logprob
+    and `logprobs` alternatives when `logprobs` is set.
+    `checkpoints[row]`: prompt lengths whose state the prefix cache keeps (ends of chat turns).
+    """
     streams = [TextStream(tokenizer, stop) for _ in prompts]
-    stats = stats if stats is not None else []
-    stats[:] = [GenerationStats(prompt_tokens=len(p)) for p in prompts]
-    stop_flags = [False] * len(prompts)
-    start = time.perf_counter()
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    steps = decode_tokens(model, prompts, params, max_new_tokens, tokenizer.stop_ids, ignore_eos, pad, stop_flags,
-                          constraints)
-    for step in steps:
-        now = time.perf_counter() - start
-        for r, tok in enumerate(step.tokens):
-            st = stats[r]
-            if step.stopped_by_id[r]:  # decode_tokens has already retired the row
-                st.finish_reason, st.total_s = "stop", now
-                if st.completion_tokens == 0:
-                    st.time_to_first_token_s = now
-            if not step.active[r]:
-                continue
-            if st.completion_tokens == 0:
-                st.time_to_first_token_s = now
-            st.completion_tokens += 1
-            st.total_s = now
-            piece = streams[r].push(tok)
-            if streams[r].stopped:
-                st.finish_reason = "stop"
-                stop_flags[r] = True
+    pieces: collections.deque[tuple[int, str]] = collections.deque()
+
+    def on_token(row: int):
+        def push(token: int) -> bool:
+            piece = streams[row].push(token)
             if piece:
-                yield r, piece
+                pieces.append((row, piece))
+            return streams[row].stopped
+        return push
+
+    row_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    requests = [
+        Request(list(p), row_params[r], max_new_tokens, on_token(r), stop_ids=tokenizer.stop_ids, ignore_eos=ignore_eos,
+                constraint=None if not constraints else constraints[r], logprobs=logprobs,
+                checkpoints=() if not checkpoints else checkpoints[r])
+        for r, p in enumerate(prompts)
+    ]
+    for _ in engine.run(requests):
+        while pieces:
+            yield pieces.popleft()
     for r, s in enumerate(streams):
         piece = s.finish()
         if piece:
             yield r, piece
+    if stats is not None:
+        stats[:] = [r.result for r in requests]
+    if token_logprobs is not None:
+        token_logprobs[:] = [r.token_logprobs for r in requests]
+    failed = next((r.result for r in requests if r.result.finish_reason == "error"), None)
+    if failed is not None:
+        raise GenerationError(f"generation failed: {failed.error}")
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """A token's bytes as it decodes inside text; an added token (markers, `<|im_end|>`) as its own text."""
+    table = tokenizer.token_bytes()
+    data = table[token] if 0 <= token < len(table) else None
+    return data if data is not None else (tokenizer.id_to_token(token) or "").encode()
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token as text for logprobs (bytes of a partial UTF-8 character shown as U+FFFD)."""
+    return token_bytes(tokenizer, token).decode("utf-8", errors="replace")
+
+
+def logprob_entries(tokenizer: Tokenizer, items: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """`TokenLogprob`s in OpenAI's chat format: `{"token", "logprob", "bytes", "top_logprobs"}` per
+    token, the token as its text (a partial UTF-8 character shown as U+FFFD, whole in `bytes`)."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        data = token_bytes(tokenizer, token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+    return [{**one(i.token, i.logprob), "top_logprobs": [one(t, lp) for t, lp in i.top]} for i in items]

@@ -12,11 +12,13 @@ import torch
 
 from lfm2.config import ModelConfig
 from lfm2.constrain import NoToolCalls, tool_call_constraint, wants_constraint
+from lfm2.engine import Engine, Result, TokenLogprob
 from lfm2.errors import CheckpointError, ConfigError, GenerationError
-from lfm2.generate import GenerationStats, stream_text
+from lfm2.generate import logprob_entries, stream_text
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
-from lfm2.sampling import SamplingParams
+from lfm2.prefix_cache import PrefixCache
+from lfm2.sampling import SamplingParams, choice_params
 from lfm2.weights import load_into, move_to_huge_pages, resolve_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -66,13 +68,21 @@ class LLM:
     `frequency_penalty`, `seed`; plus `max_new_tokens`, `stop` (strings) and `ignore_eos`. Unset
     ones default to the checkpoint's `generation_config.json`, else the model card's
     recommendation (temperature 0.3, min_p 0.15, repetition_penalty 1.05).
+    `logprobs=k` (0-20) records each generated token's log-probability and its k best alternatives
+    in `last_logprobs` (OpenAI's format; `chat` also returns them in the reply).
+
+    Every method runs on `lfm2.engine.Engine`, the same engine the server uses. States after the
+    prompts and replies are kept in `prefix_cache` (bounded in bytes; `PrefixCache(0)` turns it
+    off), so a conversation's next turn prefills only what is new.
     """
 
     model: Lfm2ForCausalLM
     config: ModelConfig
     tokenizer: Any
     path: Path
-    last_stats: list[GenerationStats] = field(default_factory=list)
+    last_stats: list[Result] = field(default_factory=list)
+    last_logprobs: list[list[dict[str, Any]]] = field(default_factory=list)
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
     # Strict tool calls choose each call's tool by its whole name's probability (`lfm2.constrain`);
     # False: token by token, as grammar-constrained decoding elsewhere does (for comparison).
     whole_tool_names: bool = True
@@ -87,12 +97,18 @@ class LLM:
 
     # -- text ---------------------------------------------------------------------------------
 
-    def generate(self, prompt: str | Sequence[str], **sampling: Any) -> str | list[str]:
-        """Complete a prompt (or a batch of prompts, generated together); returns the new text."""
+    def generate(self, prompt: str | Sequence[str], n: int = 1, **sampling: Any) -> str | list[str]:
+        """Complete a prompt (or a batch of prompts, generated together); returns the new text.
+        With `n` > 1, `n` completions of each prompt (a list, or a list of lists for a batch),
+        decoded as rows of one batch that share the prompt's prefill."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        outs = [""] * len(prompts)
-        for row, piece in self._stream([self._encode_text(p) for p in prompts], sampling):
+        n = _check_n(n)
+        ids = [self._encode_text(p) for p in prompts for _ in range(n)]
+        outs = [""] * len(ids)
+        for row, piece in self._stream(ids, sampling, n=n):
             outs[row] += piece
+        if n > 1:
+            outs = [outs[i : i + n] for i in range(0, len(outs), n)]
         return outs[0] if isinstance(prompt, str) else outs
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
@@ -119,6 +135,7 @@ class LLM:
         as a `tool` message, and the loop continues until a reply without calls or `max_rounds`
         replies (the calls of the last one are returned, not run).
         The messages added along the way are appended to `messages` when it is a list.
+        With `n` > 1 (no `run_tools`), a list of `n` replies, decoded together.
 
         `strict_tools` constrains the tokens of tool calls to the offered tools' schemas (see
         `lfm2.constrain`): True always, False never; None (default) when `tool_choice` forces a
@@ -126,6 +143,8 @@ class LLM:
         """
         if not run_tools:
             return self._chat_once(messages, tools, tool_choice, sampling, strict_tools)
+        if sampling.get("n", 1) != 1:
+            raise GenerationError("run_tools=True follows one reply: n must be 1")
         from lfm2.tools import run_tool_calls
 
         functions = [t for t in tools or () if callable(t)]
@@ -157,31 +176,60 @@ class LLM:
         from lfm2.tools import ToolCallStreamParser
 
         ids, forced, tools, constraint = self._chat_prompt(messages, tools, tool_choice, strict_tools)
+        if sampling.get("n", 1) != 1:
+            raise GenerationError("chat_stream streams one reply: n must be 1")
+        turns = [self.turn_ends(ids)]
         if tools is None:  # no tools offered: the reply is plain content
-            for _, piece in self._stream([ids], sampling, [constraint]):
+            for _, piece in self._stream([ids], sampling, [constraint], turns):
                 yield {"content": piece}
             return
         parser = ToolCallStreamParser(tools)
         for kind, value in parser.feed(forced):
             yield {kind: value}
-        for _, piece in self._stream([ids], sampling, [constraint]):
+        for _, piece in self._stream([ids], sampling, [constraint], turns):
             for kind, value in parser.feed(piece):
                 yield {kind: value}
         for kind, value in parser.finish():
             yield {kind: value}
 
-    def _chat_once(self, messages, tools, tool_choice, sampling, strict_tools=None) -> dict[str, Any]:
+    def _chat_once(self, messages, tools, tool_choice, sampling, strict_tools=None) -> dict | list[dict]:
         from lfm2.tools import parse_tool_calls
 
+        sampling = dict(sampling)
+        n = _check_n(sampling.pop("n", 1))
         ids, forced, tools, constraint = self._chat_prompt(messages, tools, tool_choice, strict_tools)
-        text = forced + "".join(piece for _, piece in self._stream([ids], sampling, [constraint]))
-        if tools is None:  # no tools offered: the reply is plain content
-            return {"role": "assistant", "content": text}
-        content, calls = parse_tool_calls(text, tools)
-        reply: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            reply["tool_calls"] = calls
-        return reply
+        constraints = [constraint if constraint is None else constraint.fresh() for _ in range(n)]
+        texts = [forced] * n
+        for row, piece in self._stream([ids] * n, sampling, constraints, [self.turn_ends(ids)] * n, n):
+            texts[row] += piece
+        replies = []
+        for row, text in enumerate(texts):
+            reply: dict[str, Any] = {"role": "assistant", "content": text}
+            if tools is not None:
+                content, calls = parse_tool_calls(text, tools)
+                reply["content"] = content
+                if calls:
+                    reply["tool_calls"] = calls
+            if self.last_logprobs:
+                reply["logprobs"] = {"content": self.last_logprobs[row]}
+            replies.append(reply)
+        return replies[0] if n == 1 else replies
+
+    def turn_ends(self, ids: Sequence[int]) -> list[int]:
+        """Prompt lengths at the end of each chat turn (after `<|im_end|>` and its newline): where
+        the engine keeps states in the prefix cache, so the next turn's prompt, which repeats these
+        turns, resumes from them."""
+        tok = self._need_tokenizer()
+        end = tok.token_to_id("<|im_end|>")
+        if end is None:
+            return []
+        newline = tok.encode("\n", add_special_tokens=False)
+        skip = newline[0] if len(newline) == 1 else None
+        out = []
+        for i, t in enumerate(ids):
+            if t == end:
+                out.append(i + 2 if i + 1 < len(ids) and ids[i + 1] == skip else i + 1)
+        return out
 
     def _chat_prompt(self, messages, tools, tool_choice, strict_tools=None) -> tuple[list[int], str, list | None, Any]:
         """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, the tools
@@ -233,9 +281,26 @@ class LLM:
             raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
         return self._need_tokenizer().encode(prompt, add_special_tokens=True)
 
-    def _stream(self, prompts: list[list[int]], sampling: dict[str, Any],
-                constraints: Sequence[Any] | None = None) -> Iterator[tuple[int, str]]:
+    def engine(self, max_batch: int = 1, max_len: int | None = None) -> Engine:
+        """An engine on this model for `max_batch` rows of `max_len` slots, sharing `prefix_cache`."""
+        pad = self.tokenizer.pad_id if self.tokenizer is not None and self.tokenizer.pad_id is not None else 0
+        return Engine(self.model, max_batch=max_batch, max_queue=0, max_len=max_len, pad_id=pad,
+                      prefix_cache=self.prefix_cache)
+
+    def _stream(self, prompts: list[list[int]], sampling: dict[str, Any], constraints: Sequence[Any] | None = None,
+                checkpoints: Sequence[Sequence[int]] | None = None, n: int = 1) -> Iterator[tuple[int, str]]:
+        """Text pieces (row, piece) of every prompt's reply; rows come in groups of `n` choices of
+        one prompt, each choice with its own seed (`choice_params`)."""
         sampling = dict(sampling)
+        if sampling.get("n", 1) != 1:
+            raise GenerationError("n is an argument of generate and chat")
+        sampling.pop("n", None)
+        logprobs = sampling.pop("logprobs", None)
+        if logprobs is True:
+            logprobs = 0
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= 20):
+            raise GenerationError(f"logprobs={logprobs!r}: give how many alternatives to report per token (0-20)")
         max_new_tokens = sampling.pop("max_new_tokens", None)
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -249,11 +314,22 @@ class LLM:
                 f"the prompt ({max(map(len, prompts))} tokens) fills the model's context of "
                 f"{self.config.max_position_embeddings} tokens"
             )
-        self.last_stats = []
-        yield from stream_text(
-            self.model, self._need_tokenizer(), prompts, params, max_new_tokens, stop, ignore_eos, self.last_stats,
-            constraints,
-        )
+        self.last_stats, self.last_logprobs = [], []
+        longest = max(map(len, prompts))
+        engine = self.engine(max_batch=len(prompts), max_len=max(2, longest + max_new_tokens))
+        tok = self._need_tokenizer()
+        found: list[list[TokenLogprob]] = []
+        rows = [choice_params(params, r % n) for r in range(len(prompts))]
+        yield from stream_text(engine, tok, prompts, rows, max_new_tokens, stop, ignore_eos, self.last_stats,
+                               constraints, checkpoints, logprobs, found)
+        if logprobs is not None:
+            self.last_logprobs = [logprob_entries(tok, items) for items in found]
+
+
+def _check_n(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise GenerationError(f"n={n!r} must be a positive integer (how many replies to generate)")
+    return n
 
 
 def load(

@@ -242,6 +242,14 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, -math.inf)
 
 
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters of choice `index` of a request's n: each its own seed (seed + index), so the
+    choices differ and a seeded request still reproduces. Without a seed each row draws its own."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + index) % 2**64)
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for `sample_next`; the same seed gives the same draws on the same device."""
     generator = torch.Generator(device=device)

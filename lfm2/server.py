@@ -58,10 +58,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, model_validator
 
+from lfm2.engine import MAX_LOGPROBS, Engine, Request, Result, TokenLogprob
 from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
-from lfm2.generate import TextStream
-from lfm2.sampling import SamplingParams
-from lfm2.scheduler import Request, Result, Scheduler
+from lfm2.generate import TextStream, logprob_entries, token_text
+from lfm2.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
+from lfm2.sampling import SamplingParams, choice_params
 from lfm2.tools import ToolCallStreamParser, parse_tool_calls
 
 log = logging.getLogger("lfm2.server")
@@ -184,9 +185,10 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-# What the server refuses by name (`_unsupported`), the schema says too: one choice, no logprobs.
+# What the server refuses by name (`_unsupported`), the schema says too.
 _ONE = {"maximum": 1, "description": "only 1 is supported"}
 _NULL = WithJsonSchema({"type": "null", "description": "not supported"})
+COMPLETION_MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 class _GenerationBody(_Body):
@@ -200,7 +202,7 @@ class _GenerationBody(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, json_schema_extra=_ONE)
+    n: int | None = Field(None, ge=1, description="choices, decoded together; at most the server's --max-batch")
     user: str | None = None
     # Extensions (vLLM's names).
     top_k: int | None = Field(None, ge=-1)
@@ -216,7 +218,8 @@ class ChatCompletionRequest(_GenerationBody):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    logprobs: Annotated[bool | None, WithJsonSchema({"enum": [False, None], "description": "not supported"})] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     response_format: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
         {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}, {"type": "null"}],
         "description": "only {'type': 'text'}"})] = None
@@ -226,7 +229,7 @@ class CompletionRequest(_GenerationBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1, description=f"default: {COMPLETION_MAX_TOKENS}, as in OpenAI's API")
     echo: bool = False
-    logprobs: Annotated[int | None, _NULL] = None
+    logprobs: int | None = Field(None, ge=0, le=COMPLETION_MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, json_schema_extra=_ONE)
     suffix: Annotated[str | None, _NULL] = None
 
@@ -275,10 +278,25 @@ class AssistantReply(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantReply
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -308,7 +326,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -324,10 +342,20 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: per token its text, logprob (null for a prompt's first token),
+    the `logprobs` most likely alternatives, and where it starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length"] | None = Field(description="null in a stream's text events")
 
 
@@ -356,6 +384,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PrefixCacheStats(BaseModel):
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    hit_tokens: int = Field(description="prompt tokens resumed from the cache instead of prefilled")
+    evictions: int
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     model: str
@@ -364,6 +402,9 @@ class Health(BaseModel):
     max_batch: int
     max_queue: int
     max_len: int
+    decode_steps: int
+    prefill_chunks: int
+    prefix_cache: PrefixCacheStats
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -468,9 +509,10 @@ def _validation_error(errors: list[dict], wants: str) -> APIError:
 
 
 class _Job:
-    """Callbacks for one `scheduler.Request`, run in the engine thread; events go to an asyncio queue.
+    """Callbacks for one `engine.Request`, run in the engine thread; events go to an asyncio queue.
 
-    Events are (kind, index, value): ("text", i, piece) and, last, ("done", i, Result).
+    Events are (kind, index, value): ("text", i, (piece, logprobs)), the logprobs being those of
+    the tokens since the last piece (empty unless asked for), and, last, ("done", i, Result).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, tokenizer,
@@ -479,19 +521,26 @@ class _Job:
         self.text = TextStream(tokenizer, stop)
         self.request: Request | None = None
         self.result: Result | None = None
+        self.logprobs: list[TokenLogprob] = []  # not yet sent
 
     def on_token(self, token: int) -> bool:
         piece = self.text.push(token)
+        if self.request is not None and self.request.logprobs is not None:
+            self.logprobs.append(self.request.token_logprobs[-1])  # the engine's entry for this token
         if piece:
-            self._send("text", piece)
+            self._send("text", (piece, self._take()))
         return self.text.stopped
 
     def on_finish(self, result: Result) -> None:
         if result.finish_reason in ("stop", "length"):
             tail = self.text.finish()
-            if tail:
-                self._send("text", tail)
+            if tail or self.logprobs:
+                self._send("text", (tail, self._take()))
         self._send("done", result)
+
+    def _take(self) -> list[TokenLogprob]:
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def _send(self, kind: str, value: Any) -> None:
         try:
@@ -504,9 +553,9 @@ class _Job:
 
 
 class _Server:
-    """State shared by the handlers: the model, its scheduler, defaults."""
+    """State shared by the handlers: the model, its engine, defaults."""
 
-    def __init__(self, llm, model_name: str, scheduler: Scheduler) -> None:
+    def __init__(self, llm, model_name: str, scheduler: Engine) -> None:
         if llm.tokenizer is None:
             raise GenerationError(f"{llm.path}: the checkpoint has no tokenizer.json, so it cannot be served")
         self.llm, self.model_name, self.scheduler = llm, model_name, scheduler
@@ -606,10 +655,22 @@ class _Server:
             return max_tokens
         return limit - prompt_len if default is None else min(default, limit - prompt_len)
 
+    def check_n(self, n: int | None) -> int:
+        """The number of choices; they are rows of one batch, so at most `max_batch`."""
+        n = 1 if n is None else n
+        if n > self.scheduler.max_batch:
+            raise APIError(400, f"n={n}: at most {self.scheduler.max_batch} choices per request (the server's "
+                           "--max-batch)", param="n", code="invalid_value")
+        return n
+
     def submit(self, prompts: list[list[int]], params: SamplingParams, max_tokens: list[int], stop: list[str],
-               ignore_eos: bool, constraint: Any = None) -> tuple[list[_Job], asyncio.Queue]:
+               ignore_eos: bool, constraint: Any = None, logprobs: int | None = None,
+               prompt_logprobs: int | None = None, checkpoints: list[int] = (),
+               n: int = 1) -> tuple[list[_Job], asyncio.Queue]:
         """Queue one request per prompt, all or none; 429 when the queue cannot take them.
-        `constraint` (tool calls, see `lfm2.constrain`) is copied fresh for each request."""
+        `constraint` (tool calls, see `lfm2.constrain`) is copied fresh for each request;
+        `checkpoints`: where the prefix cache keeps states (the ends of chat turns). Prompts come in
+        groups of `n` choices, each choice with its own seed (`choice_params`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         sched = self.scheduler
@@ -619,8 +680,10 @@ class _Server:
         try:
             for i, (ids, budget) in enumerate(zip(prompts, max_tokens, strict=True)):
                 job = _Job(loop, events, i, self.tokenizer, stop)
-                job.request = Request(ids, params, budget, job.on_token, job.on_finish, self.tokenizer.stop_ids,
-                                      ignore_eos, None if constraint is None else constraint.fresh())
+                job.request = Request(ids, choice_params(params, i % n), budget, job.on_token, job.on_finish,
+                                      self.tokenizer.stop_ids, ignore_eos,
+                                      None if constraint is None else constraint.fresh(),
+                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs, checkpoints=checkpoints)
                 sched.submit(job.request)
                 jobs.append(job)
         except SchedulerBusy as exc:
@@ -741,7 +804,7 @@ def _check_unicode(body: BaseModel) -> None:
             todo += [(f"{param}[{i}]", item) for i, item in enumerate(value)]
 
 
-def _busy(sched: Scheduler) -> APIError:
+def _busy(sched: Engine) -> APIError:
     return APIError(
         429,
         f"The server is busy ({sched.active} requests running, {sched.queued} waiting, max_queue={sched.max_queue}); "
@@ -771,26 +834,23 @@ def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
 
 def _unsupported(body: _GenerationBody) -> None:
     """Refuse, by name, the OpenAI features this server does not implement (rather than ignore them)."""
-    if body.n not in (None, 1):
-        raise APIError(400, f"n={body.n}: only one choice per request is supported (n=1)", param="n",
-                       code="unsupported_value")
     if isinstance(body, ChatCompletionRequest):
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         fmt = body.response_format
         if fmt is not None and fmt.get("type") != "text":
             raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
                            param="response_format", code="unsupported_value")
     else:
-        for name in ("logprobs", "suffix"):
-            if getattr(body, name) is not None:
-                raise APIError(400, f"'{name}' is not supported", param=name, code="unsupported_value")
+        if body.suffix is not None:
+            raise APIError(400, "'suffix' is not supported", param="suffix", code="unsupported_value")
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of > 1 is not supported", param="best_of", code="unsupported_value")
 
 
-def _usage(results: list[Result]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
+def _usage(results: list[Result], n: int = 1) -> dict[str, int]:
+    """Token counts; a prompt shared by `n` consecutive choices counts once, as in OpenAI's API."""
+    prompt = sum(r.prompt_tokens for r in results[::n])
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -978,20 +1038,22 @@ def _event_stream(chunk: str) -> dict[str, Any]:
 
 
 def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-               api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    """The FastAPI app serving `llm` as `model_name`; its scheduler runs while the app does (lifespan).
+               api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               prefix_cache_bytes: int | None = None):
+    """The FastAPI app serving `llm` as `model_name`; its engine runs while the app does (lifespan).
 
     `max_len` (slots per request: prompt + completion) defaults to the model's context, capped
     at 4096; the KV cache holds `max_batch * max_len` slots per attention layer. With `api_key`,
     requests need `Authorization: Bearer <api_key>` (but /health and the docs); bodies over
-    `max_body_bytes` get 413.
+    `max_body_bytes` get 413. The engine reuses prompt prefixes through `llm.prefix_cache`
+    (shared with `llm`'s own calls), bounded at `prefix_cache_bytes` when given (0: off).
     """
     import contextlib
 
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from lfm2 import web
@@ -999,7 +1061,10 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     context = llm.config.max_position_embeddings
     max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else max_len
     pad = llm.tokenizer.pad_id if llm.tokenizer is not None and llm.tokenizer.pad_id is not None else 0
-    scheduler = Scheduler(llm.model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, pad_id=pad)
+    if prefix_cache_bytes is not None:
+        llm.prefix_cache.max_bytes = prefix_cache_bytes
+    scheduler = Engine(llm.model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, pad_id=pad,
+                       prefix_cache=llm.prefix_cache)
     server = _Server(llm, model_name, scheduler)
 
     @contextlib.asynccontextmanager
@@ -1013,7 +1078,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     app = FastAPI(title="lfm2", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server for Liquid AI's LFM2 models")
     app.state.server = server
-    app.state.scheduler = scheduler
+    app.state.engine = scheduler
     app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
 
     def openapi() -> dict[str, Any]:
@@ -1054,10 +1119,20 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                        code="internal_error")
         return _error_response(err, request.url.path)
 
+    def load() -> dict[str, Any]:
+        return {"active": scheduler.active, "queued": scheduler.queued, "max_batch": scheduler.max_batch,
+                "max_queue": scheduler.max_queue, "max_len": scheduler.max_len, "decode_steps": scheduler.steps,
+                "prefill_chunks": scheduler.prefill_chunks, "prefix_cache": llm.prefix_cache.stats()}
+
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "active": scheduler.active, "queued": scheduler.queued,
-                "max_batch": scheduler.max_batch, "max_queue": scheduler.max_queue, "max_len": scheduler.max_len}
+        return {"status": "ok", "model": model_name, **load()}
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics() -> str:
+        """Prometheus' text format: load, engine counters and the prefix cache."""
+        return _prometheus(load())
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": server.created, "owned_by": "lfm2",
@@ -1076,54 +1151,72 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         start = time.perf_counter()
         params, stop = server.validate(body)
+        n = server.check_n(body.n)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         server.check_max_tokens(wanted, max_param)
         ids, forced, tools, constraint = await asyncio.to_thread(server.chat_prompt, body, wanted)
         budget = server.token_budget(len(ids), wanted, max_param, "messages")
-        jobs, events = server.submit([ids], params, [budget], stop, body.ignore_eos, constraint)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs, events = server.submit([ids] * n, params, [budget] * n, stop, body.ignore_eos, constraint,
+                                     logprobs=logprobs, checkpoints=llm.turn_ends(ids), n=n)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         watcher = asyncio.create_task(_watch_disconnect(http.receive, lambda: server.cancel(jobs)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict, finish: str | None = None) -> dict:
+        def chunk(i: int, delta: dict, finish: str | None = None, lps: list | None = None) -> dict:
             return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": choice_logprobs(lps),
+                                 "finish_reason": finish}]}
+
+        def choice_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
+            if logprobs is None or lps is None:
+                return None
+            return {"content": logprob_entries(server.tokenizer, lps), "refusal": None}
 
         def finish_reason(result: Result, calls: bool) -> str:
             return "tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason
 
         if not body.stream:
+            texts, lps = [forced] * n, [[] for _ in range(n)]
             try:
-                text, result = await _collect_one(events, jobs[0])
+                while any(job.result is None for job in jobs):
+                    kind, i, value = await events.get()
+                    if kind == "done":
+                        jobs[i].result = value
+                    else:
+                        texts[i] += value[0]
+                        lps[i] += value[1]
             finally:
                 watcher.cancel()
                 server.cancel(jobs)
-            _log_request(request_id, "chat", False, [result], start)
-            _raise_if_failed(result)
-            content, calls = forced + text, []
-            if tools is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # an unparsable block stays in the content, as documented
-                    content, calls = parse_tool_calls(content, tools)
-            message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
-            if calls:
-                message["tool_calls"] = calls
+            results = [job.result for job in jobs]
+            _log_request(request_id, "chat", False, results, start)
+            for result in results:
+                _raise_if_failed(result)
+            choices = []
+            for i, (text, result) in enumerate(zip(texts, results, strict=True)):
+                content, calls = text, []
+                if tools is not None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # an unparsable block stays in the content, as documented
+                        content, calls = parse_tool_calls(content, tools)
+                message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": i, "message": message, "logprobs": choice_logprobs(lps[i]),
+                                "finish_reason": finish_reason(result, bool(calls))})
             return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
-                    "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": message, "logprobs": None,
-                                 "finish_reason": finish_reason(result, bool(calls))}],
-                    "usage": _usage([result])}
+                    "system_fingerprint": None, "choices": choices, "usage": _usage(results, n)}
 
         async def stream() -> AsyncIterator[str]:
-            result: Result | None = None
-            parser = ToolCallStreamParser(tools) if tools is not None else None
-            n_calls = 0
+            parsers = [ToolCallStreamParser(tools) if tools is not None else None for _ in range(n)]
+            n_calls = [0] * n
+            held: list[list[TokenLogprob]] = [[] for _ in range(n)]  # logprobs of tokens not shown yet
 
-            def deltas(kind_values) -> list[dict]:
-                nonlocal n_calls
+            def deltas(i: int, kind_values) -> list[dict]:
                 out = []
                 for kind, value in kind_values:
                     if kind == "content":
@@ -1131,47 +1224,59 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                     else:
                         calls = []
                         for call in value:
-                            calls.append({"index": n_calls, **call})
-                            n_calls += 1
+                            calls.append({"index": n_calls[i], **call})
+                            n_calls[i] += 1
                         out.append({"tool_calls": calls})
                 return out
 
-            def feed(piece: str) -> list[dict]:
-                if parser is None:
+            def feed(i: int, piece: str) -> list[dict]:
+                if parsers[i] is None:
                     return [{"content": piece}] if piece else []
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    return deltas(parser.feed(piece))
+                    return deltas(i, parsers[i].feed(piece))
 
+            def send(i: int, out: list[dict]) -> Iterable[str]:
+                for delta in out:  # a piece's logprobs ride on its first delta
+                    lps, held[i] = held[i], []
+                    yield _sse(chunk(i, delta, lps=lps))
+
+            failed: Result | None = None
             try:
-                yield _sse(chunk({"role": "assistant", "content": ""}))
-                for delta in feed(forced):
-                    yield _sse(chunk(delta))
-                while True:
-                    kind, _, value = await events.get()
-                    if kind == "done":
-                        result = jobs[0].result = value
+                for i in range(n):
+                    yield _sse(chunk(i, {"role": "assistant", "content": ""}, lps=None))
+                    for line in send(i, feed(i, forced)):
+                        yield line
+                while any(job.result is None for job in jobs):
+                    kind, i, value = await events.get()
+                    if kind == "text":
+                        held[i] += value[1]
+                        for line in send(i, feed(i, value[0])):
+                            yield line
+                        continue
+                    jobs[i].result = value
+                    if value.finish_reason in ("error", "cancelled"):
+                        failed = value
                         break
-                    for delta in feed(value):
-                        yield _sse(chunk(delta))
-                if parser is not None:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        for delta in deltas(parser.finish()):
-                            yield _sse(chunk(delta))
-                if result.finish_reason in ("error", "cancelled"):
-                    yield _sse(_failure(result).body())
+                    if parsers[i] is not None:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            for line in send(i, deltas(i, parsers[i].finish())):
+                                yield line
+                    rest, held[i] = held[i], []
+                    yield _sse(chunk(i, {}, finish_reason(value, n_calls[i] > 0), lps=rest if rest else None))
+                if failed is not None:
+                    yield _sse(_failure(failed).body())
                     return
-                yield _sse(chunk({}, finish_reason(result, n_calls > 0)))
                 if include_usage:
                     yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                                 "model": model_name, "system_fingerprint": None, "choices": [],
-                                "usage": _usage([result])})
+                                "usage": _usage([job.result for job in jobs], n)})
                 yield _sse("[DONE]")
             finally:
                 watcher.cancel()
                 server.cancel(jobs)
-                _log_request(request_id, "chat", True, [result], start)
+                _log_request(request_id, "chat", True, [job.result for job in jobs], start)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -1179,15 +1284,24 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     async def completions(body: CompletionRequest, http: HTTPRequest):
         start = time.perf_counter()
         params, stop = server.validate(body)
+        n = server.check_n(body.n)
         server.check_max_tokens(body.max_tokens, "max_tokens")
         prompts, texts = await asyncio.to_thread(server.completion_prompts, body)
         budgets = [server.token_budget(len(p), body.max_tokens, "max_tokens", "prompt", COMPLETION_MAX_TOKENS)
                    for p in prompts]
-        jobs, events = server.submit(prompts, params, budgets, stop, body.ignore_eos)
+        if len(prompts) * n > scheduler.max_batch + scheduler.max_queue:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} choices exceed what the server holds at once "
+                           f"({scheduler.max_batch + scheduler.max_queue})", param="n", code="invalid_value")
+        # choice k is prompt k // n, as in OpenAI's API
+        prompts, texts, budgets = ([x for x in xs for _ in range(n)] for xs in (prompts, texts, budgets))
+        echo_logprobs = body.logprobs if body.echo else None
+        jobs, events = server.submit(prompts, params, budgets, stop, body.ignore_eos, logprobs=body.logprobs,
+                                     prompt_logprobs=echo_logprobs, n=n)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         watcher = asyncio.create_task(_watch_disconnect(http.receive, lambda: server.cancel(jobs)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offsets = [0] * len(jobs)  # where each choice's next token starts in its text
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             out = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
@@ -1196,18 +1310,41 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                 out["usage"] = usage
             return out
 
-        def choice(i: int, text: str, finish: str | None) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        def choice(i: int, text: str, finish: str | None, lps: dict | None = None) -> dict:
+            return {"index": i, "text": text, "logprobs": lps, "finish_reason": finish}
+
+        def legacy(i: int, items: list[TokenLogprob | None], tokens: list[int]) -> dict | None:
+            if body.logprobs is None:
+                return None
+            out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for token, item in zip(tokens, items, strict=True):
+                text = token_text(server.tokenizer, token)
+                out["tokens"].append(text)
+                out["token_logprobs"].append(None if item is None else item.logprob)
+                out["top_logprobs"].append(None if item is None else
+                                           {token_text(server.tokenizer, t): lp for t, lp in item.top})
+                out["text_offset"].append(offsets[i])
+                offsets[i] += len(text)
+            return out
+
+        def prompt_part(i: int) -> dict | None:
+            """The echoed prompt's logprobs (its first token has none)."""
+            return legacy(i, jobs[i].request.prompt_token_logprobs, list(prompts[i]))
+
+        def generated(i: int, lps: list[TokenLogprob]) -> dict | None:
+            return legacy(i, list(lps), [x.token for x in lps])
 
         if not body.stream:
             outs = [texts[i] if body.echo else "" for i in range(len(jobs))]
+            lps: list[list[TokenLogprob]] = [[] for _ in jobs]
             try:
                 while any(job.result is None for job in jobs):
                     kind, i, value = await events.get()
                     if kind == "done":
                         jobs[i].result = value
                     else:
-                        outs[i] += value
+                        outs[i] += value[0]
+                        lps[i] += value[1]
             finally:
                 watcher.cancel()
                 server.cancel(jobs)
@@ -1215,18 +1352,27 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
             _log_request(request_id, "completions", False, results, start)
             for result in results:
                 _raise_if_failed(result)
-            return chunk([choice(i, outs[i], r.finish_reason) for i, r in enumerate(results)], _usage(results))
+            choices = []
+            for i, r in enumerate(results):
+                part = _join_legacy(prompt_part(i) if body.echo else None, generated(i, lps[i]))
+                choices.append(choice(i, outs[i], r.finish_reason, part))
+            return chunk(choices, _usage(results, n))
 
         async def stream() -> AsyncIterator[str]:
             failed: Result | None = None
+            echoed = [not body.echo] * len(jobs)
             try:
-                if body.echo:
+                if body.echo and echo_logprobs is None:  # the prompts' text is known now
                     for i, text in enumerate(texts):
                         yield _sse(chunk([choice(i, text, None)]))
+                    echoed = [True] * len(jobs)
                 while any(job.result is None for job in jobs):
                     kind, i, value = await events.get()
+                    if not echoed[i]:  # with logprobs, the prompt's are known once it is prefilled
+                        echoed[i] = True
+                        yield _sse(chunk([choice(i, texts[i], None, prompt_part(i))]))
                     if kind == "text":
-                        yield _sse(chunk([choice(i, value, None)]))
+                        yield _sse(chunk([choice(i, value[0], None, generated(i, value[1]))]))
                         continue
                     jobs[i].result = value
                     if value.finish_reason in ("error", "cancelled"):
@@ -1237,7 +1383,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                     yield _sse(_failure(failed).body())
                     return
                 if include_usage:
-                    yield _sse(chunk([], _usage([job.result for job in jobs])))
+                    yield _sse(chunk([], _usage([job.result for job in jobs], n)))
                 yield _sse("[DONE]")
             finally:
                 watcher.cancel()
@@ -1249,14 +1395,30 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     return app
 
 
-async def _collect_one(events: asyncio.Queue, job: _Job) -> tuple[str, Result]:
-    text = ""
-    while True:
-        kind, _, value = await events.get()
-        if kind == "done":
-            job.result = value
-            return text, value
-        text += value
+def _join_legacy(a: dict | None, b: dict | None) -> dict | None:
+    """Two parts of a choice's legacy logprobs (echoed prompt, then completion) as one."""
+    if a is None or b is None:
+        return a if b is None else b
+    return {k: a[k] + b[k] for k in a}
+
+
+def _prometheus(load: dict[str, Any]) -> str:
+    """`/metrics`: the engine's load and counters and the prefix cache's, in Prometheus' text format."""
+    gauges = {"active": "requests holding a row", "queued": "requests waiting for a row",
+              "max_batch": "rows decoded together", "max_len": "slots per row"}
+    counters = {"decode_steps": "decode steps run", "prefill_chunks": "prefill forward passes run"}
+    cache = load["prefix_cache"]
+    cache_gauges = {"entries": "states stored", "bytes": "bytes stored", "max_bytes": "bound on bytes stored"}
+    cache_counters = {"hits": "requests resumed from a stored prefix", "misses": "requests with no stored prefix",
+                      "hit_tokens": "prompt tokens resumed instead of prefilled", "evictions": "states evicted"}
+    lines = []
+    for group, kind, values, prefix in ((gauges, "gauge", load, "lfm2_"), (counters, "counter", load, "lfm2_"),
+                                        (cache_gauges, "gauge", cache, "lfm2_prefix_cache_"),
+                                        (cache_counters, "counter", cache, "lfm2_prefix_cache_")):
+        for key, text in group.items():
+            name = prefix + key + ("_total" if kind == "counter" else "")
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {values[key]}"]
+    return "\n".join(lines) + "\n"
 
 
 def _failure(result: Result) -> APIError:
@@ -1289,6 +1451,8 @@ def serve(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     quantize: str | None = None,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    compile: bool = False,
 ) -> None:
     """Load `model` (default: the bundled one), with a LoRA `adapter` if given, quantized if asked
     (`quantize` "int8" / "int4", as `lfm2.load`), and serve it until interrupted.
@@ -1306,12 +1470,12 @@ def serve(
         warning = _exposed(host, api_key)
         if warning:
             log.warning(warning)
-        llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
+        llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter, quantize=quantize, compile=compile)
         from lfm2.bundled import NAME
 
         name = model_name or (str(model) if model else NAME)
         app = create_app(llm, name, max_batch=max_batch, max_queue=max_queue, max_len=max_len, api_key=api_key,
-                         max_body_bytes=max_body_bytes)
+                         max_body_bytes=max_body_bytes, prefix_cache_bytes=prefix_cache_bytes)
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:
         sock.close()
@@ -1356,10 +1520,22 @@ def _port(text: str) -> int:
     return int(text)
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _bytes(text: str) -> int:
+    """A byte count: digits with an optional K, M or G (binary units)."""
+    digits, unit = (text[:-1], text[-1].lower()) if text[-1:].isalpha() else (text, "")
+    if not digits.isdigit() or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: expected bytes, optionally with K, M or G (512M)")
+    return int(digits) * _UNITS[unit]
+
+
 def _size(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    size = _bytes(text)
+    if size < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: expected a positive number of bytes")
-    return int(text)
+    return size
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -1389,6 +1565,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="requests that may wait; beyond, HTTP 429 (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help=f"prompt + completion tokens per request (default: the context, at most {DEFAULT_MAX_LEN})")
+    p.add_argument("--prefix-cache-bytes", type=_bytes, default=DEFAULT_PREFIX_CACHE_BYTES, metavar="N",
+                   help="memory for reusing prompt prefixes (multi-turn chats, shared system prompts): states are "
+                        "kept at the ends of turns and prompts, the least recently used dropped; 0 turns reuse "
+                        "off; K, M, G suffixes (default: %(default)s, 1 GiB)")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile, as lfm2.load(compile=True) (default: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="how much the server logs (default: %(default)s)")
     p.set_defaults(handler=cmd_serve)
@@ -1403,4 +1585,4 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_len=args.max_model_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
           log_level=args.log_level, adapter=args.adapter, api_key=api_key, max_body_bytes=args.max_body_bytes,
-          quantize=args.quantize)
+          quantize=args.quantize, prefix_cache_bytes=args.prefix_cache_bytes, compile=args.compile)

@@ -75,6 +75,40 @@ def random_model(config: ModelConfig, seed: int = 0):
     return model.eval()
 
 
+@torch.inference_mode()
+def solo_decode(model, prompt, params, max_new_tokens, stop_ids=frozenset(), ignore_eos=False) -> list[int]:
+    """The plainest decode loop, one prompt and no engine: the reference `lfm2.engine` is held to.
+    A stop id ends it and is not returned."""
+    from lfm2.sampling import TokenHistory, make_generator, sample_next
+
+    cache = model.make_cache(1, len(prompt) + max_new_tokens)
+    logits = model(torch.tensor([list(prompt)]), cache, last_only=True)[:, -1]
+    generator = None if params.greedy else make_generator(params.seed)
+    history = TokenHistory(torch.tensor([list(prompt)]), model.config.vocab_size) if params.needs_history else None
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        token = sample_next(logits, params, generator, history)
+        if not ignore_eos and int(token) in stop_ids:
+            break
+        out.append(int(token))
+        if history is not None:
+            history.update(token)
+        logits = model(token[:, None], cache)[:, -1]
+    return out
+
+
+def engine_decode(model, prompts, params, max_new_tokens, stop_ids=frozenset(), ignore_eos=False) -> list[list[int]]:
+    """Every prompt's tokens from one `lfm2.engine.Engine` run (rows decoded together), no prefix cache."""
+    from lfm2.engine import Engine
+
+    engine = Engine(model, max_batch=len(prompts), max_queue=0,
+                    max_len=max(len(p) for p in prompts) + max_new_tokens)
+    rows: list[list[int]] = [[] for _ in prompts]
+    for row, token in engine.generate(prompts, params, max_new_tokens, stop_ids, ignore_eos):
+        rows[row].append(token)
+    return rows
+
+
 def write_gguf_tensor(path: Path, data, raw_dtype) -> Path:
     """A GGUF file holding one tensor "t" of already-encoded blocks (`data`: uint8 rows, or a numpy array of
     `raw_dtype`), written by the reference `gguf` package."""

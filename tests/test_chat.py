@@ -33,6 +33,9 @@ class Script:
         tok = llm.tokenizer
         self.replies = [tok.encode(r) + [tok.token_to_id("<|im_end|>")] for r in replies]
         self.generation, self.step, self.prompts = -1, 0, []
+        # Every generation must start with a prefill that the hooks see: no prefix reuse meanwhile.
+        self.cache, self.cache_bytes = llm.prefix_cache, llm.prefix_cache.max_bytes
+        llm.prefix_cache.max_bytes = 0
         self.handles = [
             llm.model.register_forward_pre_hook(self.pre),
             llm.model.lm_head.register_forward_hook(self.post),
@@ -59,6 +62,7 @@ class Script:
         return out
 
     def close(self):
+        self.cache.max_bytes = self.cache_bytes
         for h in self.handles:
             h.remove()
 

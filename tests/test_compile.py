@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_model, tiny_config
+from conftest import engine_decode, random_model, tiny_config
 
 from lfm2.compile import compile_decode
-from lfm2.generate import decode_tokens
 from lfm2.quant import quantize_model
 from lfm2.sampling import SamplingParams
 
@@ -39,11 +38,11 @@ def test_compiled_decode_equals_eager(quantize, wide):
     compiled = _decode_logits(model, step, prompt, 6)  # lengths 7..12: one dynamic-shape compile serves all
     assert step.failed is None and step.compile_seconds is not None
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
-    # and through generation, where the compiled step is picked up by decode_tokens
+    # and through generation, where the compiled step is picked up by the engine
     params = SamplingParams(temperature=0.0)
-    tokens = [s.tokens[0] for s in decode_tokens(model, [prompt], params, 8, ignore_eos=True)]
+    tokens = engine_decode(model, [prompt], params, 8, ignore_eos=True)
     del model.decode_step
-    assert tokens == [s.tokens[0] for s in decode_tokens(model, [prompt], params, 8, ignore_eos=True)]
+    assert tokens == engine_decode(model, [prompt], params, 8, ignore_eos=True)
 
 
 def test_failed_compile_falls_back_to_eager_with_the_cache_intact():

@@ -261,12 +261,11 @@ def test_strict_calls_choose_the_most_likely_whole_name(llm):
         assert by_token[seed] == max(scores, key=scores.get)
 
 
-def test_whole_names_in_a_batch_and_in_the_scheduler(llm):
+def test_whole_names_in_a_batch_and_in_the_engine_thread(llm):
     """Rows of different lengths and tool lists, decoded together, choose as each does alone; the
-    server's scheduler chooses the same names."""
-    from lfm2.generate import decode_tokens
+    engine driven from its thread (as the server drives it) chooses the same names."""
+    from lfm2.engine import Engine, Request
     from lfm2.sampling import SamplingParams
-    from lfm2.scheduler import Request, Scheduler
 
     tok, greedy = llm.tokenizer, SamplingParams(temperature=0.0)
     cases = [("short", NAMES), ("a much longer request than the other one, with more words", NAMES[1:4])]
@@ -277,19 +276,18 @@ def test_whole_names_in_a_batch_and_in_the_scheduler(llm):
     def constraint(tools):
         return tool_call_constraint(tok, tools, "<|tool_call_start|>[", llm.config.vocab_size)
 
-    def run(rows):
-        steps = decode_tokens(llm.model, [prompts[i] for i in rows], greedy, 8,
-                              constraints=[constraint(cases[i][1]) for i in rows])
+    def run(rows):  # synchronously, rows admitted together
         out = [[] for _ in rows]
-        for step in steps:
-            for j, token in enumerate(step.tokens):
-                out[j].append(token)
+        requests = [Request(prompts[i], greedy, 8, lambda t, j=j: out[j].append(t) or False,
+                            constraint=constraint(cases[i][1])) for j, i in enumerate(rows)]
+        for _ in Engine(llm.model, max_batch=len(rows), max_len=400).run(requests):
+            pass
         return [tok.decode(o) for o in out]
 
     alone = [run([0])[0], run([1])[0]]
     assert run([0, 1]) == alone
     assert all("(" in text for text in alone)
-    with Scheduler(llm.model, max_batch=2) as sched:
+    with Engine(llm.model, max_batch=2) as sched:
         got = [[], []]
         done = threading.Semaphore(0)
         for i in range(2):

@@ -35,15 +35,11 @@ def _hf_greedy(hf, prompts, n=48):
 
 
 def _our_greedy(llm, prompts, n=48):
-    from lfm2.generate import decode_tokens
+    from conftest import engine_decode
 
     ids = [llm.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
     params = llm.sampling_params(temperature=0, repetition_penalty=1.0)
-    rows = [[] for _ in prompts]
-    for step in decode_tokens(llm.model, ids, params, n, llm.tokenizer.stop_ids, ignore_eos=True):
-        for r, t in enumerate(step.tokens):
-            rows[r].append(t)
-    return rows
+    return engine_decode(llm.model, ids, params, n, llm.tokenizer.stop_ids, ignore_eos=True)
 
 
 def test_greedy_matches_transformers_single(llm, hf):
@@ -60,7 +56,7 @@ def test_greedy_matches_transformers_left_padded_batch(llm, hf):
 
 
 def test_repetition_penalty_matches_transformers(llm, hf):
-    from lfm2.generate import decode_tokens
+    from conftest import engine_decode
 
     model, tok = hf
     prompt = PROMPTS[1]
@@ -68,7 +64,7 @@ def test_repetition_penalty_matches_transformers(llm, hf):
     ref = model.generate(**enc, do_sample=False, max_new_tokens=32, min_new_tokens=32, repetition_penalty=1.3)
     params = llm.sampling_params(temperature=0, repetition_penalty=1.3)
     ids = [llm.tokenizer.encode(prompt, add_special_tokens=True)]
-    got = [s.tokens[0] for s in decode_tokens(llm.model, ids, params, 32, ignore_eos=True)]
+    got = engine_decode(llm.model, ids, params, 32, ignore_eos=True)[0]
     assert got == ref[0, enc["input_ids"].shape[1] :].tolist()
 
 
@@ -137,13 +133,14 @@ def test_stops_on_end_of_turn(llm):
             out[..., eos] = 1e4
         return out
 
+    llm.prefix_cache.clear()  # the prompt's prefill is the first of the counted calls
     handle = llm.model.lm_head.register_forward_hook(force_eos)
     try:
         text = llm.generate(PROMPTS[0], temperature=0, max_new_tokens=10)
     finally:
         handle.remove()
     st = llm.last_stats[0]
-    assert st.finish_reason == "stop" and st.completion_tokens == 3
+    assert st.finish_reason == "stop" and st.completion_tokens == 4  # the stop id counts, as in the server
     assert "<|im_end|>" not in text
     assert text == llm.generate(PROMPTS[0], temperature=0, max_new_tokens=3, ignore_eos=True)
 
@@ -162,13 +159,15 @@ def test_bad_requests(llm):
 
 def test_chunked_prefill_gives_the_same_tokens(chat_checkpoint, monkeypatch):
     """A prompt longer than the prefill chunk runs in pieces through the cache, with the same result."""
+    from conftest import engine_decode
+
     import lfm2
-    from lfm2 import generate
+    from lfm2 import engine
 
     llm = lfm2.load(chat_checkpoint)
-    prompts = [list(range(5, 45)), list(range(7, 30))]  # different lengths: left padding crosses chunks
+    prompts = [list(range(5, 45)), list(range(7, 30))]
     params = llm.sampling_params(temperature=0)
-    whole = [s.tokens for s in generate.decode_tokens(llm.model, prompts, params, 12, ignore_eos=True)]
-    monkeypatch.setattr(generate, "PREFILL_CHUNK", 7)
-    chunked = [s.tokens for s in generate.decode_tokens(llm.model, prompts, params, 12, ignore_eos=True)]
-    assert chunked == whole and len({t for step in whole for t in step}) > 3
+    whole = engine_decode(llm.model, prompts, params, 12, ignore_eos=True)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 7)
+    chunked = engine_decode(llm.model, prompts, params, 12, ignore_eos=True)
+    assert chunked == whole and len({t for row in whole for t in row}) > 3

@@ -37,7 +37,7 @@ class Live:
 
     def __init__(self, llm, **options) -> None:
         self.app = create_app(llm, MODEL, **options)
-        self.scheduler = self.app.state.scheduler
+        self.scheduler = self.app.state.engine
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -84,6 +84,9 @@ class Script:
         self.current: list[int] | None = None
         self.step = 0
         self.prompts: list[str] = []
+        # Every request must start with a prefill that the hooks see: no prefix reuse meanwhile.
+        self.cache, self.cache_bytes = llm.prefix_cache, llm.prefix_cache.max_bytes
+        llm.prefix_cache.max_bytes = 0
         self.handles = [llm.model.register_forward_pre_hook(self.pre),
                         llm.model.lm_head.register_forward_hook(self.post)]
 
@@ -114,6 +117,7 @@ class Script:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.cache.max_bytes = self.cache_bytes
         for h in self.handles:
             h.remove()
 
@@ -340,7 +344,9 @@ ERRORS = [
     (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0].content", "needs 'content'"),
     (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400,
      "messages[0].content[0].type", "'text'"),
-    (CHAT, chat(n=2), 400, "n", "n=1"),
+    (CHAT, chat(n=1000), 400, "n", "at most"),
+    (CHAT, chat(top_logprobs=2), 400, "top_logprobs", "needs logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "logprobs", "less than or equal"),
     (CHAT, chat(stop=[""]), 400, "stop", "empty"),
     (CHAT, chat(stop=5), 400, "stop", "string"),
     (CHAT, chat(seed=2**70), 400, "seed", "less than"),
@@ -630,17 +636,20 @@ VALID = {
     "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2),
     "seed": st.integers(0, 2**32),
+    "n": st.integers(1, 3),
     "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
     "ignore_eos": st.booleans(),
 }
 CHAT_VALID = {
     **VALID,
     "max_completion_tokens": st.integers(1, 40),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 20),
     "tools": st.lists(st.just(get_weather_tool()), max_size=2),
     "tool_choice": st.sampled_from(["auto", "none", "required",
                                     {"type": "function", "function": {"name": "get_weather"}}]),
 }
-COMPLETION_VALID = {**VALID, "echo": st.booleans()}
+COMPLETION_VALID = {**VALID, "echo": st.booleans(), "logprobs": st.integers(0, 5)}
 # Values that stretch or break each field: neighbours of the limits, wrong types, anything.
 WILD = st.one_of(JSON_VALUES, st.integers(-(2**65), 2**65), st.floats(-3, 3), st.sampled_from([0, -1, 1e308, ""]))
 
@@ -812,3 +821,99 @@ def test_serve_quantize_reaches_the_loader_and_serves(monkeypatch, chat_checkpoi
         assert reply.usage.completion_tokens == 3
     finally:
         server.close()
+
+
+def test_n_choices_are_decoded_together_from_one_prefill(live, llm):
+    """n choices: rows of one batch, the prompt prefilled once (the others resume from its state),
+    each choice with its own seed; the prompt counts once in the usage."""
+    chunks, hits = live.scheduler.prefill_chunks, llm.prefix_cache.hits
+    reply = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "n choices"}],
+                                                n=3, max_tokens=6, temperature=1.0, seed=11)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    # the first choice's prompt: two chunks (cut where the user turn ends); the others: none
+    assert live.scheduler.prefill_chunks == chunks + 2 and llm.prefix_cache.hits == hits + 2
+    assert len({c.message.content for c in reply.choices}) > 1
+    again = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "n choices"}],
+                                                n=3, max_tokens=6, temperature=1.0, seed=11)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "n choices"}], add_generation_prompt=True)
+    assert reply.usage.prompt_tokens == len(llm.tokenizer.encode(ids))
+    assert 3 <= reply.usage.completion_tokens <= 18
+    streamed = list(live.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "n choices"}], n=2, max_tokens=5, stream=True,
+        temperature=1.0, seed=11))
+    texts = ["".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == i)
+             for i in range(2)]
+    finishes = [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 2 and all(texts)
+    completions = live.client.completions.create(model=MODEL, prompt=["a b", "c d"], n=2, max_tokens=3)
+    assert [c.index for c in completions.choices] == [0, 1, 2, 3]
+
+
+@torch.inference_mode()
+def next_token_logprobs(llm, ids: list[int]) -> torch.Tensor:
+    cache = llm.model.make_cache(1, len(ids))
+    return torch.log_softmax(llm.model(torch.tensor([ids]), cache, last_only=True)[0, -1].float(), dim=-1)
+
+
+def test_chat_logprobs_are_the_models(live, llm):
+    """logprobs / top_logprobs, non-streamed and streamed, equal the model's own next-token
+    log-probabilities (first token: a full prefill of the prompt here)."""
+    messages = [{"role": "user", "content": "logprobs please"}]
+    reply = live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                                logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert 1 <= len(content) <= 5 and all(len(t.top_logprobs) == 3 for t in content)
+    prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    ref = next_token_logprobs(llm, prompt)
+    top = ref.topk(3)
+    first = content[0]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert first.logprob == pytest.approx(float(top.values[0]), abs=1e-4)  # greedy: the top token
+    assert bytes(first.bytes).decode("utf-8", "replace") == first.token
+    streamed = list(live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                                        logprobs=True, stream=True))
+    lps = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.logprob for t in lps] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    plain = live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_with_echo(live, llm):
+    r = live.post("/v1/completions", json={"model": MODEL, "prompt": "The cat sat", "max_tokens": 3,
+                                           "temperature": 0, "logprobs": 2, "echo": True, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    prompt = llm.tokenizer.encode("The cat sat", add_special_tokens=True)
+    assert len(lp["tokens"]) == len(prompt) + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    ref = next_token_logprobs(llm, prompt[:1])  # the prompt's second token, given its first
+    assert lp["token_logprobs"][1] == pytest.approx(float(ref[prompt[1]]), abs=1e-4)
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    assert "".join(lp["tokens"]) == "<|startoftext|>" + choice["text"]  # the echoed prompt's tokens, BOS included
+
+
+def test_multi_turn_reuses_the_conversation_and_metrics_show_it(live, llm):
+    """The follow-up turn of a conversation resumes from the state its first turn left (hits, tokens
+    reused, in /health and /metrics), and its reply equals one from a server without reuse."""
+    convo = [{"role": "system", "content": "Be brief. " * 30}, {"role": "user", "content": "First turn"}]
+    first = live.client.chat.completions.create(model=MODEL, messages=convo, max_tokens=6, temperature=0)
+    before = httpx.get(live.url + "/health").json()["prefix_cache"]
+    convo += [{"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "Second turn"}]
+    second = live.client.chat.completions.create(model=MODEL, messages=convo, max_tokens=6, temperature=0)
+    after = httpx.get(live.url + "/health").json()["prefix_cache"]
+    assert after["hits"] == before["hits"] + 1
+    assert after["hit_tokens"] - before["hit_tokens"] >= first.usage.prompt_tokens
+    metrics = httpx.get(live.url + "/metrics").text
+    assert f"lfm2_prefix_cache_hits_total {after['hits']}" in metrics
+    assert "# TYPE lfm2_prefix_cache_bytes gauge" in metrics
+    llm.prefix_cache.max_bytes, bound = 0, llm.prefix_cache.max_bytes
+    try:
+        fresh = live.client.chat.completions.create(model=MODEL, messages=convo, max_tokens=6, temperature=0)
+    finally:
+        llm.prefix_cache.max_bytes = bound
+    assert fresh.choices[0].message.content == second.choices[0].message.content

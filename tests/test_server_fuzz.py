@@ -65,7 +65,8 @@ def served(strategy):
 
 # Schemathesis's own pytest runner (`schemathesis.pytest.from_fixture`) needs a pytest older than
 # ours (it reads `Function._nodeid`), so each operation is driven through its Hypothesis strategy.
-OPERATIONS = [("GET", "/health", False), ("GET", "/v1/models", False), ("GET", "/v1/models/{model_id}", False),
+OPERATIONS = [("GET", "/health", False), ("GET", "/metrics", False), ("GET", "/v1/models", False),
+              ("GET", "/v1/models/{model_id}", False),
               ("POST", "/v1/chat/completions", True), ("POST", "/v1/completions", True)]
 
 

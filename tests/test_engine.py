@@ -1,8 +1,8 @@
-"""The continuous-batching scheduler and the cache methods it relies on.
+"""The engine (continuous batching, chunked prefill, prefix reuse) and the cache methods it relies on.
 
-Reference outputs come from `decode_tokens`, the batch engine the Python API uses, run on one
-prompt at a time: the scheduler must give every request exactly those tokens however requests
-join, leave and share the batch. Greedy comparisons are only meaningful where top-1 margins are
+Reference outputs come from `conftest.solo_decode`, the plainest decode loop, run on one prompt at
+a time: the engine must give every request exactly those tokens however requests join, leave and
+share the batch. Greedy comparisons are only meaningful where top-1 margins are
 far above float rounding; `greedy_path` measures them and the tests assert they are (see
 docs/testing.md).
 """
@@ -16,10 +16,9 @@ import pytest
 import torch
 
 import lfm2
-from lfm2.errors import GenerationError
-from lfm2.generate import decode_tokens
+from lfm2.engine import Engine, Request
+from lfm2.errors import GenerationError, SchedulerBusy
 from lfm2.sampling import SamplingParams
-from lfm2.scheduler import Request, Scheduler, SchedulerBusy
 
 GREEDY = SamplingParams(temperature=0.0)
 ROUNDING = 5e-6  # bound on |batched - alone| logits (float32 rounding; measured ~7e-7 on this fixture)
@@ -56,17 +55,15 @@ def greedy_path(model, prompt: list[int], steps: int) -> tuple[list[int], float]
 
 
 def alone(llm, prompt, params=GREEDY, max_new_tokens=20, stop_ids=frozenset()) -> list[int]:
-    out = []
-    for step in decode_tokens(llm.model, [prompt], params, max_new_tokens, stop_ids):
-        if step.active[0]:
-            out.append(step.tokens[0])
-    return out
+    from conftest import solo_decode
+
+    return solo_decode(llm.model, prompt, params, max_new_tokens, stop_ids)
 
 
 class Collector:
     """Submits requests and gathers their tokens and results; `wait()` blocks until all finished."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Engine) -> None:
         self.scheduler = scheduler
         self.tokens: list[list[int]] = []
         self.results: list = []
@@ -174,7 +171,7 @@ def test_requests_joining_and_leaving_get_their_solo_tokens(llm):
     max_len = max(len(p) + n for p, n in zip(prompts, lengths, strict=True))
     slow = llm.model.register_forward_hook(lambda *a: time.sleep(0.002))
     try:
-        with Scheduler(llm.model, max_batch=5, max_queue=12, max_len=max_len) as sched:
+        with Engine(llm.model, max_batch=5, max_queue=12, max_len=max_len) as sched:
             c = Collector(sched)
             for k, i in enumerate(order):
                 c.submit(prompts[i], max_new_tokens=lengths[i])
@@ -198,7 +195,7 @@ def test_per_row_sampling_params_and_seeds(llm):
     p = prompts_for(llm, 3)
     hot = SamplingParams(temperature=1.5, top_k=50, top_p=0.95, seed=7)
     penal = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5)
-    with Scheduler(llm.model, max_batch=4) as sched:
+    with Engine(llm.model, max_batch=4) as sched:
         c = Collector(sched)
         c.submit(p[0], hot)
         c.submit(p[1], penal)
@@ -211,7 +208,7 @@ def test_per_row_sampling_params_and_seeds(llm):
 def test_stop_ids_on_token_stop_and_ignore_eos(llm):
     p = prompts_for(llm, 1)[0]
     ref = alone(llm, p, max_new_tokens=10)
-    with Scheduler(llm.model, max_batch=2) as sched:
+    with Engine(llm.model, max_batch=2) as sched:
         c = Collector(sched)
         c.submit(p, max_new_tokens=10, stop_ids=frozenset({ref[3]}))
         c.submit(p, max_new_tokens=10, stop_ids=frozenset({ref[3]}), ignore_eos=True)
@@ -236,7 +233,7 @@ def test_cancel_frees_the_row_for_the_next_request(llm):
     """With one row, a cancelled long request must let the waiting one in long before it would end."""
     slow = llm.model.register_forward_hook(lambda *a: time.sleep(0.01))
     try:
-        with Scheduler(llm.model, max_batch=1, max_queue=1) as sched:
+        with Engine(llm.model, max_batch=1, max_queue=1) as sched:
             c = Collector(sched)
             long = c.submit(prompts_for(llm, 1)[0], max_new_tokens=400)  # ~4 s if left alone
             while len(c.tokens[0]) < 3:
@@ -257,7 +254,7 @@ def test_cancel_frees_the_row_for_the_next_request(llm):
 
 
 def test_cancel_while_waiting_and_close(llm):
-    with Scheduler(llm.model, max_batch=1, max_queue=4) as sched:
+    with Engine(llm.model, max_batch=1, max_queue=4) as sched:
         c = Collector(sched)
         c.submit(prompts_for(llm, 1)[0], max_new_tokens=200)
         queued = c.submit(prompts_for(llm, 1)[0], max_new_tokens=5)
@@ -270,7 +267,7 @@ def test_cancel_while_waiting_and_close(llm):
 
 
 def test_bad_requests_are_refused_at_submit(llm):
-    with Scheduler(llm.model, max_batch=1, max_len=64) as sched:
+    with Engine(llm.model, max_batch=1, max_len=64) as sched:
         with pytest.raises(GenerationError, match="exceeds the context of 64"):
             sched.submit(Request([1] * 60, GREEDY, 5))
         with pytest.raises(GenerationError, match="empty"):
@@ -279,10 +276,8 @@ def test_bad_requests_are_refused_at_submit(llm):
             sched.submit(Request([1, 10**6], GREEDY, 5))
         with pytest.raises(GenerationError, match="max_new_tokens"):
             sched.submit(Request([1], GREEDY, 0))
-    with pytest.raises(GenerationError, match="not running"):
-        sched.submit(Request([1], GREEDY, 5))
     with pytest.raises(GenerationError, match="max_len"):
-        Scheduler(llm.model, max_len=10**9)
+        Engine(llm.model, max_len=10**9)
 
 
 def test_an_engine_failure_ends_the_batch_and_the_scheduler_keeps_serving(llm):
@@ -295,7 +290,7 @@ def test_an_engine_failure_ends_the_batch_and_the_scheduler_keeps_serving(llm):
 
     hook = llm.model.register_forward_pre_hook(explode)
     try:
-        with Scheduler(llm.model, max_batch=2) as sched:
+        with Engine(llm.model, max_batch=2) as sched:
             c = Collector(sched)
             c.submit(prompts_for(llm, 1)[0], max_new_tokens=5)
             c.wait()
@@ -309,7 +304,7 @@ def test_an_engine_failure_ends_the_batch_and_the_scheduler_keeps_serving(llm):
 
 
 def test_a_row_whose_sampling_fails_ends_alone(llm, monkeypatch):
-    import lfm2.scheduler as scheduler_module
+    import lfm2.engine as scheduler_module
 
     real = scheduler_module.sample_next
 
@@ -320,7 +315,7 @@ def test_a_row_whose_sampling_fails_ends_alone(llm, monkeypatch):
 
     monkeypatch.setattr(scheduler_module, "sample_next", sample_next)
     p = prompts_for(llm, 2)
-    with Scheduler(llm.model, max_batch=2) as sched:
+    with Engine(llm.model, max_batch=2) as sched:
         c = Collector(sched)
         c.submit(p[0], SamplingParams(temperature=1.0, seed=666))
         c.submit(p[1], SamplingParams(temperature=1.0, seed=5))
