@@ -23,6 +23,7 @@ import torch
 
 import lfm2
 from lfm2.bundled import default_model_path
+from lfm2.files import atomic_write
 from lfm2.tokenizer import Tokenizer
 from lfm2.train import tool_eval
 from lfm2.train.bundle import (
@@ -43,7 +44,6 @@ from lfm2.train.corpus import documents
 from lfm2.train.data import TokenFile, prepare_chat, prepare_copy, prepare_text
 from lfm2.train.synth import vocabulary
 from lfm2.train.trainer import TrainConfig, evaluate, train
-from lfm2.weights import write_text_atomic
 
 
 def main() -> None:
@@ -100,7 +100,7 @@ def main() -> None:
         tool, arguments = tool_call_scores(llm, held, strict, whole)
         results[f"{prefix}right_tool"], results[f"{prefix}right_tool_and_arguments"] = tool, arguments
     results.update(tool_eval.evaluate(llm))
-    write_text_atomic(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "eval.json", json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

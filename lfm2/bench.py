@@ -98,6 +98,7 @@ def random_checkpoint(preset_name: str, out: Path) -> Path:
     from tokenizers import Tokenizer as HFTokenizer
 
     from lfm2.config import preset
+    from lfm2.files import atomic_write
     from lfm2.models import build_model
     from lfm2.train.tokenizer import train_tokenizer
     from lfm2.weights import save_checkpoint
@@ -108,7 +109,7 @@ def random_checkpoint(preset_name: str, out: Path) -> Path:
     train_tokenizer(corpus, vocab_size=1000, out_dir=out)
     tok = HFTokenizer.from_file(str(out / "tokenizer.json"))
     tok.add_tokens([f"<t{i}>" for i in range(tok.get_vocab_size(), config.vocab_size)])
-    tok.save(str(out / "tokenizer.json"))
+    atomic_write(out / "tokenizer.json", tok.to_str(pretty=True))
     torch.manual_seed(0)
     save_checkpoint(build_model(config, device="cpu"), out)
     return out

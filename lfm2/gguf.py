@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from tqdm.auto import tqdm
 
 from lfm2.config import ModelConfig
 from lfm2.errors import CheckpointError, ConfigError, TokenizerError
+from lfm2.files import atomic_path
 from lfm2.llm import LLM, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import is_plain_linear
@@ -1028,36 +1028,24 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str =
         entries.append((gname, ours, ttype, nbytes))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result should not be
     files = {name: path for name, (path, _) in table.items()}
     try:
-        w.write_header_to_file(Path(tmp))
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with ExitStack() as stack, tqdm(total=sum(e[3] for e in entries), unit="B", unit_scale=True,
-                                        desc=f"writing {out.name}", disable=not progress) as bar:
-            handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
-            for gname, ours, ttype, nbytes in entries:
-                parts = [handles[files[name]].get_tensor(name) for name in ours]
-                w.write_tensor_data(_encode(_to_gguf(gname, parts), ttype))
-                bar.update(nbytes)
-        w.close()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the name points at it
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
+        with atomic_path(out, fsync=True) as tmp:  # on disk before the name points at it
+            try:
+                w.write_header_to_file(tmp)
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                with ExitStack() as stack, tqdm(total=sum(e[3] for e in entries), unit="B", unit_scale=True,
+                                                desc=f"writing {out.name}", disable=not progress) as bar:
+                    handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
+                    for gname, ours, ttype, nbytes in entries:
+                        parts = [handles[files[name]].get_tensor(name) for name in ours]
+                        w.write_tensor_data(_encode(_to_gguf(gname, parts), ttype))
+                        bar.update(nbytes)
+            finally:
+                w.close()
     except (OSError, gguf.QuantError) as e:
         raise CheckpointError(f"{out}: could not write the GGUF file ({e.__class__.__name__}: {e})") from None
-    finally:
-        w.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

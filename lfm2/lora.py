@@ -31,8 +31,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lfm2.errors import CheckpointError, ConfigError
+from lfm2.files import atomic_write
 from lfm2.models.lfm2 import is_plain_linear
-from lfm2.weights import save_tensors, write_text_atomic
+from lfm2.weights import save_tensors
 
 # LFM2's real projections: attention q/k/v/out, convolution in/out, SwiGLU w1/w2/w3.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")
@@ -166,7 +167,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
     }
-    write_text_atomic(out / ADAPTER_CONFIG, json.dumps(peft_config, indent=2) + "\n")
+    atomic_write(out / ADAPTER_CONFIG, json.dumps(peft_config, indent=2) + "\n")
     return out
 
 

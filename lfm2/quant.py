@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from torch import nn
 
 from lfm2 import kernels
 from lfm2.errors import CheckpointError, ConfigError
+from lfm2.files import atomic_path
 from lfm2.models.lfm2 import is_plain_linear
 
 KINDS = {"int8": 8, "int4": 4}
@@ -611,11 +611,5 @@ def _file_dtype(table: dict[str, tuple[Path, dict]], ckpt: Path) -> torch.dtype:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

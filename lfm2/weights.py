@@ -22,7 +22,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lfm2.errors import CheckpointError
+from lfm2.files import atomic_path, atomic_write
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -348,23 +348,16 @@ def save_checkpoint(
     save_tensors(state, out / SINGLE_FILE)
     files = {"config.json": json.dumps(model.config.to_dict(), indent=2) + "\n", **(extra_files or {})}
     for name, text in files.items():
-        write_text_atomic(out / name, text)
+        atomic_write(out / name, text)
     return out
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file atomically (temp file, then rename), with a plain file's mode."""
+    """Write a safetensors file atomically (`lfm2.files.atomic_path`)."""
     # safetensors refuses tensors that share memory; loaded weights are slots of one arena.
     state = {k: v if _owns_storage(v) else v.contiguous().clone() for k, v in state.items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp_path = tmp.name
-    try:
-        save_file(state, tmp_path, metadata={"format": "pt"})
-        os.chmod(tmp_path, new_file_mode())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 # Files that travel with a checkpoint's weights: what a derived checkpoint copies from its source.
@@ -376,24 +369,4 @@ def copy_side_files(sources: list[Path], out: Path, names: tuple[str, ...] = SID
     for name in names:
         src = next((d / name for d in sources if (d / name).is_file()), None)
         if src is not None:
-            write_text_atomic(out / name, src.read_text(encoding="utf-8"))
-
-
-def new_file_mode() -> int:
-    """The mode a plain `open()` would give a new file (temp files are created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file so that a crash never leaves a half-written file under its name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            atomic_write(out / name, src.read_text(encoding="utf-8"))

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lfm2.files import atomic_write
 from lfm2.train import tool_eval
 from lfm2.train.synth import Variety, conversations, vocabulary
-from lfm2.weights import write_text_atomic
 
 VAL_FRACTION = 0.02  # of corpus documents, held out for perplexity
 # The held-out perplexity is over the whole held-out split (385 windows of 256 tokens), whatever the
@@ -224,7 +224,7 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "bundle_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    atomic_write(out / "bundle_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     data = out / "data"
     # Each corpus or conversation split of step 2 is done once its validation file (written last) is there.
     missing = [name for name in ("val", *(f"{split}_val" for split, *_ in _sft_sets(cfg, None)))
@@ -303,10 +303,10 @@ def build(cfg: BundleConfig, docs: list[str] | None = None, data_only: bool = Fa
     model_dir = last / "model"
     results = evaluate(model_dir, pre, copy, cfg)
     for where in (out, model_dir):  # the model directory is what `--install` ships: it says how it was made
-        write_text_atomic(where / "eval.json", json.dumps(results, indent=2) + "\n")
-    write_text_atomic(model_dir / "bundle_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-    write_text_atomic(model_dir / "README.md", model_card(cfg, results, PACKAGES))
-    write_text_atomic(model_dir / "generation_config.json", json.dumps(
+        atomic_write(where / "eval.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(model_dir / "bundle_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    atomic_write(model_dir / "README.md", model_card(cfg, results, PACKAGES))
+    atomic_write(model_dir / "generation_config.json", json.dumps(
         {"temperature": 0.3, "min_p": 0.15, "repetition_penalty": 1.05, "bos_token_id": tok.bos_id,
          "eos_token_id": sorted(tok.stop_ids), "pad_token_id": tok.pad_id}, indent=2) + "\n")
     print(json.dumps(results, indent=2))

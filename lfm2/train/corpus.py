@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lfm2.errors import LFM2Error
+from lfm2.files import atomic_write
 
 PACKAGES = {
     "dict-jargon": "The Jargon File 4.4.7, public domain (Eric S. Raymond et al.)",
@@ -49,7 +50,7 @@ def fetch_packages(cache: Path = DEFAULT_CACHE) -> Path:
         if not debs:
             raise LFM2Error(f"apt-get download {name} failed: {r.stderr.strip() or r.stdout.strip()}")
         subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], check=True)
-        (cache / f"{name}.done").write_text("ok\n")
+        atomic_write(cache / f"{name}.done", "ok\n")
     return root
 
 

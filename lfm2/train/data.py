@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from lfm2.errors import LFM2Error
+from lfm2.files import atomic_path, atomic_write
 from lfm2.tokenizer import Tokenizer
-from lfm2.weights import write_text_atomic
 
 TOKEN_DTYPE = np.uint32
 
@@ -39,9 +39,8 @@ def is_validation(text: str, val_fraction: float) -> bool:
 
 
 def _write_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    array.tofile(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        array.tofile(tmp)
 
 
 def write_tokens(out: Path, name: str, ids: np.ndarray, meta: dict[str, Any], mask: np.ndarray | None = None) -> None:
@@ -50,7 +49,7 @@ def write_tokens(out: Path, name: str, ids: np.ndarray, meta: dict[str, Any], ma
     _write_array(out / f"{name}.bin", ids.astype(TOKEN_DTYPE))
     if mask is not None:
         _write_array(out / f"{name}.mask.bin", mask.astype(np.uint8))
-    write_text_atomic(out / f"{name}.json", json.dumps({**meta, "tokens": int(ids.size)}, indent=2) + "\n")
+    atomic_write(out / f"{name}.json", json.dumps({**meta, "tokens": int(ids.size)}, indent=2) + "\n")
 
 
 def prepare_text(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from lfm2.chat_template import DEFAULT_CHAT_TEMPLATE
 from lfm2.errors import TokenizerError
+from lfm2.files import atomic_write
 
 # Llama-3 split regex, which llama.cpp uses for pre-tokenizer `lfm2` (spec section 6).
 SPLIT_PATTERN = (
@@ -88,19 +88,6 @@ def _bos_post_processor(bos_id: int) -> processors.TemplateProcessing:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; tokenizer files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -157,7 +144,11 @@ def train_tokenizer(
         "model_max_length": MODEL_MAX_LENGTH,
         "chat_template": DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template,
     }
-    _write_atomic(out / "tokenizer.json", tokenizer.to_str(pretty=True))
-    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    files = {
+        "tokenizer.json": tokenizer.to_str(pretty=True),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(special_map, indent=2) + "\n",
+    }
+    for name, text in files.items():
+        atomic_write(out / name, text, mode=0o644)  # tokenizer files are meant to be shared, whatever the umask
     return out

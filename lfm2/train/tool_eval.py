@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, key in (("unconstrained", "independent"), ("strict", "independent_strict")):
         print(f"| {label} | {figures[f'{key}_right_tool']:.1%} | {figures[f'{key}_right_tool_and_arguments']:.1%} |")
     if args.json:
-        from lfm2.weights import write_text_atomic
+        from lfm2.files import atomic_write
 
-        write_text_atomic(Path(args.json), json.dumps(figures, indent=2) + "\n")
+        atomic_write(Path(args.json), json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 
 from lfm2.config import ModelConfig
 from lfm2.errors import LFM2Error
+from lfm2.files import atomic_path, atomic_write
 from lfm2.models import build_model
 from lfm2.tools import TOOL_CALL_START
 from lfm2.train.data import TokenFile
-from lfm2.weights import copy_side_files, save_checkpoint, write_text_atomic
+from lfm2.weights import copy_side_files, save_checkpoint
 
 
 @dataclass
@@ -265,9 +266,8 @@ class Objective:
         model.train(was_training)
         self.reference[split] = np.concatenate(rows)
         if _rank() == 0:
-            tmp = path.with_name(f".{path.stem}.tmp.npy")
-            np.save(tmp, self.reference[split])
-            os.replace(tmp, path)
+            with atomic_path(path, suffix=".tmp.npy") as tmp:  # np.save appends .npy to other names
+                np.save(tmp, self.reference[split])
 
 
 @torch.no_grad()
@@ -319,9 +319,8 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_state(path: Path, model, optimizer, step: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "step": step}, tmp)
 
 
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
@@ -352,10 +351,11 @@ def plot_losses(metrics: list[dict], out: Path) -> bool:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out, suffix=".tmp.png") as tmp:  # matplotlib picks the format from the name
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -397,7 +397,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        atomic_write(out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = Tokenizer.from_dir(cfg.data_dir)
@@ -450,7 +450,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     metrics_path = out / "metrics.jsonl"
     metrics = _read_metrics(metrics_path, step)
     if rank == 0:
-        write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+        atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
     last = cfg.max_steps if stop_after is None else min(cfg.max_steps, step + stop_after)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=rank != 0)
     log = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
