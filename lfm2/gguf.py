@@ -48,6 +48,7 @@ from tokenizers import AddedToken, models, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm.auto import tqdm
 
+from lfm2.bpe import build_tokenizer
 from lfm2.config import ModelConfig
 from lfm2.errors import CheckpointError, ConfigError, TokenizerError
 from lfm2.files import atomic_path
@@ -56,7 +57,6 @@ from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import is_plain_linear
 from lfm2.sampling import SamplingParams
 from lfm2.tokenizer import Tokenizer
-from lfm2.train.tokenizer import build_tokenizer
 from lfm2.weights import PROGRESS_BYTES, move_to_huge_pages, resolve_checkpoint, save_checkpoint, tensor_table
 
 GGMLType = gguf.GGMLQuantizationType
@@ -613,7 +613,7 @@ def build_vocab_tokenizer(
     add_bos: bool, add_eos: bool, where: str,
 ) -> HFTokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` from a GGUF-style vocabulary, encoding as llama.cpp's
-    `lfm2` pre-tokenizer does (the pipeline `lfm2.train.tokenizer.build_tokenizer` describes)."""
+    `lfm2` pre-tokenizer does (the pipeline of `lfm2.bpe`)."""
     vocab: dict[str, int] = {}
     for i, (token, ttype) in enumerate(zip(tokens, types, strict=True)):
         if ttype != TokenType.UNUSED:  # placeholders for ids the original tokenizer never had

@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
+from lfm2.bpe import SPLIT_PATTERN
 from lfm2.errors import TokenizerError
 from lfm2.tokenizer import IncrementalDetokenizer, Tokenizer
-from lfm2.train.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, train_tokenizer
+from lfm2.train.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 VOCAB_SIZE = 1000
 

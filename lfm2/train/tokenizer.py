@@ -1,12 +1,10 @@
 """Train a byte-level BPE tokenizer laid out the way LFM2's own tokenizer is.
 
-LFM2's `tokenizer.json` is a GPT-2 style byte-level BPE: the Llama-3 split regex as pre-tokenizer
-(spec section 6), then `ByteLevel(add_prefix_space=False, use_regex=False)`, a BPE model with
-`ignore_merges=True` (a pre-token that is itself in the vocabulary is taken whole, as llama.cpp's
-`lfm2` pre-tokenizer does), a ByteLevel decoder, and a post-processor that puts
-`<|startoftext|>` (BOS) in front when special tokens are asked for. A tokenizer trained here is
-a small stand-in for the real one: same structure, same special tokens at the same ids, so the
-engine, the chat templates and the tests behave as they would with a released checkpoint.
+LFM2's `tokenizer.json` is a GPT-2 style byte-level BPE (the pipeline of `lfm2.bpe`, which GGUF
+reading shares) with a post-processor that puts `<|startoftext|>` (BOS) in front when special
+tokens are asked for. A tokenizer trained here is a small stand-in for the real one: same
+structure, same special tokens at the same ids, so the engine, the chat templates and the tests
+behave as they would with a released checkpoint.
 
 Special-token ids follow the released vocabulary: 0 `<|pad|>`, 1 `<|startoftext|>`, 2
 `<|endoftext|>`, 3-5 the fill-in-the-middle markers, 6 `<|im_start|>`, 7 `<|im_end|>`, then the
@@ -22,17 +20,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, pre_tokenizers, processors, trainers
 
+from lfm2.bpe import build_tokenizer, pre_tokenizer
 from lfm2.chat_template import DEFAULT_CHAT_TEMPLATE
 from lfm2.errors import TokenizerError
 from lfm2.files import atomic_write
-
-# Llama-3 split regex, which llama.cpp uses for pre-tokenizer `lfm2` (spec section 6).
-SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 # Used only while training with `words_alike=True`: the one character (space, quote, underscore,
 # bracket) that the split regex lets a word carry in front becomes a piece of its own, so no merge
@@ -62,21 +55,6 @@ SPECIAL_TOKENS = (
 )
 
 MODEL_MAX_LENGTH = 128_000  # LFM2's max_position_embeddings
-
-
-def build_tokenizer() -> Tokenizer:
-    """An untrained tokenizer with LFM2's pipeline; `train_tokenizer` fills in the vocabulary."""
-    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
-    tokenizer.pre_tokenizer = _pre_tokenizer(words_alike=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _pre_tokenizer(words_alike: bool) -> pre_tokenizers.PreTokenizer:
-    split = [pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False)]
-    if words_alike:
-        split.append(pre_tokenizers.Split(Regex(WORD_PREFIX_PATTERN), behavior="isolated", invert=False))
-    return pre_tokenizers.Sequence([*split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def _bos_post_processor(bos_id: int) -> processors.TemplateProcessing:
@@ -117,7 +95,7 @@ def train_tokenizer(
             f"+ 256 byte symbols), got {vocab_size}"
         )
     tokenizer = build_tokenizer()
-    tokenizer.pre_tokenizer = _pre_tokenizer(words_alike)
+    tokenizer.pre_tokenizer = pre_tokenizer(WORD_PREFIX_PATTERN) if words_alike else pre_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
@@ -125,7 +103,7 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.pre_tokenizer = _pre_tokenizer(words_alike=False)
+    tokenizer.pre_tokenizer = pre_tokenizer()
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         found = tokenizer.token_to_id(token)
         if found != expected_id:
