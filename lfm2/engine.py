@@ -198,7 +198,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.pad_id = pad_id
         self.prefix_cache = prefix_cache
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.device
         self._cache: Cache | None = None  # allocated at the first step, under inference mode
         self._rows: list[_Row] = []  # decoding, packed at the top of `_cache`
         self._prefilling: list[_Row] = []  # admitted, prompt being read

@@ -52,10 +52,9 @@ from lfm2.bpe import build_tokenizer
 from lfm2.config import ModelConfig
 from lfm2.errors import CheckpointError, ConfigError, TokenizerError
 from lfm2.files import atomic_path
-from lfm2.llm import LLM, parse_device, parse_dtype
+from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import is_plain_linear
-from lfm2.sampling import SamplingParams
 from lfm2.tokenizer import Tokenizer
 from lfm2.weights import PROGRESS_BYTES, move_to_huge_pages, resolve_checkpoint, save_checkpoint, tensor_table
 
@@ -732,17 +731,6 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     return config, model, tokenizer, f
 
 
-@dataclass
-class GGUFLLM(LLM):
-    """An `LLM` loaded from a GGUF file, whose sampling defaults come from its `general.sampling.*`
-    keys (a GGUF file has no generation_config.json beside it)."""
-
-    generation_defaults: dict[str, Any] = field(default_factory=dict)
-
-    def sampling_params(self, **sampling: Any) -> SamplingParams:
-        return SamplingParams.from_generation_config(self.generation_defaults, **sampling)
-
-
 def native_format(f: GGUFFile) -> str | None:
     """The lfm2 format whose kernels run this file's weight matrices as they are stored: "int4" when
     most of their bytes are Q4_0 blocks, "int8" when Q8_0, else None (F16/F32 files, and K-quants,
@@ -760,8 +748,10 @@ def native_format(f: GGUFFile) -> str | None:
 def load_gguf(
     path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
     quantize: str | None = None, group_size: int | None = 32, native: bool = False,
-) -> GGUFLLM:
-    """`lfm2.load()` for a `.gguf` file: an `LLM` with the file's config, weights and tokenizer.
+) -> Loaded:
+    """What `lfm2.load()` makes an `LLM` of for a `.gguf` file: the file's model, config and tokenizer,
+    and its `general.sampling.*` keys as the sampling defaults (a GGUF file has no
+    generation_config.json beside it).
 
     Quantized weights are dequantized to `dtype` (float32 on CPU by default, bfloat16 on
     accelerators); float32 weights loaded as float32 stay memory-mapped. With `quantize`, Q8_0 /
@@ -777,8 +767,8 @@ def load_gguf(
 
     if device.type == "cpu" and isinstance(model.model.embed_tokens, QuantEmbedding):  # quantized, asked or own
         move_to_huge_pages(model)  # weights made in memory from the file's blocks (see lfm2.weights)
-    return GGUFLLM(model=model, config=config, tokenizer=tokenizer, path=f.path,
-                   generation_defaults=generation_defaults_from_gguf(f))
+    return Loaded(model=model, config=config, tokenizer=tokenizer, path=f.path,
+                  generation_defaults=generation_defaults_from_gguf(f))
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -1051,6 +1041,6 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str =
 
 __all__ = [
     "NAME_TABLE", "ARCHITECTURES", "READ_TYPES", "WRITE_TYPES", "GGUFFile", "TensorInfo", "config_from_gguf",
-    "tensor_plan", "load_model", "vocab_from_gguf", "tokenizer_from_gguf", "read_gguf", "load_gguf", "GGUFLLM",
+    "tensor_plan", "load_model", "vocab_from_gguf", "tokenizer_from_gguf", "read_gguf", "load_gguf",
     "import_gguf", "export_gguf",
 ]

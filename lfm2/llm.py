@@ -15,6 +15,7 @@ from lfm2.constrain import NoToolCalls, tool_call_constraint, wants_constraint
 from lfm2.engine import Engine, Result, TokenLogprob
 from lfm2.errors import CheckpointError, ConfigError, GenerationError
 from lfm2.generate import logprob_entries, stream_text
+from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.prefix_cache import PrefixCache
@@ -22,42 +23,6 @@ from lfm2.sampling import SamplingParams, choice_params
 from lfm2.weights import load_into, move_to_huge_pages, resolve_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 512
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """The device, checked to exist here: asking for CUDA on a CPU-only build fails now, with a line
-    that says what to do, rather than deep inside the first tensor move."""
-    try:
-        out = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {device!r} ({e}); use cpu, cuda, cuda:N or mps") from None
-    if out.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "has no CUDA support" if torch.version.cuda is None else "sees no CUDA GPU"
-            raise ConfigError(f"device {device!r}: this PyTorch ({torch.__version__}) {build}; use --device cpu")
-        if out.index is not None and out.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif out.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {device!r}: Apple's MPS backend is not available here; use --device cpu")
-    elif out.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {device!r}: lfm2 runs on cpu, cuda or mps")
-    return out
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float32 by default on CPU (most CPUs have no fast bf16 matmul), bfloat16 on accelerators."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
 
 @dataclass
 class LLM:
@@ -67,7 +32,8 @@ class LLM:
     greedy), `top_k`, `top_p`, `min_p`, `repetition_penalty`, `presence_penalty`,
     `frequency_penalty`, `seed`; plus `max_new_tokens`, `stop` (strings) and `ignore_eos`. Unset
     ones default to the checkpoint's `generation_config.json`, else the model card's
-    recommendation (temperature 0.3, min_p 0.15, repetition_penalty 1.05).
+    recommendation (temperature 0.3, min_p 0.15, repetition_penalty 1.05); `generation_defaults`,
+    where set (a GGUF file's `general.sampling.*` keys), stands in for generation_config.json.
     `logprobs=k` (0-20) records each generated token's log-probability and its k best alternatives
     in `last_logprobs` (OpenAI's format; `chat` also returns them in the reply).
 
@@ -80,6 +46,7 @@ class LLM:
     config: ModelConfig
     tokenizer: Any
     path: Path
+    generation_defaults: dict[str, Any] | None = None  # None: `path`'s generation_config.json
     last_stats: list[Result] = field(default_factory=list)
     last_logprobs: list[list[dict[str, Any]]] = field(default_factory=list)
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
@@ -87,13 +54,19 @@ class LLM:
     # False: token by token, as grammar-constrained decoding elsewhere does (for comparison).
     whole_tool_names: bool = True
 
+    @classmethod
+    def from_loaded(cls, loaded: Loaded) -> LLM:
+        """The `LLM` over what a loader returned (`lfm2.gguf.load_gguf`)."""
+        return cls(model=loaded.model, config=loaded.config, tokenizer=loaded.tokenizer, path=loaded.path,
+                   generation_defaults=loaded.generation_defaults)
+
     @property
     def device(self) -> torch.device:
-        return self.model.model.embed_tokens.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.model.embed_tokens.weight.dtype
+        return self.model.dtype
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -269,7 +242,8 @@ class LLM:
 
     def sampling_params(self, **sampling: Any) -> SamplingParams:
         """The checkpoint's defaults (or the model card's) with `sampling` applied on top."""
-        return SamplingParams.from_generation_config(self.path, **sampling)
+        defaults = self.path if self.generation_defaults is None else self.generation_defaults
+        return SamplingParams.from_generation_config(defaults, **sampling)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -375,9 +349,9 @@ def load(
     if str(path_or_hub_id).endswith(".gguf"):
         from lfm2.gguf import load_gguf
 
-        llm = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
-                        native=native and adapter is None)
-        return _compiled(_with_adapter(llm, adapter), compile)
+        loaded = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
+                           native=native and adapter is None)
+        return _compiled(_with_adapter(LLM.from_loaded(loaded), adapter), compile)
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
@@ -438,4 +412,4 @@ def _load_tokenizer(ckpt: Path) -> object | None:
     return Tokenizer.from_dir(ckpt)
 
 
-__all__ = ["LLM", "load", "CheckpointError"]
+__all__ = ["LLM", "load", "parse_device", "parse_dtype", "CheckpointError"]

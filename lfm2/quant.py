@@ -313,7 +313,9 @@ class QuantEmbedding(QuantLinear):
     """A quantized (vocab, hidden) matrix serving as the token embedding and, through `linear`, the output head.
 
     Stored once: the tied head of LFM2 is a `TiedQuantHead` that calls `linear` on this module.
-    `forward(ids)` gathers the rows of the ids and dequantizes only those.
+    `forward(ids)` gathers the rows of the ids and dequantizes only those, in `.dtype`, which is
+    what the model's `dtype` reads. It has no `weight`: nothing here is a float matrix
+    (`dequantize()` makes one).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, kind: str, group_size: int | None,
@@ -338,16 +340,6 @@ class QuantEmbedding(QuantLinear):
         m = cls(layer.out_features, layer.in_features, layer.kind, layer.group_size, device="meta")
         m.qweight, m.scales = layer.qweight, layer.scales
         return m
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """An EMPTY tensor of the compute dtype on the module's device, not the matrix.
-
-        Code written for `nn.Embedding` reads `embed_tokens.weight.device` and `.dtype` (the
-        cache, the generator, the scheduler); this answers those without materialising
-        vocab x hidden floats. Use `dequantize()` for the values.
-        """
-        return torch.empty(0, dtype=self.dtype, device=self.qweight.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

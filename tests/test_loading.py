@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -234,3 +236,29 @@ def test_truncated_tensor_data_is_named(tiny_checkpoint):
     info = {**info, "file_offset": path.stat().st_size - 4}  # as if the file ended inside this tensor
     with pytest.raises(CheckpointError, match="ends early"):
         read_tensors({name: (path, info)}, {name: (tuple(info["shape"]), torch.float32)})
+
+
+# What a module may not pull in: a loader neither the layer that uses it nor training code; the
+# engine, which runs token ids only, no text, tool or HTTP code.
+IMPORT_BOUNDARIES = {
+    "lfm2.gguf": ("lfm2.llm", "lfm2.train"),
+    "lfm2.loading": ("lfm2.llm", "lfm2.gguf", "lfm2.train"),
+    "lfm2.engine": ("lfm2.tokenizer", "lfm2.tools", "lfm2.constrain", "lfm2.server", "fastapi"),
+}
+
+
+@pytest.mark.parametrize("module", list(IMPORT_BOUNDARIES))
+def test_import_boundaries(module):
+    """Checked in a fresh interpreter, where `sys.modules` holds only what importing `module` pulled in."""
+    forbidden = IMPORT_BOUNDARIES[module]
+    code = (f"import sys, {module}\n"
+            f"print(sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in {forbidden!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"importing {module} imported {out.stdout.strip()}"
+
+
+def test_parse_device_and_dtype_stay_importable_from_llm():
+    from lfm2 import llm, loading
+
+    assert llm.parse_device is loading.parse_device and llm.parse_dtype is loading.parse_dtype

@@ -302,7 +302,7 @@ def test_embedding_and_tied_head(path):
     rows = q(ids)
     full = q.dequantize()
     assert rows.shape == (2, 3, 64) and torch.equal(rows, full[ids])
-    assert q.weight.numel() == 0 and q.weight.dtype == torch.float32  # device/dtype only
+    assert q.dtype == torch.float32 and not hasattr(q, "weight")  # nothing passes for a float matrix
     head = TiedQuantHead(q)
     x = torch.randn(2, 64)
     assert head.state_dict() == {} and list(head.parameters()) == []

@@ -34,6 +34,19 @@ def test_load_quantize_replaces_every_layer(ckpt, kind, group):
     assert rel < (0.05 if kind == "int8" else 0.3), rel
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_model_knows_its_device_and_dtype(ckpt, dtype):
+    """The cache is made in the dtype the quantized embedding computes in, on the model's device: the
+    model says both itself (no float-looking `weight` on the integer embedding stands in for them)."""
+    llm = lfm2.load(ckpt, dtype=dtype, quantize="int8")
+    assert not hasattr(llm.model.model.embed_tokens, "weight")
+    assert llm.model.dtype == llm.dtype == dtype and llm.model.device == llm.device == torch.device("cpu")
+    cache = llm.model.make_cache(1, 8)
+    assert {t.dtype for t in [*cache.keys.values(), *cache.conv.values()]} == {dtype}
+    with torch.no_grad():
+        assert llm.model(_ids(llm.config.vocab_size)[:1, :8], cache).dtype == dtype
+
+
 def test_group_size_that_does_not_divide_a_layer_is_named(ckpt):
     with pytest.raises(ConfigError, match="w2"):  # intermediate size 96 is not a multiple of 64
         lfm2.load(ckpt, quantize="int4", group_size=64)

@@ -290,10 +290,23 @@ class Lfm2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the weights (one for the whole model); read off the final norm, which is
+        never quantized, tied or replaced."""
+        return self.model.embedding_norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations, and so of the cache: what the embedding outputs. That is
+        the weight's dtype for an `nn.Embedding`; a quantized embedding (`lfm2.quant.QuantEmbedding`)
+        stores integers and says the dtype it computes in as `.dtype`."""
+        embedding = self.model.embed_tokens
+        return embedding.weight.dtype if isinstance(embedding, nn.Embedding) else embedding.dtype
+
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
         """A cache for `batch_size` rows of up to `max_len` tokens, on the model's device."""
-        w = self.model.embed_tokens.weight
-        return Cache(self.config, batch_size, max_len, dtype or w.dtype, w.device)
+        return Cache(self.config, batch_size, max_len, dtype or self.dtype, self.device)
 
     def forward(
         self,
