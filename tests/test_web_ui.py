@@ -247,7 +247,7 @@ def test_stop_mid_stream_with_the_button_and_with_escape(page, server):
         page.get_by_role("textbox", name="Message").fill("Tell me a long story.")
         page.keyboard.press("Enter")
         last = page.locator("article.assistant").nth(i)
-        last.locator(".md").wait_for()  # text is on the page while the reply still streams
+        expect(last.locator(".md")).to_contain_text(re.compile(r"\S.{20}", re.S))  # shown while it streams
         assert page.get_by_role("button", name="Stop").is_visible()
         if how == "button":
             page.get_by_role("button", name="Stop").click()
@@ -413,6 +413,12 @@ def test_settings_start_from_the_checkpoint_defaults_and_go_into_the_request(pag
     page.locator("#settings-form [name=max_tokens]").fill("20")
     page.locator("#settings-form [name=extra]").fill("{not json")
     assert "Extra request fields: not valid JSON" in page.locator("#settings-error").inner_text()
+    page.get_by_role("button", name="Close", exact=True).click()
+    page.get_by_role("textbox", name="Message").fill("Hi")
+    page.keyboard.press("Enter")  # refused by the page, not sent to be refused by the server
+    page.get_by_role("status").filter(has_text="Settings, extra request fields: not valid JSON").wait_for()
+    assert page.get_by_role("textbox", name="Message").input_value() == "Hi" and page.watch.chats == []
+    page.get_by_role("button", name="Settings").click()
     page.locator("#settings-form [name=extra]").fill('{"seed": 7}')
     shot(page, "settings")
     page.get_by_role("button", name="Close", exact=True).click()

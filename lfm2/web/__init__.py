@@ -14,10 +14,13 @@ sanitizer still could not run or send anything elsewhere. Images may also be `da
 """
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lfm2.errors import LFM2Error
 from lfm2.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 STATIC = Path(__file__).resolve().parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
@@ -67,7 +70,7 @@ def load_static(folder: Path = STATIC) -> dict[str, tuple[bytes, str]]:
     return files
 
 
-def add_routes(app, model_name: str, defaults: SamplingParams, max_len: int) -> None:
+def add_routes(app: "FastAPI", model_name: str, defaults: SamplingParams, max_len: int) -> None:
     """Add `GET /` (the page), `GET /static/{name}` (its assets) and `GET /web/info` to `app`."""
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException

@@ -174,6 +174,8 @@ function setBusy(controller) {
   el.stop.hidden = !controller;
   el.send.hidden = Boolean(controller);
   el.composer.setAttribute("aria-busy", controller ? "true" : "false");
+  // A busy live region is read out once it is done, not at every streamed token.
+  el.messages.setAttribute("aria-busy", controller ? "true" : "false");
 }
 
 function stop() {
@@ -218,6 +220,12 @@ async function reply(conv) {
 function send() {
   const text = el.input.value.trim();
   if (state.busy || !state.info || (!text && !state.attachments.length)) return;
+  try {
+    requestBody([], state.settings, state.info); // settings the server would refuse: say so, keep the text
+  } catch (err) {
+    say(err.message);
+    return;
+  }
   const conv = current();
   const message = { role: "user", content: text };
   if (state.attachments.length) message.images = [...state.attachments];

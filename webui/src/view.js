@@ -137,7 +137,7 @@ export function messageView(messages, index, ctx) {
     const empty = !split.content && !reasoning && !calls.length;
     const article = h(
       "article",
-      { class: "msg assistant", "data-index": index, "aria-label": ctx.model, "aria-busy": streaming ? "true" : null },
+      { class: "msg assistant", "data-index": index, "aria-label": ctx.model },
       h("h3", { class: "who", text: ctx.model }),
       reasoning &&
         h("details", { class: "reasoning", open: ctx.openReasoning.has(index) || null, ontoggle: (e) => ctx.onToggleReasoning(index, e.target.open) },
