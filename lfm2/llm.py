@@ -213,6 +213,8 @@ class LLM:
         `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
         named function starts it with `<|tool_call_start|>[name(`, so the model must call it.
         """
+        from lfm2.tools import render_chat
+
         tok = self._need_tokenizer()
         if tool_choice not in (None, "auto", "none", "required") and not (
             isinstance(tool_choice, dict) and isinstance(tool_choice.get("function", {}).get("name"), str)
@@ -225,7 +227,7 @@ class LLM:
             if not tools:
                 raise GenerationError(f"tool_choice={tool_choice!r} needs tools")
         use_tools = tools if tools and tool_choice != "none" else None
-        prompt = tok.apply_chat_template(list(messages), tools=use_tools, add_generation_prompt=True)
+        prompt = render_chat(tok, list(messages), use_tools, add_generation_prompt=True)
         forced = ""
         if tool_choice == "required":
             forced = "<|tool_call_start|>["

@@ -3,7 +3,9 @@
 It wraps the `tokenizers` library on the checkpoint's own `tokenizer.json` and reads the special
 tokens and chat template from `tokenizer_config.json` / `special_tokens_map.json` /
 `chat_template.jinja` the way transformers does, so prompts and ids match `AutoTokenizer`
-without importing transformers.
+without importing transformers. It renders what it is given and knows nothing of tools: readying
+OpenAI-style messages and Python-callable tools for the template is the chat layer's job
+(`lfm2.tools.render_chat`).
 
 `IncrementalDetokenizer` turns a stream of generated ids into text for streaming output.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +229,7 @@ class Tokenizer:
 
     # -- chat ---------------------------------------------------------------------------------
 
-    def chat_template_source(self, tools: list | None = None) -> str:
+    def chat_template_source(self, tools: Sequence[Any] | None = None) -> str:
         """The template text to use: the checkpoint's (its "tool_use" one when tools are given), else ours."""
         template = self.chat_template
         if template is None:
@@ -245,28 +247,27 @@ class Tokenizer:
     def apply_chat_template(
         self,
         messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict | Callable] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = False,
         **kwargs: Any,
     ) -> str:
         """Render a conversation to the prompt text (encode it with `encode`, no special tokens added).
 
-        Tools may be OpenAI tool dicts, bare function dicts or Python callables; the template sees
-        each dict as given and each callable as transformers converts it (`lfm2.tools.template_tools`),
-        so the prompt equals transformers'. OpenAI-style assistant `tool_calls` are turned into
-        LFM2's Pythonic call text first when the template cannot render them itself. Extra keyword
+        `messages` and `tools` reach the template as they are: tools as JSON dicts, messages as the
+        template reads them. `lfm2.tools.render_chat` readies OpenAI-style ones first (callables
+        described as transformers describes them, assistant `tool_calls` as LFM2's call text where
+        the template cannot render them), and is what the chat API and the server use. Extra keyword
         arguments reach the template (e.g. LFM2.5's `keep_past_thinking=True`).
         """
-        from lfm2.tools import prepare_messages, template_tools
-
+        if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+            raise TokenizerError("apply_chat_template takes tools as JSON dicts; lfm2.tools.render_chat (or "
+                                 "template_tools) describes Python callables first")
         source = self.chat_template_source(tools)
-        schemas = template_tools(tools)
-        messages = prepare_messages(messages, template_renders_tool_calls="tool_calls" in source)
         template_vars = {**self.special_tokens, **kwargs}
         return render_chat_template(
             source,
             messages,
-            tools=schemas,
+            tools=None if tools is None else list(tools),
             add_generation_prompt=add_generation_prompt,
             template_name=f"chat template of {self.name}",
             **template_vars,

@@ -12,6 +12,8 @@ converts both ways:
   the chat template lists: dicts as the caller gave them, callables as transformers converts them.
 - `prepare_messages` readies OpenAI messages for a chat template: most LFM2 templates render an
   assistant's `content` only, so `tool_calls` are rendered into the Pythonic text first.
+  `render_chat` is the chat layer's prompt: both readied, then the tokenizer's template, which
+  itself knows nothing of tools.
 - `render_tool_calls` is that rendering, identical to LFM2.5-8B-A1B.jinja's macro for simple
   values and, unlike the macro, safe for any string (quotes, backslashes, newlines).
 - `parse_tool_calls` and `ToolCallStreamParser` read calls back out of generated text with
@@ -286,6 +288,26 @@ def prepare_messages(messages: Sequence[Mapping[str, Any]], template_renders_too
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ToolError(f"messages must be a list of dicts, got {type(messages).__name__}")
     return [_prepare_message(i, m, template_renders_tool_calls) for i, m in enumerate(messages)]
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any] | Callable[..., Any]] | None = None,
+    add_generation_prompt: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The prompt text of an OpenAI-style conversation, as transformers' `apply_chat_template` renders it.
+
+    `tokenizer` is an `lfm2.tokenizer.Tokenizer`: its template sees the tools as `template_tools`
+    lists them and the messages as `prepare_messages` readies them for that template (whether it
+    renders `tool_calls` itself). Neither the caller's messages nor its tools are changed. Extra
+    keyword arguments reach the template.
+    """
+    source = tokenizer.chat_template_source(tools)
+    schemas = template_tools(tools)
+    ready = prepare_messages(messages, template_renders_tool_calls="tool_calls" in source)
+    return tokenizer.apply_chat_template(ready, tools=schemas, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 def _prepare_message(index: int, message: Any, renders_tool_calls: bool) -> dict[str, Any]:

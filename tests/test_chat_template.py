@@ -22,6 +22,7 @@ import pytest
 from lfm2.chat_template import DEFAULT_CHAT_TEMPLATE, compile_template, render_chat_template
 from lfm2.errors import TokenizerError
 from lfm2.tokenizer import Tokenizer
+from lfm2.tools import render_chat
 from lfm2.train.tokenizer import train_tokenizer
 from tests.conftest import reference_file
 
@@ -337,9 +338,8 @@ def test_matches_transformers(tokenizers_by_template, template: str, case: dict,
         **case["kwargs"],
     )
     messages = copy.deepcopy(case["messages"])
-    got = ours.apply_chat_template(
-        messages, tools=case["tools"], add_generation_prompt=add_generation_prompt, **case["kwargs"]
-    )
+    got = render_chat(ours, messages, tools=case["tools"], add_generation_prompt=add_generation_prompt,
+                      **case["kwargs"])
     assert got == expected
     assert messages == case["messages"]  # the caller's messages are left untouched
     assert got.startswith("<|startoftext|>")

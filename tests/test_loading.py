@@ -247,6 +247,16 @@ IMPORT_BOUNDARIES = {
 }
 
 
+def test_the_tokenizer_renders_a_chat_with_tools_without_tool_code():
+    code = ("import sys\nfrom lfm2.bundled import default_model_path\nfrom lfm2.tokenizer import Tokenizer\n"
+            "tok = Tokenizer.from_dir(default_model_path())\n"
+            "tok.apply_chat_template([{'role': 'user', 'content': 'hi'}], tools=[{'name': 'f', 'parameters': {}}])\n"
+            "print(sorted(m for m in sys.modules if m in ('lfm2.tools', 'lfm2.constrain', 'lfm2.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("module", list(IMPORT_BOUNDARIES))
 def test_import_boundaries(module):
     """Checked in a fresh interpreter, where `sys.modules` holds only what importing `module` pulled in."""

@@ -362,12 +362,13 @@ def test_bundled_model_top1_agreement(kind, agree, clear):
     by token and in one pass, over conversations and prose (660 tokens). Where float32's top choice
     leads by little, quantization noise may flip it (the old 67-token prose check failed at margins of
     0.01-0.12 logits on a retrained model); where it leads by `clear` logits or more, it must not."""
+    from lfm2.tools import render_chat
     from lfm2.train.synth import conversations
 
     _ops()
     llm = lfm2.load()
     convs = conversations(6, seed=5, split="heldout", tool_fraction=0.5)
-    text = "".join(llm.tokenizer.apply_chat_template(c["messages"], tools=c.get("tools")) for c in convs)
+    text = "".join(render_chat(llm.tokenizer, c["messages"], c.get("tools")) for c in convs)
     text += ("The quick brown fox jumps over the lazy dog. A hacker is a person who enjoys exploring the details "
              "of programmable systems and how to stretch their capabilities.")
     ids = torch.tensor([llm.tokenizer.encode(text)])

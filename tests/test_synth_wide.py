@@ -124,12 +124,13 @@ def test_right_tool_position_and_distractors_vary(convs):
 def test_renders_and_fits_with_bundled_tokenizer(convs):
     from lfm2.bundled import default_model_path
     from lfm2.tokenizer import Tokenizer
+    from lfm2.tools import render_chat
     from lfm2.train.data import assistant_mask
 
     tok = Tokenizer.from_dir(default_model_path())
     lengths = []
     for conv in convs:
-        text = tok.apply_chat_template(conv["messages"], tools=conv.get("tools"))
+        text = render_chat(tok, conv["messages"], conv.get("tools"))
         assert text.count("<|tool_call_start|>") == len(_calls(conv))
         ids, mask = assistant_mask(tok, conv["messages"], conv.get("tools"))
         assert sum(mask) > 0

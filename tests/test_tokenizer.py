@@ -234,6 +234,28 @@ def test_bad_eos_token_id_is_reported(tmp_copy: Path) -> None:
         Tokenizer.from_dir(tmp_copy)
 
 
+def test_the_tokenizer_renders_tools_as_given_and_knows_no_callables(tok: Tokenizer) -> None:
+    """Readying OpenAI-style tools and messages is the chat layer's (`lfm2.tools.render_chat`): the
+    tokenizer takes JSON dicts, renders them as they are, and names the helper when given a callable."""
+    from lfm2.tools import render_chat
+
+    def get_time(city: str) -> str:
+        """The time in a city.
+
+        Args:
+            city: Its name.
+        """
+        return "noon"
+
+    messages = [{"role": "user", "content": "Time in Oslo?"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}, "x-note": "kept"}}
+    prompt = tok.apply_chat_template(messages, tools=[tool], add_generation_prompt=True)
+    assert '"x-note": "kept"' in prompt and prompt == render_chat(tok, messages, [tool], add_generation_prompt=True)
+    with pytest.raises(TokenizerError, match="render_chat"):
+        tok.apply_chat_template(messages, tools=[get_time])
+    assert '"name": "get_time"' in render_chat(tok, messages, [get_time])
+
+
 def test_special_tokens_map_and_addedtoken_dicts(tmp_copy: Path) -> None:
     # Only special_tokens_map.json names the tokens, one as an AddedToken dict.
     (tmp_copy / "tokenizer_config.json").unlink()

@@ -28,6 +28,7 @@ import torch
 from lfm2.errors import LFM2Error
 from lfm2.files import atomic_path, atomic_write
 from lfm2.tokenizer import Tokenizer
+from lfm2.tools import render_chat
 
 TOKEN_DTYPE = np.uint32
 
@@ -81,12 +82,12 @@ def assistant_mask(
     token is trained on when it starts inside a reply span. `last_only` masks the final
     assistant message only (preference pairs: the response, not the earlier turns).
     """
-    text = tokenizer.apply_chat_template(messages, tools=tools)
+    text = render_chat(tokenizer, messages, tools)
     spans = []
     for i, m in enumerate(messages):
         if m.get("role") == "assistant" and (not last_only or i == len(messages) - 1):
-            before = tokenizer.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True)
-            upto = tokenizer.apply_chat_template(messages[: i + 1], tools=tools)
+            before = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True)
+            upto = render_chat(tokenizer, messages[: i + 1], tools)
             if not (text.startswith(before) and text.startswith(upto)):
                 raise LFM2Error(f"message {i}: the chat template does not render conversations prefix by prefix")
             spans.append((len(before), len(upto)))
