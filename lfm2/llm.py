@@ -148,7 +148,7 @@ class LLM:
         come, and `{"tool_calls": [...]}` once a call block closes (text inside it is never shown)."""
         from lfm2.tools import ToolCallStreamParser
 
-        ids, forced, tools, constraint = self._chat_prompt(messages, tools, tool_choice, strict_tools)
+        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools)
         if sampling.get("n", 1) != 1:
             raise GenerationError("chat_stream streams one reply: n must be 1")
         turns = [self.turn_ends(ids)]
@@ -170,7 +170,7 @@ class LLM:
 
         sampling = dict(sampling)
         n = _check_n(sampling.pop("n", 1))
-        ids, forced, tools, constraint = self._chat_prompt(messages, tools, tool_choice, strict_tools)
+        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools)
         constraints = [constraint if constraint is None else constraint.fresh() for _ in range(n)]
         texts = [forced] * n
         for row, piece in self._stream([ids] * n, sampling, constraints, [self.turn_ends(ids)] * n, n):
@@ -204,7 +204,7 @@ class LLM:
                 out.append(i + 2 if i + 1 < len(ids) and ids[i + 1] == skip else i + 1)
         return out
 
-    def _chat_prompt(self, messages, tools, tool_choice, strict_tools=None) -> tuple[list[int], str, list | None, Any]:
+    def chat_prompt(self, messages, tools, tool_choice, strict_tools=None) -> tuple[list[int], str, list | None, Any]:
         """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, the tools
         actually offered (None when there are none, or `tool_choice` is "none"), and the tool-call
         constraint for the reply: None when calls are not constrained, and `NoToolCalls` (the call

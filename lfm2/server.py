@@ -725,7 +725,7 @@ class _Server:
         if choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice", code="invalid_value")
         try:
-            return self.llm._chat_prompt(messages, tools, choice)
+            return self.llm.chat_prompt(messages, tools, choice)
         except LFM2Error as exc:
             raise APIError(400, f"could not build the prompt: {exc}", param="messages", code="invalid_value") from exc
 

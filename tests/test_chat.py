@@ -199,7 +199,7 @@ def test_a_reply_without_tools_cannot_open_a_tool_call():
     assert llm.generate(prompt, temperature=0, max_new_tokens=8).startswith("<|tool_call_start|>")  # the premise
     start, end = tok.token_to_id("<|tool_call_start|>"), tok.token_to_id("<|tool_call_end|>")
     for tools, choice in [(None, None), ([], "auto"), ([{"name": "f", "parameters": {}}], "none")]:
-        _, _, offered, constraint = llm._chat_prompt([{"role": "user", "content": "Tell me a joke."}], tools, choice)
+        _, _, offered, constraint = llm.chat_prompt([{"role": "user", "content": "Tell me a joke."}], tools, choice)
         assert offered is None and isinstance(constraint, NoToolCalls)
         mask = constraint.mask()
         assert not mask[start] and not mask[end] and int(mask.sum()) == llm.config.vocab_size - 2

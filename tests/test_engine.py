@@ -9,6 +9,7 @@ docs/testing.md).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -323,3 +324,35 @@ def test_a_row_whose_sampling_fails_ends_alone(llm, monkeypatch):
     assert c.results[0].finish_reason == "error" and "nan" in c.results[0].error and c.tokens[0] == []
     assert c.results[1].finish_reason == "length" and c.tokens[1] == alone(llm, p[1], SamplingParams(temperature=1.0,
                                                                                                       seed=5))
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(llm, monkeypatch):
+    """While a stream is decoding, a newcomer's long prompt is read a chunk per step: the stream gets a
+    token between every two chunks instead of waiting for the whole prefill; both get their solo tokens."""
+    import lfm2.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 16)
+    short, long = prompts_for(llm, 2)[0], prompts_for(llm, 12)[11] * 2  # ~120 tokens: 8 chunks
+    assert len(long) > 6 * 16
+    events: list[str] = []
+    hook = llm.model.register_forward_pre_hook(lambda m, args: events.append("prefill" if args[0].shape[1] > 1
+                                                                              else "decode"))
+    try:
+        engine = Engine(llm.model, max_batch=2, max_len=200, max_prefill_tokens=16)
+        tokens: list[list[int]] = [[], []]
+        first = Request(short, GREEDY, 40, lambda t: tokens[0].append(t) or False)
+        second = Request(long, GREEDY, 5, lambda t: tokens[1].append(t) or False)
+        steps = engine.run([first])
+        next(steps)  # the short one is decoding
+        engine.submit(second)
+        for _ in steps:
+            if second.result is None and tokens[1] and len(tokens[0]) >= 40:
+                break
+        while second.result is None:
+            engine.step()
+    finally:
+        hook.remove()
+    chunks = [i for i, e in enumerate(events) if e == "prefill"][1:]  # the long prompt's
+    assert len(chunks) >= 7
+    assert all(b - a == 2 for a, b in itertools.pairwise(chunks)), events  # one decode step between chunks
+    assert tokens == [alone(llm, short, max_new_tokens=40), alone(llm, long, max_new_tokens=5)]
