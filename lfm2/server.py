@@ -2,20 +2,27 @@
 
 Endpoints, in OpenAI's wire format so that the official clients work unchanged:
 `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` (both streamed as
-server-sent events or not), and `GET /health` (load: active and queued requests). `/openapi.json`
-(and `/docs`) describe them as they behave: every status code the server answers, each error in
+server-sent events or not), `GET /health` (load: active and queued requests) and `GET /metrics`.
+`/openapi.json` (and `/docs`) describe them as they behave: every status code the server answers, each error in
 OpenAI's shape, and the stream's events.
 
 How a request flows: a gate in front of the app checks the API key and the body's size before
 the body is read; the handler validates the body (pydantic models, strict types), then renders
 the chat template and tokenizes in a worker thread, so that a long prompt never stalls the event
-loop, and submits one `scheduler.Request` per choice to the `Scheduler`, which decodes every
+loop, and submits one `engine.Request` per choice to the `Engine`, which decodes every
 client's rows together in its own thread. The request's callbacks run in that thread: `on_token`
 pushes the token through a `TextStream` (incremental detokenizer + stop strings, which ends the
 request when a stop string appears) and hands the text to the event loop with
 `loop.call_soon_threadsafe`; the handler turns it into deltas, with tool calls parsed out by
 `ToolCallStreamParser` as they close. A client that goes away is noticed by a watcher on the
 ASGI `receive` channel, which cancels its requests, so its row is free at the next decode step.
+
+The engine keeps the state after each chat turn, prompt and reply in `llm.prefix_cache`
+(`--prefix-cache-bytes`, least recently used dropped first): a conversation's next turn, or a
+request sharing a system prompt, prefills only what is new. `n` choices are rows decoded together
+that share the prompt's prefill (each with its own seed); `logprobs` / `top_logprobs` (chat) and
+`logprobs` with `echo` (completions) report the model's raw log-probabilities. `GET /metrics`
+gives the load, the engine's counters and the prefix cache's hits, misses and bytes (Prometheus).
 
 Every failure a client can cause gets OpenAI's error body, `{"error": {"message", "type",
 "param", "code"}}`, with status 400 (bad body or values, prompt longer than the context), 401
@@ -555,10 +562,10 @@ class _Job:
 class _Server:
     """State shared by the handlers: the model, its engine, defaults."""
 
-    def __init__(self, llm, model_name: str, scheduler: Engine) -> None:
+    def __init__(self, llm, model_name: str, engine: Engine) -> None:
         if llm.tokenizer is None:
             raise GenerationError(f"{llm.path}: the checkpoint has no tokenizer.json, so it cannot be served")
-        self.llm, self.model_name, self.scheduler = llm, model_name, scheduler
+        self.llm, self.model_name, self.engine = llm, model_name, engine
         self.tokenizer = llm.tokenizer
         self.defaults = llm.sampling_params()  # read generation_config.json once
         self.created = int(time.time())
@@ -609,7 +616,7 @@ class _Server:
         return stops
 
     def check_max_tokens(self, max_tokens: int | None, param: str) -> None:
-        limit = self.scheduler.max_len
+        limit = self.engine.max_len
         if max_tokens is not None and max_tokens >= limit:
             raise APIError(400, f"'{param}' is too large: {max_tokens}. This model's context holds {limit} tokens, "
                            "prompt included", param=param, code="invalid_value")
@@ -626,7 +633,7 @@ class _Server:
         size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
         least = -(-size // self.max_token_bytes)
         wanted = max_tokens if max_tokens is not None else 1
-        limit = self.scheduler.max_len
+        limit = self.engine.max_len
         if least + wanted > limit:
             raise APIError(
                 400,
@@ -640,7 +647,7 @@ class _Server:
                      default: int | None = None) -> int:
         """max_new_tokens for a prompt: the request's, else `default` or the rest of the context,
         whichever is less; 400 if it cannot fit."""
-        limit = self.scheduler.max_len
+        limit = self.engine.max_len
         self.check_max_tokens(max_tokens, param)
         wanted = max_tokens if max_tokens is not None else 1
         if prompt_len + wanted > limit:
@@ -658,8 +665,8 @@ class _Server:
     def check_n(self, n: int | None) -> int:
         """The number of choices; they are rows of one batch, so at most `max_batch`."""
         n = 1 if n is None else n
-        if n > self.scheduler.max_batch:
-            raise APIError(400, f"n={n}: at most {self.scheduler.max_batch} choices per request (the server's "
+        if n > self.engine.max_batch:
+            raise APIError(400, f"n={n}: at most {self.engine.max_batch} choices per request (the server's "
                            "--max-batch)", param="n", code="invalid_value")
         return n
 
@@ -673,7 +680,7 @@ class _Server:
         groups of `n` choices, each choice with its own seed (`choice_params`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        sched = self.scheduler
+        sched = self.engine
         if sched.active + sched.queued + len(prompts) > sched.max_batch + sched.max_queue:
             raise _busy(sched)
         jobs = []
@@ -697,7 +704,7 @@ class _Server:
     def cancel(self, jobs: list[_Job]) -> None:
         for job in jobs:
             if job.request is not None and job.result is None:
-                self.scheduler.cancel(job.request)
+                self.engine.cancel(job.request)
 
     # -- prompts -----------------------------------------------------------------------------
 
@@ -1063,31 +1070,31 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     pad = llm.tokenizer.pad_id if llm.tokenizer is not None and llm.tokenizer.pad_id is not None else 0
     if prefix_cache_bytes is not None:
         llm.prefix_cache.max_bytes = prefix_cache_bytes
-    scheduler = Engine(llm.model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, pad_id=pad,
+    engine = Engine(llm.model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, pad_id=pad,
                        prefix_cache=llm.prefix_cache)
-    server = _Server(llm, model_name, scheduler)
+    server = _Server(llm, model_name, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        engine.start()
         try:
             yield
         finally:
-            scheduler.close()
+            engine.close()
 
     app = FastAPI(title="lfm2", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server for Liquid AI's LFM2 models")
     app.state.server = server
-    app.state.engine = scheduler
+    app.state.engine = engine
     app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _describe(app, api_key is not None, scheduler.max_len)
+            app.openapi_schema = _describe(app, api_key is not None, engine.max_len)
         return app.openapi_schema
 
     app.openapi = openapi
-    web.add_routes(app, model_name, server.defaults, scheduler.max_len)  # the chat page at /: lfm2/web
+    web.add_routes(app, model_name, server.defaults, engine.max_len)  # the chat page at /: lfm2/web
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, exc: APIError):
@@ -1120,9 +1127,9 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         return _error_response(err, request.url.path)
 
     def load() -> dict[str, Any]:
-        return {"active": scheduler.active, "queued": scheduler.queued, "max_batch": scheduler.max_batch,
-                "max_queue": scheduler.max_queue, "max_len": scheduler.max_len, "decode_steps": scheduler.steps,
-                "prefill_chunks": scheduler.prefill_chunks, "prefix_cache": llm.prefix_cache.stats()}
+        return {"active": engine.active, "queued": engine.queued, "max_batch": engine.max_batch,
+                "max_queue": engine.max_queue, "max_len": engine.max_len, "decode_steps": engine.steps,
+                "prefill_chunks": engine.prefill_chunks, "prefix_cache": llm.prefix_cache.stats()}
 
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
@@ -1136,7 +1143,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": server.created, "owned_by": "lfm2",
-                "max_model_len": scheduler.max_len}
+                "max_model_len": engine.max_len}
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
@@ -1289,9 +1296,9 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         prompts, texts = await asyncio.to_thread(server.completion_prompts, body)
         budgets = [server.token_budget(len(p), body.max_tokens, "max_tokens", "prompt", COMPLETION_MAX_TOKENS)
                    for p in prompts]
-        if len(prompts) * n > scheduler.max_batch + scheduler.max_queue:
+        if len(prompts) * n > engine.max_batch + engine.max_queue:
             raise APIError(400, f"{len(prompts)} prompts x n={n} choices exceed what the server holds at once "
-                           f"({scheduler.max_batch + scheduler.max_queue})", param="n", code="invalid_value")
+                           f"({engine.max_batch + engine.max_queue})", param="n", code="invalid_value")
         # choice k is prompt k // n, as in OpenAI's API
         prompts, texts, budgets = ([x for x in xs for _ in range(n)] for xs in (prompts, texts, budgets))
         echo_logprobs = body.logprobs if body.echo else None
