@@ -164,7 +164,8 @@ class _Row:
         self.cache: Cache | None = None
         self.done = 0  # prompt tokens read into `cache`
         self.cached = 0  # of which resumed from the prefix cache
-        self.logits: torch.Tensor | None = None  # (1, V) after the last token read
+        self.logits: torch.Tensor | None = None  # (1, V) after the whole prompt: ready to join
+        self.last_logits: torch.Tensor | None = None  # (1, V) after the last chunk read
 
 
 class Engine:
@@ -451,8 +452,9 @@ class Engine:
         logits = self.model(ids, row.cache, last_only=not want_prompt)[0]  # (1 or T, V)
         self.prefill_chunks += 1
         if want_prompt:
-            self._prompt_logprobs(request, logits, prompt, row.done, cut)
+            self._prompt_logprobs(row, logits, prompt, cut)
         last = logits[-1:]
+        row.last_logits = last
         if pc is not None and pc.max_bytes and cut > row.cached:
             pc.store(prompt[:cut], row.cache, logits=last[0] if cut == len(prompt) else None)
         row.done = cut
@@ -460,11 +462,15 @@ class Engine:
             row.logits = last
         return None if budget is None else budget - ids.shape[1]
 
-    def _prompt_logprobs(self, request: Request, logits: torch.Tensor, prompt: list[int], start: int,
-                         end: int) -> None:
-        """Logprobs of prompt[start+1 .. end] from the chunk's logits (the last one predicts past it)."""
+    def _prompt_logprobs(self, row: _Row, logits: torch.Tensor, prompt: list[int], end: int) -> None:
+        """Logprobs of prompt[start .. end) for a chunk read from `start` (its logits predict the
+        tokens after each of its own; the chunk's first token was predicted by the chunk before)."""
+        request, start = row.request, row.done
         if start == 0:
             request.prompt_token_logprobs.append(None)
+        else:
+            target = torch.tensor([prompt[start]], device=logits.device)
+            request.prompt_token_logprobs.extend(_logprobs(row.last_logits, target, request.prompt_logprobs))
         if end - start > 1:
             targets = torch.tensor(prompt[start + 1 : end], device=logits.device)
             request.prompt_token_logprobs.extend(_logprobs(logits[:-1], targets, request.prompt_logprobs))

@@ -356,3 +356,21 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(llm, monkeypatch):
     assert len(chunks) >= 7
     assert all(b - a == 2 for a, b in itertools.pairwise(chunks)), events  # one decode step between chunks
     assert tokens == [alone(llm, short, max_new_tokens=40), alone(llm, long, max_new_tokens=5)]
+
+
+def test_prompt_logprobs_across_prefill_chunks(llm, monkeypatch):
+    """Prompt logprobs of a prompt read in several chunks equal those of one full forward pass."""
+    import lfm2.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 7)
+    prompt = prompts_for(llm, 6)[5]
+    assert len(prompt) > 3 * 7
+    request = Request(prompt, GREEDY, 1, prompt_logprobs=2)
+    for _ in Engine(llm.model, max_batch=1, max_len=100).run([request]):
+        pass
+    with torch.inference_mode():
+        full = torch.log_softmax(llm.model(torch.tensor([prompt]))[0].float(), dim=-1)
+    got = request.prompt_token_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    ref = [float(full[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+    assert [g.logprob for g in got[1:]] == pytest.approx(ref, abs=1e-4)
