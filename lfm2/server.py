@@ -33,8 +33,9 @@ Each request is logged as one JSON line on the `lfm2.server` logger (id, tokens 
 time to first token, tokens/s).
 
 With an API key (`--api-key`, else `$LFM2_API_KEY`), every route needs `Authorization: Bearer
-KEY` except `/health` (for load balancers) and the API's description (`/openapi.json`, `/docs`,
-`/redoc`), which hold nothing private. Keys are compared in constant time.
+KEY` except `/health` (for load balancers), the chat page's files (`/`, `/static/...`; the page
+asks its user for the key) and the API's description (`/openapi.json`, `/docs`, `/redoc`), which
+hold nothing private. Keys are compared in constant time.
 
 Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `min_p`, `repetition_penalty`
 and `ignore_eos`. Unset sampling fields take the checkpoint's defaults (generation_config.json,
@@ -80,6 +81,13 @@ GREEDY_BELOW = 1e-5  # smaller temperatures overflow the logits to inf: treated 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat completions default to the context
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is about 0.5 MiB of text
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})  # no API key
+
+
+def _open(path: str) -> bool:
+    """Whether `path` is served without the API key: /health, the API's description, and the chat
+    page's own files (`/`, `/static/...`), which hold nothing private; the page then asks its user
+    for the key and sends it with every API call (`webui/src/api.js`)."""
+    return path in OPEN_PATHS or path == "/" or path.startswith("/static/")
 
 
 # -- request bodies ---------------------------------------------------------------------------
@@ -921,7 +929,7 @@ class _Gate:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+        if self.key is not None and not _open(scope["path"]) and not self._authorized(headers):
             await _error_response(_unauthorized(headers), scope["path"])(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")

@@ -57,12 +57,17 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> str:
     """`lfm2 serve` on the bundled model, in a subprocess on a free port; its base URL."""
+    yield from _serve(tmp_path_factory)
+
+
+def _serve(tmp_path_factory, *options: str):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lfm2", "serve", "--port", str(port), "--log-level", "warning"],
+        proc = subprocess.Popen([sys.executable, "-m", "lfm2", "serve", "--port", str(port), "--log-level", "warning",
+                                 *options],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -483,3 +488,36 @@ def test_phone_width_dark_theme_keyboard_and_labels(browser, server):
     assert unnamed == []
     context.close()
     watch.check()
+
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory) -> str:
+    """`lfm2 serve --api-key`: the page's files are open, the API needs the key."""
+    yield from _serve(tmp_path_factory, "--api-key", KEY)
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_and_sends_it(browser, keyed_server):
+    for path, status in [("/", 200), ("/static/app.js", 200), ("/web/info", 401), ("/v1/models", 401)]:
+        assert httpx.get(keyed_server + path, timeout=30).status_code == status, path
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    asked, sent = [], []
+    page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(KEY)))
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.headers))
+    try:
+        page.goto(keyed_server + "/")
+        page.wait_for_selector("body[data-ready]")
+        assert len(asked) == 1 and "API key" in asked[0]
+        settings(page, temperature=0)
+        send(page, "Hello!")
+        assert replies(page) and replies(page)[0]
+        assert sent[-1].get("authorization") == f"Bearer {KEY}"
+        page.reload()  # the key is kept in this browser: not asked again
+        page.wait_for_selector("body[data-ready]")
+        assert len(asked) == 1
+    finally:
+        context.close()

@@ -3,6 +3,27 @@
 
 export class ApiError extends Error {}
 
+/** The server wants an API key (lfm2 serve --api-key) and none, or a wrong one, was sent. */
+export class AuthError extends ApiError {}
+
+const KEY = "lfm2.apiKey";
+
+/** Keep the key the user typed (in this browser's local storage), or forget it (null). */
+export function setApiKey(key) {
+  if (key) localStorage.setItem(KEY, key);
+  else localStorage.removeItem(KEY);
+}
+
+function authHeaders() {
+  const key = localStorage.getItem(KEY);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function failure(res) {
+  const message = await errorMessage(res);
+  return res.status === 401 ? new AuthError(message) : new ApiError(message);
+}
+
 /** The message of an error answer: OpenAI's {"error": {"message"}} body, else the status line. */
 async function errorMessage(res) {
   try {
@@ -20,7 +41,8 @@ async function errorMessage(res) {
  *   capabilities: {tools: boolean, vision: boolean}}>}
  */
 export async function getInfo() {
-  const res = await fetch("/web/info");
+  const res = await fetch("/web/info", { headers: authHeaders() });
+  if (res.status === 401) throw await failure(res);
   if (!res.ok) throw new ApiError(`could not read /web/info: ${await errorMessage(res)}`);
   return res.json();
 }
@@ -35,11 +57,11 @@ export async function getInfo() {
 export async function* streamChat(body, signal) {
   const res = await fetch("/v1/chat/completions", {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", ...authHeaders() },
     body: JSON.stringify(body),
     signal,
   });
-  if (!res.ok) throw new ApiError(await errorMessage(res));
+  if (!res.ok) throw await failure(res);
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {

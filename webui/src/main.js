@@ -1,6 +1,6 @@
 // The chat page of `lfm2 serve`: state, events, and the conversation list. Rendering is in
 // view.js, requests in chat.js, storage in store.js, the settings panel in settings.js.
-import { getInfo } from "./api.js";
+import { AuthError, getInfo, setApiKey } from "./api.js";
 import { requestBody, streamReply } from "./chat.js";
 import { byId, download, h } from "./dom.js";
 import { bindSettings } from "./settings.js";
@@ -446,12 +446,26 @@ async function start() {
   bindEvents();
   setBusy(null);
   render();
-  try {
-    state.info = await getInfo();
-  } catch (err) {
-    say(`${err.message}. Is lfm2 serve still running?`);
-    el.send.disabled = true;
-    return;
+  for (;;) {
+    try {
+      state.info = await getInfo();
+      break;
+    } catch (err) {
+      if (err instanceof AuthError) {
+        // lfm2 serve --api-key: ask for the key once, keep it in this browser, send it with every call
+        const key = window.prompt("This server needs its API key (lfm2 serve --api-key). Key:");
+        if (key) {
+          setApiKey(key.trim());
+          continue;
+        }
+        setApiKey(null);
+        say("This server needs its API key: reload the page to enter it.");
+      } else {
+        say(`${err.message}. Is lfm2 serve still running?`);
+      }
+      el.send.disabled = true;
+      return;
+    }
   }
   el.model.textContent = state.info.model;
   el.attach.hidden = !state.info.capabilities?.vision;
