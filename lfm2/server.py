@@ -1195,15 +1195,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
             return "tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason
 
         if not body.stream:
-            texts, lps = [forced] * n, [[] for _ in range(n)]
             try:
-                while any(job.result is None for job in jobs):
-                    kind, i, value = await events.get()
-                    if kind == "done":
-                        jobs[i].result = value
-                    else:
-                        texts[i] += value[0]
-                        lps[i] += value[1]
+                texts, lps = await _gather(events, jobs, [forced] * n)
             finally:
                 watcher.cancel()
                 server.cancel(jobs)
@@ -1350,16 +1343,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
             return legacy(i, list(lps), [x.token for x in lps])
 
         if not body.stream:
-            outs = [texts[i] if body.echo else "" for i in range(len(jobs))]
-            lps: list[list[TokenLogprob]] = [[] for _ in jobs]
             try:
-                while any(job.result is None for job in jobs):
-                    kind, i, value = await events.get()
-                    if kind == "done":
-                        jobs[i].result = value
-                    else:
-                        outs[i] += value[0]
-                        lps[i] += value[1]
+                outs, lps = await _gather(events, jobs, [texts[i] if body.echo else "" for i in range(len(jobs))])
             finally:
                 watcher.cancel()
                 server.cancel(jobs)
@@ -1408,6 +1393,21 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+async def _gather(events: asyncio.Queue, jobs: list[_Job],
+                  texts: list[str]) -> tuple[list[str], list[list[TokenLogprob]]]:
+    """A non-streamed reply: every job's text (appended to `texts`, its start) and logprobs, until
+    all have finished (each job's `result` set)."""
+    lps: list[list[TokenLogprob]] = [[] for _ in jobs]
+    while any(job.result is None for job in jobs):
+        kind, i, value = await events.get()
+        if kind == "done":
+            jobs[i].result = value
+        else:
+            texts[i] += value[0]
+            lps[i] += value[1]
+    return texts, lps
 
 
 def _join_legacy(a: dict | None, b: dict | None) -> dict | None:
