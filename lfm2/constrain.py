@@ -304,6 +304,11 @@ class ToolCallConstraint:
         """A constraint for another generation from the same prompt (each choice of n needs its own)."""
         return ToolCallConstraint(self.grammar, self.vocab, self.forced, self.whole_names)
 
+    @property
+    def name_ids(self) -> list[list[int]] | None:
+        """Each offered tool's `name(` as tokens (what `choose_tool_names` scores)."""
+        return self.grammar.name_ids
+
     def at_name(self) -> bool:
         """Whether a call's name begins here and is to be chosen whole (`choose_tool_names`)."""
         return (self.whole_names and self.grammar.name_ids is not None and not self.pending
@@ -493,7 +498,7 @@ def choose_tool_names(model: Any, cache: Any, logits: torch.Tensor, constraints:
     rows = [r for r, c in enumerate(constraints) if c is not None and c.at_name()]
     if not rows:
         return
-    names = {r: constraints[r].grammar.name_ids for r in rows}
+    names = {r: constraints[r].name_ids for r in rows}
     longest = max(len(ids) for r in rows for ids in names[r])
     if cache.length + longest - 1 > cache.max_len:  # no room left to score the names: token by token then
         return

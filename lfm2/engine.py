@@ -38,7 +38,9 @@ The engine knows tokens only. Text, templates and tools live in the chat layer (
     mask() -> bool tensor (V,) of allowed tokens, or None;   advance(token) -> None;
     look_ahead_room() -> cache slots its look-ahead needs (0: it needs none now);
     look_ahead(model, cache, logits, processors, params, generators): a static method run, for the
-    rows whose room is > 0, before their token is sampled (tool-name choice in `lfm2.constrain`).
+    rows whose room is > 0, before their token is sampled (tool-name choice in `lfm2.constrain`);
+    prepare() (optional): start computing the next mask, called just before the decode step's
+    forward pass so the two overlap (grammars in `lfm2.structured`).
 Callbacks run in the engine's thread and must be quick. `submit` raises `SchedulerBusy` when the
 wait queue is full, which a server turns into HTTP 429.
 """
@@ -505,6 +507,10 @@ class Engine:
         view = cache.narrow(n)
         last = torch.tensor([[row.last] for row in self._rows], device=self.device)  # (n, 1)
         step = getattr(self.model, "decode_step", None) or self.model  # lfm2.compile's compiled step
+        for row in self._rows:  # processors that can, compute their next mask while the model runs
+            prepare = getattr(row.request.constraint, "prepare", None)
+            if prepare is not None:
+                prepare()
         logits = step(last, view)[:, -1]
         cache.length = view.length
         self.steps += 1

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lfm2 import structured
 from lfm2.config import ModelConfig
 from lfm2.constrain import NoToolCalls, tool_call_constraint, wants_constraint
 from lfm2.engine import Engine, Result, TokenLogprob
@@ -20,6 +21,7 @@ from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.prefix_cache import PrefixCache
 from lfm2.sampling import SamplingParams, choice_params
+from lfm2.structured import OutputFormat
 from lfm2.weights import load_into, move_to_huge_pages, resolve_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -36,6 +38,11 @@ class LLM:
     where set (a GGUF file's `general.sampling.*` keys), stands in for generation_config.json.
     `logprobs=k` (0-20) records each generated token's log-probability and its k best alternatives
     in `last_logprobs` (OpenAI's format; `chat` also returns them in the reply).
+
+    Structured output (`lfm2.structured`), for `generate`, `stream`, `chat` and `chat_stream`: at
+    most one of `json_schema=` (a dict or a pydantic model class), `regex=`, `choice=` (a list of
+    strings) or `response_format=` (OpenAI's `{"type": "json_object"}` / `{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}`) holds the reply to it at any temperature.
 
     Every method runs on `lfm2.engine.Engine`, the same engine the server uses. States after the
     prompts and replies are kept in `prefix_cache` (bounded in bytes; `PrefixCache(0)` turns it
@@ -76,9 +83,13 @@ class LLM:
         decoded as rows of one batch that share the prompt's prefill."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = _check_n(n)
+        sampling = dict(sampling)
+        fmt = output_format(sampling)
         ids = [self._encode_text(p) for p in prompts for _ in range(n)]
+        constraint = None if fmt is None else self._grammar(fmt)
+        constraints = None if constraint is None else [constraint.fresh() for _ in ids]
         outs = [""] * len(ids)
-        for row, piece in self._stream(ids, sampling, n=n):
+        for row, piece in self._stream(ids, sampling, constraints, n=n):
             outs[row] += piece
         if n > 1:
             outs = [outs[i : i + n] for i in range(0, len(outs), n)]
@@ -86,7 +97,10 @@ class LLM:
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         """Complete a prompt, yielding text pieces as they are generated."""
-        for _, piece in self._stream([self._encode_text(prompt)], sampling):
+        sampling = dict(sampling)
+        fmt = output_format(sampling)
+        constraints = None if fmt is None else [self._grammar(fmt)]
+        for _, piece in self._stream([self._encode_text(prompt)], sampling, constraints):
             yield piece
 
     # -- chat ---------------------------------------------------------------------------------
@@ -148,7 +162,9 @@ class LLM:
         come, and `{"tool_calls": [...]}` once a call block closes (text inside it is never shown)."""
         from lfm2.tools import ToolCallStreamParser
 
-        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools)
+        sampling = dict(sampling)
+        fmt = output_format(sampling)
+        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools, fmt)
         if sampling.get("n", 1) != 1:
             raise GenerationError("chat_stream streams one reply: n must be 1")
         turns = [self.turn_ends(ids)]
@@ -170,7 +186,8 @@ class LLM:
 
         sampling = dict(sampling)
         n = _check_n(sampling.pop("n", 1))
-        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools)
+        fmt = output_format(sampling)
+        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools, fmt)
         constraints = [constraint if constraint is None else constraint.fresh() for _ in range(n)]
         texts = [forced] * n
         for row, piece in self._stream([ids] * n, sampling, constraints, [self.turn_ends(ids)] * n, n):
@@ -204,14 +221,21 @@ class LLM:
                 out.append(i + 2 if i + 1 < len(ids) and ids[i + 1] == skip else i + 1)
         return out
 
-    def chat_prompt(self, messages, tools, tool_choice, strict_tools=None) -> tuple[list[int], str, list | None, Any]:
+    def chat_prompt(self, messages, tools, tool_choice, strict_tools=None,
+                    output: OutputFormat | None = None) -> tuple[list[int], str, list | None, Any]:
         """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, the tools
-        actually offered (None when there are none, or `tool_choice` is "none"), and the tool-call
-        constraint for the reply: None when calls are not constrained, and `NoToolCalls` (the call
-        markers masked) when no tools are offered, since a call to nothing is text the user would see.
+        actually offered (None when there are none, or `tool_choice` is "none"), and the reply's
+        constraint: None when nothing is constrained, and `NoToolCalls` (the call markers masked)
+        when no tools are offered, since a call to nothing is text the user would see.
 
         `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
         named function starts it with `<|tool_call_start|>[name(`, so the model must call it.
+
+        `output` (structured output) holds the reply to a format: the whole reply when no tools
+        are offered; with tools and `tool_choice` "auto", the reply is the format or strict tool
+        calls (the model still chooses); a reply forced into a call is the call. Strict calls to
+        tools whose parameters say more than a type (ranges, patterns, nested objects...) are held
+        to their full schemas by the grammar engine (`lfm2.structured.calls_constraint`).
         """
         from lfm2.tools import render_chat
 
@@ -233,11 +257,18 @@ class LLM:
             forced = "<|tool_call_start|>["
         elif isinstance(tool_choice, dict):
             forced = f"<|tool_call_start|>[{tool_choice['function']['name']}("
-        constraint = None
-        if not use_tools:
-            constraint = NoToolCalls.for_tokenizer(tok, self.config.vocab_size)
-        elif wants_constraint(use_tools, tool_choice, strict_tools):
-            constraint = tool_call_constraint(tok, use_tools, forced, self.config.vocab_size, self.whole_tool_names)
+        constraint, size, stops = None, self.config.vocab_size, sorted(tok.stop_ids)
+        strict = bool(use_tools) and wants_constraint(use_tools, tool_choice, strict_tools)
+        if use_tools and (output is not None or (strict and structured.needs_full_schemas(use_tools))):
+            # full argument schemas (and the reply's format) need the grammar engine's calls
+            constraint = structured.calls_constraint(output, use_tools, tok, size, stops, forced,
+                                                     self.whole_tool_names)
+        elif output is not None:
+            constraint = structured.constraint(output, tok, size, stops)
+        elif not use_tools:
+            constraint = NoToolCalls.for_tokenizer(tok, size)
+        elif strict:
+            constraint = tool_call_constraint(tok, use_tools, forced, size, self.whole_tool_names)
         return tok.encode(prompt + forced, add_special_tokens=False), forced, use_tools, constraint
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -246,6 +277,11 @@ class LLM:
         """The checkpoint's defaults (or the model card's) with `sampling` applied on top."""
         defaults = self.path if self.generation_defaults is None else self.generation_defaults
         return SamplingParams.from_generation_config(defaults, **sampling)
+
+    def _grammar(self, fmt: OutputFormat) -> structured.GrammarConstraint:
+        """A constraint holding a plain completion to `fmt`, ending on the tokenizer's stop ids."""
+        tok = self._need_tokenizer()
+        return structured.constraint(fmt, tok, self.config.vocab_size, sorted(tok.stop_ids))
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -300,6 +336,24 @@ class LLM:
                                constraints, checkpoints, logprobs, found)
         if logprobs is not None:
             self.last_logprobs = [logprob_entries(tok, items) for items in found]
+
+
+def output_format(sampling: dict[str, Any]) -> OutputFormat | None:
+    """Take the structured-output argument out of `sampling` (see `LLM`): at most one of them."""
+    taken = {k: sampling.pop(k, None) for k in ("json_schema", "regex", "choice", "response_format")}
+    given = {k: v for k, v in taken.items() if v is not None}
+    if len(given) > 1:
+        raise GenerationError(f"give one structured-output argument, not {' and '.join(given)}")
+    if not given:
+        return None
+    (key, value), = given.items()
+    if key == "json_schema":
+        return structured.json_schema(value)
+    if key == "regex":
+        return structured.regex(value)
+    if key == "choice":
+        return structured.choice(value)
+    return structured.response_format(value)
 
 
 def _check_n(n: Any) -> int:

@@ -66,11 +66,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, model_validator
 
+from lfm2 import structured
 from lfm2.engine import MAX_LOGPROBS, Engine, Request, Result, TokenLogprob
 from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
 from lfm2.generate import TextStream, logprob_entries, token_text
 from lfm2.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from lfm2.sampling import SamplingParams, choice_params
+from lfm2.structured import StructuredOutputError
 from lfm2.tools import ToolCallStreamParser, parse_tool_calls
 
 log = logging.getLogger("lfm2.server")
@@ -224,6 +226,15 @@ class _GenerationBody(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # tinier ones overflow the logits
     ignore_eos: bool = False
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"const": "json_schema"},
+            "json_schema": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+                "strict": {"type": ["boolean", "null"]}}}}},
+        {"type": "null"}],
+        "description": "structured output: the reply is JSON (valid against the schema), see lfm2.structured"})] = None
 
 
 class ChatCompletionRequest(_GenerationBody):
@@ -235,9 +246,6 @@ class ChatCompletionRequest(_GenerationBody):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
-    response_format: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
-        {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}, {"type": "null"}],
-        "description": "only {'type': 'text'}"})] = None
 
 
 class CompletionRequest(_GenerationBody):
@@ -588,6 +596,25 @@ class _Server:
         _unsupported(body)
         return self.sampling(body), self.stop_strings(body.stop)
 
+    def output_format(self, body: _GenerationBody) -> structured.OutputFormat | None:
+        """The request's `response_format`, checked (400 naming the field or schema keyword at fault)."""
+        try:
+            fmt = structured.response_format(body.response_format)
+        except StructuredOutputError as exc:
+            raise _format_error(exc) from exc
+        if fmt is not None and body.ignore_eos:
+            raise APIError(400, "ignore_eos cannot go with a response_format: the reply ends where its format does",
+                           param="ignore_eos", code="invalid_value")
+        return fmt
+
+    def grammar(self, fmt: structured.OutputFormat) -> structured.GrammarConstraint:
+        """A checked constraint holding a completion to `fmt` (slow the first time: run in a thread)."""
+        tok = self.tokenizer
+        try:
+            return structured.constraint(fmt, tok, self.llm.config.vocab_size, sorted(tok.stop_ids))
+        except StructuredOutputError as exc:
+            raise _format_error(exc) from exc
+
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
@@ -716,8 +743,8 @@ class _Server:
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest,
-                    max_tokens: int | None) -> tuple[list[int], str, list[dict] | None, Any]:
+    def chat_prompt(self, body: ChatCompletionRequest, max_tokens: int | None,
+                    output: structured.OutputFormat | None = None) -> tuple[list[int], str, list[dict] | None, Any]:
         """Prompt ids, forced reply prefix, the tools the reply is parsed against (None: plain text),
         and the constraint on its tool calls (None: unconstrained; see `LLM.chat`'s `strict_tools`).
 
@@ -740,7 +767,9 @@ class _Server:
         if choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice", code="invalid_value")
         try:
-            return self.llm.chat_prompt(messages, tools, choice)
+            return self.llm.chat_prompt(messages, tools, choice, output=output)
+        except StructuredOutputError as exc:
+            raise _format_error(exc) from exc
         except LFM2Error as exc:
             raise APIError(400, f"could not build the prompt: {exc}", param="messages", code="invalid_value") from exc
 
@@ -852,15 +881,16 @@ def _unsupported(body: _GenerationBody) -> None:
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        fmt = body.response_format
-        if fmt is not None and fmt.get("type") != "text":
-            raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
-                           param="response_format", code="unsupported_value")
     else:
         if body.suffix is not None:
             raise APIError(400, "'suffix' is not supported", param="suffix", code="unsupported_value")
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of > 1 is not supported", param="best_of", code="unsupported_value")
+
+
+def _format_error(exc: StructuredOutputError) -> APIError:
+    code = "unsupported_value" if exc.keyword else "invalid_value"
+    return APIError(400, str(exc), param=exc.param, code=code)
 
 
 def _usage(results: list[Result], n: int = 1) -> dict[str, int]:
@@ -1170,7 +1200,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         server.check_max_tokens(wanted, max_param)
-        ids, forced, tools, constraint = await asyncio.to_thread(server.chat_prompt, body, wanted)
+        output = server.output_format(body)
+        ids, forced, tools, constraint = await asyncio.to_thread(server.chat_prompt, body, wanted, output)
         budget = server.token_budget(len(ids), wanted, max_param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs, events = server.submit([ids] * n, params, [budget] * n, stop, body.ignore_eos, constraint,
@@ -1295,6 +1326,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         n = server.check_n(body.n)
         server.check_max_tokens(body.max_tokens, "max_tokens")
         prompts, texts = await asyncio.to_thread(server.completion_prompts, body)
+        output = server.output_format(body)
+        grammar = None if output is None else await asyncio.to_thread(server.grammar, output)
         budgets = [server.token_budget(len(p), body.max_tokens, "max_tokens", "prompt", COMPLETION_MAX_TOKENS)
                    for p in prompts]
         if len(prompts) * n > engine.max_batch + engine.max_queue:
@@ -1303,7 +1336,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         # choice k is prompt k // n, as in OpenAI's API
         prompts, texts, budgets = ([x for x in xs for _ in range(n)] for xs in (prompts, texts, budgets))
         echo_logprobs = body.logprobs if body.echo else None
-        jobs, events = server.submit(prompts, params, budgets, stop, body.ignore_eos, logprobs=body.logprobs,
+        jobs, events = server.submit(prompts, params, budgets, stop, body.ignore_eos, grammar, logprobs=body.logprobs,
                                      prompt_logprobs=echo_logprobs, n=n)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -176,6 +176,11 @@ class Tokenizer:
             self._token_bytes = out
         return self._token_bytes
 
+    def to_json(self) -> str:
+        """The underlying `tokenizers` pipeline serialized as tokenizer.json text (what grammar
+        engines such as llguidance read to learn each token's bytes)."""
+        return self._tok.to_str()
+
     def _special_id(self, field: str) -> int | None:
         token = self.special_tokens.get(field)
         return None if token is None else self._tok.token_to_id(token)
