@@ -74,6 +74,37 @@ def _add_tool_args(p: argparse.ArgumentParser) -> None:
                    help="keep every tool call valid against the listed schemas (lfm2.constrain)")
 
 
+def _add_format_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (one of; lfm2.structured)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="FILE", help="JSON Schema file: every reply is JSON valid against it")
+    x.add_argument("--json", action="store_true", help="every reply is a JSON object")
+    x.add_argument("--regex", metavar="PATTERN", help="every reply matches this regular expression whole")
+    x.add_argument("--choice", action="append", metavar="TEXT", help="every reply is one of these (repeatable)")
+
+
+def _output_format(args: argparse.Namespace) -> dict[str, Any]:
+    """The structured-output keyword for `generate`/`chat`, from the flags (the schema file read and
+    checked here, before the model loads)."""
+    from lfm2 import structured
+
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise LFM2Error(f"--json-schema {args.json_schema}: cannot read it ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LFM2Error(f"--json-schema {args.json_schema}: not a JSON file ({e})") from None
+        return {"json_schema": structured.json_schema(schema, param=f"--json-schema {args.json_schema}")}
+    if args.json:
+        return {"response_format": {"type": "json_object"}}
+    if args.regex is not None:
+        return {"regex": structured.regex(args.regex, param="--regex")}
+    if args.choice:
+        return {"choice": structured.choice(args.choice, param="--choice")}
+    return {}
+
+
 def _load_tools(path: str | None, strict: bool = False) -> list[dict[str, Any]] | None:
     """The `--tools` file: a JSON list of tool schemas (one object is taken as a list of one)."""
     if path is None:
@@ -134,6 +165,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (benchmarks)")
     _add_tool_args(g)
+    _add_format_args(g)
 
 
 def _add_chat(sub) -> None:
@@ -141,6 +173,7 @@ def _add_chat(sub) -> None:
     _add_model_args(c)
     _add_sampling_args(c)
     _add_tool_args(c)
+    _add_format_args(c)
     c.add_argument("--system", default=None, help="system prompt")
 
 
@@ -238,9 +271,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tools = _load_tools(args.tools, args.strict_tools)
     if tools and not args.chat:
         raise LFM2Error("--tools needs --chat (tools are offered through the chat template)")
+    output = _output_format(args)
+    if output and args.ignore_eos:
+        raise LFM2Error("--ignore-eos cannot go with a structured-output flag: the reply ends where its format does")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     quantize=args.quantize, compile=args.compile)
-    sampling = _sampling(args)
+    sampling = {**_sampling(args), **output}
     if args.chat:
         deltas = llm.chat_stream([{"role": "user", "content": prompt}], tools=tools,
                                  strict_tools=args.strict_tools or None, **sampling)
@@ -263,11 +299,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from lfm2.tools import tool_schema
 
     tools = _load_tools(args.tools, args.strict_tools)
+    output = _output_format(args)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     quantize=args.quantize, compile=args.compile)
     system = args.system
     history: list[dict[str, Any]] = []
-    sampling = _sampling(args)
+    sampling = {**_sampling(args), **output}
     print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit.")
     if tools:
         names = ", ".join(tool_schema(t)["function"]["name"] for t in tools)

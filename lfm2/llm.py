@@ -347,6 +347,8 @@ def output_format(sampling: dict[str, Any]) -> OutputFormat | None:
     if not given:
         return None
     (key, value), = given.items()
+    if isinstance(value, OutputFormat):
+        return value
     if key == "json_schema":
         return structured.json_schema(value)
     if key == "regex":
