@@ -246,15 +246,17 @@ class LLM:
         return plan.ids, plan.forced, plan.tools, plan.constraint
 
     def chat_plan(self, messages, tools=None, tool_choice=None, strict_tools=None, reasoning=None,
-                  max_reasoning_tokens=None) -> ChatPlan:
+                  max_reasoning_tokens=None, answer_constraint=None) -> ChatPlan:
         """Everything one chat request needs (`ChatPlan`): the prompt ids, the text we put in the
         model's mouth to honour `tool_choice`, the tools actually offered (None when there are none,
         or `tool_choice` is "none"), the reply's logits processor, and how to read replies back.
 
         The processor is None when nothing is constrained, the tool-call constraint when calls are
         constrained, and `NoToolCalls` (the call markers masked) when no tools are offered, since a
-        call to nothing is text the user would see. For a reasoning model it is wrapped in
-        `AfterReasoning`, so that it applies to the answer only and `max_reasoning_tokens` holds.
+        call to nothing is text the user would see. `answer_constraint` (a logits processor of the
+        engine's protocol, e.g. a grammar for structured output) replaces all of these. For a
+        reasoning model the processor is wrapped in `AfterReasoning`, so that it applies to the
+        answer only and `max_reasoning_tokens` holds.
 
         `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
         named function starts it with `<|tool_call_start|>[name(`, so the model must call it. A
@@ -286,7 +288,9 @@ class LLM:
         # A reasoning model's forced call comes after its thought: the processor forces it.
         in_prompt = "" if tags is not None else forced
         constraint = None
-        if not use_tools:
+        if answer_constraint is not None:
+            constraint = answer_constraint
+        elif not use_tools:
             constraint = NoToolCalls.for_tokenizer(tok, self.config.vocab_size)
         elif wants_constraint(use_tools, tool_choice, strict_tools):
             constraint = tool_call_constraint(tok, use_tools, in_prompt, self.config.vocab_size,

@@ -430,6 +430,20 @@ def test_after_reasoning_delegates_to_the_inner_processor():
     assert q.phase == "start" and q.inner.seen == [] and q.budget == 2
 
 
+def test_an_answer_constraint_applies_after_the_thought(llm, chat_checkpoint):
+    """What structured output plugs in: a processor for the answer, wrapped for a thinking model only."""
+
+    class Grammar:
+        def fresh(self):
+            return Grammar()
+
+    plan = llm.chat_plan(USER, answer_constraint=Grammar())
+    assert isinstance(plan.constraint, AfterReasoning) and isinstance(plan.constraint.inner, Grammar)
+    assert plan.reasoning and not plan.started
+    plain = lfm2.load(chat_checkpoint).chat_plan(USER, answer_constraint=Grammar())
+    assert isinstance(plain.constraint, Grammar) and not plain.reasoning
+
+
 # -- LFM2.5 checkpoints: configs, real templates --------------------------------------------------------
 
 
@@ -612,6 +626,12 @@ def test_cli_chat_labels_or_hides_the_thought(monkeypatch, capsys, llm):
     budget = 3 * len(llm.tokenizer.encode(" hmm"))  # three of them
     capped = _chat_cli(monkeypatch, capsys, llm, thinker(thought=" hmm"), "--max-reasoning-tokens", str(budget))
     assert "Thinking: hmm hmm hmm\nThe answer is 4.\n" in capped
+    from lfm2 import cli
+
+    for flags, want in [((), "Thinking: Two and two.\nIt is 4.\n"), (("--hide-reasoning",), "It is 4.\n")]:
+        with Scripted(llm, reply(text)):
+            cli.main(["generate", "--chat", "--temperature", "0", *flags, "What is 2 + 2?"])
+        assert capsys.readouterr().out == want
 
 
 def test_cli_rejects_a_bad_budget(chat_checkpoint):
