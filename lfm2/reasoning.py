@@ -347,6 +347,8 @@ class AfterReasoning:
     `budget` (max_reasoning_tokens): once the block holds that many tokens, `</think>` is forced
     and the model answers. Nothing else is forced: whatever the model writes after `</think>` (its
     usual blank line) is its own, and the reply's parser drops that whitespace from the content.
+    `inner` sees the answer from the token after `</think>` on, that whitespace included, so a
+    grammar should allow leading whitespace (JSON grammars do).
     `started`: the prompt opened the block, so the reply starts in "reasoning".
     `forced`: token ids the answer must begin with (tool_choice's `<|tool_call_start|>[name(`):
     for a thinking model they cannot go in the prompt, which would skip the thought, so they are
@@ -355,7 +357,9 @@ class AfterReasoning:
     the model's own tokens, so `inner` must start from the state before them.
 
     The markers are recognised as the vocabulary's tokens (`ThinkTags`), which a model trained
-    on them writes; a `</think>` spelled in several ordinary tokens is text to this processor.
+    on them writes; a `</think>` spelled in several ordinary tokens is text to this processor. A
+    second block right after the first (which the text parsers join to the thought, as llama.cpp
+    does) is answer to this processor: `inner` applies to it and the budget does not count it.
     """
 
     def __init__(self, inner: Any, tags: ThinkTags, size: int, budget: int | None = None,
