@@ -3,6 +3,7 @@
     lfm2 generate --model M "prompt"      stream a completion to stdout
     lfm2 chat --model M                   interactive multi-turn chat (/reset, /system, /exit)
     lfm2 chat --tools tools.json          ... offering tools: you type each call's result
+    lfm2 chat --max-reasoning-tokens 256  ... a reasoning model's thought (shown dimmed) capped
     lfm2 train --config run.json          train or fine-tune (resumable), see lfm2/train/trainer.py
     lfm2 convert SRC --to gguf|hf -o OUT  convert between Hugging Face checkpoints and GGUF files
     lfm2 serve --model M --port 8000      OpenAI-compatible HTTP server, concurrent requests batched
@@ -103,6 +104,74 @@ def _output_format(args: argparse.Namespace) -> dict[str, Any]:
     if args.choice:
         return {"choice": structured.choice(args.choice, param="--choice")}
     return {}
+def _add_reasoning_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reasoning models (a <think> block before the answer)")
+    g.add_argument("--max-reasoning-tokens", type=int, default=None, metavar="N",
+                   help="close the thinking block after N tokens so that the model answers")
+    g.add_argument("--hide-reasoning", action="store_true",
+                   help="do not print the thought (it is shown dimmed on a terminal, after 'Thinking:' elsewhere)")
+
+
+class _ReplyPrinter:
+    """Prints a streamed chat reply (`LLM.chat_stream`'s deltas): the thought first, set apart from
+    the answer (dimmed on a terminal; elsewhere, where escape codes would be noise, on a line that
+    starts with "Thinking:"), or hidden; then the answer and each tool call on a line of its own."""
+
+    DIM, RESET, ERASE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"
+
+    def __init__(self, out: Any, hide_reasoning: bool = False) -> None:
+        self.out, self.hide = out, hide_reasoning
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.thinking = False  # the thought (or, hidden, its placeholder) is on screen, not yet closed
+        self.open_line = False  # answer text printed since the last newline
+        self.printed = False  # anything printed for this reply
+
+    def delta(self, delta: dict[str, Any]) -> None:
+        if delta.get("reasoning_content"):
+            if not self.thinking:
+                if self.hide:
+                    self._write(self.DIM + "[thinking...]" + self.RESET if self.tty else "")
+                else:
+                    self._write(self.DIM if self.tty else "Thinking: ")
+                self.thinking = True
+            if not self.hide:
+                self._write(delta["reasoning_content"])
+            return
+        self.close_thought()
+        if delta.get("content"):
+            self._write(delta["content"])
+            self.open_line = True
+        for call in delta.get("tool_calls") or ():
+            if self.open_line:
+                self._write("\n")
+            self._write(_format_call(call) + "\n")
+            self.open_line = False
+
+    def close_thought(self) -> None:
+        """End the thought's display (before the answer, or when the reply ends inside it)."""
+        if not self.thinking:
+            return
+        self.thinking = False
+        if self.hide:
+            self._write(self.ERASE if self.tty else "")
+        else:
+            self._write((self.RESET if self.tty else "") + "\n")
+
+    def end(self, interrupted: bool = False) -> None:
+        """The reply is over: close what is open, ending on a new line."""
+        was_hidden = self.thinking and self.hide
+        self.close_thought()
+        if interrupted:
+            self._write(" [interrupted]\n")
+        elif self.open_line or not self.printed or was_hidden:
+            self._write("\n")
+        self.open_line = False
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.printed = True
 
 
 def _load_tools(path: str | None, strict: bool = False) -> list[dict[str, Any]] | None:
@@ -137,7 +206,7 @@ def _format_call(call: dict[str, Any]) -> str:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "seed", "max_new_tokens", "stop")
+             "frequency_penalty", "seed", "max_new_tokens", "stop", "max_reasoning_tokens")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -166,6 +235,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (benchmarks)")
     _add_tool_args(g)
     _add_format_args(g)
+    _add_reasoning_args(g)
 
 
 def _add_chat(sub) -> None:
@@ -174,6 +244,7 @@ def _add_chat(sub) -> None:
     _add_sampling_args(c)
     _add_tool_args(c)
     _add_format_args(c)
+    _add_reasoning_args(c)
     c.add_argument("--system", default=None, help="system prompt")
 
 
@@ -274,22 +345,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
     output = _output_format(args)
     if output and args.ignore_eos:
         raise LFM2Error("--ignore-eos cannot go with a structured-output flag: the reply ends where its format does")
+    if args.max_reasoning_tokens is not None and not args.chat:
+        raise LFM2Error("--max-reasoning-tokens needs --chat (the thinking block is part of a chat reply)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     quantize=args.quantize, compile=args.compile)
     sampling = {**_sampling(args), **output}
     if args.chat:
-        deltas = llm.chat_stream([{"role": "user", "content": prompt}], tools=tools,
-                                 strict_tools=args.strict_tools or None, **sampling)
-        pieces = (d.get("content") or "\n".join(map(_format_call, d["tool_calls"])) for d in deltas)
+        printer = _ReplyPrinter(sys.stdout, args.hide_reasoning)
+        interrupted = True
+        try:
+            for delta in llm.chat_stream([{"role": "user", "content": prompt}], tools=tools,
+                                         strict_tools=args.strict_tools or None, **sampling):
+                printer.delta(delta)
+            interrupted = False
+        finally:  # also on Ctrl-C: the colours are reset and the shell's prompt starts on a line of its own
+            printer.end()
+            if interrupted:
+                sys.stdout.write("\n")
     else:
-        pieces = llm.stream(prompt, ignore_eos=args.ignore_eos, **sampling)
-    try:
-        for piece in pieces:
-            sys.stdout.write(piece)
+        try:
+            for piece in llm.stream(prompt, ignore_eos=args.ignore_eos, **sampling):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:  # also on Ctrl-C: the shell's prompt starts on a line of its own
+            sys.stdout.write("\n")
             sys.stdout.flush()
-    finally:  # also on Ctrl-C: the shell's prompt starts on a line of its own
-        sys.stdout.write("\n")
-        sys.stdout.flush()
     if args.verbose:
         _print_stats(llm)
 
@@ -336,28 +416,32 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": text})
         while True:  # until the model answers without calling a tool
             messages = ([{"role": "system", "content": system}] if system else []) + history
-            reply, calls = "", []
+            reply, thought, calls = "", "", []
+            printer = _ReplyPrinter(sys.stdout, args.hide_reasoning)
             try:
                 for delta in llm.chat_stream(messages, tools=tools, strict_tools=args.strict_tools or None,
                                              **sampling):
-                    piece = delta.get("content", "")
-                    reply += piece
+                    reply += delta.get("content", "")
+                    thought += delta.get("reasoning_content", "")
                     calls += delta.get("tool_calls", [])
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                    printer.delta(delta)
+                printer.end()
             except KeyboardInterrupt:
-                sys.stdout.write(" [interrupted]")
+                printer.end(interrupted=True)
                 calls = []
-            if reply or not calls:  # a reply that is only a call is shown as the call below
-                sys.stdout.write("\n")
-            history.append({"role": "assistant", "content": reply, **({"tool_calls": calls} if calls else {})})
+            # The thought goes back with the reply: the chat template decides whether to keep it.
+            turn: dict[str, Any] = {"role": "assistant", "content": reply}
+            if thought:
+                turn["reasoning_content"] = thought
+            if calls:
+                turn["tool_calls"] = calls
+            history.append(turn)
             if args.verbose:
                 _print_stats(llm)
             if not calls:
                 break
             try:
                 for call in calls:
-                    print(_format_call(call))
                     result = input(f"[result of {call['function']['name']}]> ")
                     history.append({"role": "tool", "tool_call_id": call.get("id"), "content": result})
             except EOFError:

@@ -39,6 +39,9 @@ The engine knows tokens only. Text, templates and tools live in the chat layer (
     look_ahead_room() -> cache slots its look-ahead needs (0: it needs none now);
     look_ahead(model, cache, logits, processors, params, generators): a static method run, for the
     rows whose room is > 0, before their token is sampled (tool-name choice in `lfm2.constrain`);
+    each kind of processor gets its own rows (`run_look_ahead`). A wrapper such as
+    `lfm2.reasoning.AfterReasoning` (a constraint applied to the answer only, after the thought)
+    follows the same protocol and delegates to the processor it wraps.
     prepare() (optional): start computing the next mask, called just before the decode step's
     forward pass so the two overlap (grammars in `lfm2.structured`).
 Callbacks run in the engine's thread and must be quick. `submit` raises `SchedulerBusy` when the
@@ -519,12 +522,8 @@ class Engine:
 
     def _look_ahead(self, logits: torch.Tensor, rows: list[_Row], cache: Cache) -> None:
         """Let the processors that want to look ahead (tool names chosen whole) do so."""
-        procs = [row.request.constraint for row in rows]
-        ahead = [p if p is not None and p.look_ahead_room() > 0 else None for p in procs]
-        first = next((p for p in ahead if p is not None), None)
-        if first is not None:
-            first.look_ahead(self.model, cache, logits, ahead, [row.request.params for row in rows],
-                             [row.generator for row in rows])
+        run_look_ahead(self.model, cache, logits, [row.request.constraint for row in rows],
+                       [row.request.params for row in rows], [row.generator for row in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
         """One token per row of `logits` (n, V), each row with its own parameters.
@@ -640,6 +639,22 @@ class Engine:
             request.on_finish(result)
         except Exception:
             log.exception("on_finish failed")
+
+
+def run_look_ahead(model: Lfm2ForCausalLM, cache: Cache, logits: torch.Tensor, processors: Sequence[Any],
+                   params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> None:
+    """Run the look-ahead of every row whose processor wants one now (`look_ahead_room() > 0`).
+
+    Each kind of processor's static `look_ahead` gets the rows of its own kind (the others None),
+    so rows with different processors (a wrapper such as `lfm2.reasoning.AfterReasoning` beside a
+    bare tool-call constraint) share a batch.
+    """
+    groups: dict[Any, list[Any]] = {}
+    for i, p in enumerate(processors):
+        if p is not None and p.look_ahead_room() > 0:
+            groups.setdefault(type(p).look_ahead, [None] * len(processors))[i] = p
+    for look_ahead, rows in groups.items():
+        look_ahead(model, cache, logits, rows, params, generators)
 
 
 def _apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,42 @@ from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.prefix_cache import PrefixCache
+from lfm2.reasoning import AfterReasoning, ReplyParser, check_budget, parse_reply, prompt_opens_thinking, reasoning_tags
 from lfm2.sampling import SamplingParams, choice_params
 from lfm2.structured import OutputFormat
 from lfm2.weights import load_into, move_to_huge_pages, resolve_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@dataclass
+class ChatPlan:
+    """One chat request, ready for the engine and for reading its replies back.
+
+    `ids`: the prompt. `forced`: text put in the model's mouth to honour `tool_choice`, already at
+    the end of `ids` (empty for a reasoning model, whose forced call comes after its thought: see
+    `lfm2.reasoning.AfterReasoning`). `tools`: those offered (None: none, or `tool_choice` "none";
+    replies are then plain text). `constraint`: the logits processor of each reply (call `fresh()`
+    per reply), or None. `reasoning`: whether replies are split into thought and answer
+    (`lfm2.reasoning.reasoning_tags`); `started`: the prompt ends inside the thinking block.
+    """
+
+    ids: list[int]
+    forced: str
+    tools: list | None
+    constraint: Any
+    reasoning: bool = False
+    started: bool = False
+
+    def parser(self) -> ReplyParser:
+        """A fresh streaming parser for one reply (`lfm2.reasoning.ReplyParser`, `forced` already fed):
+        feed it the generated text; it yields ("reasoning" | "content" | "tool_calls", value) events."""
+        return ReplyParser(self.tools, self.reasoning, self.started, prefix=self.forced)
+
+    def parse(self, text: str) -> tuple[str | None, str, list[dict[str, Any]]]:
+        """(reasoning, content, tool_calls) of one whole reply; `text` is what the model generated."""
+        return parse_reply(self.forced + text, self.tools, self.reasoning, self.started)
+
 
 @dataclass
 class LLM:
@@ -113,6 +144,8 @@ class LLM:
         run_tools: bool = False,
         max_rounds: int = 5,
         strict_tools: bool | None = None,
+        reasoning: bool | None = None,
+        max_reasoning_tokens: int | None = None,
         **sampling: Any,
     ) -> dict[str, Any]:
         """The assistant's reply to a conversation, as an OpenAI-style message dict.
@@ -127,9 +160,18 @@ class LLM:
         `strict_tools` constrains the tokens of tool calls to the offered tools' schemas (see
         `lfm2.constrain`): True always, False never; None (default) when `tool_choice` forces a
         call or a tool asks for it with OpenAI's `"strict": true`.
+
+        Reasoning models (`lfm2.reasoning`): the reply's thinking block comes back in
+        `reasoning_content` (absent when there is none) and `content` holds the answer alone; tool
+        calls are read from the answer only. `reasoning`: None decides from the model, False keeps
+        the block in `content` as text, True splits whenever the vocabulary has the markers.
+        `max_reasoning_tokens` closes the block after that many tokens so the model answers.
+        An assistant message passed back with `reasoning_content` is rendered as the chat template
+        decides (most keep the thought of the turns after the last user message only).
         """
+        options = (strict_tools, reasoning, max_reasoning_tokens)
         if not run_tools:
-            return self._chat_once(messages, tools, tool_choice, sampling, strict_tools)
+            return self._chat_once(messages, tools, tool_choice, sampling, *options)
         if sampling.get("n", 1) != 1:
             raise GenerationError("run_tools=True follows one reply: n must be 1")
         from lfm2.tools import run_tool_calls
@@ -141,7 +183,7 @@ class LLM:
         if max_rounds < 1:
             raise GenerationError(f"max_rounds={max_rounds} must be at least 1")
         for round_ in range(max_rounds):
-            reply = self._chat_once(convo, tools, tool_choice, sampling, strict_tools)
+            reply = self._chat_once(convo, tools, tool_choice, sampling, *options)
             convo.append(reply)
             if not reply.get("tool_calls") or round_ == max_rounds - 1:
                 return reply  # a final answer, or out of rounds: the last calls are left to the caller
@@ -156,50 +198,44 @@ class LLM:
         tools: Sequence[dict | Callable] | None = None,
         tool_choice: str | dict | None = None,
         strict_tools: bool | None = None,
+        reasoning: bool | None = None,
+        max_reasoning_tokens: int | None = None,
         **sampling: Any,
     ) -> Iterator[dict[str, Any]]:
-        """Stream the assistant's reply as OpenAI-style deltas: `{"content": str}` pieces as they
-        come, and `{"tool_calls": [...]}` once a call block closes (text inside it is never shown)."""
-        from lfm2.tools import ToolCallStreamParser
-
+        """Stream the assistant's reply as OpenAI-style deltas: `{"reasoning_content": str}` pieces of
+        a reasoning model's thought first, then `{"content": str}` pieces of the answer as they come,
+        and `{"tool_calls": [...]}` once a call block closes (text inside it is never shown).
+        `reasoning` and `max_reasoning_tokens` as in `chat`."""
         sampling = dict(sampling)
         fmt = output_format(sampling)
-        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools, fmt)
+        plan = self.chat_plan(messages, tools, tool_choice, strict_tools, reasoning, max_reasoning_tokens, output=fmt)
         if sampling.get("n", 1) != 1:
             raise GenerationError("chat_stream streams one reply: n must be 1")
-        turns = [self.turn_ends(ids)]
-        if tools is None:  # no tools offered: the reply is plain content
-            for _, piece in self._stream([ids], sampling, [constraint], turns):
-                yield {"content": piece}
-            return
-        parser = ToolCallStreamParser(tools)
-        for kind, value in parser.feed(forced):
-            yield {kind: value}
-        for _, piece in self._stream([ids], sampling, [constraint], turns):
+        parser = plan.parser()
+        for _, piece in self._stream([plan.ids], sampling, [plan.constraint], [self.turn_ends(plan.ids)]):
             for kind, value in parser.feed(piece):
-                yield {kind: value}
+                yield {_DELTA_KEYS[kind]: value}
         for kind, value in parser.finish():
-            yield {kind: value}
+            yield {_DELTA_KEYS[kind]: value}
 
-    def _chat_once(self, messages, tools, tool_choice, sampling, strict_tools=None) -> dict | list[dict]:
-        from lfm2.tools import parse_tool_calls
-
+    def _chat_once(self, messages, tools, tool_choice, sampling, strict_tools=None, reasoning=None,
+                   max_reasoning_tokens=None) -> dict | list[dict]:
         sampling = dict(sampling)
         n = _check_n(sampling.pop("n", 1))
         fmt = output_format(sampling)
-        ids, forced, tools, constraint = self.chat_prompt(messages, tools, tool_choice, strict_tools, fmt)
-        constraints = [constraint if constraint is None else constraint.fresh() for _ in range(n)]
-        texts = [forced] * n
-        for row, piece in self._stream([ids] * n, sampling, constraints, [self.turn_ends(ids)] * n, n):
+        plan = self.chat_plan(messages, tools, tool_choice, strict_tools, reasoning, max_reasoning_tokens, output=fmt)
+        constraints = [None if plan.constraint is None else plan.constraint.fresh() for _ in range(n)]
+        texts = [""] * n
+        for row, piece in self._stream([plan.ids] * n, sampling, constraints, [self.turn_ends(plan.ids)] * n, n):
             texts[row] += piece
         replies = []
         for row, text in enumerate(texts):
-            reply: dict[str, Any] = {"role": "assistant", "content": text}
-            if tools is not None:
-                content, calls = parse_tool_calls(text, tools)
-                reply["content"] = content
-                if calls:
-                    reply["tool_calls"] = calls
+            thought, content, calls = plan.parse(text)
+            reply: dict[str, Any] = {"role": "assistant", "content": content}
+            if thought is not None:
+                reply["reasoning_content"] = thought
+            if calls:
+                reply["tool_calls"] = calls
             if self.last_logprobs:
                 reply["logprobs"] = {"content": self.last_logprobs[row]}
             replies.append(reply)
@@ -223,19 +259,33 @@ class LLM:
 
     def chat_prompt(self, messages, tools, tool_choice, strict_tools=None,
                     output: OutputFormat | None = None) -> tuple[list[int], str, list | None, Any]:
-        """Prompt ids, the text we put in the model's mouth to honour `tool_choice`, the tools
-        actually offered (None when there are none, or `tool_choice` is "none"), and the reply's
-        constraint: None when nothing is constrained, and `NoToolCalls` (the call markers masked)
-        when no tools are offered, since a call to nothing is text the user would see.
+        """`chat_plan`'s first four fields: prompt ids, forced text, tools offered, constraint."""
+        plan = self.chat_plan(messages, tools, tool_choice, strict_tools, output=output)
+        return plan.ids, plan.forced, plan.tools, plan.constraint
 
-        `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
-        named function starts it with `<|tool_call_start|>[name(`, so the model must call it.
+    def chat_plan(self, messages, tools=None, tool_choice=None, strict_tools=None, reasoning=None,
+                  max_reasoning_tokens=None, answer_constraint=None, output: OutputFormat | None = None) -> ChatPlan:
+        """Everything one chat request needs (`ChatPlan`): the prompt ids, the text we put in the
+        model's mouth to honour `tool_choice`, the tools actually offered (None when there are none,
+        or `tool_choice` is "none"), the reply's logits processor, and how to read replies back.
 
-        `output` (structured output) holds the reply to a format: the whole reply when no tools
-        are offered; with tools and `tool_choice` "auto", the reply is the format or strict tool
-        calls (the model still chooses); a reply forced into a call is the call. Strict calls to
+        The processor is None when nothing is constrained, the tool-call constraint when calls are
+        constrained, and `NoToolCalls` (the call markers masked) when no tools are offered, since a
+        call to nothing is text the user would see. `answer_constraint` (a logits processor of the
+        engine's protocol, e.g. a grammar for structured output) replaces all of these. For a
+        reasoning model the processor is wrapped in `AfterReasoning`, so that it applies to the
+        answer only and `max_reasoning_tokens` holds.
+
+        `output` (structured output) holds the answer to a format: the whole answer when no tools
+        are offered; with tools and `tool_choice` "auto", the answer is the format or strict tool
+        calls (the model still chooses); an answer forced into a call is the call. Strict calls to
         tools whose parameters say more than a type (ranges, patterns, nested objects...) are held
         to their full schemas by the grammar engine (`lfm2.structured.calls_constraint`).
+
+        `"none"` leaves the tools out; `"required"` starts the reply with the call marker; a
+        named function starts it with `<|tool_call_start|>[name(`, so the model must call it. A
+        reasoning model thinks first: the call is forced after its thought (or at once where it
+        does not open a thinking block), not in the prompt.
         """
         from lfm2.tools import render_chat
 
@@ -251,25 +301,37 @@ class LLM:
             if not tools:
                 raise GenerationError(f"tool_choice={tool_choice!r} needs tools")
         use_tools = tools if tools and tool_choice != "none" else None
+        tags = reasoning_tags(tok, reasoning)
+        budget = check_budget(max_reasoning_tokens, tags)
         prompt = render_chat(tok, list(messages), use_tools, add_generation_prompt=True)
         forced = ""
         if tool_choice == "required":
             forced = "<|tool_call_start|>["
         elif isinstance(tool_choice, dict):
             forced = f"<|tool_call_start|>[{tool_choice['function']['name']}("
+        # A reasoning model's forced call comes after its thought: the processor forces it.
+        in_prompt = "" if tags is not None else forced
         constraint, size, stops = None, self.config.vocab_size, sorted(tok.stop_ids)
+        lead = tags is not None  # the blank line a thought ends with reaches the answer's grammar
         strict = bool(use_tools) and wants_constraint(use_tools, tool_choice, strict_tools)
-        if use_tools and (output is not None or (strict and structured.needs_full_schemas(use_tools))):
-            # full argument schemas (and the reply's format) need the grammar engine's calls
-            constraint = structured.calls_constraint(output, use_tools, tok, size, stops, forced,
-                                                     self.whole_tool_names)
+        if answer_constraint is not None:
+            constraint = answer_constraint
+        elif use_tools and (output is not None or (strict and structured.needs_full_schemas(use_tools))):
+            # full argument schemas (and the answer's format) need the grammar engine's calls
+            constraint = structured.calls_constraint(output, use_tools, tok, size, stops, in_prompt,
+                                                     self.whole_tool_names, must_call=bool(forced), lead_space=lead)
         elif output is not None:
-            constraint = structured.constraint(output, tok, size, stops)
+            constraint = structured.constraint(output, tok, size, stops, lead_space=lead)
         elif not use_tools:
             constraint = NoToolCalls.for_tokenizer(tok, size)
         elif strict:
-            constraint = tool_call_constraint(tok, use_tools, forced, size, self.whole_tool_names)
-        return tok.encode(prompt + forced, add_special_tokens=False), forced, use_tools, constraint
+            constraint = tool_call_constraint(tok, use_tools, in_prompt, size, self.whole_tool_names)
+        started = tags is not None and prompt_opens_thinking(prompt)
+        if tags is not None and (constraint is not None or budget is not None or forced):
+            after = tok.encode(forced, add_special_tokens=False) if forced else ()
+            constraint = AfterReasoning(constraint, tags, self.config.vocab_size, budget, started, after)
+        ids = tok.encode(prompt + in_prompt, add_special_tokens=False)
+        return ChatPlan(ids, in_prompt, use_tools, constraint, tags is not None, started)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -356,6 +418,9 @@ def output_format(sampling: dict[str, Any]) -> OutputFormat | None:
     if key == "choice":
         return structured.choice(value)
     return structured.response_format(value)
+
+
+_DELTA_KEYS = {"reasoning": "reasoning_content", "content": "content", "tool_calls": "tool_calls"}
 
 
 def _check_n(n: Any) -> int:
@@ -470,4 +535,4 @@ def _load_tokenizer(ckpt: Path) -> object | None:
     return Tokenizer.from_dir(ckpt)
 
 
-__all__ = ["LLM", "load", "parse_device", "parse_dtype", "CheckpointError"]
+__all__ = ["LLM", "ChatPlan", "load", "parse_device", "parse_dtype", "CheckpointError"]

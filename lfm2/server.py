@@ -13,9 +13,10 @@ loop, and submits one `engine.Request` per choice to the `Engine`, which decodes
 client's rows together in its own thread. The request's callbacks run in that thread: `on_token`
 pushes the token through a `TextStream` (incremental detokenizer + stop strings, which ends the
 request when a stop string appears) and hands the text to the event loop with
-`loop.call_soon_threadsafe`; the handler turns it into deltas, with tool calls parsed out by
-`ToolCallStreamParser` as they close. A client that goes away is noticed by a watcher on the
-ASGI `receive` channel, which cancels its requests, so its row is free at the next decode step.
+`loop.call_soon_threadsafe`; the handler turns it into deltas, with a reasoning model's thought
+split off and tool calls parsed out as they close (`lfm2.reasoning.ReplyParser`). A client that
+goes away is noticed by a watcher on the ASGI `receive` channel, which cancels its requests, so
+its row is free at the next decode step.
 
 The engine keeps the state after each chat turn, prompt and reply in `llm.prefix_cache`
 (`--prefix-cache-bytes`, least recently used dropped first): a conversation's next turn, or a
@@ -38,9 +39,16 @@ asks its user for the key) and the API's description (`/openapi.json`, `/docs`, 
 hold nothing private. Keys are compared in constant time.
 
 Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `min_p`, `repetition_penalty`
-and `ignore_eos`. Unset sampling fields take the checkpoint's defaults (generation_config.json,
-else the LFM2 model card), not OpenAI's; an unset `max_tokens` is the rest of the context for
-chat completions and 16 for completions, as in OpenAI's API.
+and `ignore_eos`. Reasoning models (`lfm2.reasoning`): the reply's thinking block comes back in
+`message.reasoning_content` and streams as `delta.reasoning_content` (vLLM's and llama.cpp's
+field), `max_reasoning_tokens` closes it after that many tokens, `reasoning_format: "none"` (as
+llama.cpp names it) leaves it in the content, and an assistant message sent back with
+`reasoning_content` (or `reasoning`) reaches the chat template, which decides whether to keep it.
+Logprobs cover every generated token, the thought's included, in order; streamed, each rides on
+the first delta that shows its text, whether thought or answer. Unset sampling fields take the
+checkpoint's defaults (generation_config.json, else the LFM2 model card), not OpenAI's; an unset
+`max_tokens` is the rest of the context for chat completions and 16 for completions, as in
+OpenAI's API.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at definition
@@ -70,10 +78,10 @@ from lfm2 import structured
 from lfm2.engine import MAX_LOGPROBS, Engine, Request, Result, TokenLogprob
 from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
 from lfm2.generate import TextStream, logprob_entries, token_text
+from lfm2.llm import ChatPlan
 from lfm2.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from lfm2.sampling import SamplingParams, choice_params
 from lfm2.structured import StructuredOutputError
-from lfm2.tools import ToolCallStreamParser, parse_tool_calls
 
 log = logging.getLogger("lfm2.server")
 
@@ -155,6 +163,8 @@ class AssistantMessage(_Message):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = Field(None, description="the reply's thought, for the chat template")
+    reasoning: str | None = Field(None, description="reasoning_content's other name (vLLM's newer one)")
 
 
 # One model per role, told apart by `role`, so that the schema states what each role needs.
@@ -246,6 +256,12 @@ class ChatCompletionRequest(_GenerationBody):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
+    # Reasoning models (lfm2.reasoning).
+    max_reasoning_tokens: int | None = Field(None, ge=1, description="the most tokens the thinking block may "
+                                             "have; then it is closed and the model answers")
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = Field(
+        None, description="'none': keep the thinking block in the content (llama.cpp's name); else it is split "
+        "off into reasoning_content")
 
 
 class CompletionRequest(_GenerationBody):
@@ -295,6 +311,7 @@ class ToolCallOut(BaseModel):
 class AssistantReply(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = Field(None, description="a reasoning model's thought; absent when none")
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -343,6 +360,7 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
@@ -743,10 +761,10 @@ class _Server:
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest, max_tokens: int | None,
-                    output: structured.OutputFormat | None = None) -> tuple[list[int], str, list[dict] | None, Any]:
-        """Prompt ids, forced reply prefix, the tools the reply is parsed against (None: plain text),
-        and the constraint on its tool calls (None: unconstrained; see `LLM.chat`'s `strict_tools`).
+    def chat_plan(self, body: ChatCompletionRequest, max_tokens: int | None,
+                  output: structured.OutputFormat | None = None) -> ChatPlan:
+        """The request's `lfm2.llm.ChatPlan`: prompt ids, forced reply prefix, the tools the reply is
+        parsed against (None: plain text), its logits processor, and how to split its thought off.
 
         Slow for long prompts (template, tokenizer): the handler runs it in a worker thread.
         """
@@ -766,11 +784,15 @@ class _Server:
             choice = choice.model_dump()
         if choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice", code="invalid_value")
+        reasoning = False if body.reasoning_format == "none" else None
         try:
-            return self.llm.chat_prompt(messages, tools, choice, output=output)
+            return self.llm.chat_plan(messages, tools, choice, reasoning=reasoning,
+                                      max_reasoning_tokens=body.max_reasoning_tokens, output=output)
         except StructuredOutputError as exc:
             raise _format_error(exc) from exc
         except LFM2Error as exc:
+            if "max_reasoning_tokens" in str(exc):
+                raise APIError(400, str(exc), param="max_reasoning_tokens", code="invalid_value") from exc
             raise APIError(400, f"could not build the prompt: {exc}", param="messages", code="invalid_value") from exc
 
     def completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -873,6 +895,10 @@ def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
         out["tool_call_id"] = message.tool_call_id
     if message.name is not None:
         out["name"] = message.name
+    if isinstance(message, AssistantMessage):
+        thought = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+        if thought is not None:
+            out["reasoning_content"] = thought
     return out
 
 
@@ -1201,10 +1227,11 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         server.check_max_tokens(wanted, max_param)
         output = server.output_format(body)
-        ids, forced, tools, constraint = await asyncio.to_thread(server.chat_prompt, body, wanted, output)
+        plan = await asyncio.to_thread(server.chat_plan, body, wanted, output)
+        ids = plan.ids
         budget = server.token_budget(len(ids), wanted, max_param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs, events = server.submit([ids] * n, params, [budget] * n, stop, body.ignore_eos, constraint,
+        jobs, events = server.submit([ids] * n, params, [budget] * n, stop, body.ignore_eos, plan.constraint,
                                      logprobs=logprobs, checkpoints=llm.turn_ends(ids), n=n)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -1227,7 +1254,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
 
         if not body.stream:
             try:
-                texts, lps = await _gather(events, jobs, [forced] * n)
+                texts, lps = await _gather(events, jobs, [""] * n)
             finally:
                 watcher.cancel()
                 server.cancel(jobs)
@@ -1237,12 +1264,12 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                 _raise_if_failed(result)
             choices = []
             for i, (text, result) in enumerate(zip(texts, results, strict=True)):
-                content, calls = text, []
-                if tools is not None:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # an unparsable block stays in the content, as documented
-                        content, calls = parse_tool_calls(content, tools)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # an unparsable block stays in the content, as documented
+                    thought, content, calls = plan.parse(text)
                 message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+                if thought is not None:
+                    message["reasoning_content"] = thought
                 if calls:
                     message["tool_calls"] = calls
                 choices.append({"index": i, "message": message, "logprobs": choice_logprobs(lps[i]),
@@ -1251,7 +1278,9 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                     "system_fingerprint": None, "choices": choices, "usage": _usage(results, n)}
 
         async def stream() -> AsyncIterator[str]:
-            parsers = [ToolCallStreamParser(tools) if tools is not None else None for _ in range(n)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parsers = [plan.parser() for _ in range(n)]
             n_calls = [0] * n
             held: list[list[TokenLogprob]] = [[] for _ in range(n)]  # logprobs of tokens not shown yet
 
@@ -1260,6 +1289,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                 for kind, value in kind_values:
                     if kind == "content":
                         out.append({"content": value})
+                    elif kind == "reasoning":
+                        out.append({"reasoning_content": value})
                     else:
                         calls = []
                         for call in value:
@@ -1269,8 +1300,6 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                 return out
 
             def feed(i: int, piece: str) -> list[dict]:
-                if parsers[i] is None:
-                    return [{"content": piece}] if piece else []
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     return deltas(i, parsers[i].feed(piece))
@@ -1284,8 +1313,6 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
             try:
                 for i in range(n):
                     yield _sse(chunk(i, {"role": "assistant", "content": ""}, lps=None))
-                    for line in send(i, feed(i, forced)):
-                        yield line
                 while any(job.result is None for job in jobs):
                     kind, i, value = await events.get()
                     if kind == "text":
@@ -1297,11 +1324,10 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
                     if value.finish_reason in ("error", "cancelled"):
                         failed = value
                         break
-                    if parsers[i] is not None:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            for line in send(i, deltas(i, parsers[i].finish())):
-                                yield line
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        for line in send(i, deltas(i, parsers[i].finish())):
+                            yield line
                     rest, held[i] = held[i], []
                     yield _sse(chunk(i, {}, finish_reason(value, n_calls[i] > 0), lps=rest if rest else None))
                 if failed is not None:

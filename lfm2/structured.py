@@ -232,19 +232,23 @@ def _value_rule(spec: Mapping[str, Any], shared: Mapping[str, Any]) -> str:
     return " | ".join(alternatives)
 
 
-def reply_grammar(fmt: OutputFormat | None, tools: Sequence[Mapping[str, Any]] | None, forced: bool = False) -> str:
+def reply_grammar(fmt: OutputFormat | None, tools: Sequence[Mapping[str, Any]] | None, forced: bool = False,
+                  lead_space: bool = False) -> str:
     """Grammar text for a whole chat reply: `fmt` alone (no tools); with tools, `fmt` or strict
     calls followed by any text (the model still chooses; a reply forced into a call is the call);
-    tools without a format: text with strict call blocks anywhere in it."""
+    tools without a format: text with strict call blocks anywhere in it. `lead_space`: a few
+    blank characters may come first (the line break a reasoning model writes after its thought)."""
+    lead = "LEAD " if lead_space else ""
+    rules = "LEAD: /[ \\t\\n]{0,4}/\n" if lead_space else ""
     if not tools:
         if fmt is None:
             raise ValueError("a reply grammar needs a format or tools")
-        return fmt.grammar
-    rules = tool_calls_rules(tools) + "TEXT: /(?s:.*)/\n"
+        return lark_grammar(f"start: {lead}answer\nanswer: {fmt.lark}\n" + rules)
+    rules += tool_calls_rules(tools) + "TEXT: /(?s:.*)/\n"
     if forced or fmt is None:
-        start = "start: calls TEXT\n" if forced else "start: TEXT (calls TEXT)*\n"
+        start = f"start: {lead}calls TEXT\n" if forced else "start: TEXT (calls TEXT)*\n"
     else:
-        start = f"start: answer | calls TEXT\nanswer: {fmt.lark}\n"
+        start = f"start: {lead}(answer | calls TEXT)\nanswer: {fmt.lark}\n"
     return lark_grammar(start + rules)
 
 
@@ -283,9 +287,11 @@ def check(grammar: str, lltok: Any, param: str = "response_format") -> None:
     raise StructuredOutputError(f"{param}: cannot build a grammar from it: {first}", param)
 
 
-def constraint(fmt: OutputFormat, tokenizer: Any, size: int, stop_ids: Sequence[int]) -> GrammarConstraint:
-    """A checked, fresh `GrammarConstraint` for one generation held to `fmt`."""
-    grammar = fmt.grammar
+def constraint(fmt: OutputFormat, tokenizer: Any, size: int, stop_ids: Sequence[int],
+               lead_space: bool = False) -> GrammarConstraint:
+    """A checked, fresh `GrammarConstraint` for one generation held to `fmt` (`lead_space`: see
+    `reply_grammar`)."""
+    grammar = reply_grammar(fmt, None, lead_space=True) if lead_space else fmt.grammar
     lltok = grammar_tokenizer(tokenizer, size, stop_ids)
     check(grammar, lltok, fmt.param)
     return GrammarConstraint(grammar, lltok, size)
@@ -432,16 +438,19 @@ class CallsConstraint(GrammarConstraint):
 
 
 def calls_constraint(fmt: OutputFormat | None, tools: Sequence[Mapping[str, Any]], tokenizer: Any, size: int,
-                     stop_ids: Sequence[int], forced: str = "", whole_names: bool = True) -> CallsConstraint:
+                     stop_ids: Sequence[int], forced: str = "", whole_names: bool = True, must_call: bool = False,
+                     lead_space: bool = False) -> CallsConstraint:
     """A checked constraint for a chat reply with strict tool calls (and `fmt`, if given, as the
-    alternative to calling); `forced` is `tool_choice`'s start of a call, already in the prompt."""
+    alternative to calling). `forced` is `tool_choice`'s start of a call, already in the prompt;
+    `must_call`: the reply is a call whose start will be forced by another processor (a reasoning
+    model's, after its thought: `lfm2.reasoning.AfterReasoning`); `lead_space`: see `reply_grammar`."""
     from lfm2.tools import TOOL_CALL_END, TOOL_CALL_START, tool_schema
 
     markers = (tokenizer.token_to_id(TOOL_CALL_START), tokenizer.token_to_id(TOOL_CALL_END))
     if None in markers:
         raise StructuredOutputError(f"{tokenizer.name}: the vocabulary has no {TOOL_CALL_START} / {TOOL_CALL_END} "
                                     "tokens, so tool calls cannot be constrained", "tools")
-    grammar = reply_grammar(fmt, tools, bool(forced))
+    grammar = reply_grammar(fmt, tools, bool(forced) or must_call, lead_space)
     lltok = grammar_tokenizer(tokenizer, size, stop_ids)
     check(grammar, lltok, fmt.param if fmt is not None else "tools")
     names = [tokenizer.encode(tool_schema(t)["function"]["name"] + "(", add_special_tokens=False) for t in tools]
