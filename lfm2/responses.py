@@ -53,7 +53,7 @@ from pydantic import (
 from lfm2.engine import Result
 from lfm2.errors import LFM2Error
 from lfm2.server import (
-    DEFAULT_STORE_BYTES,
+    DEFAULT_RESPONSES_STORE_BYTES,
     APIError,
     _check_unicode,
     _failure,
@@ -558,7 +558,7 @@ class ResponseStore:
     """Stored responses by id, bounded at `max_bytes` (0: none kept), least recently used dropped first.
     A chain of responses repeats its conversation in each, so that any of them can be continued alone."""
 
-    def __init__(self, max_bytes: int = DEFAULT_STORE_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_RESPONSES_STORE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: OrderedDict[str, Stored] = OrderedDict()
@@ -852,7 +852,7 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
-class FunctionCallOut(BaseModel):
+class FunctionCallItemOut(BaseModel):
     id: str
     type: Literal["function_call"]
     status: ItemStatus
@@ -869,7 +869,7 @@ class ReasoningOut(BaseModel):
     content: list[ReasoningTextOut]
 
 
-OutputItem = Annotated[OutputMessage | FunctionCallOut | ReasoningOut, Field(discriminator="type")]
+OutputItem = Annotated[OutputMessage | FunctionCallItemOut | ReasoningOut, Field(discriminator="type")]
 
 
 class InputTokensDetails(BaseModel):

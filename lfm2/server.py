@@ -81,7 +81,7 @@ MAX_STOP_STRINGS = 16
 GREEDY_BELOW = 1e-5  # smaller temperatures overflow the logits to inf: treated as 0 (greedy), as vLLM does
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat completions default to the context
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is about 0.5 MiB of text
-DEFAULT_STORE_BYTES = 64 * 2**20  # /v1/responses' stored conversations: a long chat is tens of KiB of text
+DEFAULT_RESPONSES_STORE_BYTES = 64 * 2**20  # /v1/responses' stored conversations: a long chat is tens of KiB of text
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})  # no API key
 
 
@@ -1068,7 +1068,7 @@ def _event_stream(chunk: str) -> dict[str, Any]:
 
 def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               prefix_cache_bytes: int | None = None, responses_store_bytes: int = DEFAULT_STORE_BYTES):
+               prefix_cache_bytes: int | None = None, responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES):
     """The FastAPI app serving `llm` as `model_name`; its engine runs while the app does (lifespan).
 
     `max_len` (slots per request: prompt + completion) defaults to the model's context, capped
@@ -1486,7 +1486,7 @@ def serve(
     quantize: str | None = None,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     compile: bool = False,
-    responses_store_bytes: int = DEFAULT_STORE_BYTES,
+    responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
 ) -> None:
     """Load `model` (default: the bundled one), with a LoRA `adapter` if given, quantized if asked
     (`quantize` "int8" / "int4", as `lfm2.load`), and serve it until interrupted.
@@ -1604,7 +1604,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="memory for reusing prompt prefixes (multi-turn chats, shared system prompts): states are "
                         "kept at the ends of turns and prompts, the least recently used dropped; 0 turns reuse "
                         "off; K, M, G suffixes (default: %(default)s, 1 GiB)")
-    p.add_argument("--responses-store-bytes", type=_bytes, default=DEFAULT_STORE_BYTES, metavar="N",
+    p.add_argument("--responses-store-bytes", type=_bytes, default=DEFAULT_RESPONSES_STORE_BYTES, metavar="N",
                    help="memory for /v1/responses' stored responses (previous_response_id, GET /v1/responses/ID): "
                         "each keeps its whole conversation, the least recently used dropped first; 0 stores none; "
                         "K, M, G suffixes (default: %(default)s, 64 MiB)")

@@ -313,6 +313,26 @@ def test_a_client_that_hangs_up_frees_its_row(live, llm):
         slow.remove()
 
 
+def test_a_failed_generation_ends_the_stream_with_response_failed(live, llm):
+    def fail_on_decode(module, args):
+        if args[0].shape[1] == 1:
+            raise RuntimeError("injected failure")
+
+    hook = llm.model.register_forward_pre_hook(fail_on_decode)
+    try:
+        events = raw_events(live, input="Fail please", max_output_tokens=8, ignore_eos=True)
+        with pytest.raises(openai.InternalServerError) as e:
+            live.client.responses.create(model=MODEL, input="Fail please", max_output_tokens=8)
+    finally:
+        hook.remove()
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    failed = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and failed["status"] == "failed"
+    assert failed["error"]["code"] == "server_error" and "injected failure" in failed["error"]["message"]
+    assert "injected failure" in e.value.message
+    assert live.client.responses.create(model=MODEL, input="Hi", max_output_tokens=2).error is None  # serving on
+
+
 # -- reasoning ----------------------------------------------------------------------------------------
 
 
@@ -502,3 +522,15 @@ def test_openapi_documents_the_responses_routes(live):
     items = doc["paths"]["/v1/responses/{response_id}/input_items"]["get"]["responses"]
     assert {"400", "404"} < set(items)
     assert "404" in doc["paths"]["/v1/responses/{response_id}"]["delete"]["responses"]
+
+
+def test_serve_takes_the_store_bound():
+    import argparse
+
+    from lfm2.server import DEFAULT_RESPONSES_STORE_BYTES, add_serve_parser
+
+    parser = argparse.ArgumentParser(prog="lfm2")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["serve"]).responses_store_bytes == DEFAULT_RESPONSES_STORE_BYTES == 64 * 2**20
+    assert parser.parse_args(["serve", "--responses-store-bytes", "1M"]).responses_store_bytes == 2**20
+    assert parser.parse_args(["serve", "--responses-store-bytes", "0"]).responses_store_bytes == 0
