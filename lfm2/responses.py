@@ -329,28 +329,14 @@ def text_format(body: ResponsesRequest) -> dict[str, Any] | None:
 def to_messages(items: list[BaseModel]) -> list[dict[str, Any]]:
     """Chat messages (as `LLM.chat_prompt` takes them) for Responses items.
 
-    One assistant turn may be several items: its reasoning, its text, its function calls; they make
-    one assistant message with `reasoning_content`, `content` and `tool_calls`. Reasoning or text after
-    a turn that already has text or calls starts the next turn.
+    One reply may be several items: its reasoning, its text, its function calls; they make one
+    assistant message with `reasoning_content`, `content` and `tool_calls`, as the chat endpoint
+    would have answered. Reasoning after text or calls, or a second text, starts the next turn.
     """
     messages: list[dict[str, Any]] = []
-    turn: dict[str, Any] | None = None
+    turn: dict[str, Any] | None = None  # the assistant message being assembled
     for item in items:
-        said = turn is not None and (turn["content"] is not None or "tool_calls" in turn)
-        if isinstance(item, ReasoningItem) or (isinstance(item, MessageItem) and item.role == "assistant"):
-            if said:
-                messages.append(turn)
-                turn = None
-            turn = turn or {"role": "assistant", "content": None}
-            if isinstance(item, ReasoningItem):
-                turn["reasoning_content"] = turn.get("reasoning_content", "") + item.text()
-            else:
-                turn["content"] = item.text()
-        elif isinstance(item, FunctionCallItem):
-            turn = turn or {"role": "assistant", "content": None}
-            function = {"name": item.name, "arguments": item.arguments}
-            turn.setdefault("tool_calls", []).append({"id": item.call_id, "type": "function", "function": function})
-        else:
+        if isinstance(item, FunctionCallOutputItem) or (isinstance(item, MessageItem) and item.role != "assistant"):
             if turn is not None:
                 messages.append(turn)
                 turn = None
@@ -359,6 +345,19 @@ def to_messages(items: list[BaseModel]) -> list[dict[str, Any]]:
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
             else:
                 messages.append({"role": "system" if item.role == "developer" else item.role, "content": item.text()})
+            continue
+        if turn is not None and (turn["content"] is not None and not isinstance(item, FunctionCallItem)
+                                 or isinstance(item, ReasoningItem) and "tool_calls" in turn):
+            messages.append(turn)
+            turn = None
+        turn = turn or {"role": "assistant", "content": None}
+        if isinstance(item, ReasoningItem):
+            turn["reasoning_content"] = turn.get("reasoning_content", "") + item.text()
+        elif isinstance(item, FunctionCallItem):
+            function = {"name": item.name, "arguments": item.arguments}
+            turn.setdefault("tool_calls", []).append({"id": item.call_id, "type": "function", "function": function})
+        else:
+            turn["content"] = item.text()
     if turn is not None:
         messages.append(turn)
     return messages

@@ -402,6 +402,11 @@ def test_reasoning_and_calls_of_one_reply_make_one_assistant_message():
     assert [c["function"]["arguments"] for c in turn["tool_calls"]] == ['{"city": "Oslo"}', '{"city": "Rome"}']
     assert (tool1["tool_call_id"], tool1["content"], tool2["content"]) == ("c1", "rainy", "sunny")
     assert answer == {"role": "assistant", "content": "Rainy and sunny.", "reasoning_content": "Summed up."}
+    # a reply's text after its calls stays in its turn; a second text is the next turn
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    text = {"role": "assistant", "content": "Done."}
+    one, two = to_messages(ITEMS.validate_python([call, text, text]))
+    assert one["tool_calls"][0]["id"] == "c" and one["content"] == two["content"] == "Done." and "tool_calls" not in two
 
 
 def test_the_output_builder_streams_every_kind_of_item_in_openais_order():
