@@ -2,7 +2,8 @@
 
 Endpoints, in OpenAI's wire format so that the official clients work unchanged:
 `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` (both streamed as
-server-sent events or not), `GET /health` (load: active and queued requests) and `GET /metrics`.
+server-sent events or not), OpenAI's Responses API (`POST /v1/responses` and its stored responses:
+`lfm2/responses.py`), `GET /health` (load: active and queued requests) and `GET /metrics`.
 `/openapi.json` (and `/docs`) describe them as they behave: every status code the server answers, each error in
 OpenAI's shape, and the stream's events.
 
@@ -90,6 +91,7 @@ MAX_STOP_STRINGS = 16
 GREEDY_BELOW = 1e-5  # smaller temperatures overflow the logits to inf: treated as 0 (greedy), as vLLM does
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat completions default to the context
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is about 0.5 MiB of text
+DEFAULT_RESPONSES_STORE_BYTES = 64 * 2**20  # /v1/responses' stored conversations: a long chat is tens of KiB of text
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})  # no API key
 
 
@@ -481,7 +483,7 @@ def _param_path(loc: tuple) -> str:
     "literal['none','auto']", a message's role after its index) are left out: they are not fields.
     """
     out, after_index = "", False
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in ("body", "query") else loc:
         if isinstance(part, int):
             out += f"[{part}]"
         elif (part.isidentifier() and not part[:1].isupper() and part not in _TYPE_TAGS
@@ -1056,6 +1058,8 @@ _ERRORS = {
     503: "The request was cancelled: the server is shutting down.",
 }
 _GENERATION_ERRORS = (400, 404, 429, 503)
+_STREAMS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "Completion",
+            "/v1/responses": "ResponseStreamEvent"}  # what each POST streams
 
 
 def _describe(app, api_key: bool, max_len: int) -> dict[str, Any]:
@@ -1065,11 +1069,14 @@ def _describe(app, api_key: bool, max_len: int) -> dict[str, Any]:
     from fastapi.openapi.utils import get_openapi
     from pydantic.json_schema import models_json_schema
 
+    from lfm2.responses import ResponseStreamEvent
+
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    _, defs = models_json_schema([(m, "serialization") for m in (ErrorResponse, ChatCompletionChunk, Completion)],
+    _, defs = models_json_schema([(m, "serialization") for m in (ErrorResponse, ChatCompletionChunk, Completion,
+                                                                 ResponseStreamEvent)],
                                  ref_template="#/components/schemas/{model}")
     schemas.update(defs["$defs"])
     for body, field in (("ChatCompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_completion_tokens"),
@@ -1085,11 +1092,12 @@ def _describe(app, api_key: bool, max_len: int) -> dict[str, Any]:
             codes = [413, 500]  # the gate reads every body; any handler may fail
             if method == "post":
                 codes += _GENERATION_ERRORS
-                chunk = "ChatCompletionChunk" if path.endswith("/chat/completions") else "Completion"
-                responses["200"]["content"]["text/event-stream"] = _event_stream(chunk)
+                responses["200"]["content"]["text/event-stream"] = _event_stream(_STREAMS[path])
                 responses["200"]["description"] = "The reply; with `stream: true`, server-sent events."
             elif "{" in path:
                 codes.append(404)
+            if method != "post" and any(p["in"] == "query" for p in operation.get("parameters", [])):
+                codes.append(400)
             if api_key and path not in OPEN_PATHS:
                 codes.append(401)
                 operation["security"] = [{"bearer": []}]
@@ -1101,7 +1109,13 @@ def _describe(app, api_key: bool, max_len: int) -> dict[str, Any]:
 
 
 def _event_stream(chunk: str) -> dict[str, Any]:
-    """One server-sent event: a JSON `chunk`, an error, or the closing `[DONE]`."""
+    """One server-sent event: a JSON `chunk`, an error, or the closing `[DONE]`; the Responses API's
+    events are named (`event:`) and have no `[DONE]`, as OpenAI sends them."""
+    if chunk == "ResponseStreamEvent":
+        payload = {"$ref": f"#/components/schemas/{chunk}"}
+        data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+        return {"schema": {"type": "object", "required": ["event", "data"],
+                           "properties": {"event": {"type": "string"}, "data": data}}}
     payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
     data = {"anyOf": [{"const": "[DONE]"},
                       {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}
@@ -1110,14 +1124,15 @@ def _event_stream(chunk: str) -> dict[str, Any]:
 
 def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               prefix_cache_bytes: int | None = None):
+               prefix_cache_bytes: int | None = None, responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES):
     """The FastAPI app serving `llm` as `model_name`; its engine runs while the app does (lifespan).
 
     `max_len` (slots per request: prompt + completion) defaults to the model's context, capped
     at 4096; the KV cache holds `max_batch * max_len` slots per attention layer. With `api_key`,
     requests need `Authorization: Bearer <api_key>` (but /health and the docs); bodies over
     `max_body_bytes` get 413. The engine reuses prompt prefixes through `llm.prefix_cache`
-    (shared with `llm`'s own calls), bounded at `prefix_cache_bytes` when given (0: off).
+    (shared with `llm`'s own calls), bounded at `prefix_cache_bytes` when given (0: off). Responses
+    of `/v1/responses` are kept for `previous_response_id` within `responses_store_bytes` (0: none).
     """
     import contextlib
 
@@ -1127,7 +1142,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     from fastapi.responses import PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from lfm2 import web
+    from lfm2 import responses, web
 
     context = llm.config.max_position_embeddings
     max_len = min(context, DEFAULT_MAX_LEN) if max_len is None else max_len
@@ -1159,6 +1174,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
 
     app.openapi = openapi
     web.add_routes(app, model_name, server.defaults, engine.max_len)  # the chat page at /: lfm2/web
+    app.state.responses = responses.ResponseStore(responses_store_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, exc: APIError):
@@ -1166,7 +1182,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HTTPRequest, exc: RequestValidationError):
-        wants = "'model' and 'messages'" if request.url.path.endswith("/chat/completions") else "'model' and 'prompt'"
+        wants = {"/v1/chat/completions": "'model' and 'messages'",
+                 "/v1/responses": "'model' and 'input'"}.get(request.url.path, "'model' and 'prompt'")
         return _error_response(_validation_error(list(exc.errors()), wants), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
@@ -1451,6 +1468,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    responses.add_routes(app, server, app.state.responses)  # /v1/responses: lfm2/responses.py
     return app
 
 
@@ -1527,6 +1545,7 @@ def serve(
     quantize: str | None = None,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     compile: bool = False,
+    responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
 ) -> None:
     """Load `model` (default: the bundled one), with a LoRA `adapter` if given, quantized if asked
     (`quantize` "int8" / "int4", as `lfm2.load`), and serve it until interrupted.
@@ -1549,7 +1568,8 @@ def serve(
 
         name = model_name or (str(model) if model else NAME)
         app = create_app(llm, name, max_batch=max_batch, max_queue=max_queue, max_len=max_len, api_key=api_key,
-                         max_body_bytes=max_body_bytes, prefix_cache_bytes=prefix_cache_bytes)
+                         max_body_bytes=max_body_bytes, prefix_cache_bytes=prefix_cache_bytes,
+                         responses_store_bytes=responses_store_bytes)
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:
         sock.close()
@@ -1643,6 +1663,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="memory for reusing prompt prefixes (multi-turn chats, shared system prompts): states are "
                         "kept at the ends of turns and prompts, the least recently used dropped; 0 turns reuse "
                         "off; K, M, G suffixes (default: %(default)s, 1 GiB)")
+    p.add_argument("--responses-store-bytes", type=_bytes, default=DEFAULT_RESPONSES_STORE_BYTES, metavar="N",
+                   help="memory for /v1/responses' stored responses (previous_response_id, GET /v1/responses/ID): "
+                        "each keeps its whole conversation, the least recently used dropped first; 0 stores none; "
+                        "K, M, G suffixes (default: %(default)s, 64 MiB)")
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile, as lfm2.load(compile=True) (default: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -1659,4 +1683,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_len=args.max_model_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
           log_level=args.log_level, adapter=args.adapter, api_key=api_key, max_body_bytes=args.max_body_bytes,
-          quantize=args.quantize, prefix_cache_bytes=args.prefix_cache_bytes, compile=args.compile)
+          quantize=args.quantize, prefix_cache_bytes=args.prefix_cache_bytes, compile=args.compile,
+          responses_store_bytes=args.responses_store_bytes)

@@ -67,7 +67,10 @@ def served(strategy):
 # ours (it reads `Function._nodeid`), so each operation is driven through its Hypothesis strategy.
 OPERATIONS = [("GET", "/health", False), ("GET", "/metrics", False), ("GET", "/v1/models", False),
               ("GET", "/v1/models/{model_id}", False),
-              ("POST", "/v1/chat/completions", True), ("POST", "/v1/completions", True)]
+              ("POST", "/v1/chat/completions", True), ("POST", "/v1/completions", True),
+              ("POST", "/v1/responses", True), ("GET", "/v1/responses/{response_id}", False),
+              ("DELETE", "/v1/responses/{response_id}", False),
+              ("GET", "/v1/responses/{response_id}/input_items", True)]
 
 
 def test_every_operation_is_fuzzed(api):
@@ -76,8 +79,8 @@ def test_every_operation_is_fuzzed(api):
 
 
 # Every operation with the data its schema allows (positive) and, where the schema can be broken,
-# data it forbids (negative: the server must answer 4xx, never 5xx); the path parameter of
-# /v1/models/{model_id} takes any string, so that operation has no negative data.
+# data it forbids (negative: the server must answer 4xx, never 5xx); a path parameter alone (the
+# ids of /v1/models/{model_id} and /v1/responses/{response_id}) takes any string: no negative data.
 RUNS = [(method, path, mode) for method, path, breakable in OPERATIONS
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if breakable or mode == GenerationMode.POSITIVE]
 
@@ -110,6 +113,7 @@ def test_the_server_answers_as_its_schema_says_long(api, live, method, path, mod
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+RESPONSE_TOOL = {"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}
 TYPICAL = [  # replies random data reaches only now and then: each shape of 200, streamed and not
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."},
@@ -118,14 +122,21 @@ TYPICAL = [  # replies random data reaches only now and then: each shape of 200,
                               "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
     ("/v1/completions", {"prompt": ["Once upon", "a time"], "echo": True}),
     ("/v1/completions", {"prompt": [1, 2, 3], "stop": ["e"]}),
+    ("/v1/responses", {"input": "Hi", "instructions": "Be brief."}),
+    ("/v1/responses", {"input": [{"role": "user", "content": "Weather?"}], "tools": [RESPONSE_TOOL],
+                       "tool_choice": {"type": "function", "name": "get_weather"}}),
 ]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("path,body", TYPICAL, ids=[f"{p} {i}" for i, (p, _) in enumerate(TYPICAL)])
 def test_typical_replies_match_the_schema(api, path, body, stream):
-    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
-    case = api[path]["POST"].Case(body={"model": MODEL, "max_tokens": 12, "temperature": 0, **body, **extra})
+    responses = path == "/v1/responses"
+    extra = {"stream": True} if stream else {}
+    if stream and not responses:
+        extra["stream_options"] = {"include_usage": True}
+    limit = {"max_output_tokens" if responses else "max_tokens": 12}
+    case = api[path]["POST"].Case(body={"model": MODEL, "temperature": 0, **limit, **body, **extra})
     response = case.call(timeout=60)
     assert response.status_code == 200, response.text
     case.validate_response(response, checks=CHECKS)
