@@ -67,6 +67,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -627,6 +628,12 @@ class _Server:
                            param="ignore_eos", code="invalid_value")
         return fmt
 
+    def warm_grammars(self) -> None:
+        try:
+            structured.grammar_tokenizer(self.tokenizer, self.llm.config.vocab_size, sorted(self.tokenizer.stop_ids))
+        except Exception:  # structured requests will say what is wrong; serving plain text goes on
+            log.exception("could not prepare structured output")
+
     def grammar(self, fmt: structured.OutputFormat) -> structured.GrammarConstraint:
         """A checked constraint holding a completion to `fmt` (slow the first time: run in a thread)."""
         tok = self.tokenizer
@@ -1156,6 +1163,9 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
+        # The grammar engine's view of the vocabulary takes about a second to build (65,536 tokens):
+        # built now, in the background, the first request with a response_format does not wait for it.
+        threading.Thread(target=server.warm_grammars, name="lfm2-grammar-warmup", daemon=True).start()
         try:
             yield
         finally:

@@ -332,3 +332,16 @@ def test_server_refuses_unsupported_schemas_by_name(live):
         live.client.chat.completions.create(model="lfm2-tiny", messages=[{"role": "user", "content": "Hi"}],
                                             response_format={"type": "json_object"},
                                             extra_body={"ignore_eos": True})
+
+
+def test_a_reasoning_model_thinks_freely_and_answers_in_the_format(tmp_path):
+    from tests.test_reasoning import Scripted, make_checkpoint, thinker
+
+    llm = lfm2.load(make_checkpoint(tmp_path / "think"))
+    schema = SCHEMAS["integer_exclusive"]  # bounded: the answer always completes
+    with Scripted(llm, thinker(" more", '{"score": 5, "count": 12}')):
+        reply = llm.chat([{"role": "user", "content": "Score it"}], json_schema=schema, max_reasoning_tokens=6,
+                         temperature=1.0, seed=2, max_new_tokens=100)
+    assert set(reply["reasoning_content"].split()) == {"more"}  # the thought, unconstrained, then closed
+    jsonschema.validate(json.loads(reply["content"]), schema)
+    assert llm.last_stats[0].finish_reason == "stop"
