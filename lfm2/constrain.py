@@ -12,7 +12,10 @@ required one before the `)`), and each value a literal of the parameter's JSON-s
 quoted, numbers as digits, `True`/`False`/`None`, enums as one of their values; arrays, objects and
 untyped parameters as any bracket-balanced literal). Outside call blocks nothing is constrained: the
 model still chooses whether to call a tool at all. vLLM and llama.cpp do the same with grammars
-(guided decoding); this is that idea for exactly one grammar, small enough to read.
+(guided decoding); this is that idea for exactly one grammar, small enough to read. Where a
+parameter's schema says more than a type and an enum (ranges, patterns, lengths, nested objects),
+or the reply also has a format, the chat layer uses `lfm2.structured.calls_constraint` instead: the
+same call syntax as a grammar for llguidance, which holds each value to its full schema.
 
 How: `ToolCallGrammar` is a recognizer over bytes (byte-level BPE tokens are byte strings) whose
 states are small hashable tuples. The tokens allowed in a state are found by walking a byte trie of

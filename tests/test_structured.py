@@ -345,3 +345,18 @@ def test_a_reasoning_model_thinks_freely_and_answers_in_the_format(tmp_path):
     assert set(reply["reasoning_content"].split()) == {"more"}  # the thought, unconstrained, then closed
     jsonschema.validate(json.loads(reply["content"]), schema)
     assert llm.last_stats[0].finish_reason == "stop"
+
+
+def test_keywords_the_engine_accepts_are_enforced(llm):
+    # llguidance accepts these; the replies must show that they hold, not merely parse
+    for schema, holds in [({"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 200}, lambda v: v % 7 == 0),
+                          ({"type": "object", "minProperties": 2, "maxProperties": 3,
+                            "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}},
+                           lambda v: 2 <= len(v) <= 3),
+                          ({"type": "string", "format": "date"}, lambda v: len(v) == 10 and v[4] == "-")]:
+        texts = llm.generate("x", n=3, json_schema=schema, temperature=1.0, seed=11, max_new_tokens=200)
+        for text, stats in zip(texts, llm.last_stats, strict=True):
+            if stats.finish_reason == "stop":
+                value = json.loads(text)
+                jsonschema.validate(value, schema)
+                assert holds(value), (schema, text)
