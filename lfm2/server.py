@@ -239,6 +239,10 @@ class _GenerationBody(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # tinier ones overflow the logits
     ignore_eos: bool = False
+    guided_json: dict[str, Any] | None = Field(None, description="a JSON schema the reply must match (vLLM's name)")
+    guided_regex: str | None = Field(None, description="a regular expression the reply must match (vLLM's name)")
+    guided_choice: list[str] | None = Field(None, min_length=1,
+                                            description="the reply is one of these strings (vLLM's name)")
     response_format: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
         {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
         {"type": "object", "required": ["type", "json_schema"], "properties": {
@@ -618,13 +622,27 @@ class _Server:
         return self.sampling(body), self.stop_strings(body.stop)
 
     def output_format(self, body: _GenerationBody) -> structured.OutputFormat | None:
-        """The request's `response_format`, checked (400 naming the field or schema keyword at fault)."""
+        """The request's `response_format` (or vLLM's `guided_json` / `guided_regex` / `guided_choice`),
+        checked: a 400 names the field or schema keyword at fault, or two formats asked at once."""
+        given = {name: value for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
+                 if (value := getattr(body, name)) is not None
+                 and not (name == "response_format" and value.get("type") == "text")}
+        if len(given) > 1:
+            raise APIError(400, f"give one output format, not {' and '.join(given)}", param=list(given)[1],
+                           code="invalid_value")
         try:
-            fmt = structured.response_format(body.response_format)
+            if body.guided_json is not None:
+                fmt = structured.json_schema(body.guided_json, param="guided_json")
+            elif body.guided_regex is not None:
+                fmt = structured.regex(body.guided_regex, param="guided_regex")
+            elif body.guided_choice is not None:
+                fmt = structured.choice(body.guided_choice, param="guided_choice")
+            else:
+                fmt = structured.response_format(body.response_format)
         except StructuredOutputError as exc:
             raise _format_error(exc) from exc
         if fmt is not None and body.ignore_eos:
-            raise APIError(400, "ignore_eos cannot go with a response_format: the reply ends where its format does",
+            raise APIError(400, "ignore_eos cannot go with an output format: the reply ends where its format does",
                            param="ignore_eos", code="invalid_value")
         return fmt
 

@@ -318,6 +318,21 @@ def test_server_completions_take_a_response_format(live):
     jsonschema.validate(json.loads(out.choices[0].text), schema)
 
 
+def test_server_takes_vllms_guided_fields(live):
+    out = live.client.chat.completions.create(model="lfm2-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              temperature=1.0, extra_body={"guided_choice": ["alpha", "beta"]})
+    assert out.choices[0].message.content in {"alpha", "beta"}
+    out = live.client.completions.create(model="lfm2-tiny", prompt="Code:", temperature=1.0, max_tokens=30,
+                                         extra_body={"guided_regex": "[A-Z]{3}-[0-9]{3}"})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{3}", out.choices[0].text)
+    schema = SCHEMAS["integer_exclusive"]
+    out = live.client.chat.completions.create(model="lfm2-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              temperature=1.0, extra_body={"guided_json": schema})
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    with pytest.raises(openai.BadRequestError, match="guided_regex: not a valid regular expression"):
+        live.client.completions.create(model="lfm2-tiny", prompt="x", extra_body={"guided_regex": "[a-"})
+
+
 def test_server_refuses_unsupported_schemas_by_name(live):
     fmt = {"type": "json_schema", "json_schema": {"name": "u", "schema": UNSUPPORTED["uniqueItems"]}}
     with pytest.raises(openai.BadRequestError) as info:
@@ -328,6 +343,10 @@ def test_server_refuses_unsupported_schemas_by_name(live):
     with pytest.raises(openai.BadRequestError, match="schema: required"):
         live.client.chat.completions.create(model="lfm2-tiny", messages=[{"role": "user", "content": "Hi"}],
                                             response_format={"type": "json_schema", "json_schema": {"name": "u"}})
+    with pytest.raises(openai.BadRequestError, match="give one output format"):
+        live.client.chat.completions.create(model="lfm2-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                            response_format={"type": "json_object"},
+                                            extra_body={"guided_regex": "a+"})
     with pytest.raises(openai.BadRequestError, match="ignore_eos"):
         live.client.chat.completions.create(model="lfm2-tiny", messages=[{"role": "user", "content": "Hi"}],
                                             response_format={"type": "json_object"},
