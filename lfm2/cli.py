@@ -385,7 +385,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = {**_sampling(args), **output}
-    print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit.")
+    hide, last_thought = args.hide_reasoning, ""
+    print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit; "
+          "a reasoning model's thought: /thought (show the last one), /hide (hide or show them).")
     if tools:
         names = ", ".join(tool_schema(t)["function"]["name"] for t in tools)
         print(f"Tools offered: {names}. When the model calls one, type its result (JSON or text).")
@@ -409,15 +411,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
             history = []
             print(f"[system prompt {'set' if system else 'cleared'}; conversation reset]")
             continue
+        if text == "/thought":  # a hidden (collapsed) thought, expanded on demand
+            if not last_thought:
+                print("[the last reply had no thought]")
+            else:
+                printer = _ReplyPrinter(sys.stdout)
+                printer.delta({"reasoning_content": last_thought})
+                printer.close_thought()
+            continue
+        if text == "/hide":
+            hide = not hide
+            print(f"[thoughts {'hidden: /thought shows the last one' if hide else 'shown'}]")
+            continue
         if text.startswith("/"):
-            print(f"[unknown command {text.split()[0]}; use /reset, /system TEXT or /exit]")
+            print(f"[unknown command {text.split()[0]}; use /reset, /system TEXT, /thought, /hide or /exit]")
             continue
         start = len(history)
         history.append({"role": "user", "content": text})
         while True:  # until the model answers without calling a tool
             messages = ([{"role": "system", "content": system}] if system else []) + history
             reply, thought, calls = "", "", []
-            printer = _ReplyPrinter(sys.stdout, args.hide_reasoning)
+            printer = _ReplyPrinter(sys.stdout, hide)
             try:
                 for delta in llm.chat_stream(messages, tools=tools, strict_tools=args.strict_tools or None,
                                              **sampling):
@@ -429,6 +443,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             except KeyboardInterrupt:
                 printer.end(interrupted=True)
                 calls = []
+            last_thought = thought
             # The thought goes back with the reply: the chat template decides whether to keep it.
             turn: dict[str, Any] = {"role": "assistant", "content": reply}
             if thought:

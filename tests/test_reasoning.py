@@ -606,10 +606,10 @@ def test_server_passes_reasoning_back_to_the_template(live, llm):
 # -- the CLI --------------------------------------------------------------------------------------------
 
 
-def _chat_cli(monkeypatch, capsys, llm, policy, *flags: str) -> str:
+def _chat_cli(monkeypatch, capsys, llm, policy, *flags: str, lines: tuple[str, ...] = ()) -> str:
     from lfm2 import cli
 
-    lines = iter(["What is 2 + 2?", "/exit"])
+    lines = iter(["What is 2 + 2?", *lines, "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     monkeypatch.setattr(lfm2, "load", lambda *a, **kw: llm)
     with Scripted(llm, policy):
@@ -623,6 +623,8 @@ def test_cli_chat_labels_or_hides_the_thought(monkeypatch, capsys, llm):
     assert "Thinking: Two and two.\nIt is 4.\n" in shown and "\x1b[" not in shown  # not a terminal: no escapes
     hidden = _chat_cli(monkeypatch, capsys, llm, reply(text), "--hide-reasoning")
     assert "It is 4.\n" in hidden and "Two and two" not in hidden and "Thinking" not in hidden
+    expanded = _chat_cli(monkeypatch, capsys, llm, reply(text), "--hide-reasoning", lines=("/thought", "/hide"))
+    assert expanded.count("Thinking: Two and two.\n") == 1 and "[thoughts shown]" in expanded
     budget = 3 * len(llm.tokenizer.encode(" hmm"))  # three of them
     capped = _chat_cli(monkeypatch, capsys, llm, thinker(thought=" hmm"), "--max-reasoning-tokens", str(budget))
     assert "Thinking: hmm hmm hmm\nThe answer is 4.\n" in capped
