@@ -534,7 +534,10 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     "int4"), tensors stored in the matching GGUF block type (Q8_0 / Q4_0, at group size 32)
     become quantized layers directly from the file's blocks, never passing through float32;
     the embedding / head likewise when stored as Q8_0 (our int4 models keep it in int8, as
-    llama.cpp's Q4_0 files do); whatever remains float is then quantized by `quantize_model`.
+    llama.cpp's Q4_0 files do). Matrices in other block types (the K-quants of Q4_K_M / Q5_K_M /
+    Q6_K files, Q4_1, Q5_0, ...) are requantized one tensor at a time as they are read (the
+    embedding to int8), so no float32 copy of the model is ever in memory; whatever remains
+    float (dense files, MoE experts) is then quantized by `quantize_model`.
     """
     from lfm2 import quant
 
@@ -543,13 +546,18 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     cast_model(model, dtype)
     linear = {f"{n}.weight" for n, m in model.named_modules() if is_plain_linear(m) and n != "lm_head"}
     direct: dict[str, str] = {}  # GGUF name -> our format, for tensors taken as they are
-    if quantize is not None and group_size == 32:
+    requantized: dict[str, str] = {}  # GGUF name -> our format, for other block types, per tensor
+    if quantize is not None:
         for src, _, ours in resolved:
             ttype = f.tensors[src].type
-            if ours == ["model.embed_tokens.weight"] and ttype == GGMLType.Q8_0:
+            embedding = ours == ["model.embed_tokens.weight"]
+            if group_size == 32 and embedding and ttype == GGMLType.Q8_0:
                 direct[src] = "int8"
-            elif all(o in linear for o in ours) and ttype == DIRECT_TYPES[quantize]:
+            elif group_size == 32 and all(o in linear for o in ours) and ttype == DIRECT_TYPES[quantize]:
                 direct[src] = quantize
+            elif ttype in QUANT_TYPES and (embedding or ours == ["lm_head.weight"] or all(o in linear for o in ours)):
+                # the embedding and an untied head stay int8, as in our int4 models and llama.cpp's files
+                requantized[src] = quantize if all(o in linear for o in ours) else "int8"
     total = sum(f.tensors[src].nbytes for src, _, _ in resolved)
     disable = total < PROGRESS_BYTES if progress is None else not progress
     state = {}
@@ -561,14 +569,11 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                 qweight, scales = (t.to(device) for t in to_packed(f.raw(src), info.shape))
                 for e, name in enumerate(ours):
                     q, sc = (qweight[e], scales[e]) if len(ours) > 1 else (qweight, scales)
-                    module = name.removesuffix(".weight")
-                    if module == "model.embed_tokens":
-                        layer = quant.QuantEmbedding.from_packed(q, sc)
-                    else:
-                        layer = quant.QuantLinear.from_packed(q, sc)
-                    layer.dtype = dtype
-                    parent, _, attr = module.rpartition(".")
-                    setattr(model.get_submodule(parent), attr, layer)
+                    _put_quantized(model, name, q, sc, dtype)
+            elif src in requantized:
+                for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
+                    q, sc = quant.quantize_weight(t.float(), requantized[src], group_size)
+                    _put_quantized(model, name, q.to(device), sc.to(device), dtype)
             else:
                 for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
                     state[name] = t.to(device=device, dtype=torch.float32 if _keep_fp32(name) else dtype)
@@ -590,6 +595,21 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     if quantize is not None:
         quant.quantize_model(model, quantize, group_size)
     return model.eval()
+
+
+def _put_quantized(model: torch.nn.Module, name: str, qweight: torch.Tensor, scales: torch.Tensor,
+                   dtype: torch.dtype) -> None:
+    """Put a quantized layer made of `qweight`/`scales` where weight `name` of `model` goes."""
+    from lfm2 import quant
+
+    module = name.removesuffix(".weight")
+    if module == "model.embed_tokens":
+        layer = quant.QuantEmbedding.from_packed(qweight, scales)
+    else:
+        layer = quant.QuantLinear.from_packed(qweight, scales)
+    layer.dtype = dtype
+    parent, _, attr = module.rpartition(".")
+    setattr(model.get_submodule(parent), attr, layer)
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -732,9 +752,11 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
 
 
 def native_format(f: GGUFFile) -> str | None:
-    """The lfm2 format whose kernels run this file's weight matrices as they are stored: "int4" when
-    most of their bytes are Q4_0 blocks, "int8" when Q8_0, else None (F16/F32 files, and K-quants,
-    which lfm2 has no kernels for yet, are read as float)."""
+    """The lfm2 format a quantized file runs in by default: "int4" when most of its weight matrices'
+    bytes are Q4_0 blocks (taken as they are), "int8" when Q8_0 (likewise) or another block type (the
+    K-quants of Q4_K_M / Q5_K_M / Q6_K files, Q4_1, Q5_0, ...: lfm2 has no kernels of their own yet,
+    so each matrix is requantized to int8 as it is read, 8.5 bits a weight instead of float32's 32:
+    their 4-6 bit values fit int8 at a fraction of a step), None for float files (F32/F16/BF16)."""
     sizes: dict[int, int] = {}
     for name, info in f.tensors.items():
         if name.startswith("blk.") and name.endswith(".weight") and len(info.shape) >= 2:
@@ -742,7 +764,8 @@ def native_format(f: GGUFFile) -> str | None:
     if not sizes:
         return None
     main = max(sizes, key=sizes.get)
-    return next((kind for kind, ttype in DIRECT_TYPES.items() if ttype == main), None)
+    direct = next((kind for kind, ttype in DIRECT_TYPES.items() if ttype == main), None)
+    return direct or ("int8" if main in QUANT_TYPES else None)
 
 
 def load_gguf(

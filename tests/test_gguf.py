@@ -595,3 +595,50 @@ def test_a_gguf_file_keeps_its_own_format_by_default(dense_gguf, kind, fmt):
             assert torch.equal(default.model(ids), explicit.model(ids))
     plain = lfm2.load(path, quantize="none")
     assert not any(isinstance(m, QuantLinear) for m in plain.model.modules())
+
+
+def _k_quant_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
+    """Random `qtype` blocks for a (rows, cols) matrix, with sane float16 super-block scales."""
+    T = gguf.GGMLQuantizationType
+    offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    for off in offsets:
+        raw[:, off : off + 2] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)
+    return raw.reshape(rows, cols // block * size)
+
+
+def test_k_quant_files_run_requantized_to_int8_by_default(wide_f32, tmp_path):
+    """A Q4_K_M-like file (Q4_K / Q5_K matrices, Q6_K embedding and head) runs as int8 layers made one
+    tensor at a time (no float32 model in memory), with logits within int8's rounding of the file's
+    float dequantization (`quantize="none"`)."""
+    from lfm2.gguf import native_format
+    from lfm2.quant import QuantEmbedding, QuantLinear
+
+    T = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    f = GGUFFile(wide_f32)
+    replaced = {}
+    for name, info in f.tensors.items():
+        if len(info.shape) == 2 and info.shape[-1] % 256 == 0:
+            kind = T.Q6_K if name in ("token_embd.weight", "output.weight") else (T.Q5_K if "ffn_down" in name
+                                                                                  else T.Q4_K)
+            replaced[name] = (_k_quant_blocks(*info.shape, kind, rng), kind)
+    path = _gguf_with(wide_f32, tmp_path / "k.gguf", replaced)
+    assert native_format(GGUFFile(path)) == "int8"
+    default, plain = lfm2.load(path), lfm2.load(path, quantize="none")
+    quantized = [m for m in default.model.modules() if isinstance(m, QuantLinear)]
+    assert isinstance(default.model.model.embed_tokens, QuantEmbedding)
+    assert len(quantized) >= len(replaced) and all(m.kind == "int8" for m in quantized)
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 and p.numel() >= 256 * 256
+                   for p in default.model.parameters())
+    ids = _sequence(default.config.vocab_size, 64)
+    ours, ref = _logits(default, ids), _logits(plain, ids)
+    # the same int8 weights as quantizing the whole float model afterwards (what loading used to do)
+    from lfm2.quant import quantize_model
+
+    quantize_model(plain.model, "int8", 32)
+    assert torch.equal(ours, _logits(plain, ids))
+    # and int8's rounding (weights and, at decode, activations) of the float reading
+    assert (ours - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
