@@ -46,8 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
     p.add_argument("--quantize", choices=["int8", "int4", "none"], default=None,
                    help="quantize the weights after loading (lfm2.quant's kernels). Without it a checkpoint "
-                        "written by `lfm2 quantize` loads quantized, and a Q8_0 / Q4_0 .gguf file keeps its own "
-                        "format; none: dequantize such a file")
+                        "written by `lfm2 quantize` loads quantized, a Q8_0 / Q4_0 .gguf file keeps its own "
+                        "format, and a K-quant one (Q4_K_M ...) runs as int8; none: dequantize such a file")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,9 @@ Reading (`load_gguf`, `read_gguf`, `import_gguf`):
   CONTROL tokens become special added tokens; the chat template is the file's own;
 - the data is memory-mapped: F32 tensors loaded as float32 are views of the file's pages, F16 and
   BF16 are converted from them, and the quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
-  Q4_K, Q5_K, Q6_K) are dequantized to float32 with `gguf.quants`.
+  Q4_K, Q5_K, Q6_K) are dequantized with `gguf.quants`, one tensor at a time: to float32 for a
+  float model, else into lfm2's int8 / int4 layers (Q8_0 / Q4_0 blocks are taken as they are;
+  see `load_model` and `native_format`).
 
 Writing (`export_gguf`) follows llama.cpp's `convert_hf_to_gguf.py` (classes `LFM2Model` and
 `LFM2MoeModel`) and what `src/models/lfm2.cpp` / `lfm2moe.cpp` load: the same metadata keys, with

@@ -451,8 +451,10 @@ def load(
     folded into the weights first. A checkpoint written by `lfm2 quantize` loads quantized as it
     is, without float32 weights. A GGUF file's Q8_0 / Q4_0 tensors become int8 / int4 layers
     directly when `quantize` names that format, and by default on the CPU when the file's weight
-    matrices are mostly of one of those types (it keeps its own format, as in llama.cpp);
-    `quantize="none"` dequantizes them to `dtype` instead.
+    matrices are mostly of one of those types (it keeps its own format, as in llama.cpp); a file
+    of other block types (the K-quants of Q4_K_M / Q5_K_M / Q6_K files) runs as int8 layers,
+    each matrix requantized as it is read (`lfm2.gguf.load_model`); `quantize="none"`
+    dequantizes them to `dtype` instead.
 
     `compile=True` runs decode steps through `torch.compile` (`lfm2.compile`): faster tokens after
     a one-time compile (about 45 s for LFM2-350M on 2 cores, a few seconds once inductor's disk cache

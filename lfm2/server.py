@@ -1671,8 +1671,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply (default: none)")
     p.add_argument("--quantize", choices=["int8", "int4", "none"], default=None,
                    help="quantize the weights after loading, as `lfm2.load(quantize=...)`. Without it a "
-                        "checkpoint written by `lfm2 quantize` is served quantized, and a Q8_0 / Q4_0 .gguf file "
-                        "in its own format; none: dequantize such a file (default: the model's own format)")
+                        "checkpoint written by `lfm2 quantize` is served quantized, a Q8_0 / Q4_0 .gguf file "
+                        "in its own format, a K-quant one (Q4_K_M ...) as int8; none: dequantize such a file "
+                        "(default: the model's own format)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; any other than loopback wants --api-key (default: %(default)s)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 0 for any free one (default: %(default)s)")
