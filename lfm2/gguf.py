@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +303,16 @@ class GGUFFile:
         blocks = raw.reshape(gguf.quant_shape_to_byte_shape(info.shape, info.type))
         return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks, info.type)))
 
+    def quantized_rows(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """A 2-D quantized tensor's values as float32, `rows` rows at a time: `gguf.quants` makes
+        several temporaries the size of what it dequantizes, so a 65,536-row embedding read whole
+        would briefly take gigabytes."""
+        info = self.tensors[name]
+        check_type(self.path, info)
+        blocks = self.raw(name).reshape(gguf.quant_shape_to_byte_shape(info.shape, info.type))
+        for r in range(0, blocks.shape[0], rows):
+            yield torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks[r : r + rows], info.type)))
+
 
 def check_type(path: Path, info: TensorInfo) -> None:
     if info.type not in READ_TYPES:
@@ -523,6 +533,8 @@ def _resolve_names(f: GGUFFile, config: ModelConfig) -> list[tuple[str, str, lis
     return resolved
 
 
+# Float32 bytes dequantized at once when a matrix is requantized as it is read (`load_model`).
+REQUANT_CHUNK_BYTES = 16 * 2**20
 # GGUF block types that are our quantized layouts byte for byte (group size 32), by our format name.
 DIRECT_TYPES = {"int8": GGMLType.Q8_0, "int4": GGMLType.Q4_0}
 
@@ -572,6 +584,13 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                 for e, name in enumerate(ours):
                     q, sc = (qweight[e], scales[e]) if len(ours) > 1 else (qweight, scales)
                     _put_quantized(model, name, q, sc, dtype)
+            elif src in requantized and len(ours) == 1 and len(f.tensors[src].shape) == 2:
+                # row by row (quantization is), a few MiB of float32 at a time
+                chunk = max(1, REQUANT_CHUNK_BYTES // (4 * f.tensors[src].shape[-1]))
+                parts = [quant.quantize_weight(t, requantized[src], group_size)
+                         for t in f.quantized_rows(src, chunk)]
+                q, sc = (torch.cat([p[i] for p in parts]).to(device) for i in (0, 1))
+                _put_quantized(model, ours[0], q, sc, dtype)
             elif src in requantized:
                 for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
                     q, sc = quant.quantize_weight(t.float(), requantized[src], group_size)
