@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from lfm2.errors import GenerationError
+from lfm2.tools import _partial_marker_length
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -256,14 +257,6 @@ class ReasoningStreamParser:
     def _take(self) -> list[Event]:
         events, self._events = self._events, []
         return events
-
-
-def _partial_marker_length(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that is a proper prefix of `marker`."""
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
 
 
 ToolList = Sequence[Mapping[str, Any] | Callable[..., Any]] | None

@@ -41,12 +41,10 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    PrivateAttr,
     RootModel,
     Tag,
     TypeAdapter,
     WithJsonSchema,
-    model_validator,
 )
 
 from lfm2 import structured
@@ -60,6 +58,7 @@ from lfm2.server import (
     _failure,
     _format_error,
     _gather,
+    _KeepsRaw,
     _log_request,
     _raise_if_failed,
     _Server,
@@ -175,7 +174,7 @@ InputItem = _by_type({"message": MessageItem, "function_call": FunctionCallItem,
 ITEMS = TypeAdapter(list[InputItem])
 
 
-class FunctionTool(_Item):
+class FunctionTool(_Item, _KeepsRaw):
     """A function the model may call, in the Responses API's flat shape (no nested `function`).
     Listed to the model as the client sent it (`raw`: key order and extra keys kept). `strict`
     defaults to true here, unlike chat completions, as OpenAI's Responses API does: the call is
@@ -188,15 +187,6 @@ class FunctionTool(_Item):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = Field(None, description="default: true, as in OpenAI's Responses API")
-    _raw: dict[str, Any] | None = PrivateAttr(default=None)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_raw(cls, data: Any, handler: Any) -> "FunctionTool":
-        tool = handler(data)
-        if isinstance(data, dict):
-            tool._raw = copy.deepcopy(data)
-        return tool
 
     def chat_form(self) -> dict[str, Any]:
         """The chat-completions shape the template and tool-call parser take."""

@@ -182,21 +182,27 @@ class FunctionDefinition(_Body):
     strict: bool | None = None
 
 
-class Tool(_Body):
+class _KeepsRaw(BaseModel):
+    """A mixin for request bodies that keep the JSON they were validated from (`_raw`: key order and
+    extra keys kept)."""
+
+    _raw: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw(cls, data: Any, handler: Any) -> Any:
+        body = handler(data)
+        if isinstance(data, dict):
+            body._raw = copy.deepcopy(data)
+        return body
+
+
+class Tool(_Body, _KeepsRaw):
     """A tool as the client sent it: validated by the fields below, and listed to the model exactly as
     sent (`raw`: key order and extra keys kept), as transformers renders what it is given."""
 
     type: Literal["function"]
     function: FunctionDefinition
-    _raw: dict[str, Any] | None = PrivateAttr(default=None)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_raw(cls, data: Any, handler: Any) -> "Tool":
-        tool = handler(data)
-        if isinstance(data, dict):
-            tool._raw = copy.deepcopy(data)
-        return tool
 
     def raw(self) -> dict[str, Any]:
         return self._raw if self._raw is not None else self.model_dump(exclude_none=True)
