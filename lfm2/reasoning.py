@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from lfm2.errors import GenerationError
-from lfm2.tools import _partial_marker_length
+from lfm2.tools import partial_marker_length
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -216,7 +216,7 @@ class ReasoningStreamParser:
                 self._reason(buffer[:end], closing=True)
                 self._buffer, self._state = buffer[end + len(THINK_END):], "after"
                 return True
-            keep = _partial_marker_length(buffer, THINK_END)
+            keep = partial_marker_length(buffer, THINK_END)
             self._reason(buffer[: len(buffer) - keep], closing=False)
             self._buffer = buffer[len(buffer) - keep:]
             return False

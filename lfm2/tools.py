@@ -647,7 +647,7 @@ class ToolCallStreamParser:
         if not self._in_block:
             start = self._buffer.find(TOOL_CALL_START)
             if start < 0:
-                keep = _partial_marker_length(self._buffer, TOOL_CALL_START)
+                keep = partial_marker_length(self._buffer, TOOL_CALL_START)
                 self._content(self._buffer[: len(self._buffer) - keep])
                 self._buffer = self._buffer[len(self._buffer) - keep :]
                 return False
@@ -698,7 +698,7 @@ class ToolCallStreamParser:
         return events
 
 
-def _partial_marker_length(text: str, marker: str) -> int:
+def partial_marker_length(text: str, marker: str) -> int:
     """Length of the longest end of `text` that is a proper prefix of `marker`."""
     for length in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:length]):
