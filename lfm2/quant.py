@@ -69,6 +69,12 @@ GROUP_SIZES = (32, 64, 128)
 # 1 row, 1.5x at 16, still 1.1-1.2x at 32, even at 64. 16 leaves margin for CPUs whose float
 # GEMM is faster relative to this AVX2 GEMV (AVX-512).
 GEMV_MAX_ROWS = 16
+# On CPUs with the int8 GEMM (AVX-512 VNNI), input rows from which it takes over from the GEMV.
+# Kernels alone (benchmarks/kernels.py --rows, 2 threads, 4608x1024 and 1024x4608): at 2 rows the
+# GEMV is 1.4-1.8x faster, at 4 the GEMM 1.1-1.3x (int4 and int8), at 8 1.4-1.7x, at 16 1.5-2.5x.
+# Whole decode steps of a batch (the engine on LFM2-350M Q4_0 / Q8_0 files, aggregate tokens/s,
+# 2026-12-03): even at 4 rows, ahead from 6, 1.4x at 8 and 1.2-1.9x at 16 rows (the server's batches).
+QGEMM_MIN_ROWS = 6
 # Bytes of float32 weight dequantized at once on the many-row path: big enough for an efficient
 # GEMM call, small enough to stay in cache instead of round-tripping through memory. Measured at
 # 512 rows: 4 MiB tiles match or beat float32 F.linear; 16 and 64 MiB tiles are 5-15% slower.
@@ -258,10 +264,12 @@ class QuantLinear(nn.Module):
         if x2.dtype != torch.float32:
             x2 = x2.float()
         ops = kernels.ops() if x2.is_cpu else None
-        if ops is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+        m = x2.shape[0]
+        gemm = ops is not None and m >= QGEMM_MIN_ROWS and self._int8_gemm()
+        if ops is not None and m <= GEMV_MAX_ROWS and not gemm:
             y = ops.qgemv(x2.contiguous(), self.qweight, self.scales, self.bits,
                           self.group_size or self.in_features, self.int8_activations)
-        elif ops is not None and self.int8_activations and self.in_features % 32 == 0 and kernels.has_int8_gemm():
+        elif gemm:
             y = ops.qgemm(x2.contiguous(), self.qweight, self.scales, self.bits, self.group_size or self.in_features)
         else:
             y = self._tiled_matmul(x2)
@@ -270,6 +278,10 @@ class QuantLinear(nn.Module):
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _int8_gemm(self) -> bool:
+        """Whether the int8 GEMM can take this layer's products (AVX-512 VNNI, int8 activations)."""
+        return self.int8_activations and self.in_features % 32 == 0 and kernels.has_int8_gemm()
 
     def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W^T, dequantizing W in row tiles that stay in cache (with or without the kernels).
