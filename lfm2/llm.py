@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from lfm2.generate import logprob_entries, stream_text
 from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
+from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig, is_vl_config
 from lfm2.prefix_cache import PrefixCache
 from lfm2.reasoning import AfterReasoning, ReplyParser, check_budget, parse_reply, prompt_opens_thinking, reasoning_tags
 from lfm2.sampling import SamplingParams, choice_params
@@ -91,6 +93,8 @@ class LLM:
     # Strict tool calls choose each call's tool by its whole name's probability (`lfm2.constrain`);
     # False: token by token, as grammar-constrained decoding elsewhere does (for comparison).
     whole_tool_names: bool = True
+    # LFM2-VL: the whole model (vision tower, projector, and `model` as its language model); None for text models.
+    vision: Lfm2VlForConditionalGeneration | None = None
 
     @classmethod
     def from_loaded(cls, loaded: Loaded) -> LLM:
@@ -478,6 +482,13 @@ def load(
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    if is_vl_checkpoint(ckpt):
+        if quantize is not None or adapter is not None or compile:
+            raise ConfigError(f"{ckpt} is an LFM2-VL checkpoint: quantize=, adapter= and compile= are not "
+                              "supported for vision models yet; load it without them")
+        vision = load_vl_model(ckpt, dtype, device)
+        return LLM(model=vision.language, config=vision.config.text, tokenizer=_load_tokenizer(ckpt), path=ckpt,
+                   vision=vision)
     config = ModelConfig.from_json(ckpt / "config.json")
     model = build_model(config, device="meta")
     cast_model(model, dtype)
@@ -508,6 +519,31 @@ def load(
         if device.type == "cpu":
             move_to_huge_pages(model)
     return _compiled(_with_adapter(llm, adapter), compile)
+
+
+def is_vl_checkpoint(ckpt: Path) -> bool:
+    """Whether a checkpoint directory holds an LFM2-VL model (by its config.json's model_type)."""
+    try:
+        raw = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # ModelConfig.from_json reports what is wrong with the file
+    return isinstance(raw, dict) and is_vl_config(raw)
+
+
+def load_vl_model(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Lfm2VlForConditionalGeneration:
+    """The LFM2-VL model of a checkpoint directory (config.json + safetensors), checked tensor by tensor."""
+    ckpt = Path(ckpt)
+    try:
+        raw = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{ckpt / 'config.json'}: cannot read ({e})") from None
+    config = VlConfig.from_dict(raw, source=str(ckpt / "config.json"))
+    with torch.device("meta"):
+        model = Lfm2VlForConditionalGeneration(config)
+    model.to(dtype)
+    load_into(model, ckpt, device)
+    return model.eval()
 
 
 def _compiled(llm: LLM, compile: bool) -> LLM:

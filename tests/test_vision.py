@@ -1,0 +1,175 @@
+"""LFM2-VL against transformers' `Lfm2VlForConditionalGeneration` on the same random weights.
+
+A small random `Lfm2VlConfig` is built here, transformers' model with random weights is saved with
+`save_pretrained`, and lfm2's loader reads that directory. Both models get the same
+`pixel_values` / `pixel_attention_mask` / `spatial_shapes`, built here with the processor's shapes:
+patches of 3*p*p values, padded to the longest image, real-patch masks, and grids whose sides are
+multiples of the downsample factor. The head is untied and the blocks' output projections are
+scaled up (see `shared/notes/testing-random-models.md`), so greedy tokens depend on the context.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lfm2
+from lfm2.errors import GenerationError
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 5  # image_token_id
+VOCAB = 160
+PATCH = 4
+MAX_PATCHES = 48
+
+
+def vl_config():
+    text = dict(model_type="lfm2", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=96, block_auto_adjust_ff_dim=False,
+                layer_types=["conv", "full_attention", "conv", "full_attention"], max_position_embeddings=512,
+                tie_word_embeddings=False)
+    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2, patch_size=PATCH, num_patches=16, vision_use_head=False)
+    return transformers.Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                                     projector_hidden_size=40, downsample_factor=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(ours, transformers') from one random checkpoint written by transformers."""
+    torch.manual_seed(0)
+    theirs = transformers.Lfm2VlForConditionalGeneration(vl_config()).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith(("out_proj.weight", "w2.weight")) and "language_model" in name:
+                p.mul_(8)  # context-dependent predictions (testing-random-models.md)
+            if "vision_tower" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)  # transformers initialises these at (almost) zero: give them weight
+    path = tmp_path_factory.mktemp("vl")
+    theirs.save_pretrained(path)
+    ours = lfm2.load(path).vision
+    return ours, theirs
+
+
+def images(shapes: list[tuple[int, int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Processor-shaped inputs for images of these patch grids: random pixels in [-1, 1], padding zero."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(shapes)
+    pixel_values = torch.zeros(n, MAX_PATCHES, 3 * PATCH * PATCH)
+    mask = torch.zeros(n, MAX_PATCHES, dtype=torch.long)
+    for i, (h, w) in enumerate(shapes):
+        pixel_values[i, : h * w] = torch.rand(h * w, 3 * PATCH * PATCH, generator=g) * 2 - 1
+        mask[i, : h * w] = 1
+    return dict(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=torch.tensor(shapes))
+
+
+def prompt(parts: list, seed: int = 0) -> list[int]:
+    """Token ids: ints are runs of random text tokens, tuples (h, w) an image's `<image>` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    for part in parts:
+        if isinstance(part, tuple):
+            out += [IMAGE] * ((part[0] // 2) * (part[1] // 2))
+        else:
+            out += torch.randint(10, VOCAB, (part,), generator=g).tolist()
+    return out
+
+
+@torch.no_grad()
+def test_config_and_weights_load(pair):
+    ours, theirs = pair
+    assert ours.config.image_token_id == IMAGE and not ours.config.tie_word_embeddings
+    theirs_state = theirs.state_dict()
+    for name, t in ours.state_dict().items():
+        assert torch.equal(t, theirs_state[name]), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shapes", [[(4, 6)], [(6, 4), (2, 8)], [(8, 6)]], ids=["one", "two", "full-grid"])
+def test_logits_match_transformers(pair, shapes):
+    ours, theirs = pair
+    inputs = images(shapes)
+    ids = torch.tensor([prompt([7, *[x for s in shapes for x in (s, 3)], 5])])
+    ref = theirs(input_ids=ids, **inputs).logits
+    got = ours(ids, **inputs)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-4
+    # The images matter: other pixels give other logits.
+    other = ours(ids, **images(shapes, seed=1))
+    assert (other - got).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_image_features_match_transformers(pair):
+    ours, theirs = pair
+    inputs = images([(4, 6), (6, 2)])
+    ref = theirs.model.get_image_features(**inputs).pooler_output
+    got = ours.image_features(**inputs)
+    assert [t.shape for t in got] == [t.shape for t in ref] == [(6, 64), (3, 64)]
+    for a, b in zip(got, ref, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_transformers(pair):
+    ours, theirs = pair
+    shapes = [(4, 4), (2, 6), (4, 2)]  # row 0 has the first image, row 1 the other two
+    inputs = images(shapes, seed=2)
+    rows = [prompt([3, (4, 4), 6], seed=3), prompt([2, (2, 6), 4, (4, 2), 9], seed=4)]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    ref = theirs(input_ids=ids, attention_mask=mask, **inputs).logits
+    got = ours(ids, attention_mask=mask, **inputs)
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max() <= 1e-4
+    # Each row alone gives the same logits (batch invariance).
+    alone = ours(torch.tensor([rows[0]]), **{k: v[:1] for k, v in inputs.items()})
+    assert (alone[0] - got[0, T - len(rows[0]) :]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_transformers(pair):
+    ours, theirs = pair
+    inputs = images([(4, 6), (2, 4)], seed=5)
+    ids = torch.tensor([prompt([4, (4, 6), 2, (2, 4), 3], seed=6)])
+    new = 16
+    ref = theirs.generate(input_ids=ids, **inputs, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    ref = ref[0, ids.shape[1] :].tolist()
+    cache = ours.make_cache(1, ids.shape[1] + new)
+    logits = ours(ids, cache=cache, last_only=True, **inputs)
+    got = []
+    for _ in range(new):
+        token = int(logits[0, -1].argmax())
+        got.append(token)
+        logits = ours(torch.tensor([[token]]), cache=cache)
+    assert got == ref
+    assert len(set(ref)) > 4  # the fixture's predictions depend on context
+
+
+@torch.no_grad()
+def test_mismatched_image_tokens_are_refused(pair):
+    ours, _ = pair
+    inputs = images([(4, 4)])
+    ids = torch.tensor([prompt([3, (4, 4), (2, 2)])])
+    with pytest.raises(GenerationError, match="image tokens"):
+        ours(ids, **inputs)
+    with pytest.raises(GenerationError, match="multiple of 2"):
+        ours(torch.tensor([prompt([3, (4, 4)])]), **{**inputs, "spatial_shapes": torch.tensor([[3, 5]])})
+
+
+def test_loader_reads_released_layout(pair, tmp_path):
+    """Released checkpoints nest the tower as `vision_tower.vision_model.*`; both layouts load."""
+    from safetensors.torch import load_file, save_file
+
+    ours, theirs = pair
+    theirs.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    renamed = {k.replace("model.vision_tower.", "model.vision_tower.vision_model.")
+               if k.startswith("model.vision_tower.") and ".vision_model." not in k else k: v
+               for k, v in state.items()}
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    again = lfm2.load(tmp_path).vision
+    for name, t in ours.state_dict().items():
+        assert torch.equal(t, again.state_dict()[name]), name
