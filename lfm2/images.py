@@ -251,6 +251,41 @@ def batch(layouts: list[ImageLayout]) -> dict[str, torch.Tensor]:
     }
 
 
+def split_images(messages: Any, image_token: str = "<image>") -> tuple[list[dict[str, Any]], list[Any]]:
+    """Chat messages with image parts -> (messages where each image part is the text `<image>`, the images in order).
+
+    Image parts are OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` (or `"image_url": "..."`)
+    and transformers' `{"type": "image", "image": ...}` (also `"url"` or `"path"`); an image is then any
+    reference `load_image` takes. Each becomes a text part, so any chat template that renders text parts
+    places the marker where the image was (LFM2-VL's own template renders an image part as `<image>`)."""
+    if not isinstance(messages, (list, tuple)):
+        return messages, []
+    out, images = [], []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image_url":
+                ref = part.get("image_url")
+                ref = ref.get("url") if isinstance(ref, dict) else ref
+            elif kind == "image":
+                ref = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
+            else:
+                parts.append(part)
+                continue
+            if ref is None:
+                raise GenerationError(f"messages[{i}].content[{j}]: an {kind} part without an image "
+                                      "(expected image_url.url, or image / url / path)")
+            images.append(ref)
+            parts.append({"type": "text", "text": image_token})
+        out.append({**message, "content": parts})
+    return out, images
+
+
 def _round_by(number: float, factor: int) -> int:
     return round(number / factor) * factor
 
@@ -358,4 +393,5 @@ def to_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-__all__ = ["ImageLayout", "ImageProcessor", "batch", "decode_image", "load_image", "resize", "to_tensor"]
+__all__ = ["ImageLayout", "ImageProcessor", "batch", "decode_image", "load_image", "resize", "split_images",
+           "to_tensor"]

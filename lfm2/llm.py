@@ -17,6 +17,8 @@ from lfm2.constrain import NoToolCalls, tool_call_constraint, wants_constraint
 from lfm2.engine import Engine, Result, TokenLogprob
 from lfm2.errors import CheckpointError, ConfigError, GenerationError
 from lfm2.generate import logprob_entries, stream_text
+from lfm2.images import ImageLayout, ImageProcessor, load_image, split_images
+from lfm2.images import batch as images_batch
 from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
@@ -48,6 +50,8 @@ class ChatPlan:
     constraint: Any
     reasoning: bool = False
     started: bool = False
+    images: list[ImageLayout] = field(default_factory=list)  # the prompt's images, preprocessed, in order
+    embed: Callable[[int, int], torch.Tensor] | None = None  # `Request.embed` where the prompt has images
 
     def parser(self) -> ReplyParser:
         """A fresh streaming parser for one reply (`lfm2.reasoning.ReplyParser`, `forced` already fed):
@@ -95,6 +99,8 @@ class LLM:
     whole_tool_names: bool = True
     # LFM2-VL: the whole model (vision tower, projector, and `model` as its language model); None for text models.
     vision: Lfm2VlForConditionalGeneration | None = None
+    # Its preprocessing (the checkpoint's settings); `max_image_tokens` etc. are the speed/quality dial.
+    image_processor: ImageProcessor | None = None
 
     @classmethod
     def from_loaded(cls, loaded: Loaded) -> LLM:
@@ -216,7 +222,8 @@ class LLM:
         if sampling.get("n", 1) != 1:
             raise GenerationError("chat_stream streams one reply: n must be 1")
         parser = plan.parser()
-        for _, piece in self._stream([plan.ids], sampling, [plan.constraint], [self.turn_ends(plan.ids)]):
+        for _, piece in self._stream([plan.ids], sampling, [plan.constraint], [self.turn_ends(plan.ids)],
+                                     embeds=[plan.embed]):
             for kind, value in parser.feed(piece):
                 yield {_DELTA_KEYS[kind]: value}
         for kind, value in parser.finish():
@@ -230,7 +237,8 @@ class LLM:
         plan = self.chat_plan(messages, tools, tool_choice, strict_tools, reasoning, max_reasoning_tokens, output=fmt)
         constraints = [None if plan.constraint is None else plan.constraint.fresh() for _ in range(n)]
         texts = [""] * n
-        for row, piece in self._stream([plan.ids] * n, sampling, constraints, [self.turn_ends(plan.ids)] * n, n):
+        for row, piece in self._stream([plan.ids] * n, sampling, constraints, [self.turn_ends(plan.ids)] * n, n,
+                                       embeds=[plan.embed] * n):
             texts[row] += piece
         replies = []
         for row, text in enumerate(texts):
@@ -307,7 +315,13 @@ class LLM:
         use_tools = tools if tools and tool_choice != "none" else None
         tags = reasoning_tags(tok, reasoning)
         budget = check_budget(max_reasoning_tokens, tags)
-        prompt = render_chat(tok, list(messages), use_tools, add_generation_prompt=True)
+        messages, images = split_images(list(messages))
+        if images and self.vision is None:
+            raise GenerationError(f"{self.path}: this model reads text only; images need an LFM2-VL checkpoint")
+        prompt = render_chat(tok, messages, use_tools, add_generation_prompt=True)
+        layouts = [self.image_processor(load_image(image)) for image in images]
+        if layouts:
+            prompt = self.image_processor.expand(prompt, layouts)
         forced = ""
         if tool_choice == "required":
             forced = "<|tool_call_start|>["
@@ -335,7 +349,14 @@ class LLM:
             after = tok.encode(forced, add_special_tokens=False) if forced else ()
             constraint = AfterReasoning(constraint, tags, self.config.vocab_size, budget, started, after)
         ids = tok.encode(prompt + in_prompt, add_special_tokens=False)
-        return ChatPlan(ids, in_prompt, use_tools, constraint, tags is not None, started)
+        embed = self._image_embedder(ids, layouts) if layouts else None
+        return ChatPlan(ids, in_prompt, use_tools, constraint, tags is not None, started, layouts, embed)
+
+    def _image_embedder(self, ids: list[int], layouts: list[ImageLayout]) -> Callable[[int, int], torch.Tensor]:
+        """Encode the images once (vision tower and projector), for the engine's prefill to place."""
+        with torch.inference_mode():
+            features = self.vision.image_features(**images_batch(layouts))
+        return self.vision.prompt_embedder(ids, features)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -366,7 +387,8 @@ class LLM:
                       prefix_cache=self.prefix_cache)
 
     def _stream(self, prompts: list[list[int]], sampling: dict[str, Any], constraints: Sequence[Any] | None = None,
-                checkpoints: Sequence[Sequence[int]] | None = None, n: int = 1) -> Iterator[tuple[int, str]]:
+                checkpoints: Sequence[Sequence[int]] | None = None, n: int = 1,
+                embeds: Sequence[Any] | None = None) -> Iterator[tuple[int, str]]:
         """Text pieces (row, piece) of every prompt's reply; rows come in groups of `n` choices of
         one prompt, each choice with its own seed (`choice_params`)."""
         sampling = dict(sampling)
@@ -399,7 +421,7 @@ class LLM:
         found: list[list[TokenLogprob]] = []
         rows = [choice_params(params, r % n) for r in range(len(prompts))]
         yield from stream_text(engine, tok, prompts, rows, max_new_tokens, stop, ignore_eos, self.last_stats,
-                               constraints, checkpoints, logprobs, found)
+                               constraints, checkpoints, logprobs, found, embeds)
         if logprobs is not None:
             self.last_logprobs = [logprob_entries(tok, items) for items in found]
 
@@ -488,7 +510,7 @@ def load(
                               "supported for vision models yet; load it without them")
         vision = load_vl_model(ckpt, dtype, device)
         return LLM(model=vision.language, config=vision.config.text, tokenizer=_load_tokenizer(ckpt), path=ckpt,
-                   vision=vision)
+                   vision=vision, image_processor=ImageProcessor.from_dir(ckpt))
     config = ModelConfig.from_json(ckpt / "config.json")
     model = build_model(config, device="meta")
     cast_model(model, dtype)

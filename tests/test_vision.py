@@ -173,3 +173,144 @@ def test_loader_reads_released_layout(pair, tmp_path):
     again = lfm2.load(tmp_path).vision
     for name, t in ours.state_dict().items():
         assert torch.equal(t, again.state_dict()[name]), name
+
+
+# -- chat with images, through the engine ---------------------------------------------------------
+
+IMAGE_TOKENS = ["<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"] + [
+    f"<|img_row_{r}_col_{c}|>" for r in range(1, 4) for c in range(1, 4)]
+SMALL_PROCESSOR = dict(encoder_patch_size=PATCH, tile_size=16, downsample_factor=2, min_image_tokens=2,
+                       max_image_tokens=9, max_tiles=4)
+
+
+@pytest.fixture(scope="module")
+def vl_chat(tmp_path_factory):
+    """(lfm2's LLM, transformers' model) on one random LFM2-VL checkpoint with a real BPE tokenizer
+    (trained here, LFM2-VL's image markers added as special tokens) and small processor settings."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from lfm2.train.tokenizer import train_tokenizer
+    from tests.conftest import CORPUS
+
+    path = tmp_path_factory.mktemp("vl-chat")
+    train_tokenizer(CORPUS, vocab_size=600, out_dir=path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
+    tok.save(str(path / "tokenizer.json"))
+    config = vl_config()
+    config.text_config.vocab_size = tok.get_vocab_size()
+    config.image_token_id = tok.token_to_id("<image>")
+    torch.manual_seed(1)
+    theirs = transformers.Lfm2VlForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith(("out_proj.weight", "w2.weight")) and "language_model" in name:
+                p.mul_(8)
+            if "vision_tower" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({"image_processor": SMALL_PROCESSOR}))
+    return lfm2.load(path), theirs
+
+
+def picture(width: int, height: int, seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def data_url(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def reference_reply(llm, theirs, messages, new: int) -> str:
+    """transformers' greedy reply on the prompt ids and image tensors lfm2 prepared."""
+    from lfm2.images import batch
+
+    plan = llm.chat_plan(messages)
+    ids = torch.tensor([plan.ids])
+    with torch.no_grad():
+        out = theirs.generate(input_ids=ids, **batch(plan.images), max_new_tokens=new, do_sample=False)
+    tokens = out[0, ids.shape[1] :].tolist()
+    stops = llm.tokenizer.stop_ids
+    tokens = tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+    return llm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_chat_with_images_matches_transformers(vl_chat, tmp_path):
+    llm, theirs = vl_chat
+    wide = picture(64, 32, seed=1)  # tiled at these settings: 2 tiles and a thumbnail
+    path = tmp_path / "small.png"
+    picture(12, 12, seed=2).save(path)
+    one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(wide)}},
+                                        {"type": "text", "text": "What is this?"}]}]
+    two = [{"role": "user", "content": [{"type": "text", "text": "Compare"},
+                                        {"type": "image", "image": wide},
+                                        {"type": "image_url", "image_url": {"url": str(path)}},
+                                        {"type": "text", "text": "please."}]}]
+    for messages in (one, two):
+        plan = llm.chat_plan(messages)
+        assert plan.images and plan.ids.count(llm.vision.config.image_token_id) == sum(
+            x.num_tokens for x in plan.images)
+        reply = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
+        assert reply["content"] == reference_reply(llm, theirs, messages, 12)
+    assert llm.chat_plan(one).images[0].rows * llm.chat_plan(one).images[0].cols == 2
+    # The reply depends on the image's pixels, not only on its size.
+    other = [{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=9)},
+                                          {"type": "text", "text": "What is this?"}]}]
+    assert llm.chat_plan(other).ids == llm.chat_plan(one).ids
+    assert (llm.chat(other, temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
+            != llm.chat(one, temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True))
+
+
+def test_chunked_prefill_cuts_images_anywhere(vl_chat, monkeypatch):
+    import lfm2.engine
+
+    llm, _ = vl_chat
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=3)},
+                                             {"type": "text", "text": "Hi"}]}]
+    whole = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    monkeypatch.setattr(lfm2.engine, "PREFILL_CHUNK", 5)
+    assert llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True) == whole
+
+
+def test_other_image_same_ids_is_not_served_from_the_prefix_cache(vl_chat):
+    """Two images of one size give the same prompt ids; the second must not reuse the first's state."""
+    from lfm2.prefix_cache import PrefixCache
+
+    llm, theirs = vl_chat
+    ask = [{"role": "user", "content": [{"type": "image", "image": picture(16, 16, seed=s)},
+                                        {"type": "text", "text": "Hi"}]} for s in (4, 5)]
+    assert llm.chat_plan([ask[0]]).ids == llm.chat_plan([ask[1]]).ids
+    llm.prefix_cache = PrefixCache()
+    first = llm.chat([ask[0]], temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    second = llm.chat([ask[1]], temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    assert second["content"] == reference_reply(llm, theirs, [ask[1]], 8) != first["content"]
+
+
+def test_bad_images_in_chat_are_generation_errors(vl_chat, tiny_checkpoint):
+    llm, _ = vl_chat
+    good = data_url(picture(8, 8, seed=6))
+    for url, message in [(good[: len(good) // 2], "truncated or corrupt|not valid base64"),
+                         ("data:image/png;base64,aGVsbG8=", "not an image"),
+                         ("/nonexistent/cat.png", "no such image file")]:
+        with pytest.raises(GenerationError, match=message):
+            llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    with pytest.raises(GenerationError, match="without an image"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    with pytest.raises(GenerationError, match="<image> markers but 2 images"):
+        llm.chat([{"role": "user", "content": [{"type": "text", "text": "<image> and <image>"},
+                                               {"type": "image_url", "image_url": {"url": good}},
+                                               {"type": "image_url", "image_url": {"url": good}}]}])
+    text_only = lfm2.load(tiny_checkpoint)
+    text_only.tokenizer = llm.tokenizer
+    with pytest.raises(GenerationError, match="reads text only"):
+        text_only.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": good}}]}])

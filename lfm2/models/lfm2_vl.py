@@ -18,6 +18,7 @@ which the engine runs (on `inputs_embeds` where a prompt holds images).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +203,25 @@ class Lfm2VlForConditionalGeneration(nn.Module):
         if n == 0:
             return x
         return x.masked_scatter(slots[..., None], feats.to(x.dtype))
+
+    def prompt_embedder(self, ids: Sequence[int], features: list[torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+        """`embed(start, end)` for the engine (`lfm2.engine.Request.embed`): the embeddings of `ids[start:end]`
+        with the image features of the `<image>` tokens in that range, so a chunked prefill may cut an
+        image anywhere."""
+        feats = torch.cat(features) if features else torch.zeros(0, self.config.text.hidden_size)
+        slots = torch.tensor(list(ids)) == self.config.image_token_id
+        if int(slots.sum()) != feats.shape[0]:
+            raise GenerationError(f"the prompt holds {int(slots.sum())} image tokens but the images give "
+                                  f"{feats.shape[0]} embeddings: the prompt and the images do not match")
+        before = torch.cumsum(slots, 0) - slots.long()  # image tokens before each position
+
+        def embed(start: int, end: int) -> torch.Tensor:
+            first = int(before[start])
+            n = int(slots[start:end].sum())
+            chunk = torch.tensor([list(ids[start:end])], device=self.device)
+            return self.embed(chunk, [feats[first : first + n]])
+
+        return embed
 
     def forward(
         self,
