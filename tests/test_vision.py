@@ -134,7 +134,7 @@ def test_greedy_generation_matches_transformers(pair):
     ours, theirs = pair
     inputs = images([(4, 6), (2, 4)], seed=5)
     ids = torch.tensor([prompt([4, (4, 6), 2, (2, 4), 3], seed=6)])
-    new = 16
+    new = 32
     ref = theirs.generate(input_ids=ids, **inputs, max_new_tokens=new, do_sample=False, min_new_tokens=new)
     ref = ref[0, ids.shape[1] :].tolist()
     cache = ours.make_cache(1, ids.shape[1] + new)
@@ -145,7 +145,7 @@ def test_greedy_generation_matches_transformers(pair):
         got.append(token)
         logits = ours(torch.tensor([[token]]), cache=cache)
     assert got == ref
-    assert len(set(ref)) > 4  # the fixture's predictions depend on context
+    assert len(set(ref)) >= 5  # the fixture's predictions depend on context (6 distinct of 32)
 
 
 @torch.no_grad()
@@ -314,3 +314,56 @@ def test_bad_images_in_chat_are_generation_errors(vl_chat, tiny_checkpoint):
     text_only.tokenizer = llm.tokenizer
     with pytest.raises(GenerationError, match="reads text only"):
         text_only.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": good}}]}])
+
+
+def test_server_chat_with_an_image(vl_chat):
+    """The official `openai` client sends an image part to `lfm2 serve`; bad images get 400s."""
+    import openai
+
+    from tests.test_server import MODEL, Live
+
+    llm, _ = vl_chat
+    url = data_url(picture(64, 32, seed=7))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    live = Live(llm, max_batch=2, max_queue=2)
+    try:
+        out = live.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8,
+                                                  extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
+        expected = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+        assert out.choices[0].message.content == expected["content"]
+        for bad, match in [(url[: len(url) // 2], "truncated or corrupt|not valid base64"),
+                           ("https://example.com/cat.png", "data URLs only"),
+                           ("/etc/hosts", "data URLs only")]:
+            parts = [{"type": "image_url", "image_url": {"url": bad}}]
+            with pytest.raises(openai.BadRequestError, match=match):
+                live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}],
+                                                    max_tokens=4)
+    finally:
+        live.close()
+
+
+def test_cli_chat_with_images(vl_chat, tmp_path, monkeypatch, capsys):
+    """`lfm2 chat --image FILE`, and `/image FILE` inside the chat, attach images to the next message."""
+    import io
+
+    from lfm2.cli import main
+
+    llm, _ = vl_chat
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    picture(64, 32, seed=10).save(first)
+    picture(12, 20, seed=11).save(second)
+    (tmp_path / "broken.png").write_bytes(first.read_bytes()[:100])
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is this?\n/image " + str(tmp_path / "broken.png") +
+                                                 "\n/image " + str(second) + "\nAnd this?\n/exit\n"))
+    main(["chat", "--model", str(llm.path), "--image", str(first), "--temperature", "0",
+          "--repetition-penalty", "1.0", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(first)}},
+                                         {"type": "text", "text": "What is this?"}]}]
+    reply = llm.chat(turn, temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+    assert reply["content"] and reply["content"] in out
+    assert "truncated or corrupt" in out and "[1 image(s) attached to your next message]" in out
+    with pytest.raises(SystemExit):
+        main(["chat", "--model", str(llm.path), "--image", str(tmp_path / "missing.png")])
+    assert "no such image file" in capsys.readouterr().err
