@@ -98,20 +98,24 @@ class ImageProcessor:
 
     @classmethod
     def from_dir(cls, ckpt: str | os.PathLike, **overrides: Any) -> ImageProcessor:
-        """The settings a checkpoint ships (`preprocessor_config.json`, else `processor_config.json`'s
-        `image_processor`), then `overrides` (e.g. `max_image_tokens=128`)."""
+        """The settings a checkpoint ships, then `overrides` (e.g. `max_image_tokens=128`).
+
+        Released LFM2-VL checkpoints keep the tiling and token settings at the top level of
+        `processor_config.json` and `config.json` (and `image_mean`/`image_std` in `preprocessor_config.json`);
+        transformers 5 nests them under `image_processor`. Both are read, later ones winning."""
         ckpt = Path(ckpt)
         raw: dict[str, Any] = {}
-        for name in ("processor_config.json", "preprocessor_config.json"):
+        for name in ("config.json", "preprocessor_config.json", "processor_config.json"):
             path = ckpt / name
             if path.is_file():
                 try:
                     data = json.loads(path.read_text(encoding="utf-8"))
                 except (OSError, ValueError) as e:
                     raise ConfigError(f"{path}: cannot read ({e})") from None
-                raw.update(data.get("image_processor", {}) if name == "processor_config.json" else data)
-                if name == "processor_config.json" and "use_image_special_tokens" in data:
-                    raw["use_image_special_tokens"] = data["use_image_special_tokens"]
+                if not isinstance(data, dict):
+                    raise ConfigError(f"{path}: expected a JSON object")
+                raw.update(data)
+                raw.update(data.get("image_processor") or {})
         return cls.from_dict({**raw, **overrides})
 
     @property

@@ -367,3 +367,30 @@ def test_cli_chat_with_images(vl_chat, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["chat", "--model", str(llm.path), "--image", str(tmp_path / "missing.png")])
     assert "no such image file" in capsys.readouterr().err
+
+
+def test_released_config_builds_the_450m_shapes():
+    """LFM2-VL-450M's config.json (transformers 4.55 era: `lfm2-vl`, `image_token_index`, `block_*` fields)."""
+    from lfm2.models import count_parameters
+    from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig
+
+    attn = [2, 5, 8, 10, 12, 14]
+    raw = {"model_type": "lfm2-vl", "image_token_index": 396, "downsample_factor": 2, "projector_bias": True,
+           "projector_hidden_act": "gelu", "projector_hidden_size": 2560, "max_image_tokens": 256,
+           "text_config": {"model_type": "lfm2", "block_auto_adjust_ff_dim": True, "block_dim": 1024,
+                           "block_ff_dim": 6656, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
+                           "block_norm_eps": 1e-05, "conv_L_cache": 3, "conv_bias": False, "hidden_size": 1024,
+                           "intermediate_size": 6656, "num_attention_heads": 16, "num_hidden_layers": 16,
+                           "num_key_value_heads": 8, "rope_theta": 1e6, "vocab_size": 65536,
+                           "layer_types": ["full_attention" if i in attn else "conv" for i in range(16)]},
+           "vision_config": {"hidden_act": "gelu_pytorch_tanh", "hidden_size": 768, "intermediate_size": 3072,
+                             "layer_norm_eps": 1e-06, "model_type": "siglip2_vision_model", "num_attention_heads": 12,
+                             "num_channels": 3, "num_hidden_layers": 12, "num_patches": 256, "patch_size": 16,
+                             "vision_use_head": False}}
+    config = VlConfig.from_dict(raw)
+    assert config.image_token_id == 396 and config.tie_word_embeddings and config.text.intermediate_size == 4608
+    with torch.device("meta"):
+        model = Lfm2VlForConditionalGeneration(config)
+    assert 440e6 < count_parameters(model) < 460e6
+    with pytest.raises(lfm2.errors.ConfigError, match="vision_config"):
+        VlConfig.from_dict({k: v for k, v in raw.items() if k != "vision_config"})

@@ -136,3 +136,22 @@ def test_settings_are_checked():
     assert few(big).num_tokens == 54 < ImageProcessor()(big).num_tokens == 228
     tiled = ImageProcessor(max_image_tokens=64, min_image_tokens=16)(big)
     assert (tiled.rows, tiled.cols) == (2, 3) and tiled.num_tokens == 6 * 256 + 54
+
+
+def test_settings_from_a_released_checkpoint(tmp_path):
+    """LFM2-VL-450M's files: settings at the top level of processor_config.json (transformers 4.55 era),
+    normalization in preprocessor_config.json; transformers 5 nests them under `image_processor`."""
+    (tmp_path / "processor_config.json").write_text(json.dumps({
+        "do_image_splitting": True, "downsample_factor": 2, "encoder_patch_size": 16, "max_image_tokens": 256,
+        "max_num_patches": 1024, "max_pixels_tolerance": 2.0, "max_tiles": 10, "min_image_tokens": 64,
+        "min_tiles": 2, "processor_class": "Lfm2VlProcessor", "tile_size": 512, "use_image_special_tokens": True,
+        "use_thumbnail": False}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "max_num_patches": 1024, "patch_size": 16}))
+    p = ImageProcessor.from_dir(tmp_path)
+    assert not p.use_thumbnail and p.max_image_tokens == 256 and p.max_num_patches == 1024
+    assert ImageProcessor.from_dir(tmp_path, max_image_tokens=64).max_image_tokens == 64
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {"use_thumbnail": True,
+                                                                                      "min_image_tokens": 32}}))
+    p = ImageProcessor.from_dir(tmp_path)
+    assert p.use_thumbnail and p.min_image_tokens == 32
