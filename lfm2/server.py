@@ -1212,7 +1212,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         return app.openapi_schema
 
     app.openapi = openapi
-    web.add_routes(app, model_name, server.defaults, engine.max_len)  # the chat page at /: lfm2/web
+    web.add_routes(app, model_name, server.defaults, engine.max_len,  # the chat page at /: lfm2/web
+                   vision=getattr(llm, "vision", None) is not None)
     app.state.responses = responses.ResponseStore(responses_store_bytes)
 
     @app.exception_handler(APIError)

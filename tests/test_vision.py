@@ -316,6 +316,12 @@ def test_bad_images_in_chat_are_generation_errors(vl_chat, tiny_checkpoint):
         text_only.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": good}}]}])
 
 
+def httpx_get(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url, timeout=30).json()
+
+
 def test_server_chat_with_an_image(vl_chat):
     """The official `openai` client sends an image part to `lfm2 serve`; bad images get 400s."""
     import openai
@@ -332,6 +338,7 @@ def test_server_chat_with_an_image(vl_chat):
                                                   extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
         expected = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
         assert out.choices[0].message.content == expected["content"]
+        assert live.post("/web/info").status_code == 405 and httpx_get(live.url + "/web/info")["capabilities"]["vision"]
         for bad, match in [(url[: len(url) // 2], "truncated or corrupt|not valid base64"),
                            ("https://example.com/cat.png", "data URLs only"),
                            ("/etc/hosts", "data URLs only")]:
