@@ -246,6 +246,8 @@ def _add_chat(sub) -> None:
     _add_format_args(c)
     _add_reasoning_args(c)
     c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="an image for the first message (repeatable; vision models such as LFM2-VL)")
 
 
 def _add_train(sub) -> None:
@@ -386,8 +388,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict[str, Any]] = []
     sampling = {**_sampling(args), **output}
     hide, last_thought = args.hide_reasoning, ""
-    print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit; "
-          "a reasoning model's thought: /thought (show the last one), /hide (hide or show them).")
+    if args.image and llm.vision is None:
+        raise LFM2Error(f"{llm.path} reads text only: --image needs a vision model (an LFM2-VL checkpoint)")
+    images = [_checked_image(path) for path in args.image or []]  # for the next message
+    print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), "
+          "/image FILE (attach an image to the next message), /exit; a reasoning model's thought: "
+          "/thought (show the last one), /hide (hide or show them).")
     if tools:
         names = ", ".join(tool_schema(t)["function"]["name"] for t in tools)
         print(f"Tools offered: {names}. When the model calls one, type its result (JSON or text).")
@@ -423,11 +429,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
             hide = not hide
             print(f"[thoughts {'hidden: /thought shows the last one' if hide else 'shown'}]")
             continue
+        if text.startswith("/image"):
+            try:
+                if llm.vision is None:
+                    raise LFM2Error("this model reads text only: /image needs a vision model (LFM2-VL)")
+                images.append(_checked_image(text[len("/image") :].strip()))
+                print(f"[{len(images)} image(s) attached to your next message]")
+            except LFM2Error as exc:
+                print(f"[{exc}]")
+            continue
         if text.startswith("/"):
-            print(f"[unknown command {text.split()[0]}; use /reset, /system TEXT, /thought, /hide or /exit]")
+            print(f"[unknown command {text.split()[0]}; use /reset, /system TEXT, /image FILE, /thought, /hide "
+                  "or /exit]")
             continue
         start = len(history)
-        history.append({"role": "user", "content": text})
+        if images:
+            parts = [{"type": "image_url", "image_url": {"url": path}} for path in images]
+            history.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
+            images = []
+        else:
+            history.append({"role": "user", "content": text})
         while True:  # until the model answers without calling a tool
             messages = ([{"role": "system", "content": system}] if system else []) + history
             reply, thought, calls = "", "", []
@@ -466,6 +487,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 del history[start:]
                 print("\n[cancelled: the request and its tool calls are left out of the conversation]")
                 break
+
+
+def _checked_image(path: str) -> str:
+    """An image file's path, once it decodes (a clear error now rather than at the next message)."""
+    from lfm2.images import load_image
+
+    if not path:
+        raise LFM2Error("/image needs a file: /image photo.jpg")
+    load_image(path)
+    return str(Path(path).expanduser().resolve())
 
 
 def cmd_train(args: argparse.Namespace) -> None:

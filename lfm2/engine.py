@@ -129,6 +129,10 @@ class Request:
     engine appends a `TokenLogprob` to `token_logprobs` before calling `on_token`.
     `prompt_logprobs`: likewise for the prompt's tokens (`prompt_token_logprobs`, None for the first).
     `checkpoints`: prompt lengths after which to keep the state in the prefix cache (chat turns).
+    `embed(start, end)`: the input embeddings (1, end - start, hidden) of `prompt[start:end]`, for a
+    prompt some of whose tokens are placeholders (an image's `<image>` tokens, whose embeddings are
+    the vision model's features): prefill feeds them to the model instead of the tokens' own. Such a
+    prompt bypasses the prefix cache, since equal placeholder ids do not mean equal content.
     """
 
     prompt: Sequence[int]
@@ -142,6 +146,7 @@ class Request:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     checkpoints: Sequence[int] = ()
+    embed: Callable[[int, int], torch.Tensor] | None = None
     cancelled: bool = field(default=False, init=False)
     submitted_at: float = field(default=0.0, init=False)
     admitted_at: float = field(default=0.0, init=False)
@@ -440,6 +445,8 @@ class Engine:
         """Read the next chunk of `row`'s prompt (starting with a prefix-cache lookup); returns
         the budget left. Sets `row.logits` once the whole prompt has been read."""
         request, pc = row.request, self.prefix_cache
+        if request.embed is not None:
+            pc = None  # placeholder ids: a stored state under the same ids may hold other images
         prompt = list(request.prompt)
         if row.cache is None:
             room = 0 if request.constraint is None else request.constraint.look_ahead_room()
@@ -454,7 +461,8 @@ class Engine:
         cut = self._cuts(row)[0]
         ids = torch.tensor([prompt[row.done : cut]], device=self.device)
         want_prompt = request.prompt_logprobs is not None
-        logits = self.model(ids, row.cache, last_only=not want_prompt)[0]  # (1 or T, V)
+        extra = {} if request.embed is None else {"inputs_embeds": request.embed(row.done, cut)}
+        logits = self.model(ids, row.cache, last_only=not want_prompt, **extra)[0]  # (1 or T, V)
         self.prefill_chunks += 1
         if want_prompt:
             self._prompt_logprobs(row, logits, prompt, cut)
@@ -599,7 +607,8 @@ class Engine:
         cache = self._cache
         for i in sorted(indices, reverse=True):
             row = self._rows[i]
-            if reason is None and row.finish in ("stop", "length") and self.prefix_cache is not None:
+            if (reason is None and row.finish in ("stop", "length") and self.prefix_cache is not None
+                    and row.request.embed is None):
                 key = list(row.request.prompt) + row.tokens[:-1]  # the last token was never fed
                 if int(cache.positions[i]) == len(key):
                     self.prefix_cache.store(key, cache, row=i)

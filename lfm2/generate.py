@@ -81,6 +81,7 @@ def stream_text(
     checkpoints: Sequence[Sequence[int]] | None = None,
     logprobs: int | None = None,
     token_logprobs: list[list[TokenLogprob]] | None = None,
+    embeds: Sequence[Any] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as `engine` generates each prompt's reply (all decoded together).
 
@@ -88,6 +89,7 @@ def stream_text(
     when they finish, and `token_logprobs` (one list per row) with each generated token's logprob
     and `logprobs` alternatives when `logprobs` is set.
     `checkpoints[row]`: prompt lengths whose state the prefix cache keeps (ends of chat turns).
+    `embeds[row]`: the row's `Request.embed` (a prompt with images), or None.
     """
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     pieces: collections.deque[tuple[int, str]] = collections.deque()
@@ -104,7 +106,7 @@ def stream_text(
     requests = [
         Request(list(p), row_params[r], max_new_tokens, on_token(r), stop_ids=tokenizer.stop_ids, ignore_eos=ignore_eos,
                 constraint=None if not constraints else constraints[r], logprobs=logprobs,
-                checkpoints=() if not checkpoints else checkpoints[r])
+                checkpoints=() if not checkpoints else checkpoints[r], embed=None if not embeds else embeds[r])
         for r, p in enumerate(prompts)
     ]
     for _ in engine.run(requests):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from lfm2.constrain import NoToolCalls, tool_call_constraint, wants_constraint
 from lfm2.engine import Engine, Result, TokenLogprob
 from lfm2.errors import CheckpointError, ConfigError, GenerationError
 from lfm2.generate import logprob_entries, stream_text
+from lfm2.images import ImageLayout, ImageProcessor, load_image, split_images
+from lfm2.images import batch as images_batch
 from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
+from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig, is_vl_config
 from lfm2.prefix_cache import PrefixCache
 from lfm2.reasoning import AfterReasoning, ReplyParser, check_budget, parse_reply, prompt_opens_thinking, reasoning_tags
 from lfm2.sampling import SamplingParams, choice_params
@@ -46,6 +50,8 @@ class ChatPlan:
     constraint: Any
     reasoning: bool = False
     started: bool = False
+    images: list[ImageLayout] = field(default_factory=list)  # the prompt's images, preprocessed, in order
+    embed: Callable[[int, int], torch.Tensor] | None = None  # `Request.embed` where the prompt has images
 
     def parser(self) -> ReplyParser:
         """A fresh streaming parser for one reply (`lfm2.reasoning.ReplyParser`, `forced` already fed):
@@ -91,6 +97,10 @@ class LLM:
     # Strict tool calls choose each call's tool by its whole name's probability (`lfm2.constrain`);
     # False: token by token, as grammar-constrained decoding elsewhere does (for comparison).
     whole_tool_names: bool = True
+    # LFM2-VL: the whole model (vision tower, projector, and `model` as its language model); None for text models.
+    vision: Lfm2VlForConditionalGeneration | None = None
+    # Its preprocessing (the checkpoint's settings); `max_image_tokens` etc. are the speed/quality dial.
+    image_processor: ImageProcessor | None = None
 
     @classmethod
     def from_loaded(cls, loaded: Loaded) -> LLM:
@@ -212,7 +222,8 @@ class LLM:
         if sampling.get("n", 1) != 1:
             raise GenerationError("chat_stream streams one reply: n must be 1")
         parser = plan.parser()
-        for _, piece in self._stream([plan.ids], sampling, [plan.constraint], [self.turn_ends(plan.ids)]):
+        for _, piece in self._stream([plan.ids], sampling, [plan.constraint], [self.turn_ends(plan.ids)],
+                                     embeds=[plan.embed]):
             for kind, value in parser.feed(piece):
                 yield {_DELTA_KEYS[kind]: value}
         for kind, value in parser.finish():
@@ -226,7 +237,8 @@ class LLM:
         plan = self.chat_plan(messages, tools, tool_choice, strict_tools, reasoning, max_reasoning_tokens, output=fmt)
         constraints = [None if plan.constraint is None else plan.constraint.fresh() for _ in range(n)]
         texts = [""] * n
-        for row, piece in self._stream([plan.ids] * n, sampling, constraints, [self.turn_ends(plan.ids)] * n, n):
+        for row, piece in self._stream([plan.ids] * n, sampling, constraints, [self.turn_ends(plan.ids)] * n, n,
+                                       embeds=[plan.embed] * n):
             texts[row] += piece
         replies = []
         for row, text in enumerate(texts):
@@ -303,7 +315,13 @@ class LLM:
         use_tools = tools if tools and tool_choice != "none" else None
         tags = reasoning_tags(tok, reasoning)
         budget = check_budget(max_reasoning_tokens, tags)
-        prompt = render_chat(tok, list(messages), use_tools, add_generation_prompt=True)
+        messages, images = split_images(list(messages))
+        if images and self.vision is None:
+            raise GenerationError(f"{self.path}: this model reads text only; images need an LFM2-VL checkpoint")
+        prompt = render_chat(tok, messages, use_tools, add_generation_prompt=True)
+        layouts = [self.image_processor(load_image(image)) for image in images]
+        if layouts:
+            prompt = self.image_processor.expand(prompt, layouts)
         forced = ""
         if tool_choice == "required":
             forced = "<|tool_call_start|>["
@@ -331,7 +349,14 @@ class LLM:
             after = tok.encode(forced, add_special_tokens=False) if forced else ()
             constraint = AfterReasoning(constraint, tags, self.config.vocab_size, budget, started, after)
         ids = tok.encode(prompt + in_prompt, add_special_tokens=False)
-        return ChatPlan(ids, in_prompt, use_tools, constraint, tags is not None, started)
+        embed = self._image_embedder(ids, layouts) if layouts else None
+        return ChatPlan(ids, in_prompt, use_tools, constraint, tags is not None, started, layouts, embed)
+
+    def _image_embedder(self, ids: list[int], layouts: list[ImageLayout]) -> Callable[[int, int], torch.Tensor]:
+        """Encode the images once (vision tower and projector), for the engine's prefill to place."""
+        with torch.inference_mode():
+            features = self.vision.image_features(**images_batch(layouts))
+        return self.vision.prompt_embedder(ids, features)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -362,7 +387,8 @@ class LLM:
                       prefix_cache=self.prefix_cache)
 
     def _stream(self, prompts: list[list[int]], sampling: dict[str, Any], constraints: Sequence[Any] | None = None,
-                checkpoints: Sequence[Sequence[int]] | None = None, n: int = 1) -> Iterator[tuple[int, str]]:
+                checkpoints: Sequence[Sequence[int]] | None = None, n: int = 1,
+                embeds: Sequence[Any] | None = None) -> Iterator[tuple[int, str]]:
         """Text pieces (row, piece) of every prompt's reply; rows come in groups of `n` choices of
         one prompt, each choice with its own seed (`choice_params`)."""
         sampling = dict(sampling)
@@ -395,7 +421,7 @@ class LLM:
         found: list[list[TokenLogprob]] = []
         rows = [choice_params(params, r % n) for r in range(len(prompts))]
         yield from stream_text(engine, tok, prompts, rows, max_new_tokens, stop, ignore_eos, self.last_stats,
-                               constraints, checkpoints, logprobs, found)
+                               constraints, checkpoints, logprobs, found, embeds)
         if logprobs is not None:
             self.last_logprobs = [logprob_entries(tok, items) for items in found]
 
@@ -480,6 +506,13 @@ def load(
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    if is_vl_checkpoint(ckpt):
+        if quantize is not None or adapter is not None or compile:
+            raise ConfigError(f"{ckpt} is an LFM2-VL checkpoint: quantize=, adapter= and compile= are not "
+                              "supported for vision models yet; load it without them")
+        vision = load_vl_model(ckpt, dtype, device)
+        return LLM(model=vision.language, config=vision.config.text, tokenizer=_load_tokenizer(ckpt), path=ckpt,
+                   vision=vision, image_processor=ImageProcessor.from_dir(ckpt))
     config = ModelConfig.from_json(ckpt / "config.json")
     model = build_model(config, device="meta")
     cast_model(model, dtype)
@@ -510,6 +543,31 @@ def load(
         if device.type == "cpu":
             move_to_huge_pages(model)
     return _compiled(_with_adapter(llm, adapter), compile)
+
+
+def is_vl_checkpoint(ckpt: Path) -> bool:
+    """Whether a checkpoint directory holds an LFM2-VL model (by its config.json's model_type)."""
+    try:
+        raw = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # ModelConfig.from_json reports what is wrong with the file
+    return isinstance(raw, dict) and is_vl_config(raw)
+
+
+def load_vl_model(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Lfm2VlForConditionalGeneration:
+    """The LFM2-VL model of a checkpoint directory (config.json + safetensors), checked tensor by tensor."""
+    ckpt = Path(ckpt)
+    try:
+        raw = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{ckpt / 'config.json'}: cannot read ({e})") from None
+    config = VlConfig.from_dict(raw, source=str(ckpt / "config.json"))
+    with torch.device("meta"):
+        model = Lfm2VlForConditionalGeneration(config)
+    model.to(dtype)
+    load_into(model, ckpt, device)
+    return model.eval()
 
 
 def _compiled(llm: LLM, compile: bool) -> LLM:

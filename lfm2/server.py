@@ -128,6 +128,18 @@ class TextPart(_Body):
     text: str
 
 
+class ImageUrl(_Body):
+    url: str = Field(description="a data URL (data:image/png;base64,...): the server fetches no remote images")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Body):
+    """An image in a user message (vision models, LFM2-VL)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class _Message(_Body):
     name: str | None = None
     tool_call_id: str | None = None
@@ -148,6 +160,7 @@ class SystemMessage(_TextMessage):
 
 class UserMessage(_TextMessage):
     role: Literal["user"]
+    content: str | list[TextPart | ImagePart]
 
 
 class ToolMessage(_TextMessage):
@@ -759,10 +772,11 @@ class _Server:
     def submit(self, prompts: list[list[int]], params: SamplingParams, max_tokens: list[int], stop: list[str],
                ignore_eos: bool, constraint: Any = None, logprobs: int | None = None,
                prompt_logprobs: int | None = None, checkpoints: list[int] = (),
-               n: int = 1) -> tuple[list[_Job], asyncio.Queue]:
+               n: int = 1, embed: Any = None) -> tuple[list[_Job], asyncio.Queue]:
         """Queue one request per prompt, all or none; 429 when the queue cannot take them.
         `constraint` (tool calls, see `lfm2.constrain`) is copied fresh for each request;
-        `checkpoints`: where the prefix cache keeps states (the ends of chat turns). Prompts come in
+        `checkpoints`: where the prefix cache keeps states (the ends of chat turns); `embed`: the prompt's
+        image embeddings (`lfm2.engine.Request.embed`), for a chat with images. Prompts come in
         groups of `n` choices, each choice with its own seed (`choice_params`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -776,7 +790,8 @@ class _Server:
                 job.request = Request(ids, choice_params(params, i % n), budget, job.on_token, job.on_finish,
                                       self.tokenizer.stop_ids, ignore_eos,
                                       None if constraint is None else constraint.fresh(),
-                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs, checkpoints=checkpoints)
+                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs, checkpoints=checkpoints,
+                                      embed=embed)
                 sched.submit(job.request)
                 jobs.append(job)
         except SchedulerBusy as exc:
@@ -804,7 +819,7 @@ class _Server:
         _check_unicode(body)
         messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
         # Templates may trim a turn, or drop an assistant turn's thinking; the others' text stays whole.
-        self.check_fits(((m["content"] or "").strip() for m in messages if m["role"] != "assistant"), max_tokens,
+        self.check_fits((_text(m["content"]).strip() for m in messages if m["role"] != "assistant"), max_tokens,
                         "messages")
         tools = [t.raw() for t in body.tools] if body.tools else None
         choice: str | dict | None = body.tool_choice
@@ -912,10 +927,24 @@ def _busy(sched: Engine) -> APIError:
     )
 
 
+def _text(content: str | list | None) -> str:
+    """A message's text: its text parts where it has images too."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content)
+    return content or ""
+
+
 def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
     """An OpenAI message as the chat template wants it (text parts joined, developer -> system)."""
     content = message.content
-    if isinstance(content, list):
+    if isinstance(content, list) and any(isinstance(part, ImagePart) for part in content):
+        for j, part in enumerate(content):
+            if isinstance(part, ImagePart) and not part.image_url.url.startswith("data:"):
+                raise APIError(400, f"messages[{i}].content[{j}]: images are read from data URLs only "
+                               "(data:image/png;base64,...); this server fetches no remote URLs and reads no paths",
+                               param=f"messages[{i}].content[{j}].image_url.url", code="invalid_value")
+        content = [part.model_dump(exclude_none=True) for part in content]
+    elif isinstance(content, list):
         content = "".join(part.text for part in content)
     role = "system" if message.role == "developer" else message.role
     if content is None and not message.tool_calls:  # only an assistant message may lack content (pydantic)
@@ -1207,7 +1236,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         return app.openapi_schema
 
     app.openapi = openapi
-    web.add_routes(app, model_name, server.defaults, engine.max_len)  # the chat page at /: lfm2/web
+    web.add_routes(app, model_name, server.defaults, engine.max_len,  # the chat page at /: lfm2/web
+                   vision=getattr(llm, "vision", None) is not None)
     app.state.responses = responses.ResponseStore(responses_store_bytes)
 
     @app.exception_handler(APIError)
@@ -1283,7 +1313,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         budget = server.token_budget(len(ids), wanted, max_param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs, events = server.submit([ids] * n, params, [budget] * n, stop, body.ignore_eos, plan.constraint,
-                                     logprobs=logprobs, checkpoints=llm.turn_ends(ids), n=n)
+                                     logprobs=logprobs, checkpoints=llm.turn_ends(ids), n=n, embed=plan.embed)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         watcher = asyncio.create_task(_watch_disconnect(http.receive, lambda: server.cancel(jobs)))

@@ -241,7 +241,7 @@ def iter_tensors(table: dict[str, tuple[Path, dict]], names: list[str]) -> Itera
     ) as bar:
         handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
         for name in names:
-            t = handles[files[name]].get_tensor(name)
+            t = handles[files[name]].get_tensor(table[name][1].get("stored_name", name))
             bar.update(t.numel() * t.element_size())
             yield name, t
 
@@ -307,8 +307,15 @@ def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str, hu
     (float32 routers in a bf16 MoE) holds for the loaded weights too.
     """
     table = tensor_table(ckpt)
+    sanitize = getattr(model, "sanitize", None)
+    if sanitize is not None:  # a model whose checkpoints name some tensors otherwise (`Lfm2VlForConditionalGeneration`)
+        for name, ours in sanitize(list(table)).items():
+            entry = table.pop(name)
+            if ours is not None:
+                table[ours] = (entry[0], {**entry[1], "stored_name": name})
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
+    embedding = getattr(model, "embedding_key", "model.embed_tokens.weight")
     if tied:
         expected.pop("lm_head.weight", None)
     shapes = {name: tuple(info["shape"]) for name, (_, info) in table.items()}
@@ -330,10 +337,10 @@ def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str, hu
         )
     state = read_state(table, expected, device, huge_pages)
     if tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        state["lm_head.weight"] = state[embedding]
     model.load_state_dict(state, strict=True, assign=True)
     if tied:  # assign=True replaced the shared Parameter: tie the head to the embedding again
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.get_parameter(embedding)
 
 
 def save_checkpoint(

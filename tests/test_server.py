@@ -343,6 +343,10 @@ ERRORS = [
     (CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role", "'user'"),
     (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0].content", "needs 'content'"),
     (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400,
+     "messages[0].content[0].image_url.url", "missing"),
+    (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,iVBORw0KGgo="}}]}]), 400, "messages", "reads text only"),
+    (CHAT, chat(messages=[{"role": "user", "content": [{"type": "audio", "audio": {}}]}]), 400,
      "messages[0].content[0].type", "'text'"),
     (CHAT, chat(n=1000), 400, "n", "at most"),
     (CHAT, chat(top_logprobs=2), 400, "top_logprobs", "needs logprobs"),

@@ -316,6 +316,7 @@ class Lfm2ForCausalLM(nn.Module):
         last_only: bool = False,
         segment_ids: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model on `input_ids` (B, T).
 
@@ -329,6 +330,8 @@ class Lfm2ForCausalLM(nn.Module):
         `logits_at` (B, T) bool returns the logits of those positions only, (N, vocab) in row-major
         order: training needs them where a target is, and in fine-tuning that is a fifth of the
         tokens, while the head and its softmax over the vocabulary were a quarter of a step's time.
+        `inputs_embeds` (B, T, d) replaces the embedding of `input_ids` (which still give the shape):
+        a vision model's prompt, where image features stand in for the `<image>` tokens.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -364,7 +367,7 @@ class Lfm2ForCausalLM(nn.Module):
                 attn_mask = (causal & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
         if mask is not None and bool(mask.all()):
             mask = None
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         ctx = StepContext(cache, start, cos, sin, mask, attn_mask, segment_ids)
         for layer in self.model.layers:

@@ -46,8 +46,8 @@ def page_info(model_name: str, defaults: SamplingParams, max_len: int, vision: b
     """What `/web/info` answers: the served model's name and context, the checkpoint's sampling
     defaults (the settings panel starts from them), and what the model takes besides text.
 
-    `vision` is False for every model lfm2 serves today: the chat endpoint accepts text parts
-    only, so the page offers image attachments only where a server says it can take them.
+    `vision` is True for LFM2-VL checkpoints, whose chat endpoint takes image parts as data URLs
+    (what the page sends); the page offers image attachments only where a server says it can take them.
     """
     return {
         "model": model_name,
@@ -70,13 +70,14 @@ def load_static(folder: Path = STATIC) -> dict[str, tuple[bytes, str]]:
     return files
 
 
-def add_routes(app: "FastAPI", model_name: str, defaults: SamplingParams, max_len: int) -> None:
-    """Add `GET /` (the page), `GET /static/{name}` (its assets) and `GET /web/info` to `app`."""
+def add_routes(app: "FastAPI", model_name: str, defaults: SamplingParams, max_len: int, vision: bool = False) -> None:
+    """Add `GET /` (the page), `GET /static/{name}` (its assets) and `GET /web/info` to `app`;
+    `vision`: the model takes images (the page then offers attachments)."""
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
     files = load_static()
-    info = page_info(model_name, defaults, max_len)
+    info = page_info(model_name, defaults, max_len, vision)
 
     def serve(name: str) -> Response:
         if name not in files:

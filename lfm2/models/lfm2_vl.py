@@ -1,0 +1,243 @@
+"""LFM2-VL: a SigLIP2 NaFlex vision encoder, a 2x2 pixel-unshuffle, a projector, and an LFM2 language model.
+
+As in transformers' `models/lfm2_vl/modeling_lfm2_vl.py` (`Lfm2VlForConditionalGeneration`):
+- each image (or tile) goes through the vision tower (`lfm2.models.siglip2`) as patches at its own
+  (rows, columns) grid;
+- its hidden states, laid back out as that grid, are pixel-unshuffled: every `f x f` block of
+  neighbouring patches (f = `downsample_factor`, 2) becomes one vector of f*f*C channels, so an
+  image of R x W patches gives (R/f) * (W/f) tokens;
+- the projector maps those to the text width: LayerNorm (optional), linear, GELU, linear;
+- the prompt holds one `<image>` token (`image_token_id`) per image token; their embeddings are
+  replaced by the projected features, in order, and the language model runs on the result.
+
+The language model is lfm2's own `Lfm2ForCausalLM`, with its caches and kernels: its backbone
+sits at `model.language_model` and its head at `lm_head`, the checkpoint's names, so a
+`model.safetensors` loads one-to-one. `language` is a view of the same modules as a text model,
+which the engine runs (on `inputs_embeds` where a prompt holds images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lfm2.cache import Cache
+from lfm2.config import ModelConfig
+from lfm2.errors import ConfigError, GenerationError
+from lfm2.models.lfm2 import Lfm2ForCausalLM
+from lfm2.models.siglip2 import Siglip2VisionModel, VisionConfig, activation
+
+VL_MODEL_TYPES = ("lfm2_vl", "lfm2-vl")
+
+
+@dataclass
+class VlConfig:
+    """An LFM2-VL `config.json` (transformers' `Lfm2VlConfig` field names)."""
+
+    text: ModelConfig
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 396
+    projector_hidden_act: str = "gelu"
+    projector_hidden_size: int = 2560
+    projector_bias: bool = True
+    projector_use_layernorm: bool = True
+    downsample_factor: int = 2
+    model_type: str = "lfm2_vl"
+
+    def __post_init__(self) -> None:
+        activation(self.projector_hidden_act, "config projector_hidden_act")
+        if self.downsample_factor < 1:
+            raise ConfigError(f"config: downsample_factor must be a positive integer, found {self.downsample_factor}")
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ConfigError(f"config: image_token_id {self.image_token_id} is outside the vocabulary "
+                              f"(0..{self.text.vocab_size - 1})")
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.text.tie_word_embeddings
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> VlConfig:
+        """Build from a `config.json` dict. The top-level `tie_word_embeddings` (or `tie_embedding`)
+        decides whether `lm_head` is tied, as in transformers; released configs also say
+        `image_token_index` for `image_token_id`."""
+        if raw.get("model_type") not in VL_MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not LFM2-VL ({VL_MODEL_TYPES[0]})")
+        for name in ("text_config", "vision_config"):
+            if not isinstance(raw.get(name), dict):
+                raise ConfigError(f"{source}: LFM2-VL config needs a {name!r} object")
+        text = dict(raw["text_config"])
+        text.setdefault("model_type", "lfm2")
+        text.pop("tie_embedding", None)
+        text["tie_word_embeddings"] = raw.get("tie_embedding", raw.get("tie_word_embeddings", True))
+        fields = {k: raw[k] for k in ("projector_hidden_act", "projector_hidden_size", "projector_bias",
+                                      "projector_use_layernorm", "downsample_factor") if raw.get(k) is not None}
+        token = raw.get("image_token_id", raw.get("image_token_index"))
+        if token is not None:
+            fields["image_token_id"] = token
+        try:
+            return cls(text=ModelConfig.from_dict(text, source=f"{source} text_config"),
+                       vision=VisionConfig.from_dict(raw["vision_config"]), **fields)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def is_vl_config(raw: dict[str, Any]) -> bool:
+    return raw.get("model_type") in VL_MODEL_TYPES
+
+
+class Lfm2VlMultiModalProjector(nn.Module):
+    """Vision hidden states of one image laid out as its patch grid (1, R, W, C) -> text-width tokens (R/f * W/f, d)."""
+
+    def __init__(self, config: VlConfig) -> None:
+        super().__init__()
+        self.factor = f = config.downsample_factor
+        width = config.vision.hidden_size * f * f
+        self.layer_norm = nn.LayerNorm(width) if config.projector_use_layernorm else None
+        self.linear_1 = nn.Linear(width, config.projector_hidden_size, bias=config.projector_bias)
+        self.act = activation(config.projector_hidden_act, "config projector_hidden_act")
+        self.linear_2 = nn.Linear(config.projector_hidden_size, config.text.hidden_size, bias=config.projector_bias)
+
+    def pixel_unshuffle(self, grid: torch.Tensor) -> torch.Tensor:
+        """(R, W, C) -> (R/f * W/f, f*f*C), tokens row-major; a token's channels are its block's patches
+        in row-major order (row offset, then column offset), as transformers' `pixel_unshuffle` orders them."""
+        R, W, C = grid.shape
+        f = self.factor
+        # (R, W, C) -> (R/f, f, W/f, f, C) -> (R/f, W/f, f, f, C)
+        blocks = grid.reshape(R // f, f, W // f, f, C).permute(0, 2, 1, 3, 4)
+        return blocks.reshape((R // f) * (W // f), f * f * C)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        x = self.pixel_unshuffle(grid)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Lfm2VlModel(nn.Module):
+    """`model.*` in the checkpoint: the vision tower, the projector and the text backbone."""
+
+    def __init__(self, config: VlConfig, language_model: nn.Module) -> None:
+        super().__init__()
+        self.vision_tower = Siglip2VisionModel(config.vision)
+        self.multi_modal_projector = Lfm2VlMultiModalProjector(config)
+        self.language_model = language_model
+
+
+class Lfm2VlForConditionalGeneration(nn.Module):
+    """Token ids (B, T) and images -> logits (B, T, vocab); the arguments are transformers' and lfm2's.
+
+    `pixel_values` (N, P, 3*p*p), `pixel_attention_mask` (N, P) and `spatial_shapes` (N, 2) hold the
+    N images (tiles) of the whole batch in prompt order, as `Lfm2VlProcessor` makes them; `cache`,
+    `attention_mask` and `last_only` are `Lfm2ForCausalLM`'s.
+    """
+
+    # Where the embedding lives, for loading a tied head (`lfm2.weights.load_into`).
+    embedding_key = "model.language_model.embed_tokens.weight"
+
+    def __init__(self, config: VlConfig) -> None:
+        super().__init__()
+        self.config = config
+        language = Lfm2ForCausalLM(config.text)
+        self.model = Lfm2VlModel(config, language.model)
+        self.lm_head = language.lm_head
+        # Kept out of the module tree: it holds the same modules, which would otherwise appear in the
+        # state dict twice, under a second name.
+        self.__dict__["language"] = language
+
+    language: Lfm2ForCausalLM
+
+    @property
+    def device(self) -> torch.device:
+        return self.language.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language.dtype
+
+    def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
+        return self.language.make_cache(batch_size, max_len, dtype)
+
+    def sanitize(self, names: list[str]) -> dict[str, str]:
+        """Checkpoint tensor name -> ours, for the names that differ; None drops a tensor.
+
+        transformers before 5.x nested the tower as `vision_tower.vision_model.*` (released
+        checkpoints keep that layout); SigLIP2's attention-pooling head is unused by LFM2-VL."""
+        out = {}
+        for name in names:
+            if name.startswith("model.vision_tower.head."):
+                out[name] = None
+            elif name.startswith("model.vision_tower.vision_model."):
+                out[name] = name.replace("model.vision_tower.vision_model.", "model.vision_tower.", 1)
+        return out
+
+    def image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Each image's tokens (R/f * W/f, text hidden), in order: the embeddings its `<image>` tokens take."""
+        f = self.config.downsample_factor
+        shapes = spatial_shapes.tolist()
+        for i, (rows, cols) in enumerate(shapes):
+            if rows % f or cols % f or rows * cols > pixel_values.shape[1] or rows <= 0 or cols <= 0:
+                raise GenerationError(f"image {i}: a patch grid of {rows} x {cols} does not fit: it must be positive, "
+                                      f"a multiple of {f} each way and at most {pixel_values.shape[1]} patches")
+        dtype = self.model.vision_tower.embeddings.patch_embedding.weight.dtype
+        hidden = self.model.vision_tower(pixel_values.to(self.device, dtype), pixel_attention_mask.to(self.device),
+                                         spatial_shapes)
+        project = self.model.multi_modal_projector
+        return [project(hidden[i, : r * c].reshape(r, c, -1)) for i, (r, c) in enumerate(shapes)]
+
+    def embed(self, input_ids: torch.Tensor, features: list[torch.Tensor] | torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, d) with the `<image>` positions (row-major) replaced by `features` in order."""
+        x = self.model.language_model.embed_tokens(input_ids)
+        slots = input_ids == self.config.image_token_id
+        n = int(slots.sum())
+        feats = torch.cat(list(features)) if features is not None and len(features) else x.new_zeros(0, x.shape[-1])
+        if n != feats.shape[0]:
+            raise GenerationError(f"the prompt holds {n} image tokens but the images give {feats.shape[0]} "
+                                  "embeddings: the prompt and the images do not match")
+        if n == 0:
+            return x
+        return x.masked_scatter(slots[..., None], feats.to(x.dtype))
+
+    def prompt_embedder(self, ids: Sequence[int], features: list[torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+        """`embed(start, end)` for the engine (`lfm2.engine.Request.embed`): the embeddings of `ids[start:end]`
+        with the image features of the `<image>` tokens in that range, so a chunked prefill may cut an
+        image anywhere."""
+        feats = torch.cat(features) if features else torch.zeros(0, self.config.text.hidden_size)
+        slots = torch.tensor(list(ids)) == self.config.image_token_id
+        if int(slots.sum()) != feats.shape[0]:
+            raise GenerationError(f"the prompt holds {int(slots.sum())} image tokens but the images give "
+                                  f"{feats.shape[0]} embeddings: the prompt and the images do not match")
+        before = torch.cumsum(slots, 0) - slots.long()  # image tokens before each position
+
+        def embed(start: int, end: int) -> torch.Tensor:
+            first = int(before[start])
+            n = int(slots[start:end].sum())
+            chunk = torch.tensor([list(ids[start:end])], device=self.device)
+            return self.embed(chunk, [feats[first : first + n]])
+
+        return embed
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        features = None
+        if pixel_values is not None:
+            if pixel_attention_mask is None or spatial_shapes is None:
+                raise GenerationError("pixel_values need pixel_attention_mask and spatial_shapes "
+                                      "(the processor makes all three)")
+            features = self.image_features(pixel_values, pixel_attention_mask, spatial_shapes)
+        embeds = self.embed(input_ids, features)
+        return self.language(input_ids, cache, attention_mask, last_only=last_only, inputs_embeds=embeds)

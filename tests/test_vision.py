@@ -1,0 +1,403 @@
+"""LFM2-VL against transformers' `Lfm2VlForConditionalGeneration` on the same random weights.
+
+A small random `Lfm2VlConfig` is built here, transformers' model with random weights is saved with
+`save_pretrained`, and lfm2's loader reads that directory. Both models get the same
+`pixel_values` / `pixel_attention_mask` / `spatial_shapes`, built here with the processor's shapes:
+patches of 3*p*p values, padded to the longest image, real-patch masks, and grids whose sides are
+multiples of the downsample factor. The head is untied and the blocks' output projections are
+scaled up (see `shared/notes/testing-random-models.md`), so greedy tokens depend on the context.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lfm2
+from lfm2.errors import GenerationError
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 5  # image_token_id
+VOCAB = 160
+PATCH = 4
+MAX_PATCHES = 48
+
+
+def vl_config():
+    text = dict(model_type="lfm2", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=96, block_auto_adjust_ff_dim=False,
+                layer_types=["conv", "full_attention", "conv", "full_attention"], max_position_embeddings=512,
+                tie_word_embeddings=False)
+    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2, patch_size=PATCH, num_patches=16, vision_use_head=False)
+    return transformers.Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                                     projector_hidden_size=40, downsample_factor=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(ours, transformers') from one random checkpoint written by transformers."""
+    torch.manual_seed(0)
+    theirs = transformers.Lfm2VlForConditionalGeneration(vl_config()).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith(("out_proj.weight", "w2.weight")) and "language_model" in name:
+                p.mul_(8)  # context-dependent predictions (testing-random-models.md)
+            if "vision_tower" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)  # transformers initialises these at (almost) zero: give them weight
+    path = tmp_path_factory.mktemp("vl")
+    theirs.save_pretrained(path)
+    ours = lfm2.load(path).vision
+    return ours, theirs
+
+
+def images(shapes: list[tuple[int, int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Processor-shaped inputs for images of these patch grids: random pixels in [-1, 1], padding zero."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(shapes)
+    pixel_values = torch.zeros(n, MAX_PATCHES, 3 * PATCH * PATCH)
+    mask = torch.zeros(n, MAX_PATCHES, dtype=torch.long)
+    for i, (h, w) in enumerate(shapes):
+        pixel_values[i, : h * w] = torch.rand(h * w, 3 * PATCH * PATCH, generator=g) * 2 - 1
+        mask[i, : h * w] = 1
+    return dict(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=torch.tensor(shapes))
+
+
+def prompt(parts: list, seed: int = 0) -> list[int]:
+    """Token ids: ints are runs of random text tokens, tuples (h, w) an image's `<image>` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    for part in parts:
+        if isinstance(part, tuple):
+            out += [IMAGE] * ((part[0] // 2) * (part[1] // 2))
+        else:
+            out += torch.randint(10, VOCAB, (part,), generator=g).tolist()
+    return out
+
+
+@torch.no_grad()
+def test_config_and_weights_load(pair):
+    ours, theirs = pair
+    assert ours.config.image_token_id == IMAGE and not ours.config.tie_word_embeddings
+    theirs_state = theirs.state_dict()
+    for name, t in ours.state_dict().items():
+        assert torch.equal(t, theirs_state[name]), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shapes", [[(4, 6)], [(6, 4), (2, 8)], [(8, 6)]], ids=["one", "two", "full-grid"])
+def test_logits_match_transformers(pair, shapes):
+    ours, theirs = pair
+    inputs = images(shapes)
+    ids = torch.tensor([prompt([7, *[x for s in shapes for x in (s, 3)], 5])])
+    ref = theirs(input_ids=ids, **inputs).logits
+    got = ours(ids, **inputs)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-4
+    # The images matter: other pixels give other logits.
+    other = ours(ids, **images(shapes, seed=1))
+    assert (other - got).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_image_features_match_transformers(pair):
+    ours, theirs = pair
+    inputs = images([(4, 6), (6, 2)])
+    ref = theirs.model.get_image_features(**inputs).pooler_output
+    got = ours.image_features(**inputs)
+    assert [t.shape for t in got] == [t.shape for t in ref] == [(6, 64), (3, 64)]
+    for a, b in zip(got, ref, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_transformers(pair):
+    ours, theirs = pair
+    shapes = [(4, 4), (2, 6), (4, 2)]  # row 0 has the first image, row 1 the other two
+    inputs = images(shapes, seed=2)
+    rows = [prompt([3, (4, 4), 6], seed=3), prompt([2, (2, 6), 4, (4, 2), 9], seed=4)]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    ref = theirs(input_ids=ids, attention_mask=mask, **inputs).logits
+    got = ours(ids, attention_mask=mask, **inputs)
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max() <= 1e-4
+    # Each row alone gives the same logits (batch invariance).
+    alone = ours(torch.tensor([rows[0]]), **{k: v[:1] for k, v in inputs.items()})
+    assert (alone[0] - got[0, T - len(rows[0]) :]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_transformers(pair):
+    ours, theirs = pair
+    inputs = images([(4, 6), (2, 4)], seed=5)
+    ids = torch.tensor([prompt([4, (4, 6), 2, (2, 4), 3], seed=6)])
+    new = 32
+    ref = theirs.generate(input_ids=ids, **inputs, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    ref = ref[0, ids.shape[1] :].tolist()
+    cache = ours.make_cache(1, ids.shape[1] + new)
+    logits = ours(ids, cache=cache, last_only=True, **inputs)
+    got = []
+    for _ in range(new):
+        token = int(logits[0, -1].argmax())
+        got.append(token)
+        logits = ours(torch.tensor([[token]]), cache=cache)
+    assert got == ref
+    assert len(set(ref)) >= 5  # the fixture's predictions depend on context (6 distinct of 32)
+
+
+@torch.no_grad()
+def test_mismatched_image_tokens_are_refused(pair):
+    ours, _ = pair
+    inputs = images([(4, 4)])
+    ids = torch.tensor([prompt([3, (4, 4), (2, 2)])])
+    with pytest.raises(GenerationError, match="image tokens"):
+        ours(ids, **inputs)
+    with pytest.raises(GenerationError, match="multiple of 2"):
+        ours(torch.tensor([prompt([3, (4, 4)])]), **{**inputs, "spatial_shapes": torch.tensor([[3, 5]])})
+
+
+def test_loader_reads_released_layout(pair, tmp_path):
+    """Released checkpoints nest the tower as `vision_tower.vision_model.*`; both layouts load."""
+    from safetensors.torch import load_file, save_file
+
+    ours, theirs = pair
+    theirs.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    renamed = {k.replace("model.vision_tower.", "model.vision_tower.vision_model.")
+               if k.startswith("model.vision_tower.") and ".vision_model." not in k else k: v
+               for k, v in state.items()}
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    again = lfm2.load(tmp_path).vision
+    for name, t in ours.state_dict().items():
+        assert torch.equal(t, again.state_dict()[name]), name
+
+
+# -- chat with images, through the engine ---------------------------------------------------------
+
+IMAGE_TOKENS = ["<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"] + [
+    f"<|img_row_{r}_col_{c}|>" for r in range(1, 4) for c in range(1, 4)]
+SMALL_PROCESSOR = dict(encoder_patch_size=PATCH, tile_size=16, downsample_factor=2, min_image_tokens=2,
+                       max_image_tokens=9, max_tiles=4)
+
+
+@pytest.fixture(scope="module")
+def vl_chat(tmp_path_factory):
+    """(lfm2's LLM, transformers' model) on one random LFM2-VL checkpoint with a real BPE tokenizer
+    (trained here, LFM2-VL's image markers added as special tokens) and small processor settings."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from lfm2.train.tokenizer import train_tokenizer
+    from tests.conftest import CORPUS
+
+    path = tmp_path_factory.mktemp("vl-chat")
+    train_tokenizer(CORPUS, vocab_size=600, out_dir=path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
+    tok.save(str(path / "tokenizer.json"))
+    config = vl_config()
+    config.text_config.vocab_size = tok.get_vocab_size()
+    config.image_token_id = tok.token_to_id("<image>")
+    torch.manual_seed(1)
+    theirs = transformers.Lfm2VlForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith(("out_proj.weight", "w2.weight")) and "language_model" in name:
+                p.mul_(8)
+            if "vision_tower" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({"image_processor": SMALL_PROCESSOR}))
+    return lfm2.load(path), theirs
+
+
+def picture(width: int, height: int, seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def data_url(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def reference_reply(llm, theirs, messages, new: int) -> str:
+    """transformers' greedy reply on the prompt ids and image tensors lfm2 prepared."""
+    from lfm2.images import batch
+
+    plan = llm.chat_plan(messages)
+    ids = torch.tensor([plan.ids])
+    with torch.no_grad():
+        out = theirs.generate(input_ids=ids, **batch(plan.images), max_new_tokens=new, do_sample=False)
+    tokens = out[0, ids.shape[1] :].tolist()
+    stops = llm.tokenizer.stop_ids
+    tokens = tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+    return llm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_chat_with_images_matches_transformers(vl_chat, tmp_path):
+    llm, theirs = vl_chat
+    wide = picture(64, 32, seed=1)  # tiled at these settings: 2 tiles and a thumbnail
+    path = tmp_path / "small.png"
+    picture(12, 12, seed=2).save(path)
+    one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(wide)}},
+                                        {"type": "text", "text": "What is this?"}]}]
+    two = [{"role": "user", "content": [{"type": "text", "text": "Compare"},
+                                        {"type": "image", "image": wide},
+                                        {"type": "image_url", "image_url": {"url": str(path)}},
+                                        {"type": "text", "text": "please."}]}]
+    for messages in (one, two):
+        plan = llm.chat_plan(messages)
+        assert plan.images and plan.ids.count(llm.vision.config.image_token_id) == sum(
+            x.num_tokens for x in plan.images)
+        reply = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
+        assert reply["content"] == reference_reply(llm, theirs, messages, 12)
+    assert llm.chat_plan(one).images[0].rows * llm.chat_plan(one).images[0].cols == 2
+    # The reply depends on the image's pixels, not only on its size.
+    other = [{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=9)},
+                                          {"type": "text", "text": "What is this?"}]}]
+    assert llm.chat_plan(other).ids == llm.chat_plan(one).ids
+    assert (llm.chat(other, temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
+            != llm.chat(one, temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True))
+
+
+def test_chunked_prefill_cuts_images_anywhere(vl_chat, monkeypatch):
+    import lfm2.engine
+
+    llm, _ = vl_chat
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=3)},
+                                             {"type": "text", "text": "Hi"}]}]
+    whole = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    monkeypatch.setattr(lfm2.engine, "PREFILL_CHUNK", 5)
+    assert llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True) == whole
+
+
+def test_other_image_same_ids_is_not_served_from_the_prefix_cache(vl_chat):
+    """Two images of one size give the same prompt ids; the second must not reuse the first's state."""
+    from lfm2.prefix_cache import PrefixCache
+
+    llm, theirs = vl_chat
+    ask = [{"role": "user", "content": [{"type": "image", "image": picture(16, 16, seed=s)},
+                                        {"type": "text", "text": "Hi"}]} for s in (4, 5)]
+    assert llm.chat_plan([ask[0]]).ids == llm.chat_plan([ask[1]]).ids
+    llm.prefix_cache = PrefixCache()
+    first = llm.chat([ask[0]], temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    second = llm.chat([ask[1]], temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    assert second["content"] == reference_reply(llm, theirs, [ask[1]], 8) != first["content"]
+
+
+def test_bad_images_in_chat_are_generation_errors(vl_chat, tiny_checkpoint):
+    llm, _ = vl_chat
+    good = data_url(picture(8, 8, seed=6))
+    for url, message in [(good[: len(good) // 2], "truncated or corrupt|not valid base64"),
+                         ("data:image/png;base64,aGVsbG8=", "not an image"),
+                         ("/nonexistent/cat.png", "no such image file")]:
+        with pytest.raises(GenerationError, match=message):
+            llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    with pytest.raises(GenerationError, match="without an image"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    with pytest.raises(GenerationError, match="<image> markers but 2 images"):
+        llm.chat([{"role": "user", "content": [{"type": "text", "text": "<image> and <image>"},
+                                               {"type": "image_url", "image_url": {"url": good}},
+                                               {"type": "image_url", "image_url": {"url": good}}]}])
+    text_only = lfm2.load(tiny_checkpoint)
+    text_only.tokenizer = llm.tokenizer
+    with pytest.raises(GenerationError, match="reads text only"):
+        text_only.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": good}}]}])
+
+
+def httpx_get(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url, timeout=30).json()
+
+
+def test_server_chat_with_an_image(vl_chat):
+    """The official `openai` client sends an image part to `lfm2 serve`; bad images get 400s."""
+    import openai
+
+    from tests.test_server import MODEL, Live
+
+    llm, _ = vl_chat
+    url = data_url(picture(64, 32, seed=7))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    live = Live(llm, max_batch=2, max_queue=2)
+    try:
+        out = live.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8,
+                                                  extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
+        expected = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+        assert out.choices[0].message.content == expected["content"]
+        assert live.post("/web/info").status_code == 405 and httpx_get(live.url + "/web/info")["capabilities"]["vision"]
+        for bad, match in [(url[: len(url) // 2], "truncated or corrupt|not valid base64"),
+                           ("https://example.com/cat.png", "data URLs only"),
+                           ("/etc/hosts", "data URLs only")]:
+            parts = [{"type": "image_url", "image_url": {"url": bad}}]
+            with pytest.raises(openai.BadRequestError, match=match):
+                live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}],
+                                                    max_tokens=4)
+    finally:
+        live.close()
+
+
+def test_cli_chat_with_images(vl_chat, tmp_path, monkeypatch, capsys):
+    """`lfm2 chat --image FILE`, and `/image FILE` inside the chat, attach images to the next message."""
+    import io
+
+    from lfm2.cli import main
+
+    llm, _ = vl_chat
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    picture(64, 32, seed=10).save(first)
+    picture(12, 20, seed=11).save(second)
+    (tmp_path / "broken.png").write_bytes(first.read_bytes()[:100])
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is this?\n/image " + str(tmp_path / "broken.png") +
+                                                 "\n/image " + str(second) + "\nAnd this?\n/exit\n"))
+    main(["chat", "--model", str(llm.path), "--image", str(first), "--temperature", "0",
+          "--repetition-penalty", "1.0", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(first)}},
+                                         {"type": "text", "text": "What is this?"}]}]
+    reply = llm.chat(turn, temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+    assert reply["content"] and reply["content"] in out
+    assert "truncated or corrupt" in out and "[1 image(s) attached to your next message]" in out
+    with pytest.raises(SystemExit):
+        main(["chat", "--model", str(llm.path), "--image", str(tmp_path / "missing.png")])
+    assert "no such image file" in capsys.readouterr().err
+
+
+def test_released_config_builds_the_450m_shapes():
+    """LFM2-VL-450M's config.json (transformers 4.55 era: `lfm2-vl`, `image_token_index`, `block_*` fields)."""
+    from lfm2.models import count_parameters
+    from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig
+
+    attn = [2, 5, 8, 10, 12, 14]
+    raw = {"model_type": "lfm2-vl", "image_token_index": 396, "downsample_factor": 2, "projector_bias": True,
+           "projector_hidden_act": "gelu", "projector_hidden_size": 2560, "max_image_tokens": 256,
+           "text_config": {"model_type": "lfm2", "block_auto_adjust_ff_dim": True, "block_dim": 1024,
+                           "block_ff_dim": 6656, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
+                           "block_norm_eps": 1e-05, "conv_L_cache": 3, "conv_bias": False, "hidden_size": 1024,
+                           "intermediate_size": 6656, "num_attention_heads": 16, "num_hidden_layers": 16,
+                           "num_key_value_heads": 8, "rope_theta": 1e6, "vocab_size": 65536,
+                           "layer_types": ["full_attention" if i in attn else "conv" for i in range(16)]},
+           "vision_config": {"hidden_act": "gelu_pytorch_tanh", "hidden_size": 768, "intermediate_size": 3072,
+                             "layer_norm_eps": 1e-06, "model_type": "siglip2_vision_model", "num_attention_heads": 12,
+                             "num_channels": 3, "num_hidden_layers": 12, "num_patches": 256, "patch_size": 16,
+                             "vision_use_head": False}}
+    config = VlConfig.from_dict(raw)
+    assert config.image_token_id == 396 and config.tie_word_embeddings and config.text.intermediate_size == 4608
+    with torch.device("meta"):
+        model = Lfm2VlForConditionalGeneration(config)
+    assert 440e6 < count_parameters(model) < 460e6
+    with pytest.raises(lfm2.errors.ConfigError, match="vision_config"):
+        VlConfig.from_dict({k: v for k, v in raw.items() if k != "vision_config"})
