@@ -127,8 +127,8 @@ class LLM:
         sampling = dict(sampling)
         fmt = output_format(sampling)
         ids = [self._encode_text(p) for p in prompts for _ in range(n)]
-        constraint = None if fmt is None else self._grammar(fmt)
-        constraints = None if constraint is None else [constraint.fresh() for _ in ids]
+        first = None if fmt is None else self.grammar(fmt)
+        constraints = None if first is None else [first] + [first.fresh() for _ in ids[1:]]
         outs = [""] * len(ids)
         for row, piece in self._stream(ids, sampling, constraints, n=n):
             outs[row] += piece
@@ -140,7 +140,7 @@ class LLM:
         """Complete a prompt, yielding text pieces as they are generated."""
         sampling = dict(sampling)
         fmt = output_format(sampling)
-        constraints = None if fmt is None else [self._grammar(fmt)]
+        constraints = None if fmt is None else [self.grammar(fmt)]
         for _, piece in self._stream([self._encode_text(prompt)], sampling, constraints):
             yield piece
 
@@ -365,8 +365,9 @@ class LLM:
         defaults = self.path if self.generation_defaults is None else self.generation_defaults
         return SamplingParams.from_generation_config(defaults, **sampling)
 
-    def _grammar(self, fmt: OutputFormat) -> structured.GrammarConstraint:
-        """A constraint holding a plain completion to `fmt`, ending on the tokenizer's stop ids."""
+    def grammar(self, fmt: OutputFormat) -> structured.GrammarConstraint:
+        """A checked constraint holding a plain completion to `fmt`, ending on the tokenizer's stop
+        ids (what `generate`, `stream` and the server's text completions use)."""
         tok = self._need_tokenizer()
         return structured.constraint(fmt, tok, self.config.vocab_size, sorted(tok.stop_ids))
 

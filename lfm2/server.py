@@ -672,10 +672,9 @@ class _Server:
             log.exception("could not prepare structured output")
 
     def grammar(self, fmt: structured.OutputFormat) -> structured.GrammarConstraint:
-        """A checked constraint holding a completion to `fmt` (slow the first time: run in a thread)."""
-        tok = self.tokenizer
+        """`LLM.grammar`, its errors as 400s (slow the first time: run in a thread)."""
         try:
-            return structured.constraint(fmt, tok, self.llm.config.vocab_size, sorted(tok.stop_ids))
+            return self.llm.grammar(fmt)
         except StructuredOutputError as exc:
             raise _format_error(exc) from exc
 
