@@ -584,13 +584,17 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                 for e, name in enumerate(ours):
                     q, sc = (qweight[e], scales[e]) if len(ours) > 1 else (qweight, scales)
                     _put_quantized(model, name, q, sc, dtype)
-            elif src in requantized:  # one 2-D matrix (a linear layer, the embedding or the head)
+            elif src in requantized and len(ours) == 1 and len(f.tensors[src].shape) == 2:
                 # row by row (quantization is), a few MiB of float32 at a time
                 chunk = max(1, REQUANT_CHUNK_BYTES // (4 * f.tensors[src].shape[-1]))
                 parts = [quant.quantize_weight(t, requantized[src], group_size)
                          for t in f.quantized_rows(src, chunk)]
                 q, sc = (torch.cat([p[i] for p in parts]).to(device) for i in (0, 1))
                 _put_quantized(model, ours[0], q, sc, dtype)
+            elif src in requantized:
+                for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
+                    q, sc = quant.quantize_weight(t.float(), requantized[src], group_size)
+                    _put_quantized(model, name, q.to(device), sc.to(device), dtype)
             else:
                 for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
                     state[name] = t.to(device=device, dtype=torch.float32 if _keep_fp32(name) else dtype)
