@@ -550,8 +550,9 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     the embedding / head likewise when stored as Q8_0 (our int4 models keep it in int8, as
     llama.cpp's Q4_0 files do). Matrices in other block types (the K-quants of Q4_K_M / Q5_K_M /
     Q6_K files, Q4_1, Q5_0, ...) are requantized one tensor at a time as they are read (the
-    embedding to int8), so no float32 copy of the model is ever in memory; whatever remains
-    float (dense files, MoE experts) is then quantized by `quantize_model`.
+    embedding and an untied head to int8; a 2-D matrix a few MiB of rows at a time, stacked MoE
+    experts tensor by tensor), so no float32 copy of the model is ever in memory; whatever remains
+    float (F32/F16/BF16 matrices) is then quantized by `quantize_model`.
     """
     from lfm2 import quant
 

@@ -642,3 +642,26 @@ def test_k_quant_files_run_requantized_to_int8_by_default(wide_f32, tmp_path):
     # and int8's rounding (weights and, at decode, activations) of the float reading
     assert (ours - ref).abs().max() <= 0.05 * ref.abs().max()
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_moe_file_of_other_block_types_runs_its_experts_as_int8(moe_checkpoint, tmp_path):
+    """Stacked expert tensors (`*_exps`, one per projection) in a block type without kernels (Q5_0 here,
+    which gguf-py writes) are requantized expert by expert, as the whole float model would be."""
+    from lfm2.gguf import native_format
+    from lfm2.quant import QuantLinear, quantize_model
+
+    T = gguf.GGMLQuantizationType
+    src = export_gguf(moe_checkpoint, tmp_path / "moe-f32.gguf", "f32", progress=False)
+    f = GGUFFile(src)
+    replaced = {name: (gguf.quants.quantize(f.tensor(name).numpy(), T.Q5_0), T.Q5_0)
+                for name, info in f.tensors.items()
+                if len(info.shape) >= 2 and name.startswith("blk.") and info.shape[-1] % 32 == 0}
+    assert any("_exps." in name for name in replaced)
+    path = _gguf_with(src, tmp_path / "moe-q5_0.gguf", replaced)
+    assert native_format(GGUFFile(path)) == "int8"
+    default, plain = lfm2.load(path), lfm2.load(path, quantize="none")
+    experts = [m for n, m in default.model.named_modules() if ".experts." in n and isinstance(m, QuantLinear)]
+    assert experts and all(m.kind == "int8" for m in experts)
+    quantize_model(plain.model, "int8", 32)
+    ids = _sequence(default.config.vocab_size - 3, 24)
+    assert torch.equal(_logits(default, ids), _logits(plain, ids))
