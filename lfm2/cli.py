@@ -50,6 +50,36 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "format, and a K-quant one (Q4_K_M ...) runs as int8; none: dequantize such a file")
 
 
+def add_image_args(p: argparse.ArgumentParser, files: str | None = None) -> None:
+    """Vision models' options: the image-token budget and tiling (the speed/quality dial), and with
+    `files` (what an image goes with) a repeatable `--image FILE`. `lfm2 serve` shares the budget."""
+    g = p.add_argument_group("images (vision models such as LFM2-VL; defaults: the checkpoint's processor settings)")
+    if files is not None:
+        g.add_argument("--image", action="append", default=None, metavar="FILE",
+                       help=f"an image for {files} (repeatable)")
+    g.add_argument("--min-image-tokens", type=int, default=None, metavar="N",
+                   help="fewest tokens an image (or its thumbnail) is resized to (default: the checkpoint's, 64)")
+    g.add_argument("--max-image-tokens", type=int, default=None, metavar="N",
+                   help="most tokens an image is resized to: fewer encode and prefill faster, more keep detail "
+                        "(default: the checkpoint's, 256)")
+    g.add_argument("--no-image-splitting", action="store_true",
+                   help="never cut a large image into 512-pixel tiles plus a thumbnail: faster, less detail "
+                        "(default: the checkpoint's setting, tiles on)")
+
+
+def apply_image_args(llm: Any, args: argparse.Namespace) -> None:
+    """Set the image budget options on `llm`'s preprocessing; refuse them (and `--image`) for a text model."""
+    given = [f"--{n.replace('_', '-')}" for n in ("image", "min_image_tokens", "max_image_tokens", "no_image_splitting")
+             if getattr(args, n, None)]
+    if llm.vision is None:
+        if given:
+            raise LFM2Error(f"{llm.path} reads text only: {', '.join(given)} need a vision model "
+                            "(an LFM2-VL checkpoint)")
+        return
+    llm.image_processor = llm.image_processor.with_budget(args.min_image_tokens, args.max_image_tokens,
+                                                          False if args.no_image_splitting else None)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else the model card)")
     g.add_argument("--temperature", type=float, help="0 means greedy")
@@ -236,6 +266,7 @@ def _add_generate(sub) -> None:
     _add_tool_args(g)
     _add_format_args(g)
     _add_reasoning_args(g)
+    add_image_args(g, "the prompt, which then goes through the chat template (as with --chat)")
 
 
 def _add_chat(sub) -> None:
@@ -246,8 +277,7 @@ def _add_chat(sub) -> None:
     _add_format_args(c)
     _add_reasoning_args(c)
     c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--image", action="append", default=None, metavar="FILE",
-                   help="an image for the first message (repeatable; vision models such as LFM2-VL)")
+    add_image_args(c, "the first message")
 
 
 def _add_train(sub) -> None:
@@ -342,6 +372,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     tools = _load_tools(args.tools, args.strict_tools)
+    args.chat = args.chat or bool(args.image)  # images go through the chat template
     if tools and not args.chat:
         raise LFM2Error("--tools needs --chat (tools are offered through the chat template)")
     output = _output_format(args)
@@ -351,12 +382,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise LFM2Error("--max-reasoning-tokens needs --chat (the thinking block is part of a chat reply)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     quantize=args.quantize, compile=args.compile)
+    apply_image_args(llm, args)
     sampling = {**_sampling(args), **output}
     if args.chat:
+        content: Any = prompt
+        if args.image:  # the images first, then the text, as LFM2-VL's model card writes its prompts
+            content = [*({"type": "image_url", "image_url": {"url": _checked_image(path)}} for path in args.image),
+                       {"type": "text", "text": prompt}]
         printer = _ReplyPrinter(sys.stdout, args.hide_reasoning)
         interrupted = True
         try:
-            for delta in llm.chat_stream([{"role": "user", "content": prompt}], tools=tools,
+            for delta in llm.chat_stream([{"role": "user", "content": content}], tools=tools,
                                          strict_tools=args.strict_tools or None, **sampling):
                 printer.delta(delta)
             interrupted = False
@@ -388,8 +424,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict[str, Any]] = []
     sampling = {**_sampling(args), **output}
     hide, last_thought = args.hide_reasoning, ""
-    if args.image and llm.vision is None:
-        raise LFM2Error(f"{llm.path} reads text only: --image needs a vision model (an LFM2-VL checkpoint)")
+    apply_image_args(llm, args)
     images = [_checked_image(path) for path in args.image or []]  # for the next message
     print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), "
           "/image FILE (attach an image to the next message), /exit; a reasoning model's thought: "

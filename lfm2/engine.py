@@ -131,8 +131,10 @@ class Request:
     `checkpoints`: prompt lengths after which to keep the state in the prefix cache (chat turns).
     `embed(start, end)`: the input embeddings (1, end - start, hidden) of `prompt[start:end]`, for a
     prompt some of whose tokens are placeholders (an image's `<image>` tokens, whose embeddings are
-    the vision model's features): prefill feeds them to the model instead of the tokens' own. Such a
-    prompt bypasses the prefix cache, since equal placeholder ids do not mean equal content.
+    the vision model's features): prefill feeds them to the model instead of the tokens' own. Since
+    equal placeholder ids do not mean equal content, the prefix cache keeps such a prompt's states
+    under `embed.key` (ids naming the content: `lfm2.models.lfm2_vl.PromptEmbedder`), or not at all
+    where the embedder has no `key`.
     """
 
     prompt: Sequence[int]
@@ -154,6 +156,14 @@ class Request:
     result: Result | None = field(default=None, init=False)
     token_logprobs: list[TokenLogprob] = field(default_factory=list, init=False)
     prompt_token_logprobs: list[TokenLogprob | None] = field(default_factory=list, init=False)
+
+
+def _cache_key(request: Request) -> list[int] | None:
+    """The ids the prefix cache keeps `request`'s prompt under (see `Request`), or None for none."""
+    if request.embed is None:
+        return list(request.prompt)
+    key = getattr(request.embed, "key", None)
+    return None if key is None else list(key)
 
 
 class _Row:
@@ -445,13 +455,14 @@ class Engine:
         """Read the next chunk of `row`'s prompt (starting with a prefix-cache lookup); returns
         the budget left. Sets `row.logits` once the whole prompt has been read."""
         request, pc = row.request, self.prefix_cache
-        if request.embed is not None:
-            pc = None  # placeholder ids: a stored state under the same ids may hold other images
         prompt = list(request.prompt)
+        key = _cache_key(request)
+        if key is None:
+            pc = None  # placeholder ids with no name for their content: a state under them may hold other images
         if row.cache is None:
             room = 0 if request.constraint is None else request.constraint.look_ahead_room()
             row.cache = self.model.make_cache(1, len(prompt) + room)
-            entry = pc.lookup(prompt) if pc is not None and request.prompt_logprobs is None else None
+            entry = pc.lookup(key) if pc is not None and request.prompt_logprobs is None else None
             if entry is not None:
                 pc.restore(entry, row.cache)
                 row.done = row.cached = len(entry.key)
@@ -469,7 +480,7 @@ class Engine:
         last = logits[-1:]
         row.last_logits = last
         if pc is not None and pc.max_bytes and cut > row.cached:
-            pc.store(prompt[:cut], row.cache, logits=last[0] if cut == len(prompt) else None)
+            pc.store(key[:cut], row.cache, logits=last[0] if cut == len(prompt) else None)
         row.done = cut
         if cut == len(prompt):
             row.logits = last
@@ -607,9 +618,10 @@ class Engine:
         cache = self._cache
         for i in sorted(indices, reverse=True):
             row = self._rows[i]
+            prompt = _cache_key(row.request)
             if (reason is None and row.finish in ("stop", "length") and self.prefix_cache is not None
-                    and row.request.embed is None):
-                key = list(row.request.prompt) + row.tokens[:-1]  # the last token was never fed
+                    and prompt is not None):
+                key = prompt + row.tokens[:-1]  # the last token was never fed
                 if int(cache.positions[i]) == len(key):
                     self.prefix_cache.store(key, cache, row=i)
             last = len(self._rows) - 1

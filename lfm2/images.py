@@ -26,10 +26,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import functools
+import hashlib
 import io
 import json
 import math
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,7 @@ from lfm2.errors import ConfigError, GenerationError
 
 MAX_PIXELS = 64 * 2**20  # decoded pixels an image may have (Pillow's own bomb limit is ~89M, as a warning)
 MAX_IMAGE_BYTES = 32 * 2**20
+DEFAULT_FEATURE_CACHE_BYTES = 256 * 2**20  # ~700 images of 256 tokens at LFM2-VL-1.6B's width (2048, float32)
 
 
 @dataclass
@@ -55,6 +62,15 @@ class ImageLayout:
     cols: int
     text: str  # the image's placeholder text: markers and `<image>` tokens
     num_tokens: int  # `<image>` tokens in `text`: the embeddings the model's features give
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """A hash of what the vision tower reads (the tiles' pixels, masks and grids): equal digests, equal features."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.pixel_values, self.pixel_attention_mask, self.spatial_shapes):
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.digest()
 
 
 @dataclass
@@ -117,6 +133,13 @@ class ImageProcessor:
                 raw.update(data)
                 raw.update(data.get("image_processor") or {})
         return cls.from_dict({**raw, **overrides})
+
+    def with_budget(self, min_image_tokens: int | None = None, max_image_tokens: int | None = None,
+                    splitting: bool | None = None) -> ImageProcessor:
+        """A copy with the speed/quality dial turned (None keeps a setting), checked as a new one is."""
+        given = {"min_image_tokens": min_image_tokens, "max_image_tokens": max_image_tokens,
+                 "do_image_splitting": splitting}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
     @property
     def max_num_patches(self) -> int:
@@ -392,6 +415,33 @@ def load_image(ref: Any) -> Any:
     return decode_image(path.read_bytes(), str(path))
 
 
+def fetch_image(url: str, max_bytes: int = MAX_IMAGE_BYTES, timeout: float = 10.0) -> bytes:
+    """The bytes at an http(s) `url`, at most `max_bytes` of them (a server's choice to fetch: see
+    `lfm2 serve --remote-images`). Read in pieces, so a huge or endless body stops at the limit."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise GenerationError(f"{url[:80]!r}: only http and https image URLs are fetched")
+    request = urllib.request.Request(url, headers={"User-Agent": "lfm2", "Accept": "image/*"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise GenerationError(f"{url[:80]}: {declared} bytes, more than the {max_bytes} allowed")
+            data = bytearray()
+            while chunk := response.read(1 << 16):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise GenerationError(f"{url[:80]}: more than the {max_bytes} bytes allowed")
+            return bytes(data)
+    except urllib.error.HTTPError as exc:
+        raise GenerationError(f"{url[:80]}: the image could not be fetched (HTTP {exc.code})") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise GenerationError(f"{url[:80]}: the image could not be fetched ({reason})") from None
+
+
 def to_tensor(image: Any) -> torch.Tensor:
     """RGB PIL image -> uint8 (3, H, W)."""
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
@@ -399,3 +449,51 @@ def to_tensor(image: Any) -> torch.Tensor:
 
 __all__ = ["ImageLayout", "ImageProcessor", "batch", "decode_image", "load_image", "resize", "split_images",
            "to_tensor"]
+
+
+class FeatureCache:
+    """Encoded images (the vision tower's and projector's output) by content digest, least recently
+    used dropped first once `max_bytes` is passed (0 keeps nothing), so a follow-up turn about the
+    same image, or the `n` choices of one request, do not encode it again. Shared by the engine's
+    thread and callers' threads: a lock guards it (encoding runs outside it)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_FEATURE_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self._items), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "misses": self.misses}
+
+    def get(self, layouts: list[ImageLayout], encode: Callable[[list[ImageLayout]], list[torch.Tensor]]
+            ) -> list[torch.Tensor]:
+        """Each layout's features, encoding (in one `encode` call) those not kept."""
+        with self._lock:
+            found = {x.digest: self._items.get(x.digest) for x in layouts}
+            for d, t in found.items():
+                if t is not None:
+                    self._items.move_to_end(d)
+        missing = list({x.digest: x for x in layouts if found[x.digest] is None}.values())
+        with self._lock:
+            self.hits += len(layouts) - len(missing)
+            self.misses += len(missing)
+        if missing:
+            for x, t in zip(missing, encode(missing), strict=True):
+                found[x.digest] = t
+                self._put(x.digest, t)
+        return [found[x.digest] for x in layouts]
+
+    def _put(self, digest: bytes, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        with self._lock:
+            if size > self.max_bytes or digest in self._items:
+                return
+            self._items[digest] = features
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()

@@ -17,12 +17,12 @@ from lfm2.constrain import NoToolCalls, tool_call_constraint, wants_constraint
 from lfm2.engine import Engine, Result, TokenLogprob
 from lfm2.errors import CheckpointError, ConfigError, GenerationError
 from lfm2.generate import logprob_entries, stream_text
-from lfm2.images import ImageLayout, ImageProcessor, load_image, split_images
+from lfm2.images import FeatureCache, ImageLayout, ImageProcessor, load_image, split_images
 from lfm2.images import batch as images_batch
 from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import Lfm2ForCausalLM
-from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig, is_vl_config
+from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, PromptEmbedder, VlConfig, is_vl_config
 from lfm2.prefix_cache import PrefixCache
 from lfm2.reasoning import AfterReasoning, ReplyParser, check_budget, parse_reply, prompt_opens_thinking, reasoning_tags
 from lfm2.sampling import SamplingParams, choice_params
@@ -51,7 +51,7 @@ class ChatPlan:
     reasoning: bool = False
     started: bool = False
     images: list[ImageLayout] = field(default_factory=list)  # the prompt's images, preprocessed, in order
-    embed: Callable[[int, int], torch.Tensor] | None = None  # `Request.embed` where the prompt has images
+    embed: PromptEmbedder | None = None  # `Request.embed` where the prompt has images
 
     def parser(self) -> ReplyParser:
         """A fresh streaming parser for one reply (`lfm2.reasoning.ReplyParser`, `forced` already fed):
@@ -101,6 +101,8 @@ class LLM:
     vision: Lfm2VlForConditionalGeneration | None = None
     # Its preprocessing (the checkpoint's settings); `max_image_tokens` etc. are the speed/quality dial.
     image_processor: ImageProcessor | None = None
+    # Encoded images by content, so a later turn about the same image does not run the tower again.
+    image_cache: FeatureCache = field(default_factory=FeatureCache)
 
     @classmethod
     def from_loaded(cls, loaded: Loaded) -> LLM:
@@ -352,11 +354,23 @@ class LLM:
         embed = self._image_embedder(ids, layouts) if layouts else None
         return ChatPlan(ids, in_prompt, use_tools, constraint, tags is not None, started, layouts, embed)
 
-    def _image_embedder(self, ids: list[int], layouts: list[ImageLayout]) -> Callable[[int, int], torch.Tensor]:
-        """Encode the images once (vision tower and projector), for the engine's prefill to place."""
+    def _image_embedder(self, ids: list[int], layouts: list[ImageLayout]) -> PromptEmbedder:
+        """The engine's `Request.embed` for a prompt with images: encoded (vision tower and projector)
+        when prefill first reaches them, and kept in `image_cache` by content for later turns."""
+        return self.vision.prompt_embedder(ids, [x.num_tokens for x in layouts], [x.digest for x in layouts],
+                                           lambda indices: self.image_cache.get([layouts[i] for i in indices],
+                                                                                self._encode_images))
+
+    def _encode_images(self, layouts: list[ImageLayout]) -> list[torch.Tensor]:
+        """Each image's features (its tiles' tokens in order), from one pass of the vision tower."""
         with torch.inference_mode():
-            features = self.vision.image_features(**images_batch(layouts))
-        return self.vision.prompt_embedder(ids, features)
+            tiles = self.vision.image_features(**images_batch(layouts))
+        out, i = [], 0
+        for x in layouts:
+            n = x.pixel_values.shape[0]
+            out.append(torch.cat(tiles[i : i + n]))
+            i += n
+        return out
 
     # -- plumbing -----------------------------------------------------------------------------
 

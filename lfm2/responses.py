@@ -62,7 +62,9 @@ from lfm2.server import (
     _log_request,
     _raise_if_failed,
     _Server,
+    _text,
     _watch_disconnect,
+    image_part,
 )
 
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
@@ -108,9 +110,21 @@ class RefusalPart(_Item):
     refusal: str
 
 
-ContentPart = _by_type({"input_text": InputText, "output_text": OutputTextPart, "refusal": RefusalPart},
-                       "expected a content part of type input_text, output_text or refusal: this server reads "
-                       "text only (no input_image, input_file or input_audio)")
+class InputImage(_Item):
+    """An image (vision models): a data URL, or an http(s) URL where `lfm2 serve --allow-remote-images`.
+    `detail` is accepted and has no effect: the image's token budget is the checkpoint's
+    (`min_image_tokens` / `max_image_tokens`)."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+ContentPart = _by_type({"input_text": InputText, "input_image": InputImage, "output_text": OutputTextPart,
+                        "refusal": RefusalPart},
+                       "expected a content part of type input_text, input_image, output_text or refusal: this "
+                       "server reads no input_file or input_audio")
 
 
 class MessageItem(_Item):
@@ -123,7 +137,11 @@ class MessageItem(_Item):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.refusal if isinstance(p, RefusalPart) else p.text for p in self.content)
+        return "".join(p.refusal if isinstance(p, RefusalPart) else p.text for p in self.content
+                       if not isinstance(p, InputImage))
+
+    def has_images(self) -> bool:
+        return not isinstance(self.content, str) and any(isinstance(p, InputImage) for p in self.content)
 
 
 class FunctionCallItem(_Item):
@@ -317,16 +335,19 @@ def text_format(body: ResponsesRequest) -> structured.OutputFormat | None:
 # -- input items -> chat messages ---------------------------------------------------------------------
 
 
-def to_messages(items: list[BaseModel]) -> list[dict[str, Any]]:
+def to_messages(items: list[BaseModel], remote_images: int = 0, first: int = 0) -> list[dict[str, Any]]:
     """Chat messages (as `LLM.chat_prompt` takes them) for Responses items.
 
     One reply may be several items: its reasoning, its text, its function calls; they make one
     assistant message with `reasoning_content`, `content` and `tool_calls`, as the chat endpoint
     would have answered. Reasoning after text or calls, or a second text, starts the next turn.
+    A message with images keeps its parts (`lfm2.server.image_part`: remote ones fetched, at most
+    `remote_images` bytes); errors name `input[i - first]` (items before `first` are the stored history).
+    Fetching blocks: the handler runs this in a worker thread.
     """
     messages: list[dict[str, Any]] = []
     turn: dict[str, Any] | None = None  # the assistant message being assembled
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, FunctionCallOutputItem) or (isinstance(item, MessageItem) and item.role != "assistant"):
             if turn is not None:
                 messages.append(turn)
@@ -335,7 +356,9 @@ def to_messages(items: list[BaseModel]) -> list[dict[str, Any]]:
                 output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
             else:
-                messages.append({"role": "system" if item.role == "developer" else item.role, "content": item.text()})
+                role = "system" if item.role == "developer" else item.role
+                messages.append({"role": role, "content": _parts(item, i - first, remote_images)
+                                 if item.has_images() else item.text()})
             continue
         if turn is not None and (turn["content"] is not None and not isinstance(item, FunctionCallItem)
                                  or isinstance(item, ReasoningItem) and "tool_calls" in turn):
@@ -368,6 +391,21 @@ def input_items(body: ResponsesRequest) -> list[BaseModel]:
                 raise APIError(400, f"input[{i}].arguments must be a JSON object in a string, got "
                                f"{item.arguments[:80]!r}", param=f"input[{i}].arguments", code="invalid_value")
     return list(body.input)
+
+
+def _parts(item: MessageItem, i: int, remote_images: int) -> list[dict[str, Any]]:
+    """A message's text and image parts, as chat content parts."""
+    out = []
+    for j, part in enumerate(item.content):
+        where = f"input[{i}].content[{j}]"
+        if not isinstance(part, InputImage):
+            out.append({"type": "text", "text": part.refusal if isinstance(part, RefusalPart) else part.text})
+        elif part.image_url is None:
+            raise APIError(400, f"{where}: give the image as image_url (a data URL); file_id needs the Files API, "
+                           "which this server does not have", param=f"{where}.image_url", code="invalid_value")
+        else:
+            out.append(image_part(part.image_url, remote_images, where, f"{where}.image_url"))
+    return out
 
 
 def listed(item: BaseModel) -> dict[str, Any]:
@@ -562,7 +600,7 @@ def build_prompt(server: _Server, body: ResponsesRequest, messages: list[dict[st
     """
     wanted = body.max_output_tokens if body.max_output_tokens is not None else 1
     if body.truncation != "auto":  # bytes alone may prove it cannot fit, before any tokenizing
-        server.check_fits(((m["content"] or "").strip() for m in messages if m["role"] != "assistant"),
+        server.check_fits((_text(m["content"]).strip() for m in messages if m["role"] != "assistant"),
                           body.max_output_tokens, "input")
 
     def render(kept: list[dict[str, Any]]) -> ChatPlan:
@@ -644,14 +682,14 @@ def add_routes(app, server: _Server, store: ResponseStore) -> None:
             history = ITEMS.validate_json(previous.history)
         items = input_items(body)
         tools, choice, strict = tool_setup(body)
-        messages = to_messages(history + items)
+        messages = await asyncio.to_thread(to_messages, history + items, server.remote_images, len(history))
         if body.instructions:
             messages.insert(0, {"role": "system", "content": body.instructions})
         output = text_format(body)
         prompt = await asyncio.to_thread(build_prompt, server, body, messages, tools, choice, strict, output)
         budget = server.token_budget(len(prompt.ids), body.max_output_tokens, "max_output_tokens", "input")
         jobs, events = server.submit([prompt.ids], params, [budget], [], body.ignore_eos, prompt.constraint,
-                                     checkpoints=llm.turn_ends(prompt.ids))
+                                     checkpoints=llm.turn_ends(prompt.ids), embed=prompt.embed)
         watcher = asyncio.create_task(_watch_disconnect(http.receive, lambda: server.cancel(jobs)))
         response_id = _new_id("resp")
         created = int(time.time())

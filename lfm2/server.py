@@ -80,6 +80,7 @@ from lfm2 import structured
 from lfm2.engine import MAX_LOGPROBS, Engine, Request, Result, TokenLogprob
 from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
 from lfm2.generate import TextStream, logprob_entries, token_text
+from lfm2.images import MAX_IMAGE_BYTES, fetch_image
 from lfm2.llm import ChatPlan
 from lfm2.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from lfm2.sampling import SamplingParams, choice_params
@@ -461,6 +462,14 @@ class PrefixCacheStats(BaseModel):
     evictions: int
 
 
+class ImageCacheStats(BaseModel):
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int = Field(description="images whose features were reused instead of encoded")
+    misses: int = Field(description="images encoded")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     model: str
@@ -472,6 +481,7 @@ class Health(BaseModel):
     decode_steps: int
     prefill_chunks: int
     prefix_cache: PrefixCacheStats
+    image_cache: ImageCacheStats = Field(description="encoded images kept by content (vision models)")
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -622,10 +632,11 @@ class _Job:
 class _Server:
     """State shared by the handlers: the model, its engine, defaults."""
 
-    def __init__(self, llm, model_name: str, engine: Engine) -> None:
+    def __init__(self, llm, model_name: str, engine: Engine, remote_images: int = 0) -> None:
         if llm.tokenizer is None:
             raise GenerationError(f"{llm.path}: the checkpoint has no tokenizer.json, so it cannot be served")
         self.llm, self.model_name, self.engine = llm, model_name, engine
+        self.remote_images = remote_images  # bytes an http(s) image may have; 0: such URLs are refused
         self.tokenizer = llm.tokenizer
         self.defaults = llm.sampling_params()  # read generation_config.json once
         self.created = int(time.time())
@@ -816,7 +827,7 @@ class _Server:
         Slow for long prompts (template, tokenizer): the handler runs it in a worker thread.
         """
         _check_unicode(body)
-        messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+        messages = [_message_dict(m, i, self.remote_images) for i, m in enumerate(body.messages)]
         # Templates may trim a turn, or drop an assistant turn's thinking; the others' text stays whole.
         self.check_fits((_text(m["content"]).strip() for m in messages if m["role"] != "assistant"), max_tokens,
                         "messages")
@@ -933,16 +944,32 @@ def _text(content: str | list | None) -> str:
     return content or ""
 
 
-def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
-    """An OpenAI message as the chat template wants it (text parts joined, developer -> system)."""
+def image_part(url: str, remote_images: int, where: str, param: str) -> dict[str, Any]:
+    """An image given by URL as a chat content part `LLM.chat_plan` reads: a data URL as it is, an
+    http(s) URL fetched (at most `remote_images` bytes; 0 refuses it); never a path on this machine.
+    A 400 names `where`."""
+    if url.startswith("data:"):
+        return {"type": "image_url", "image_url": {"url": url}}
+    if remote_images and url.startswith(("http://", "https://")):
+        try:
+            return {"type": "image", "image": fetch_image(url, remote_images)}
+        except GenerationError as exc:
+            raise APIError(400, f"{where}: {exc}", param=param, code="invalid_value") from None
+    fetched = (f"http(s) URLs of at most {remote_images} bytes" if remote_images else
+               "no remote URLs (start it with --allow-remote-images to fetch them)")
+    raise APIError(400, f"{where}: images are read from data URLs (data:image/png;base64,...); this server "
+                   f"fetches {fetched} and reads no paths", param=param, code="invalid_value")
+
+
+def _message_dict(message: ChatMessage, i: int, remote_images: int = 0) -> dict[str, Any]:
+    """An OpenAI message as the chat template wants it (text parts joined, developer -> system).
+    Image parts are data URLs, or http(s) URLs fetched here (at most `remote_images` bytes) where
+    the server allows them; it never reads its own files."""
     content = message.content
     if isinstance(content, list) and any(isinstance(part, ImagePart) for part in content):
-        for j, part in enumerate(content):
-            if isinstance(part, ImagePart) and not part.image_url.url.startswith("data:"):
-                raise APIError(400, f"messages[{i}].content[{j}]: images are read from data URLs only "
-                               "(data:image/png;base64,...); this server fetches no remote URLs and reads no paths",
-                               param=f"messages[{i}].content[{j}].image_url.url", code="invalid_value")
-        content = [part.model_dump(exclude_none=True) for part in content]
+        content = [image_part(part.image_url.url, remote_images, f"messages[{i}].content[{j}]",
+                              f"messages[{i}].content[{j}].image_url.url") if isinstance(part, ImagePart)
+                   else part.model_dump(exclude_none=True) for j, part in enumerate(content)]
     elif isinstance(content, list):
         content = "".join(part.text for part in content)
     role = "system" if message.role == "developer" else message.role
@@ -1183,7 +1210,8 @@ def _event_stream(chunk: str) -> dict[str, Any]:
 
 def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               prefix_cache_bytes: int | None = None, responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES):
+               prefix_cache_bytes: int | None = None, responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
+               remote_images: int = 0):
     """The FastAPI app serving `llm` as `model_name`; its engine runs while the app does (lifespan).
 
     `max_len` (slots per request: prompt + completion) defaults to the model's context, capped
@@ -1192,6 +1220,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     `max_body_bytes` get 413. The engine reuses prompt prefixes through `llm.prefix_cache`
     (shared with `llm`'s own calls), bounded at `prefix_cache_bytes` when given (0: off). Responses
     of `/v1/responses` are kept for `previous_response_id` within `responses_store_bytes` (0: none).
+    Image parts with http(s) URLs are fetched when `remote_images` (their size limit in bytes) is
+    not 0, and refused otherwise.
     """
     import contextlib
 
@@ -1210,7 +1240,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         llm.prefix_cache.max_bytes = prefix_cache_bytes
     engine = Engine(llm.model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, pad_id=pad,
                        prefix_cache=llm.prefix_cache)
-    server = _Server(llm, model_name, engine)
+    server = _Server(llm, model_name, engine, remote_images)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -1273,7 +1303,8 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
     def load() -> dict[str, Any]:
         return {"active": engine.active, "queued": engine.queued, "max_batch": engine.max_batch,
                 "max_queue": engine.max_queue, "max_len": engine.max_len, "decode_steps": engine.steps,
-                "prefill_chunks": engine.prefill_chunks, "prefix_cache": llm.prefix_cache.stats()}
+                "prefill_chunks": engine.prefill_chunks, "prefix_cache": llm.prefix_cache.stats(),
+                "image_cache": llm.image_cache.stats()}
 
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
@@ -1566,10 +1597,16 @@ def _prometheus(load: dict[str, Any]) -> str:
     cache_gauges = {"entries": "states stored", "bytes": "bytes stored", "max_bytes": "bound on bytes stored"}
     cache_counters = {"hits": "requests resumed from a stored prefix", "misses": "requests with no stored prefix",
                       "hit_tokens": "prompt tokens resumed instead of prefilled", "evictions": "states evicted"}
+    images = load["image_cache"]
+    image_gauges = {"entries": "encoded images kept", "bytes": "bytes of encoded images kept",
+                    "max_bytes": "bound on bytes of encoded images"}
+    image_counters = {"hits": "images reused instead of encoded", "misses": "images encoded"}
     lines = []
     for group, kind, values, prefix in ((gauges, "gauge", load, "lfm2_"), (counters, "counter", load, "lfm2_"),
                                         (cache_gauges, "gauge", cache, "lfm2_prefix_cache_"),
-                                        (cache_counters, "counter", cache, "lfm2_prefix_cache_")):
+                                        (cache_counters, "counter", cache, "lfm2_prefix_cache_"),
+                                        (image_gauges, "gauge", images, "lfm2_image_cache_"),
+                                        (image_counters, "counter", images, "lfm2_image_cache_")):
         for key, text in group.items():
             name = prefix + key + ("_total" if kind == "counter" else "")
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {values[key]}"]
@@ -1609,6 +1646,8 @@ def serve(
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     compile: bool = False,
     responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
+    remote_images: int = 0,
+    image_options: argparse.Namespace | None = None,
 ) -> None:
     """Load `model` (default: the bundled one), with a LoRA `adapter` if given, quantized if asked
     (`quantize` "int8" / "int4", as `lfm2.load`), and serve it until interrupted.
@@ -1627,12 +1666,16 @@ def serve(
         if warning:
             log.warning(warning)
         llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter, quantize=quantize, compile=compile)
+        if image_options is not None:
+            from lfm2.cli import apply_image_args
+
+            apply_image_args(llm, image_options)
         from lfm2.bundled import NAME
 
         name = model_name or (str(model) if model else NAME)
         app = create_app(llm, name, max_batch=max_batch, max_queue=max_queue, max_len=max_len, api_key=api_key,
                          max_body_bytes=max_body_bytes, prefix_cache_bytes=prefix_cache_bytes,
-                         responses_store_bytes=responses_store_bytes)
+                         responses_store_bytes=responses_store_bytes, remote_images=remote_images)
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:
         sock.close()
@@ -1731,6 +1774,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="memory for /v1/responses' stored responses (previous_response_id, GET /v1/responses/ID): "
                         "each keeps its whole conversation, the least recently used dropped first; 0 stores none; "
                         "K, M, G suffixes (default: %(default)s, 64 MiB)")
+    from lfm2.cli import add_image_args
+
+    add_image_args(p)
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch image parts given as http(s) URLs (vision models); without it only data URLs are "
+                        "read (default: off)")
+    p.add_argument("--max-image-bytes", type=_size, default=MAX_IMAGE_BYTES, metavar="N",
+                   help="largest remote image fetched, K, M, G suffixes (default: %(default)s, 32 MiB)")
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile, as lfm2.load(compile=True) (default: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -1748,4 +1799,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_len=args.max_model_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
           log_level=args.log_level, adapter=args.adapter, api_key=api_key, max_body_bytes=args.max_body_bytes,
           quantize=args.quantize, prefix_cache_bytes=args.prefix_cache_bytes, compile=args.compile,
-          responses_store_bytes=args.responses_store_bytes)
+          responses_store_bytes=args.responses_store_bytes,
+          remote_images=args.max_image_bytes if args.allow_remote_images else 0, image_options=args)

@@ -10,6 +10,9 @@ scaled up (see `shared/notes/testing-random-models.md`), so greedy tokens depend
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import pytest
 import torch
 
@@ -273,8 +276,10 @@ def test_chat_with_images_matches_transformers(vl_chat, tmp_path):
 
 def test_chunked_prefill_cuts_images_anywhere(vl_chat, monkeypatch):
     import lfm2.engine
+    from lfm2.prefix_cache import PrefixCache
 
     llm, _ = vl_chat
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache(0))  # every call prefills the whole prompt
     messages = [{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=3)},
                                              {"type": "text", "text": "Hi"}]}]
     whole = llm.chat(messages, temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
@@ -294,6 +299,63 @@ def test_other_image_same_ids_is_not_served_from_the_prefix_cache(vl_chat):
     first = llm.chat([ask[0]], temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
     second = llm.chat([ask[1]], temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
     assert second["content"] == reference_reply(llm, theirs, [ask[1]], 8) != first["content"]
+
+
+def test_follow_up_turn_resumes_past_the_image_without_encoding_it(vl_chat, monkeypatch):
+    """The second turn about an image resumes from the first turn's stored state (its image tokens
+    included) and runs no vision tower; the reply equals transformers' full prefill. With the prefix
+    cache emptied, the image's features still come from the feature cache."""
+    from lfm2.images import FeatureCache
+    from lfm2.prefix_cache import PrefixCache
+
+    llm, theirs = vl_chat
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache())
+    monkeypatch.setattr(llm, "image_cache", FeatureCache())
+    greedy = dict(temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    first = [{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=6)},
+                                          {"type": "text", "text": "What is this?"}]}]
+    reply = llm.chat(first, **greedy)
+    assert llm.image_cache.stats()["misses"] == 1
+    second = [*first, {"role": "assistant", "content": reply["content"]}, {"role": "user", "content": "And?"}]
+    hits, hit_tokens = llm.prefix_cache.hits, llm.prefix_cache.hit_tokens
+    again = llm.chat(second, **greedy)
+    assert llm.prefix_cache.hits == hits + 1
+    assert llm.prefix_cache.hit_tokens - hit_tokens >= len(llm.chat_plan(first).ids)  # past the image
+    assert llm.image_cache.stats()["hits"] == 0 and llm.image_cache.stats()["misses"] == 1  # not encoded again
+    assert again["content"] == reference_reply(llm, theirs, second, 8)
+    llm.prefix_cache.clear()
+    assert llm.chat(second, **greedy) == again
+    assert llm.image_cache.stats()["hits"] == 1 and llm.image_cache.stats()["misses"] == 1
+
+
+@torch.no_grad()
+def test_resumed_image_prompt_logits_equal_a_full_prefill(vl_chat):
+    """Exact reuse across an image: the state stored after a prompt with an image, resumed for a longer
+    prompt, gives the logits of prefilling the longer prompt whole (1e-5)."""
+    from lfm2.engine import Engine, Request
+    from lfm2.prefix_cache import PrefixCache
+    from lfm2.sampling import SamplingParams
+
+    llm, _ = vl_chat
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Look"},
+                                             {"type": "image", "image": picture(40, 24, seed=7)},
+                                             {"type": "text", "text": "Now describe it in detail."}]}]
+    plan = llm.chat_plan(messages)
+    ids, cut = plan.ids, plan.ids.index(llm.vision.config.image_token_id) + plan.images[0].num_tokens + 2
+    first = llm.vision.prompt_embedder(ids[:cut], [plan.images[0].num_tokens], [plan.images[0].digest],
+                                       lambda i: llm._encode_images(plan.images))
+    params = SamplingParams(temperature=0.0)
+    pc = PrefixCache()
+    tops = []
+    for prompt, embed, cache in ((ids[:cut], first, pc), (ids, plan.embed, pc), (ids, plan.embed, None)):
+        request = Request(prompt, params, 1, embed=embed, logprobs=20)
+        for _ in Engine(llm.model, prefix_cache=cache).run([request]):
+            pass
+        tops.append(request.token_logprobs[0].top)
+    assert pc.hits == 1 and pc.hit_tokens == cut  # the second resumed after the image
+    resumed, whole = tops[1], tops[2]
+    assert [t for t, _ in resumed] == [t for t, _ in whole]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(resumed, whole, strict=True)) < 1e-5
 
 
 def test_bad_images_in_chat_are_generation_errors(vl_chat, tiny_checkpoint):
@@ -340,14 +402,88 @@ def test_server_chat_with_an_image(vl_chat):
         assert out.choices[0].message.content == expected["content"]
         assert live.post("/web/info").status_code == 405 and httpx_get(live.url + "/web/info")["capabilities"]["vision"]
         for bad, match in [(url[: len(url) // 2], "truncated or corrupt|not valid base64"),
-                           ("https://example.com/cat.png", "data URLs only"),
-                           ("/etc/hosts", "data URLs only")]:
+                           ("https://example.com/cat.png", "--allow-remote-images"),
+                           ("/etc/hosts", "reads no paths")]:
             parts = [{"type": "image_url", "image_url": {"url": bad}}]
             with pytest.raises(openai.BadRequestError, match=match):
                 live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}],
                                                     max_tokens=4)
     finally:
         live.close()
+
+
+def test_responses_api_with_an_image(vl_chat, monkeypatch):
+    """`/v1/responses` reads `input_image` parts through the official client; a follow-up by
+    `previous_response_id` resumes past the image (prefix cache) and encodes it no more."""
+    from lfm2.images import FeatureCache
+    from tests.test_server import MODEL, Live
+
+    llm, _ = vl_chat
+    monkeypatch.setattr(llm, "image_cache", FeatureCache())
+    url = data_url(picture(48, 32, seed=10))
+    greedy = dict(temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+    expected = llm.chat([{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}], **greedy)
+    live = Live(llm)
+    try:
+        extra = {"repetition_penalty": 1.0, "ignore_eos": True}
+        first = live.client.responses.create(
+            model=MODEL, temperature=0, max_output_tokens=8, extra_body=extra,
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                                {"type": "input_image", "image_url": url}]}])
+        assert first.output_text == expected["content"]
+        hits = llm.prefix_cache.hits
+        live.client.responses.create(model=MODEL, temperature=0, max_output_tokens=4, extra_body=extra,
+                                     previous_response_id=first.id, input="And the colours?")
+        assert llm.prefix_cache.hits == hits + 1 and llm.image_cache.stats()["misses"] == 1
+    finally:
+        live.close()
+
+
+def test_server_fetches_remote_images_only_when_allowed(vl_chat, tmp_path):
+    """http(s) image URLs: refused by default; fetched with `remote_images` (the size limit), where an
+    image over the limit, a missing one and a non-image get 400s naming the part."""
+    import functools
+    import http.server
+
+    import openai
+
+    from tests.test_server import MODEL, Live
+
+    llm, _ = vl_chat
+    picture(40, 24, seed=8).save(tmp_path / "cat.png")
+    (tmp_path / "big.png").write_bytes((tmp_path / "cat.png").read_bytes() + b"\0" * 5000)
+    (tmp_path / "notes.txt").write_text("not an image")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+
+    def ask(live, url):
+        parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+        return live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}],
+                                                   temperature=0, max_tokens=6,
+                                                   extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
+
+    size = (tmp_path / "cat.png").stat().st_size
+    closed = Live(llm)
+    try:
+        with pytest.raises(openai.BadRequestError, match="--allow-remote-images"):
+            ask(closed, base + "/cat.png")
+    finally:
+        closed.close()
+    live = Live(llm, remote_images=size + 100)
+    try:
+        expected = llm.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "cat.png")},
+                                                          {"type": "text", "text": "What is this?"}]}],
+                            temperature=0, repetition_penalty=1.0, max_new_tokens=6, ignore_eos=True)
+        assert ask(live, base + "/cat.png").choices[0].message.content == expected["content"]
+        for name, match in [("big.png", "allowed"), ("missing.png", "HTTP 404"), ("notes.txt", "image")]:
+            with pytest.raises(openai.BadRequestError, match=match):
+                ask(live, f"{base}/{name}")
+    finally:
+        live.close()
+        files.shutdown()
 
 
 def test_cli_chat_with_images(vl_chat, tmp_path, monkeypatch, capsys):
@@ -374,6 +510,37 @@ def test_cli_chat_with_images(vl_chat, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["chat", "--model", str(llm.path), "--image", str(tmp_path / "missing.png")])
     assert "no such image file" in capsys.readouterr().err
+
+
+def test_cli_generate_with_an_image_and_a_token_budget(vl_chat, tiny_checkpoint, tmp_path, capsys):
+    """`lfm2 generate --image FILE PROMPT` answers through the chat template; `--max-image-tokens` and
+    `--no-image-splitting` turn the dial (the reply is the library's at the same settings); text models
+    and bad budgets get one clear error."""
+    from lfm2.cli import main
+
+    llm, _ = vl_chat
+    path = tmp_path / "wide.png"
+    picture(64, 32, seed=12).save(path)
+    greedy = ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "6", "--ignore-eos"]
+    main(["generate", "--model", str(llm.path), "--image", str(path), "What is this?", *greedy])
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                         {"type": "text", "text": "What is this?"}]}]
+    same = dict(temperature=0, repetition_penalty=1.0, max_new_tokens=6, ignore_eos=True)
+    assert capsys.readouterr().out.strip() == llm.chat(turn, **same)["content"].strip()
+
+    small = llm.image_processor.with_budget(max_image_tokens=4, min_image_tokens=4, splitting=False)
+    plan_small = dataclasses.replace(llm, image_processor=small).chat_plan(turn)
+    assert plan_small.images[0].num_tokens <= 4 and len(plan_small.images) == 1
+    main(["generate", "--model", str(llm.path), "--image", str(path), "What is this?", *greedy,
+          "--max-image-tokens", "4", "--min-image-tokens", "4", "--no-image-splitting"])
+    assert capsys.readouterr().out.strip() == dataclasses.replace(llm, image_processor=small).chat(
+        turn, **same)["content"].strip()
+    for argv, words in [(["--model", str(tiny_checkpoint), "--image", str(path)], "reads text only"),
+                        (["--model", str(llm.path), "--min-image-tokens", "9", "--max-image-tokens", "8"],
+                         "min_image_tokens 9 is above max_image_tokens 8")]:
+        with pytest.raises(SystemExit):
+            main(["generate", *argv, "Hi"])
+        assert words in capsys.readouterr().err
 
 
 def test_released_config_builds_the_450m_shapes():

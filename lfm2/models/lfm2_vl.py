@@ -18,6 +18,7 @@ which the engine runs (on `inputs_embeds` where a prompt holds images).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,24 +205,11 @@ class Lfm2VlForConditionalGeneration(nn.Module):
             return x
         return x.masked_scatter(slots[..., None], feats.to(x.dtype))
 
-    def prompt_embedder(self, ids: Sequence[int], features: list[torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
-        """`embed(start, end)` for the engine (`lfm2.engine.Request.embed`): the embeddings of `ids[start:end]`
-        with the image features of the `<image>` tokens in that range, so a chunked prefill may cut an
-        image anywhere."""
-        feats = torch.cat(features) if features else torch.zeros(0, self.config.text.hidden_size)
-        slots = torch.tensor(list(ids)) == self.config.image_token_id
-        if int(slots.sum()) != feats.shape[0]:
-            raise GenerationError(f"the prompt holds {int(slots.sum())} image tokens but the images give "
-                                  f"{feats.shape[0]} embeddings: the prompt and the images do not match")
-        before = torch.cumsum(slots, 0) - slots.long()  # image tokens before each position
-
-        def embed(start: int, end: int) -> torch.Tensor:
-            first = int(before[start])
-            n = int(slots[start:end].sum())
-            chunk = torch.tensor([list(ids[start:end])], device=self.device)
-            return self.embed(chunk, [feats[first : first + n]])
-
-        return embed
+    def prompt_embedder(self, ids: Sequence[int], sizes: Sequence[int], digests: Sequence[bytes],
+                        features: Callable[[list[int]], list[torch.Tensor]]) -> PromptEmbedder:
+        """The engine's `Request.embed` for a prompt whose images have `sizes[i]` tokens each and
+        contents named by `digests[i]`; `features(indices)` encodes the listed images (see `PromptEmbedder`)."""
+        return PromptEmbedder(self, ids, sizes, digests, features)
 
     def forward(
         self,
@@ -241,3 +229,46 @@ class Lfm2VlForConditionalGeneration(nn.Module):
             features = self.image_features(pixel_values, pixel_attention_mask, spatial_shapes)
         embeds = self.embed(input_ids, features)
         return self.language(input_ids, cache, attention_mask, last_only=last_only, inputs_embeds=embeds)
+
+
+class PromptEmbedder:
+    """`embed(start, end)`: the input embeddings (1, end - start, d) of `ids[start:end]`, the image
+    features placed at the `<image>` tokens in that range, so a chunked prefill may cut an image
+    anywhere (`lfm2.engine.Request.embed`).
+
+    Images are encoded lazily, only those a requested range holds: a prompt resumed from the prefix
+    cache past its images never runs the vision tower. `key` names the prompt's content for the
+    prefix cache: `ids` with each image's `<image>` tokens replaced by one negative id drawn from
+    its digest (a hash of its preprocessed pixels), since equal placeholder ids do not mean equal
+    images while equal digests do.
+    """
+
+    def __init__(self, model: Lfm2VlForConditionalGeneration, ids: Sequence[int], sizes: Sequence[int],
+                 digests: Sequence[bytes], features: Callable[[list[int]], list[torch.Tensor]]) -> None:
+        self.model = model
+        self.ids = list(ids)
+        self.sizes = list(sizes)
+        self.features = features
+        slots = torch.tensor(self.ids) == model.config.image_token_id
+        if int(slots.sum()) != sum(self.sizes):
+            raise GenerationError(f"the prompt holds {int(slots.sum())} image tokens but the images give "
+                                  f"{sum(self.sizes)} embeddings: the prompt and the images do not match")
+        self.slots = slots
+        self.before = torch.cumsum(slots, 0) - slots.long()  # image tokens before each position
+        self.bounds = [0, *itertools.accumulate(self.sizes)]  # image i's tokens are ordinals bounds[i]:bounds[i+1]
+        owner = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes, dtype=torch.long))
+        names = torch.tensor([-1 - int.from_bytes(d[:8], "little") % (1 << 62) for d in digests], dtype=torch.long)
+        key = torch.tensor(self.ids, dtype=torch.long)
+        key[slots] = names[owner]
+        self.key = key.tolist()
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        first = int(self.before[start])
+        n = int(self.slots[start:end].sum())
+        chunk = torch.tensor([self.ids[start:end]], device=self.model.device)
+        if n == 0:
+            return self.model.embed(chunk, None)
+        wanted = [i for i in range(len(self.sizes)) if self.bounds[i] < first + n and self.bounds[i + 1] > first]
+        feats = torch.cat(self.features(wanted))
+        offset = first - self.bounds[wanted[0]]
+        return self.model.embed(chunk, [feats[offset : offset + n]])
