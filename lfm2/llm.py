@@ -355,11 +355,16 @@ class LLM:
         return ChatPlan(ids, in_prompt, use_tools, constraint, tags is not None, started, layouts, embed)
 
     def _image_embedder(self, ids: list[int], layouts: list[ImageLayout]) -> PromptEmbedder:
-        """The engine's `Request.embed` for a prompt with images: encoded (vision tower and projector)
-        when prefill first reaches them, and kept in `image_cache` by content for later turns."""
-        return self.vision.prompt_embedder(ids, [x.num_tokens for x in layouts], [x.digest for x in layouts],
-                                           lambda indices: self.image_cache.get([layouts[i] for i in indices],
-                                                                                self._encode_images))
+        """The engine's `Request.embed` for a prompt with images, kept in `image_cache` by content for
+        later turns. The images past the longest prefix the prefix cache holds are encoded (vision
+        tower and projector) here, in the caller's thread: the server's engine thread goes on decoding
+        other requests meanwhile instead of stalling on the tower."""
+        embedder = self.vision.prompt_embedder(ids, [x.num_tokens for x in layouts], [x.digest for x in layouts],
+                                               lambda indices: self.image_cache.get([layouts[i] for i in indices],
+                                                                                    self._encode_images))
+        resumed = self.prefix_cache.longest(embedder.key) if self.prefix_cache.max_bytes else None
+        embedder.prefetch(0 if resumed is None else len(resumed.key))
+        return embedder
 
     def _encode_images(self, layouts: list[ImageLayout]) -> list[torch.Tensor]:
         """Each image's features (its tiles' tokens in order), from one pass of the vision tower."""

@@ -328,6 +328,25 @@ def test_follow_up_turn_resumes_past_the_image_without_encoding_it(vl_chat, monk
     assert llm.image_cache.stats()["hits"] == 1 and llm.image_cache.stats()["misses"] == 1
 
 
+def test_images_are_encoded_when_the_prompt_is_built(vl_chat, monkeypatch):
+    """`chat_plan` encodes the images in the caller's thread (the server's engine thread would stall
+    its other streams on the tower), except those a stored prefix already covers."""
+    from lfm2.images import FeatureCache
+    from lfm2.prefix_cache import PrefixCache
+
+    llm, _ = vl_chat
+    monkeypatch.setattr(llm, "prefix_cache", PrefixCache())
+    monkeypatch.setattr(llm, "image_cache", FeatureCache(0))  # keeps nothing: every encode shows as a miss
+    first = [{"role": "user", "content": [{"type": "image", "image": picture(40, 40, seed=13)},
+                                          {"type": "text", "text": "Hi"}]}]
+    plan = llm.chat_plan(first)
+    assert llm.image_cache.misses == 1 and list(plan.embed.encoded) == [0]
+    reply = llm.chat(first, temperature=0, max_new_tokens=4)
+    assert llm.image_cache.misses == 2  # chat built its own plan; the engine used the plan's features
+    follow = [*first, {"role": "assistant", "content": reply["content"]}, {"role": "user", "content": "More"}]
+    assert not llm.chat_plan(follow).embed.encoded and llm.image_cache.misses == 2
+
+
 @torch.no_grad()
 def test_resumed_image_prompt_logits_equal_a_full_prefill(vl_chat):
     """Exact reuse across an image: the state stored after a prompt with an image, resumed for a longer

@@ -237,10 +237,13 @@ class PromptEmbedder:
     anywhere (`lfm2.engine.Request.embed`).
 
     Images are encoded lazily, only those a requested range holds: a prompt resumed from the prefix
-    cache past its images never runs the vision tower. `key` names the prompt's content for the
-    prefix cache: `ids` with each image's `<image>` tokens replaced by one negative id drawn from
-    its digest (a hash of its preprocessed pixels), since equal placeholder ids do not mean equal
-    images while equal digests do.
+    cache past its images never runs the vision tower. `prefetch(start)` encodes the images from
+    position `start` on ahead of time (in the caller's thread, so that the engine's thread, which
+    decodes other requests meanwhile, does not stall on the tower); encoded features are kept.
+
+    `key` names the prompt's content for the prefix cache: `ids` with each image's `<image>` tokens
+    replaced by one negative id drawn from its digest (a hash of its preprocessed pixels), since
+    equal placeholder ids do not mean equal images while equal digests do.
     """
 
     def __init__(self, model: Lfm2VlForConditionalGeneration, ids: Sequence[int], sizes: Sequence[int],
@@ -249,6 +252,7 @@ class PromptEmbedder:
         self.ids = list(ids)
         self.sizes = list(sizes)
         self.features = features
+        self.encoded: dict[int, torch.Tensor] = {}  # image index -> its features
         slots = torch.tensor(self.ids) == model.config.image_token_id
         if int(slots.sum()) != sum(self.sizes):
             raise GenerationError(f"the prompt holds {int(slots.sum())} image tokens but the images give "
@@ -262,13 +266,29 @@ class PromptEmbedder:
         key[slots] = names[owner]
         self.key = key.tolist()
 
+    def images_in(self, start: int, end: int) -> list[int]:
+        """Indices of the images with tokens in `ids[start:end]`."""
+        if start >= len(self.ids):
+            return []
+        first, n = int(self.before[start]), int(self.slots[start:end].sum())
+        return [i for i in range(len(self.sizes)) if self.bounds[i] < first + n and self.bounds[i + 1] > first]
+
+    def prefetch(self, start: int = 0) -> None:
+        """Encode now the images with tokens from position `start` on."""
+        self._encode(self.images_in(start, len(self.ids)))
+
+    def _encode(self, indices: list[int]) -> list[torch.Tensor]:
+        missing = [i for i in indices if i not in self.encoded]
+        if missing:
+            self.encoded.update(zip(missing, self.features(missing), strict=True))
+        return [self.encoded[i] for i in indices]
+
     def __call__(self, start: int, end: int) -> torch.Tensor:
-        first = int(self.before[start])
-        n = int(self.slots[start:end].sum())
         chunk = torch.tensor([self.ids[start:end]], device=self.model.device)
-        if n == 0:
+        wanted = self.images_in(start, end)
+        if not wanted:
             return self.model.embed(chunk, None)
-        wanted = [i for i in range(len(self.sizes)) if self.bounds[i] < first + n and self.bounds[i + 1] > first]
-        feats = torch.cat(self.features(wanted))
+        first, n = int(self.before[start]), int(self.slots[start:end].sum())
+        feats = torch.cat(self._encode(wanted))
         offset = first - self.bounds[wanted[0]]
         return self.model.embed(chunk, [feats[offset : offset + n]])

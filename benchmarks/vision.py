@@ -1,0 +1,210 @@
+"""LFM2-VL on CPU: lfm2 beside transformers (and llama.cpp's `llama-mtmd-cli`) on the same random weights.
+
+    python benchmarks/vision.py [--shape 1.6B] [--rounds 2] [--new 32]
+                                [--mtmd-cli PATH/llama-mtmd-cli --gguf TEXT.gguf --mmproj MMPROJ.gguf]
+
+Random weights of the LFM2-VL-1.6B shape (text: LFM2-1.2B, `../shared/reference/configs/LFM2-1.2B.config.json`
+when present, else the same numbers here; vision: SigLIP2 NaFlex so400m, 1152 wide, 26 layers, 16-pixel
+patches; projector 2560 wide; bfloat16 on disk, float32 in memory) are written once by transformers
+(`save_pretrained`) with a small BPE tokenizer holding LFM2-VL's image markers. For a 512x512 and a
+1024x768 picture (random pixels: speed does not depend on them), each engine in a child process of
+its own, interleaved `--rounds` times, reports:
+- encode: the vision tower and projector on the preprocessed image (all its tiles), ms;
+- ttft: from the request to the first generated token: for lfm2 `LLM.chat` with empty caches
+  (preprocessing, encoding and prefill included); for transformers `generate(max_new_tokens=1)` on the
+  tensors lfm2's preprocessing made (its own processor needs torchvision, which this machine lacks);
+  for llama.cpp, its image encode + decode time plus its prompt eval time;
+- decode: tokens/s over `--new` tokens after that prompt.
+
+The image tokens, as `Lfm2VlProcessor`'s defaults make them: 256 for 512x512 (one tile); for 1024x768,
+2 x 3 tiles of 256 and a 234-token thumbnail (1,770).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(512, 512), (1024, 768)]
+VISION_16B = dict(model_type="siglip2_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                  num_attention_heads=16, patch_size=16, num_patches=256, hidden_act="gelu_pytorch_tanh",
+                  layer_norm_eps=1e-6, vision_use_head=False)
+IMAGE_TOKENS = ["<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"] + [
+    f"<|img_row_{r}_col_{c}|>" for r in range(1, 7) for c in range(1, 7)]
+TEXT_12B = dict(model_type="lfm2", vocab_size=65536, hidden_size=2048, intermediate_size=12288,
+                block_auto_adjust_ff_dim=True, block_ff_dim=12288, block_ffn_dim_multiplier=1.0, block_multiple_of=256,
+                num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=128000,
+                norm_eps=1e-5, conv_L_cache=3, rope_theta=1e6, full_attn_idxs=[2, 5, 8, 10, 12, 14])
+
+
+def text_config() -> dict:
+    """LFM2-1.2B's text config for transformers, its feed-forward width resolved by lfm2's reading
+    (`lfm2.config.ModelConfig`) and given as is."""
+    from lfm2.config import ModelConfig
+
+    path = ROOT.parent / "shared" / "reference" / "configs" / "LFM2-1.2B.config.json"
+    c = ModelConfig.from_dict(json.loads(path.read_text()) if path.is_file() else TEXT_12B)
+    return dict(model_type="lfm2", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size, block_auto_adjust_ff_dim=False,
+                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                norm_eps=c.norm_eps, conv_L_cache=c.conv_L_cache, rope_theta=c.rope_theta, layer_types=c.layer_types)
+
+
+def make_checkpoint(out: Path) -> Path:
+    """A random LFM2-VL-1.6B-shaped checkpoint written by transformers, with a tokenizer and a chat template."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+
+    from lfm2.bench import WORDS
+    from lfm2.train.tokenizer import train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = [" ".join(WORDS[i : i + 12]) for i in range(0, len(WORDS), 3)] * 4
+    train_tokenizer(corpus, vocab_size=1024, out_dir=out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
+    tok.save(str(out / "tokenizer.json"))
+    config = transformers.Lfm2VlConfig(text_config=text_config(), vision_config=VISION_16B,
+                                       image_token_id=tok.token_to_id("<image>"), projector_hidden_size=2560,
+                                       downsample_factor=2)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.Lfm2VlForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    print(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)", file=sys.stderr)
+    return out
+
+
+def make_images(out: Path) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    rng = np.random.default_rng(0)
+    for w, h in SIZES:
+        path = out / f"random-{w}x{h}.png"
+        if not path.is_file():
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+OURS = """
+import json, sys, time, torch, lfm2
+from lfm2.images import FeatureCache, load_image
+from lfm2.prefix_cache import PrefixCache
+ckpt, image, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
+llm = lfm2.load(ckpt)
+layout = llm.image_processor(load_image(image))
+llm._encode_images([layout])  # warm-up
+t = time.perf_counter(); llm._encode_images([layout]); encode = time.perf_counter() - t
+messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "Describe this picture."}]}]
+llm.image_cache, llm.prefix_cache = FeatureCache(), PrefixCache(0)
+t = time.perf_counter()
+llm.chat(messages, temperature=0, max_new_tokens=new, ignore_eos=True)
+stats = llm.last_stats[0]
+ttft = time.perf_counter() - t - (stats.total_s - stats.time_to_first_token_s)  # preprocessing included
+print(json.dumps({"encode_ms": encode * 1e3, "ttft_s": ttft, "decode": stats.decode_tokens_per_s,
+                  "prompt_tokens": stats.prompt_tokens, "image_tokens": layout.num_tokens}))
+"""
+
+THEIRS = """
+import json, sys, time, torch, transformers, lfm2
+from lfm2.images import batch, load_image
+ckpt, image, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
+llm = lfm2.load(ckpt)  # for its preprocessing and prompt only
+messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "Describe this picture."}]}]
+plan = llm.chat_plan(messages)
+inputs = batch(plan.images)
+del llm
+model = transformers.Lfm2VlForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+ids = torch.tensor([plan.ids])
+with torch.inference_mode():
+    model.model.get_image_features(**inputs)  # warm-up
+    t = time.perf_counter(); model.model.get_image_features(**inputs); encode = time.perf_counter() - t
+    def gen(n):
+        t = time.perf_counter()
+        model.generate(input_ids=ids, **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t
+    first = gen(1)
+    total = gen(1 + new)
+print(json.dumps({"encode_ms": encode * 1e3, "ttft_s": first, "decode": new / max(total - first, 1e-9),
+                  "prompt_tokens": len(plan.ids)}))
+"""
+
+
+def child(code: str, *argv: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mtmd(cli: str, gguf: str, mmproj: str, image: Path, new: int) -> dict:
+    """llama.cpp's multimodal CLI, greedy, 2 threads; its own timings from its log."""
+    cmd = [cli, "-m", gguf, "--mmproj", mmproj, "--image", str(image), "-p", "Describe this picture.", "-n", str(new),
+           "-t", "2", "--temp", "0", "--ignore-eos", "--no-warmup"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    if out.returncode:
+        raise SystemExit(f"llama-mtmd-cli failed:\n{log[-3000:]}")
+    encode = sum(float(x) for x in re.findall(r"image slice encoded in (\d+) ms", log))
+    decode_img = sum(float(x) for x in re.findall(r"image decoded \(batch \d+/\d+\) in (\d+) ms", log))
+    prompt = re.search(r"prompt eval time =\s+([\d.]+) ms /\s+(\d+) tokens", log)
+    evals = re.search(r"\beval time =\s+([\d.]+) ms /\s+(\d+) runs", log)
+    return {"encode_ms": encode, "ttft_s": (encode + decode_img + (float(prompt.group(1)) if prompt else 0)) / 1e3,
+            "decode": int(evals.group(2)) / (float(evals.group(1)) / 1e3) if evals else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="/tmp/lfm2-vl-1.6b-random")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--mtmd-cli", default=None, help="llama.cpp's llama-mtmd-cli (optional)")
+    ap.add_argument("--gguf", default=None, help="the text model as GGUF, for llama-mtmd-cli")
+    ap.add_argument("--mmproj", default=None, help="the vision part as an mmproj GGUF, for llama-mtmd-cli")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    ckpt = make_checkpoint(Path(args.out))
+    images = make_images(Path(args.out))
+    engines = {"lfm2": lambda im: child(OURS, str(ckpt), str(im), str(args.new))}
+    if not args.skip_transformers:
+        engines["transformers"] = lambda im: child(THEIRS, str(ckpt), str(im), str(args.new))
+    if args.mtmd_cli:
+        engines["llama.cpp"] = lambda im: mtmd(args.mtmd_cli, args.gguf, args.mmproj, im, args.new)
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for image in images:
+            for name, run in engines.items():
+                t = time.perf_counter()
+                got = run(image)
+                results.setdefault((name, image.name), []).append(got)
+                print(f"round {r + 1} {name} {image.name}: {json.dumps(got)} ({time.perf_counter() - t:.0f} s)",
+                      file=sys.stderr, flush=True)
+    med = statistics.median
+    print("| image | engine | encode ms | TTFT s | decode tok/s | prompt tokens |")
+    print("|---|---|---:|---:|---:|---:|")
+    for image in images:
+        for name in engines:
+            rows = results[(name, image.name)]
+            print(f"| {image.stem.removeprefix('random-')} | {name} | {med(x['encode_ms'] for x in rows):.0f} | "
+                  f"{med(x['ttft_s'] for x in rows):.2f} | {med(x['decode'] for x in rows):.1f} | "
+                  f"{rows[0].get('prompt_tokens', '')} |")
+
+
+if __name__ == "__main__":
+    main()
