@@ -139,10 +139,12 @@ class Lfm2VlForConditionalGeneration(nn.Module):
     # Where the embedding lives, for loading a tied head (`lfm2.weights.load_into`).
     embedding_key = "model.language_model.embed_tokens.weight"
 
-    def __init__(self, config: VlConfig) -> None:
+    def __init__(self, config: VlConfig, language: Lfm2ForCausalLM | None = None) -> None:
+        """`language`: a language model already built (a GGUF text model beside an mmproj file, perhaps
+        quantized) to wrap instead of a new one; it must be of `config.text`."""
         super().__init__()
         self.config = config
-        language = Lfm2ForCausalLM(config.text)
+        language = Lfm2ForCausalLM(config.text) if language is None else language
         self.model = Lfm2VlModel(config, language.model)
         self.lm_head = language.lm_head
         # Kept out of the module tree: it holds the same modules, which would otherwise appear in the
