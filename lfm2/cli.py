@@ -41,6 +41,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint directory, .gguf file or Hugging Face hub id (default: the bundled tiny model)")
+    p.add_argument("--mmproj", default=None, metavar="FILE",
+                   help="with a .gguf model: the mmproj .gguf of an LFM2-VL model (its vision part), so that the "
+                        "model reads images (default: none, text only)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
@@ -350,7 +353,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.max_reasoning_tokens is not None and not args.chat:
         raise LFM2Error("--max-reasoning-tokens needs --chat (the thinking block is part of a chat reply)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                    quantize=args.quantize, compile=args.compile)
+                    quantize=args.quantize, compile=args.compile, mmproj=args.mmproj)
     sampling = {**_sampling(args), **output}
     if args.chat:
         printer = _ReplyPrinter(sys.stdout, args.hide_reasoning)
@@ -383,13 +386,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     tools = _load_tools(args.tools, args.strict_tools)
     output = _output_format(args)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                    quantize=args.quantize, compile=args.compile)
+                    quantize=args.quantize, compile=args.compile, mmproj=args.mmproj)
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = {**_sampling(args), **output}
     hide, last_thought = args.hide_reasoning, ""
     if args.image and llm.vision is None:
-        raise LFM2Error(f"{llm.path} reads text only: --image needs a vision model (an LFM2-VL checkpoint)")
+        raise LFM2Error(f"{llm.path} reads text only: --image needs a vision model (an LFM2-VL checkpoint, or a "
+                        ".gguf model with --mmproj)")
     images = [_checked_image(path) for path in args.image or []]  # for the next message
     print("lfm2 chat. Commands: /reset (new conversation), /system TEXT (set the system prompt), "
           "/image FILE (attach an image to the next message), /exit; a reasoning model's thought: "

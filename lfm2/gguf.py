@@ -1032,8 +1032,9 @@ def _write_sampling_defaults(w: gguf.GGUFWriter, src: Path) -> None:
             add(int(value) if key == "top_k" else float(value))
 
 
-def language_config(src: Path) -> tuple[ModelConfig, Callable[[str], str]]:
-    """The config of a checkpoint's language model, and a map from our tensor names to the checkpoint's.
+def language_config(src: Path) -> tuple[ModelConfig, Callable[[str], str], bool]:
+    """The config of a checkpoint's language model, a map from our tensor names to the checkpoint's,
+    and whether it is an LFM2-VL checkpoint.
 
     An LFM2-VL checkpoint (`model_type` lfm2_vl) holds its language model under `model.language_model.*`
     (the head stays `lm_head`), beside the vision part that `lfm2.mmproj` writes; a text checkpoint
@@ -1045,8 +1046,8 @@ def language_config(src: Path) -> tuple[ModelConfig, Callable[[str], str]]:
         raw = None  # ModelConfig.from_json says what is wrong with it
     if isinstance(raw, dict) and is_vl_config(raw):
         config = VlConfig.from_dict(raw, source=str(path)).text
-        return config, lambda name: name.replace("model.", "model.language_model.", 1)
-    return ModelConfig.from_json(path), lambda name: name
+        return config, lambda name: name.replace("model.", "model.language_model.", 1), True
+    return ModelConfig.from_json(path), lambda name: name, False
 
 
 def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16",
@@ -1067,7 +1068,7 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str =
     out = Path(out_path)
     if out.is_dir():
         raise ConfigError(f"{out}: is a directory; give the path of the .gguf file to write")
-    config, stored = language_config(src_dir)
+    config, stored, _ = language_config(src_dir)
     _check_exportable(config, src_dir)
     tokens, types, special = _vocab_metadata(src_dir, config.vocab_size)
     _check_vocab_encodes_alike(src_dir, tokens, types, special)

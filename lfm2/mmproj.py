@@ -102,11 +102,13 @@ _PATCH = "v.patch_embd.weight"
 
 
 def mmproj_plan(config: VlConfig) -> list[tuple[str, str]]:
-    """(mmproj name, our name) of every tensor of the vision part of a model of this config."""
+    """(mmproj name, our name) of every tensor of the vision part of a model of this config, in the
+    table's order with the tower's blocks one after the other."""
+    block = [(gname, ours) for gname, ours, where in MMPROJ_TABLE if where == "block"]
     plan = []
     for gname, ours, where in MMPROJ_TABLE:
-        if where == "block":
-            plan += [(gname.format(i=i), ours.format(i=i)) for i in range(config.vision.num_hidden_layers)]
+        if (gname, ours) == block[0]:
+            plan += [(g.format(i=i), o.format(i=i)) for i in range(config.vision.num_hidden_layers) for g, o in block]
         elif where == "model" or (where == "layernorm" and config.projector_use_layernorm):
             plan.append((gname, ours))
     return plan
