@@ -2,9 +2,11 @@
 
     lfm2 convert DIR --to gguf --type q8_0 -o model-q8_0.gguf
     lfm2 convert model.gguf --to hf -o DIR
+    lfm2 convert model.gguf --to hf --mmproj mmproj-model.gguf -o DIR    (an LFM2-VL checkpoint)
 
 An LFM2-VL checkpoint becomes two files, as llama.cpp runs it: the language model (`-o`) and the
-vision part, an mmproj file (`mmproj-<name of -o>` beside it, or `--mmproj OUT`; `lfm2.mmproj`).
+vision part, an mmproj file (`mmproj-<name of -o>` beside it, or `--mmproj OUT`; `lfm2.mmproj`); the two
+convert back to an LFM2-VL checkpoint directory.
 
 The command only parses arguments; `convert()` is what it calls, and `lfm2.gguf` does the work.
 """
@@ -36,7 +38,7 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, type: str |
     `mmproj-<name of out>` beside it) the vision part, in `mmproj_type` (f32, f16, bf16, q8_0; default
     `type` where it is one of these, else f16). `to="hf"`: `src` is a .gguf file, dequantized into the
     directory `out`; `type` (f32, f16, bf16) is the dtype written, float32 by default (it holds every
-    GGUF value exactly).
+    GGUF value exactly); with `mmproj`, the vision part of an LFM2-VL text model, an LFM2-VL checkpoint.
     """
     from lfm2.gguf import export_gguf, import_gguf, language_config
 
@@ -59,8 +61,8 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, type: str |
             where = default_mmproj_path(out) if mmproj is None else mmproj
             written.append(export_mmproj(src_dir, where, mmproj_type, progress=progress))
         return written
-    if mmproj is not None or mmproj_type is not None:
-        raise ConfigError("--mmproj / --mmproj-type go with --to gguf (the vision part of an LFM2-VL checkpoint)")
+    if mmproj_type is not None:
+        raise ConfigError("--mmproj-type goes with --to gguf (the type of the mmproj file written)")
     if to == "hf":
         if not Path(src).is_file():
             raise ConfigError(f"{src}: no such file; `--to hf` converts a .gguf file")
@@ -68,7 +70,7 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, type: str |
             raise ConfigError(f"--type {type!r} cannot be written to a Hugging Face checkpoint; use one of "
                               f"{', '.join(HF_DTYPES)} (or leave it out for float32)")
         dtype = None if type is None else HF_DTYPES[type.lower()]
-        return [import_gguf(src, out, dtype=dtype, progress=progress)]
+        return [import_gguf(src, out, dtype=dtype, progress=progress, mmproj=mmproj)]
     raise ConfigError(f"unknown conversion target {to!r}; use one of {', '.join(TARGETS)}")
 
 
@@ -86,8 +88,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="GGUF: type of the weight matrices (default f16); hf: dtype written (default f32)")
     p.add_argument("-o", "--out", required=True, help="the .gguf file (--to gguf) or directory (--to hf) to write")
     p.add_argument("--mmproj", default=None, metavar="OUT",
-                   help="LFM2-VL, --to gguf: the mmproj file for the vision part (default: mmproj-<name of -o> "
-                        "beside it)")
+                   help="LFM2-VL: --to gguf, the mmproj file to write for the vision part (default: "
+                        "mmproj-<name of -o> beside it); --to hf, the text model's mmproj file to read with it")
     p.add_argument("--mmproj-type", default=None, choices=("f32", "f16", "bf16", "q8_0"),
                    help="LFM2-VL, --to gguf: type of the mmproj file's matrices (default: --type where it is one "
                         "of these, else f16)")

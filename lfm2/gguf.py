@@ -838,13 +838,21 @@ def load_gguf(
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, mmproj: str | os.PathLike | None = None) -> Path:
     """Write a GGUF file as a Hugging Face checkpoint directory, dequantized.
 
     Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the chat
     template) and special_tokens_map.json, each atomically. `dtype` defaults to float32, which
-    holds every GGUF value exactly (an F16 file's norms and conv kernels are F32).
+    holds every GGUF value exactly (an F16 file's norms and conv kernels are F32). With `mmproj`
+    (an LFM2-VL text model's vision part), an LFM2-VL checkpoint: its config.json, every tensor under
+    the released checkpoints' names, and processor_config.json with the file's preprocessing.
     """
+    vision_file = None
+    if mmproj is not None:
+        from lfm2.mmproj import check_is_lfm2_mmproj, load_mmproj, processor_config
+
+        vision_file = GGUFFile(mmproj)
+        check_is_lfm2_mmproj(vision_file)  # before the text model is read
     f = GGUFFile(gguf_path)
     config = config_from_gguf(f)
     vocab = vocab_from_gguf(f)
@@ -869,6 +877,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                "pad_token_id": config.pad_token_id, "do_sample": True, **defaults}
         extra["generation_config.json"] = json.dumps(gen, indent=2) + "\n"
+    if vision_file is not None:
+        vision, processor = load_mmproj(vision_file, model, config, vocab.tokenizer if vocab else None,
+                                        dtype or torch.float32, text_path=f.path)
+        extra["processor_config.json"] = json.dumps(processor_config(processor), indent=2) + "\n"
+        return save_checkpoint(vision, out_dir, extra_files=extra, names=vision.released_name)
     return save_checkpoint(model, out_dir, extra_files=extra)
 
 

@@ -34,6 +34,7 @@ import json
 import math
 import os
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +361,13 @@ def image_processor_from_mmproj(f: GGUFFile, config: VlConfig) -> ImageProcessor
                           **stats)
 
 
+def processor_config(processor: ImageProcessor) -> dict[str, Any]:
+    """A `processor_config.json` (transformers 5's layout) holding `processor`'s settings."""
+    settings = {k: v for k, v in asdict(processor).items() if k not in ("image_token", "use_image_special_tokens")}
+    return {"image_processor": {"image_processor_type": "Lfm2VlImageProcessorFast", **settings},
+            "processor_class": "Lfm2VlProcessor"}
+
+
 def _checked_tensors(f: GGUFFile, config: VlConfig) -> list[tuple[str, str]]:
     """The plan for this file, every tensor's presence, shape and type checked; nothing is read before."""
     with torch.device("meta"):
@@ -430,4 +438,4 @@ def load_mmproj(path: str | os.PathLike | GGUFFile, language: torch.nn.Module, t
 
 
 __all__ = ["MMPROJ_TABLE", "MMPROJ_TYPES", "check_is_lfm2_mmproj", "default_mmproj_path", "export_mmproj",
-           "image_processor_from_mmproj", "load_mmproj", "mmproj_plan", "vl_config_from_mmproj"]
+           "image_processor_from_mmproj", "load_mmproj", "mmproj_plan", "processor_config", "vl_config_from_mmproj"]

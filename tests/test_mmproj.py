@@ -209,6 +209,26 @@ def test_reduced_precision_files_load_close(exported, reference):
         assert (got - ref).abs().max() <= tolerance, t
 
 
+@torch.no_grad()
+def test_gguf_and_mmproj_back_to_a_checkpoint(exported, reference, tmp_path):
+    """`lfm2 convert model.gguf --to hf --mmproj mmproj.gguf`: an LFM2-VL checkpoint that lfm2 and transformers
+    load to the original's logits, with the preprocessing settings of the original."""
+    out, = convert(exported["text"], "hf", tmp_path / "back", progress=False, mmproj=exported["f32"])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "lfm2_vl"
+    back = lfm2.load(out)
+    assert back.image_processor == reference.image_processor
+    image = picture(70, 90, seed=9)
+    ids, ref = vl_logits(reference, image)
+    assert (vl_logits(back, image)[1] - ref).abs().max() <= 1e-4
+    plan = reference.chat_plan(messages(image))
+    theirs = transformers.Lfm2VlForConditionalGeneration.from_pretrained(out).eval()
+    logits = theirs(input_ids=torch.tensor([ids]), **batch(plan.images)).logits[0]
+    assert (logits - ref).abs().max() <= 1e-4
+    # In the released layout, which llama.cpp's converter reads, and so our writer writes the same file again.
+    again = export_mmproj(out, tmp_path / "again.gguf", "f32", progress=False)
+    assert read_gguf_file(again)[1] == read_gguf_file(exported["f32"])[1]
+
+
 def test_chat_with_an_image_on_a_quantized_text_model(exported, vl_checkpoint, tmp_path):
     """A Q8_0 text file runs in its own format with an mmproj beside it (llama.cpp's usual pairing)."""
     text = export_gguf(vl_checkpoint, tmp_path / "model-q8_0.gguf", "q8_0", progress=False)
@@ -305,8 +325,10 @@ def test_mmproj_arguments_are_checked(exported, vl_checkpoint, chat_checkpoint, 
         export_mmproj(chat_checkpoint, tmp_path / "mm.gguf", progress=False)
     with pytest.raises(ConfigError, match="unknown mmproj type 'q4_0'"):
         export_mmproj(vl_checkpoint, tmp_path / "mm.gguf", "q4_0", progress=False)
-    with pytest.raises(ConfigError, match="--to gguf"):
-        convert(exported["text"], "hf", tmp_path / "hf", mmproj=exported["f32"], progress=False)
+    with pytest.raises(ConfigError, match="--mmproj-type goes with --to gguf"):
+        convert(exported["text"], "hf", tmp_path / "hf", mmproj_type="f16", progress=False)
+    with pytest.raises(ConfigError, match="text model GGUF"):
+        convert(exported["text"], "hf", tmp_path / "hf", mmproj=exported["text"], progress=False)
     assert not list(tmp_path.iterdir())
 
 

@@ -19,7 +19,7 @@ which the engine runs (on `inputs_embeds` where a prompt holds images).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -84,6 +84,16 @@ class VlConfig:
                        vision=VisionConfig.from_dict(raw["vision_config"]), **fields)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+    def to_dict(self) -> dict[str, Any]:
+        """A `config.json` that both lfm2 and transformers (`Lfm2VlConfig`) read back to this config."""
+        vision = {"model_type": "siglip2_vision_model", **asdict(self.vision), "vision_use_head": False}
+        fields = {k: getattr(self, k) for k in ("image_token_id", "projector_hidden_act", "projector_hidden_size",
+                                                 "projector_bias", "projector_use_layernorm", "downsample_factor")}
+        return {"architectures": ["Lfm2VlForConditionalGeneration"], "model_type": "lfm2_vl",
+                "text_config": self.text.to_dict(), "vision_config": vision, **fields,
+                "tie_word_embeddings": self.text.tie_word_embeddings}
 
 
 def is_vl_config(raw: dict[str, Any]) -> bool:
@@ -163,6 +173,12 @@ class Lfm2VlForConditionalGeneration(nn.Module):
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
         return self.language.make_cache(batch_size, max_len, dtype)
+
+    @staticmethod
+    def released_name(name: str) -> str:
+        """Our tensor name -> the released checkpoints' (the tower nested as `vision_tower.vision_model.*`,
+        the layout transformers 4 and 5, llama.cpp's converter and lfm2 all read)."""
+        return name.replace("model.vision_tower.", "model.vision_tower.vision_model.", 1)
 
     def sanitize(self, names: list[str]) -> dict[str, str]:
         """Checkpoint tensor name -> ours, for the names that differ; None drops a tensor.
