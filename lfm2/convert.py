@@ -56,10 +56,11 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, type: str |
             mmproj_type = type if type is not None and type.lower() in MMPROJ_TYPES else "f16"
         if vision and mmproj_type.lower() not in MMPROJ_TYPES:  # before the text model is written
             raise ConfigError(f"--mmproj-type {mmproj_type!r}: an mmproj file is one of {', '.join(MMPROJ_TYPES)}")
-        written = [export_gguf(src_dir, out, type or "f16", progress=progress)]
+        # `src` as given, not `src_dir`: a hub id names the files (`general.name`), not its snapshot's hash
+        written = [export_gguf(src, out, type or "f16", progress=progress)]
         if vision:
             where = default_mmproj_path(out) if mmproj is None else mmproj
-            written.append(export_mmproj(src_dir, where, mmproj_type, progress=progress))
+            written.append(export_mmproj(src, where, mmproj_type, progress=progress))
         return written
     if mmproj_type is not None:
         raise ConfigError("--mmproj-type goes with --to gguf (the type of the mmproj file written)")

@@ -21,9 +21,10 @@ What the file holds, and where llama.cpp's reading differs from transformers:
 - not in the file: the `<image>` token id (read from the text model's vocabulary); the token budget
   and tiling, which llama.cpp hard-codes from the released `processor_config.json` (64-256 tokens,
   512-pixel tiles, 2-10 of them, tolerance 2: `ImageProcessor`'s defaults); the projector's
-  activation: llama.cpp's graph applies ggml's tanh-approximated GELU where transformers (and lfm2)
-  apply the exact one the checkpoint names, and its projector LayerNorm uses epsilon 1e-5, as
-  `nn.LayerNorm` does.
+  activation: llama.cpp's graph applies ggml's tanh-approximated GELU, and lfm2 reads the file with
+  the exact GELU that transformers and the released checkpoints use (`projector_hidden_act` "gelu"),
+  so it gives the checkpoint's logits where llama.cpp's differ slightly. The projector LayerNorm's
+  epsilon is 1e-5 on both sides (`nn.LayerNorm`'s default, a constant in llama.cpp's graph).
 
 `MMPROJ_TABLE` is the one place where mmproj tensor names meet ours.
 """
