@@ -41,6 +41,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint directory, .gguf file or Hugging Face hub id (default: the bundled tiny model)")
+    p.add_argument("--mmproj", default=None, metavar="FILE",
+                   help="with a .gguf model: the mmproj .gguf of an LFM2-VL model (its vision part), so that the "
+                        "model reads images (default: none, text only)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
@@ -74,7 +77,7 @@ def apply_image_args(llm: Any, args: argparse.Namespace) -> None:
     if llm.vision is None:
         if given:
             raise LFM2Error(f"{llm.path} reads text only: {', '.join(given)} need a vision model "
-                            "(an LFM2-VL checkpoint)")
+                            "(an LFM2-VL checkpoint, or a .gguf model with --mmproj)")
         return
     llm.image_processor = llm.image_processor.with_budget(args.min_image_tokens, args.max_image_tokens,
                                                           False if args.no_image_splitting else None)
@@ -381,7 +384,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.max_reasoning_tokens is not None and not args.chat:
         raise LFM2Error("--max-reasoning-tokens needs --chat (the thinking block is part of a chat reply)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                    quantize=args.quantize, compile=args.compile)
+                    quantize=args.quantize, compile=args.compile, mmproj=args.mmproj)
     apply_image_args(llm, args)
     sampling = {**_sampling(args), **output}
     if args.chat:
@@ -419,7 +422,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     tools = _load_tools(args.tools, args.strict_tools)
     output = _output_format(args)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                    quantize=args.quantize, compile=args.compile)
+                    quantize=args.quantize, compile=args.compile, mmproj=args.mmproj)
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = {**_sampling(args), **output}

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ from lfm2.files import atomic_path
 from lfm2.loading import Loaded, parse_device, parse_dtype
 from lfm2.models import build_model, cast_model
 from lfm2.models.lfm2 import is_plain_linear
+from lfm2.models.lfm2_vl import VlConfig, is_vl_config
 from lfm2.tokenizer import Tokenizer
 from lfm2.weights import PROGRESS_BYTES, move_to_huge_pages, resolve_checkpoint, save_checkpoint, tensor_table
 
@@ -328,6 +329,12 @@ def check_type(path: Path, info: TensorInfo) -> None:
 
 def _arch(f: GGUFFile) -> str:
     arch = f.metadata.get("general.architecture")
+    if arch == "clip":
+        raise ConfigError(
+            f"{f.path}: this is an mmproj file (the vision part of a multimodal model), not a language model; "
+            "load the text model's .gguf and pass this file as its mmproj (lfm2.load(model, mmproj=...), "
+            "--mmproj on the command line)"
+        )
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"{f.path}: architecture {arch!r} (metadata key 'general.architecture') is not supported; "
@@ -793,10 +800,13 @@ def native_format(f: GGUFFile) -> str | None:
 def load_gguf(
     path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
     quantize: str | None = None, group_size: int | None = 32, native: bool = False,
+    mmproj: str | os.PathLike | None = None,
 ) -> Loaded:
     """What `lfm2.load()` makes an `LLM` of for a `.gguf` file: the file's model, config and tokenizer,
     and its `general.sampling.*` keys as the sampling defaults (a GGUF file has no
-    generation_config.json beside it).
+    generation_config.json beside it). With `mmproj`, an LFM2-VL mmproj file, also the vision model
+    around the language model and its image processor (`lfm2.mmproj.load_mmproj`; the mmproj file's
+    header is checked before the text model is read).
 
     Quantized weights are dequantized to `dtype` (float32 on CPU by default, bfloat16 on
     accelerators); float32 weights loaded as float32 stay memory-mapped. With `quantize`, Q8_0 /
@@ -806,24 +816,43 @@ def load_gguf(
     as llama.cpp runs it, rather than dequantized.
     """
     device = parse_device(device)
-    config, model, tokenizer, f = read_gguf(path, parse_dtype(dtype, device), device, quantize=quantize,
+    dtype = parse_dtype(dtype, device)
+    vision_file = None
+    if mmproj is not None:
+        from lfm2.mmproj import check_is_lfm2_mmproj, load_mmproj
+
+        vision_file = GGUFFile(mmproj)
+        check_is_lfm2_mmproj(vision_file)
+    config, model, tokenizer, f = read_gguf(path, dtype, device, quantize=quantize,
                                             group_size=group_size, native=native and device.type == "cpu")
     from lfm2.quant import QuantEmbedding
 
     if device.type == "cpu" and isinstance(model.model.embed_tokens, QuantEmbedding):  # quantized, asked or own
         move_to_huge_pages(model)  # weights made in memory from the file's blocks (see lfm2.weights)
-    return Loaded(model=model, config=config, tokenizer=tokenizer, path=f.path,
-                  generation_defaults=generation_defaults_from_gguf(f))
+    loaded = Loaded(model=model, config=config, tokenizer=tokenizer, path=f.path,
+                    generation_defaults=generation_defaults_from_gguf(f))
+    if vision_file is not None:
+        loaded.vision, loaded.image_processor = load_mmproj(vision_file, model, config, tokenizer, dtype, device,
+                                                            text_path=f.path)
+    return loaded
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, mmproj: str | os.PathLike | None = None) -> Path:
     """Write a GGUF file as a Hugging Face checkpoint directory, dequantized.
 
     Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the chat
     template) and special_tokens_map.json, each atomically. `dtype` defaults to float32, which
-    holds every GGUF value exactly (an F16 file's norms and conv kernels are F32).
+    holds every GGUF value exactly (an F16 file's norms and conv kernels are F32). With `mmproj`
+    (an LFM2-VL text model's vision part), an LFM2-VL checkpoint: its config.json, every tensor under
+    the released checkpoints' names, and processor_config.json with the file's preprocessing.
     """
+    vision_file = None
+    if mmproj is not None:
+        from lfm2.mmproj import check_is_lfm2_mmproj, load_mmproj, processor_config
+
+        vision_file = GGUFFile(mmproj)
+        check_is_lfm2_mmproj(vision_file)  # before the text model is read
     f = GGUFFile(gguf_path)
     config = config_from_gguf(f)
     vocab = vocab_from_gguf(f)
@@ -848,6 +877,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                "pad_token_id": config.pad_token_id, "do_sample": True, **defaults}
         extra["generation_config.json"] = json.dumps(gen, indent=2) + "\n"
+    if vision_file is not None:
+        vision, processor = load_mmproj(vision_file, model, config, vocab.tokenizer if vocab else None,
+                                        dtype or torch.float32, text_path=f.path)
+        extra["processor_config.json"] = json.dumps(processor_config(processor), indent=2) + "\n"
+        return save_checkpoint(vision, out_dir, extra_files=extra, names=vision.released_name)
     return save_checkpoint(model, out_dir, extra_files=extra)
 
 
@@ -1011,9 +1045,30 @@ def _write_sampling_defaults(w: gguf.GGUFWriter, src: Path) -> None:
             add(int(value) if key == "top_k" else float(value))
 
 
+def language_config(src: Path) -> tuple[ModelConfig, Callable[[str], str], bool]:
+    """The config of a checkpoint's language model, a map from our tensor names to the checkpoint's,
+    and whether it is an LFM2-VL checkpoint.
+
+    An LFM2-VL checkpoint (`model_type` lfm2_vl) holds its language model under `model.language_model.*`
+    (the head stays `lm_head`), beside the vision part that `lfm2.mmproj` writes; a text checkpoint
+    holds it under our names."""
+    path = src / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = None  # ModelConfig.from_json says what is wrong with it
+    if isinstance(raw, dict) and is_vl_config(raw):
+        config = VlConfig.from_dict(raw, source=str(path)).text
+        return config, lambda name: name.replace("model.", "model.language_model.", 1), True
+    return ModelConfig.from_json(path), lambda name: name, False
+
+
 def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16",
                 progress: bool = True) -> Path:
     """Write a Hugging Face LFM2 / LFM2-MoE checkpoint as a GGUF file that llama.cpp runs.
+
+    Of an LFM2-VL checkpoint it writes the language model, as llama.cpp's converter does; the
+    vision part goes to an mmproj file (`lfm2.mmproj.export_mmproj`).
 
     `type` is the type of the weight matrices: f32, f16, bf16, q8_0 or q4_0 (norms, the router and
     the conv kernel stay F32; in q4_0 files the embedding and output head are Q8_0). The file is
@@ -1026,7 +1081,7 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str =
     out = Path(out_path)
     if out.is_dir():
         raise ConfigError(f"{out}: is a directory; give the path of the .gguf file to write")
-    config = ModelConfig.from_json(src_dir / "config.json")
+    config, stored, _ = language_config(src_dir)
     _check_exportable(config, src_dir)
     tokens, types, special = _vocab_metadata(src_dir, config.vocab_size)
     _check_vocab_encodes_alike(src_dir, tokens, types, special)
@@ -1037,12 +1092,13 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str =
     plan = tensor_plan(config)
     for _, ours in plan:
         for name in ours:
-            if name not in table:
-                raise CheckpointError(f"{src_dir}: missing tensor {name!r}; the checkpoint does not match config.json")
-            found = tuple(table[name][1]["shape"])
+            if stored(name) not in table:
+                raise CheckpointError(f"{src_dir}: missing tensor {stored(name)!r}; the checkpoint does not match "
+                                      "config.json")
+            found = tuple(table[stored(name)][1]["shape"])
             if found != expected[name]:
-                raise CheckpointError(f"{table[name][0]}: tensor {name!r} has shape {list(found)}, expected "
-                                      f"{list(expected[name])} from config.json")
+                raise CheckpointError(f"{table[stored(name)][0]}: tensor {stored(name)!r} has shape {list(found)}, "
+                                      f"expected {list(expected[name])} from config.json")
 
     w = gguf.GGUFWriter(path=None, arch=GGUF_ARCH[config.model_type])
     name = src_dir.name if Path(src).is_dir() else str(src).rstrip("/").split("/")[-1]  # hub id: not the hash
@@ -1074,7 +1130,7 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str =
                                                 desc=f"writing {out.name}", disable=not progress) as bar:
                     handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
                     for gname, ours, ttype, nbytes in entries:
-                        parts = [handles[files[name]].get_tensor(name) for name in ours]
+                        parts = [handles[files[stored(name)]].get_tensor(stored(name)) for name in ours]
                         w.write_tensor_data(_encode(_to_gguf(gname, parts), ttype))
                         bar.update(nbytes)
             finally:

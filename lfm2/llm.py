@@ -108,7 +108,8 @@ class LLM:
     def from_loaded(cls, loaded: Loaded) -> LLM:
         """The `LLM` over what a loader returned (`lfm2.gguf.load_gguf`)."""
         return cls(model=loaded.model, config=loaded.config, tokenizer=loaded.tokenizer, path=loaded.path,
-                   generation_defaults=loaded.generation_defaults)
+                   generation_defaults=loaded.generation_defaults, vision=loaded.vision,
+                   image_processor=loaded.image_processor)
 
     @property
     def device(self) -> torch.device:
@@ -483,6 +484,7 @@ def load(
     quantize: str | None = None,
     group_size: int | None = 32,
     compile: bool = False,
+    mmproj: str | os.PathLike | None = None,
 ) -> LLM:
     """Load an LFM2 / LFM2-MoE checkpoint: a Hugging Face-layout directory, a hub id or a `.gguf` file.
 
@@ -505,6 +507,10 @@ def load(
     `compile=True` runs decode steps through `torch.compile` (`lfm2.compile`): faster tokens after
     a one-time compile (about 45 s for LFM2-350M on 2 cores, a few seconds once inductor's disk cache
     holds it), with an eager fallback where compiling fails.
+
+    `mmproj` is the vision part of an LFM2-VL model as llama.cpp keeps it (an mmproj .gguf file, written
+    by `lfm2 convert` or llama.cpp's converter), beside a `.gguf` text model: the LLM then reads images
+    (`vision`, `image_processor`), as one loaded from the LFM2-VL checkpoint directory does.
     """
     native = quantize is None  # a GGUF file's own Q8_0 / Q4_0 blocks, where nothing else is asked
     if quantize == "none":
@@ -520,9 +526,15 @@ def load(
     if str(path_or_hub_id).endswith(".gguf"):
         from lfm2.gguf import load_gguf
 
+        if mmproj is not None and (adapter is not None or compile):
+            raise ConfigError(f"{mmproj}: adapter= and compile= are not supported for vision models yet; load "
+                              f"{path_or_hub_id} with its mmproj file without them")
         loaded = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
-                           native=native and adapter is None)
+                           native=native and adapter is None, mmproj=mmproj)
         return _compiled(_with_adapter(LLM.from_loaded(loaded), adapter), compile)
+    if mmproj is not None:
+        raise ConfigError(f"mmproj={str(mmproj)!r} goes with a .gguf text model; {path_or_hub_id} is a checkpoint "
+                          "directory or hub id, which holds its vision part itself (load it without mmproj=)")
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)

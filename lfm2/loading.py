@@ -59,6 +59,8 @@ class Loaded:
 
     `generation_defaults` are generation_config.json's fields as a dict (a GGUF file's
     `general.sampling.*` keys), or None where they are read from `path`'s generation_config.json.
+    `vision` and `image_processor` are an LFM2-VL model around `model` and its preprocessing (a
+    GGUF text model loaded with an mmproj file), else None.
     """
 
     model: torch.nn.Module
@@ -66,6 +68,8 @@ class Loaded:
     tokenizer: Any  # lfm2.tokenizer.Tokenizer, or None for a checkpoint without one
     path: Path
     generation_defaults: dict[str, Any] | None = None
+    vision: Any = None  # lfm2.models.lfm2_vl.Lfm2VlForConditionalGeneration
+    image_processor: Any = None  # lfm2.images.ImageProcessor
 
 
 __all__ = ["Loaded", "parse_device", "parse_dtype"]

@@ -1648,9 +1648,11 @@ def serve(
     responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
     remote_images: int = 0,
     image_options: argparse.Namespace | None = None,
+    mmproj: str | None = None,
 ) -> None:
     """Load `model` (default: the bundled one), with a LoRA `adapter` if given, quantized if asked
-    (`quantize` "int8" / "int4", as `lfm2.load`), and serve it until interrupted.
+    (`quantize` "int8" / "int4", as `lfm2.load`), with the vision part in `mmproj` beside a .gguf
+    LFM2-VL text model, and serve it until interrupted.
 
     Clients name it `model_name` (default: `model` as given, or the bundled model's name). The
     address is taken first, so that a port in use fails at once, before the model loads.
@@ -1665,7 +1667,8 @@ def serve(
         warning = _exposed(host, api_key)
         if warning:
             log.warning(warning)
-        llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter, quantize=quantize, compile=compile)
+        llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter, quantize=quantize, compile=compile,
+                        mmproj=mmproj)
         if image_options is not None:
             from lfm2.cli import apply_image_args
 
@@ -1744,6 +1747,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint directory, .gguf file or hub id (default: the bundled tiny model)")
+    p.add_argument("--mmproj", default=None, metavar="FILE",
+                   help="with a .gguf model: the mmproj .gguf of an LFM2-VL model (its vision part), so that chat "
+                        "requests may hold images (default: none, text only)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply (default: none)")
@@ -1799,5 +1805,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_len=args.max_model_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
           log_level=args.log_level, adapter=args.adapter, api_key=api_key, max_body_bytes=args.max_body_bytes,
           quantize=args.quantize, prefix_cache_bytes=args.prefix_cache_bytes, compile=args.compile,
-          responses_store_bytes=args.responses_store_bytes,
+          responses_store_bytes=args.responses_store_bytes, mmproj=args.mmproj,
           remote_images=args.max_image_bytes if args.allow_remote_images else 0, image_options=args)

@@ -22,7 +22,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -344,14 +344,18 @@ def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str, hu
 
 
 def save_checkpoint(
-    model: torch.nn.Module, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None
+    model: torch.nn.Module, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None,
+    names: Callable[[str], str] | None = None,
 ) -> Path:
-    """Write `config.json` and `model.safetensors` (Hugging Face layout), each file atomically."""
+    """Write `config.json` and `model.safetensors` (Hugging Face layout), each file atomically;
+    `names` maps the model's tensor names to the checkpoint's where they differ."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    if names is not None:
+        state = {names(k): v for k, v in state.items()}
     save_tensors(state, out / SINGLE_FILE)
     files = {"config.json": json.dumps(model.config.to_dict(), indent=2) + "\n", **(extra_files or {})}
     for name, text in files.items():

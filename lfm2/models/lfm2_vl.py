@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -87,6 +87,16 @@ class VlConfig:
             raise ConfigError(f"{source}: {e}") from None
 
 
+    def to_dict(self) -> dict[str, Any]:
+        """A `config.json` that both lfm2 and transformers (`Lfm2VlConfig`) read back to this config."""
+        vision = {"model_type": "siglip2_vision_model", **asdict(self.vision), "vision_use_head": False}
+        fields = {k: getattr(self, k) for k in ("image_token_id", "projector_hidden_act", "projector_hidden_size",
+                                                 "projector_bias", "projector_use_layernorm", "downsample_factor")}
+        return {"architectures": ["Lfm2VlForConditionalGeneration"], "model_type": "lfm2_vl",
+                "text_config": self.text.to_dict(), "vision_config": vision, **fields,
+                "tie_word_embeddings": self.text.tie_word_embeddings}
+
+
 def is_vl_config(raw: dict[str, Any]) -> bool:
     return raw.get("model_type") in VL_MODEL_TYPES
 
@@ -140,10 +150,12 @@ class Lfm2VlForConditionalGeneration(nn.Module):
     # Where the embedding lives, for loading a tied head (`lfm2.weights.load_into`).
     embedding_key = "model.language_model.embed_tokens.weight"
 
-    def __init__(self, config: VlConfig) -> None:
+    def __init__(self, config: VlConfig, language: Lfm2ForCausalLM | None = None) -> None:
+        """`language`: a language model already built (a GGUF text model beside an mmproj file, perhaps
+        quantized) to wrap instead of a new one; it must be of `config.text`."""
         super().__init__()
         self.config = config
-        language = Lfm2ForCausalLM(config.text)
+        language = Lfm2ForCausalLM(config.text) if language is None else language
         self.model = Lfm2VlModel(config, language.model)
         self.lm_head = language.lm_head
         # Kept out of the module tree: it holds the same modules, which would otherwise appear in the
@@ -162,6 +174,12 @@ class Lfm2VlForConditionalGeneration(nn.Module):
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
         return self.language.make_cache(batch_size, max_len, dtype)
+
+    @staticmethod
+    def released_name(name: str) -> str:
+        """Our tensor name -> the released checkpoints' (the tower nested as `vision_tower.vision_model.*`,
+        the layout transformers 4 and 5, llama.cpp's converter and lfm2 all read)."""
+        return name.replace("model.vision_tower.", "model.vision_tower.vision_model.", 1)
 
     def sanitize(self, names: list[str]) -> dict[str, str]:
         """Checkpoint tensor name -> ours, for the names that differ; None drops a tensor.
