@@ -1,7 +1,7 @@
 """LFM2-VL on CPU: lfm2 beside transformers (and llama.cpp's `llama-mtmd-cli`) on the same random weights.
 
-    python benchmarks/vision.py [--shape 1.6B] [--rounds 2] [--new 32]
-                                [--mtmd-cli PATH/llama-mtmd-cli --gguf TEXT.gguf --mmproj MMPROJ.gguf]
+    python benchmarks/vision.py [--rounds 2] [--new 32]
+                                [--llama-server PATH/llama-server --gguf TEXT.gguf --mmproj MMPROJ.gguf]
 
 Random weights of the LFM2-VL-1.6B shape (text: LFM2-1.2B, `../shared/reference/configs/LFM2-1.2B.config.json`
 when present, else the same numbers here; vision: SigLIP2 NaFlex so400m, 1152 wide, 26 layers, 16-pixel
@@ -116,22 +116,20 @@ t = time.perf_counter()
 llm.chat(messages, temperature=0, max_new_tokens=new, ignore_eos=True)
 stats = llm.last_stats[0]
 ttft = time.perf_counter() - t - (stats.total_s - stats.time_to_first_token_s)  # preprocessing included
+plan = llm.chat_plan(messages)  # for transformers, whose own processor needs torchvision (image cached now)
+torch.save({"ids": plan.ids, "images": plan.images}, image + ".plan.pt")
 print(json.dumps({"encode_ms": encode * 1e3, "ttft_s": ttft, "decode": stats.decode_tokens_per_s,
                   "prompt_tokens": stats.prompt_tokens, "image_tokens": layout.num_tokens}))
 """
 
 THEIRS = """
-import json, sys, time, torch, transformers, lfm2
-from lfm2.images import batch, load_image
+import json, sys, time, torch, transformers
+from lfm2.images import batch
 ckpt, image, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
-llm = lfm2.load(ckpt)  # for its preprocessing and prompt only
-messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": "Describe this picture."}]}]
-plan = llm.chat_plan(messages)
-inputs = batch(plan.images)
-del llm
+plan = torch.load(image + ".plan.pt", weights_only=False)  # lfm2's prompt ids and preprocessed image
+inputs = batch(plan["images"])
 model = transformers.Lfm2VlForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-ids = torch.tensor([plan.ids])
+ids = torch.tensor([plan["ids"]])
 with torch.inference_mode():
     model.model.get_image_features(**inputs)  # warm-up
     t = time.perf_counter(); model.model.get_image_features(**inputs); encode = time.perf_counter() - t
@@ -142,7 +140,7 @@ with torch.inference_mode():
     first = gen(1)
     total = gen(1 + new)
 print(json.dumps({"encode_ms": encode * 1e3, "ttft_s": first, "decode": new / max(total - first, 1e-9),
-                  "prompt_tokens": len(plan.ids)}))
+                  "prompt_tokens": len(plan["ids"])}))
 """
 
 
@@ -153,20 +151,56 @@ def child(code: str, *argv: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def mtmd(cli: str, gguf: str, mmproj: str, image: Path, new: int) -> dict:
-    """llama.cpp's multimodal CLI, greedy, 2 threads; its own timings from its log."""
-    cmd = [cli, "-m", gguf, "--mmproj", mmproj, "--image", str(image), "-p", "Describe this picture.", "-n", str(new),
-           "-t", "2", "--temp", "0", "--ignore-eos", "--no-warmup"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    log = out.stdout + out.stderr
-    if out.returncode:
-        raise SystemExit(f"llama-mtmd-cli failed:\n{log[-3000:]}")
-    encode = sum(float(x) for x in re.findall(r"image slice encoded in (\d+) ms", log))
-    decode_img = sum(float(x) for x in re.findall(r"image decoded \(batch \d+/\d+\) in (\d+) ms", log))
-    prompt = re.search(r"prompt eval time =\s+([\d.]+) ms /\s+(\d+) tokens", log)
-    evals = re.search(r"\beval time =\s+([\d.]+) ms /\s+(\d+) runs", log)
-    return {"encode_ms": encode, "ttft_s": (encode + decode_img + (float(prompt.group(1)) if prompt else 0)) / 1e3,
-            "decode": int(evals.group(2)) / (float(evals.group(1)) / 1e3) if evals else float("nan")}
+def llama_server(binary: str, gguf: str, mmproj: str, new: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's server with the mmproj file (2 threads, one slot), once it answers /health."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [binary, "-m", gguf, "--mmproj", mmproj, "-t", "2", "-np", "1", "-c", "4096", "--port", str(port),
+           "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit(f"llama-server did not start; see {log}")
+
+
+def llama_run(url: str, image: Path, new: int, log: Path) -> dict:
+    """One chat request with the image as a data URL, greedy, prompt cache off. TTFT: the request's wall
+    time less the server's own decode time (so image decoding, preprocessing and HTTP are included,
+    as lfm2's preprocessing is); encode: the tower's time from the server's log."""
+    import base64
+    import urllib.request
+
+    data = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}},
+                                                      {"type": "text", "text": "Describe this picture."}]}],
+            "max_tokens": new, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+    before = log.read_text(errors="replace") if log.is_file() else ""
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    t = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=3600) as r:
+        out = json.loads(r.read())
+    wall = time.perf_counter() - t
+    time.sleep(0.5)
+    added = log.read_text(errors="replace")[len(before):]
+    timings = out["timings"]
+    return {"encode_ms": sum(float(x) for x in re.findall(r"slice encoded in (\d+) ms", added)),
+            "ttft_s": wall - timings["predicted_ms"] / 1e3,
+            "decode": timings["predicted_n"] / (timings["predicted_ms"] / 1e3),
+            "prompt_tokens": out["usage"]["prompt_tokens"]}
 
 
 def main() -> None:
@@ -174,9 +208,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/lfm2-vl-1.6b-random")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--mtmd-cli", default=None, help="llama.cpp's llama-mtmd-cli (optional)")
-    ap.add_argument("--gguf", default=None, help="the text model as GGUF, for llama-mtmd-cli")
-    ap.add_argument("--mmproj", default=None, help="the vision part as an mmproj GGUF, for llama-mtmd-cli")
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server (optional)")
+    ap.add_argument("--gguf", default=None, help="the text model as GGUF, for llama-server")
+    ap.add_argument("--mmproj", default=None, help="the vision part as an mmproj GGUF, for llama-server")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     ckpt = make_checkpoint(Path(args.out))
@@ -184,17 +218,16 @@ def main() -> None:
     engines = {"lfm2": lambda im: child(OURS, str(ckpt), str(im), str(args.new))}
     if not args.skip_transformers:
         engines["transformers"] = lambda im: child(THEIRS, str(ckpt), str(im), str(args.new))
-    if args.mtmd_cli:
-        engines["llama.cpp"] = lambda im: mtmd(args.mtmd_cli, args.gguf, args.mmproj, im, args.new)
-    results: dict[tuple[str, str], list[dict]] = {}
-    for r in range(args.rounds):
-        for image in images:
-            for name, run in engines.items():
-                t = time.perf_counter()
-                got = run(image)
-                results.setdefault((name, image.name), []).append(got)
-                print(f"round {r + 1} {name} {image.name}: {json.dumps(got)} ({time.perf_counter() - t:.0f} s)",
-                      file=sys.stderr, flush=True)
+    server = None
+    if args.llama_server:
+        log = Path(args.out) / "llama-server.log"
+        server, url = llama_server(args.llama_server, args.gguf, args.mmproj, args.new, log)
+        engines["llama.cpp"] = lambda im: llama_run(url, im, args.new, log)
+    try:
+        results = rounds(engines, images, args.rounds)
+    finally:
+        if server is not None:
+            server.kill()
     med = statistics.median
     print("| image | engine | encode ms | TTFT s | decode tok/s | prompt tokens |")
     print("|---|---|---:|---:|---:|---:|")
@@ -204,6 +237,20 @@ def main() -> None:
             print(f"| {image.stem.removeprefix('random-')} | {name} | {med(x['encode_ms'] for x in rows):.0f} | "
                   f"{med(x['ttft_s'] for x in rows):.2f} | {med(x['decode'] for x in rows):.1f} | "
                   f"{rows[0].get('prompt_tokens', '')} |")
+
+
+def rounds(engines: dict, images: list[Path], n: int) -> dict[tuple[str, str], list[dict]]:
+    """Each engine on each image, `n` times, interleaved."""
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(n):
+        for image in images:
+            for name, run in engines.items():
+                t = time.perf_counter()
+                got = run(image)
+                results.setdefault((name, image.name), []).append(got)
+                print(f"round {r + 1} {name} {image.name}: {json.dumps(got)} ({time.perf_counter() - t:.0f} s)",
+                      file=sys.stderr, flush=True)
+    return results
 
 
 if __name__ == "__main__":
