@@ -176,10 +176,28 @@ def llama_server(binary: str, gguf: str, mmproj: str, new: int, log: Path) -> tu
     raise SystemExit(f"llama-server did not start; see {log}")
 
 
+def _stamp(line: str) -> float:
+    """Seconds of a llama.cpp log line's timestamp (minutes.seconds.milliseconds.microseconds)."""
+    m, sec, ms, us = (int(x) for x in line.split()[0].split("."))
+    return m * 60 + sec + ms / 1e3 + us / 1e6
+
+
+def _encode_ms(log: str) -> float:
+    """The vision tower's time in a request's log: from "encoding mtmd batch" to "image decoded (...) in
+    N ms" less those N ms (the language model reading the image tokens); the server logs no encode time."""
+    lines = log.splitlines()
+    start = next((_stamp(x) for x in lines if "encoding mtmd batch" in x), None)
+    done = [(x, re.search(r"image decoded \(batch \d+/\d+\) in (\d+) ms", x)) for x in lines]
+    done = [(x, m) for x, m in done if m]
+    if start is None or not done:
+        return float("nan")
+    return (_stamp(done[-1][0]) - start) * 1e3 - sum(float(m.group(1)) for _, m in done)
+
+
 def llama_run(url: str, image: Path, new: int, log: Path) -> dict:
     """One chat request with the image as a data URL, greedy, prompt cache off. TTFT: the request's wall
     time less the server's own decode time (so image decoding, preprocessing and HTTP are included,
-    as lfm2's preprocessing is); encode: the tower's time from the server's log."""
+    as lfm2's preprocessing is); encode: the tower's time from the server's log (`_encode_ms`)."""
     import base64
     import urllib.request
 
@@ -197,7 +215,7 @@ def llama_run(url: str, image: Path, new: int, log: Path) -> dict:
     time.sleep(0.5)
     added = log.read_text(errors="replace")[len(before):]
     timings = out["timings"]
-    return {"encode_ms": sum(float(x) for x in re.findall(r"slice encoded in (\d+) ms", added)),
+    return {"encode_ms": _encode_ms(added),
             "ttft_s": wall - timings["predicted_ms"] / 1e3,
             "decode": timings["predicted_n"] / (timings["predicted_ms"] / 1e3),
             "prompt_tokens": out["usage"]["prompt_tokens"]}
