@@ -486,7 +486,7 @@ def load(
     compile: bool = False,
     mmproj: str | os.PathLike | None = None,
 ) -> LLM:
-    """Load an LFM2 / LFM2-MoE checkpoint: a Hugging Face-layout directory, a hub id or a `.gguf` file.
+    """Load an LFM2 / LFM2-MoE / LFM2-VL checkpoint: a Hugging Face-layout directory, a hub id or a `.gguf` file.
 
     With no argument, the bundled tiny model (`lfm2.default_model_path()`). The weights are
     checked against `config.json` before anything is built (a missing or misshapen tensor raises
@@ -511,6 +511,12 @@ def load(
     `mmproj` is the vision part of an LFM2-VL model as llama.cpp keeps it (an mmproj .gguf file, written
     by `lfm2 convert` or llama.cpp's converter), beside a `.gguf` text model: the LLM then reads images
     (`vision`, `image_processor`), as one loaded from the LFM2-VL checkpoint directory does.
+
+    An LFM2-VL checkpoint (`llm.vision`) takes all three on its language model, `llm.model`: `quantize`
+    and `lfm2 quantize` leave the vision tower and projector float (in `dtype`); an adapter adapts the
+    language model's projections, under the names PEFT gives them on transformers' LFM2-VL (`lfm2.lora`);
+    the compiled decode step is the language model's, which is all decoding runs (images reach the
+    model once, as the prefill's `inputs_embeds`).
     """
     native = quantize is None  # a GGUF file's own Q8_0 / Q4_0 blocks, where nothing else is asked
     if quantize == "none":
@@ -538,16 +544,14 @@ def load(
     ckpt = resolve_checkpoint(path_or_hub_id)
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
-    if is_vl_checkpoint(ckpt):
-        if quantize is not None or adapter is not None or compile:
-            raise ConfigError(f"{ckpt} is an LFM2-VL checkpoint: quantize=, adapter= and compile= are not "
-                              "supported for vision models yet; load it without them")
-        vision = load_vl_model(ckpt, dtype, device)
-        return LLM(model=vision.language, config=vision.config.text, tokenizer=_load_tokenizer(ckpt), path=ckpt,
-                   vision=vision, image_processor=ImageProcessor.from_dir(ckpt))
-    config = ModelConfig.from_json(ckpt / "config.json")
-    model = build_model(config, device="meta")
-    cast_model(model, dtype)
+    vl = is_vl_checkpoint(ckpt)
+    if vl:
+        model = build_vl_model(ckpt)
+        model.to(dtype)
+    else:
+        config = ModelConfig.from_json(ckpt / "config.json")
+        model = build_model(config, device="meta")
+        cast_model(model, dtype)
     from lfm2.quant import load_quantized_into, quantize_model, read_quantization
 
     stored = read_quantization(ckpt)
@@ -564,14 +568,18 @@ def load(
         # and the quantized model moves onto huge pages below.
         load_into(model, ckpt, device, huge_pages=quantize is None)
     model.eval()
-    llm = LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt)
+    if vl:
+        llm = LLM(model=model.language, config=model.config.text, tokenizer=_load_tokenizer(ckpt), path=ckpt,
+                  vision=model, image_processor=ImageProcessor.from_dir(ckpt))
+    else:
+        llm = LLM(model=model, config=config, tokenizer=_load_tokenizer(ckpt), path=ckpt)
     if quantize is not None and stored is None:
         if adapter is not None:
             from lfm2.lora import merge_lora
 
-            merge_lora(_with_adapter(llm, adapter).model)
+            merge_lora(_trainable(_with_adapter(llm, adapter)))
             adapter = None
-        quantize_model(model, quantize, group_size)
+        quantize_model(model, quantize, group_size)  # a vision model: its language model only
         if device.type == "cpu":
             move_to_huge_pages(model)
     return _compiled(_with_adapter(llm, adapter), compile)
@@ -586,19 +594,26 @@ def is_vl_checkpoint(ckpt: Path) -> bool:
     return isinstance(raw, dict) and is_vl_config(raw)
 
 
-def load_vl_model(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> Lfm2VlForConditionalGeneration:
-    """The LFM2-VL model of a checkpoint directory (config.json + safetensors), checked tensor by tensor."""
+def build_vl_model(ckpt: str | os.PathLike) -> Lfm2VlForConditionalGeneration:
+    """The LFM2-VL model a checkpoint directory's config.json describes, on the meta device (no weights)."""
     ckpt = Path(ckpt)
     try:
         raw = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{ckpt / 'config.json'}: cannot read ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{ckpt / 'config.json'}: expected a JSON object")
     config = VlConfig.from_dict(raw, source=str(ckpt / "config.json"))
     with torch.device("meta"):
-        model = Lfm2VlForConditionalGeneration(config)
+        return Lfm2VlForConditionalGeneration(config)
+
+
+def load_vl_model(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Lfm2VlForConditionalGeneration:
+    """The LFM2-VL model of a float checkpoint directory (config.json + safetensors), checked tensor by tensor."""
+    model = build_vl_model(ckpt)
     model.to(dtype)
-    load_into(model, ckpt, device)
+    load_into(model, Path(ckpt), device)
     return model.eval()
 
 
@@ -610,12 +625,18 @@ def _compiled(llm: LLM, compile: bool) -> LLM:
     return llm
 
 
+def _trainable(llm: LLM) -> torch.nn.Module:
+    """The module adapters attach to: a vision model whole (`lfm2.lora` adapts its language model only,
+    under the vision model's names, as PEFT on transformers' model names them), else the model."""
+    return llm.vision if llm.vision is not None else llm.model
+
+
 def _with_adapter(llm: LLM, adapter: str | os.PathLike | None) -> LLM:
     if adapter is not None:
         from lfm2.lora import load_adapter
 
-        load_adapter(llm.model, adapter)
-        llm.model.eval()
+        load_adapter(_trainable(llm), adapter)
+        _trainable(llm).eval()
     return llm
 
 

@@ -13,6 +13,11 @@ Files follow PEFT, so transformers + PEFT load our adapters and we load theirs:
 Targets are module-name suffixes, as in PEFT: `out_proj` adapts both the attention and the
 convolution output projections. A target that matches no linear layer is an error: other tools
 ship LLaMA-style targets such as `o_proj` that silently match nothing in LFM2.
+
+An LFM2-VL model (`lfm2.models.lfm2_vl`) is adapted whole, so that its tensors carry the names PEFT
+gives them on transformers' `Lfm2VlForConditionalGeneration` (`model.language_model.layers.N...`),
+but only in its language model: the parts its `frozen_prefixes` name (vision tower, projector) get
+no adapter, although SigLIP2's attention has `q_proj`...`out_proj` layers too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,10 +107,13 @@ def _matches(name: str, target: str) -> bool:
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Wrap every linear layer whose name ends with a target; freeze everything else.
 
-    Returns the wrapped module names. The tied embedding / output head is never wrapped. Raises
-    ConfigError naming any target that matches nothing, with the names that would match.
+    Returns the wrapped module names. The tied embedding / output head is never wrapped, nor a layer
+    under the model's `frozen_prefixes` (a vision model's vision side). Raises ConfigError naming any
+    target that matches nothing, with the names that would match.
     """
-    linear = {n: m for n, m in model.named_modules() if is_plain_linear(m) and n != "lm_head"}
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))
+    linear = {n: m for n, m in model.named_modules()
+              if is_plain_linear(m) and n != "lm_head" and not n.startswith(frozen)}
     unknown = [t for t in cfg.targets if not any(_matches(n, t) for n in linear)]
     if unknown:
         known = sorted({n.rsplit(".", 1)[-1] for n in linear})
@@ -167,6 +176,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
     }
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))
+    if frozen:  # PEFT would otherwise wrap the vision side's q/k/v/out_proj too, and miss their tensors
+        peft_config["exclude_modules"] = "(?:" + "|".join(re.escape(f) for f in frozen) + ").*"
     atomic_write(out / ADAPTER_CONFIG, json.dumps(peft_config, indent=2) + "\n")
     return out
 
@@ -203,6 +215,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraConfig
     state = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
              for k, v in state.items()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    frozen = [k for k in extra if k[len(PEFT_PREFIX):].startswith(tuple(getattr(model, "frozen_prefixes", ())))]
+    if frozen:
+        raise CheckpointError(f"{weights}: tensor {frozen[0]} adapts the vision side ({len(frozen)} such tensors); "
+                              "lfm2 applies adapters to a vision model's language model only")
     if extra:
         raise CheckpointError(f"{weights}: tensor {extra[0]} has no matching layer in this model "
                               f"({len(extra)} unexpected); was the adapter trained on another architecture?")

@@ -419,13 +419,28 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
+def _language(model: nn.Module) -> nn.Module:
+    """The text model whose layers are quantized: the model itself, or a vision model's `language`
+    (`lfm2.models.lfm2_vl`), so that its vision tower and projector stay float."""
+    return getattr(model, "language", model)
+
+
+def _share_head(model: nn.Module, text: nn.Module) -> None:
+    """A vision model registers its language model's head under its own name too (its state dict's
+    `lm_head.*`): point it at the text model's new head."""
+    if text is not model:
+        model.lm_head = text.lm_head
+
+
 def quantize_model(model: nn.Module, kind: str, group_size: int | None = 32,
                    embedding_kind: str | None = None) -> nn.Module:
     """Replace the model's linear layers, embedding and head by quantized ones, in place; returns the model.
 
     Quantized: attention q/k/v/out_proj, conv in_proj/out_proj, the feed-forwards' w1/w2/w3
     (every expert of an MoE), the embedding and the output head (once when they are tied).
-    Left float: the MoE router, norms, convolution kernels, biases, the expert bias.
+    Left float: the MoE router, norms, convolution kernels, biases, the expert bias, and the whole
+    vision side of an LFM2-VL model (tower and projector: a fifth of LFM2-VL-450M's weights, run once
+    per image rather than once per token, so they save little time quantized and cost image quality).
     `embedding_kind` is the format of the embedding and head, default int8 when `kind` is int4:
     the output head is the layer most sensitive to quantization, and llama.cpp's Q4_0 files
     keep it at higher precision too; on LFM2-350M an int8 head makes int4 decode read 233 MB per
@@ -433,26 +448,29 @@ def quantize_model(model: nn.Module, kind: str, group_size: int | None = 32,
     `group_size` None means per-channel scales (int8 only).
     """
     embedding_kind = embedding_kind or ("int8" if kind == "int4" else kind)
-    layers = list(_quantizable(model))
+    text = _language(model)
+    layers = list(_quantizable(text))
     # Every layer is checked before any is replaced: an error leaves the model as it was.
     for name, linear in layers:
         check_format(kind, group_size, linear.in_features, what=f"layer {name!r}")
-    check_format(embedding_kind, group_size, model.config.hidden_size, what="the embedding")
+    check_format(embedding_kind, group_size, text.config.hidden_size, what="the embedding")
     for name, linear in layers:
-        _set_module(model, name, QuantLinear.from_linear(linear, kind, group_size))
-    backbone = model.model
+        _set_module(text, name, QuantLinear.from_linear(linear, kind, group_size))
+    backbone = text.model
     if not isinstance(backbone.embed_tokens, QuantEmbedding):
         backbone.embed_tokens = QuantEmbedding.from_embedding(backbone.embed_tokens, embedding_kind, group_size)
-    if model.config.tie_word_embeddings:
-        model.lm_head = TiedQuantHead(backbone.embed_tokens)
-    elif is_plain_linear(model.lm_head):
-        model.lm_head = QuantLinear.from_linear(model.lm_head, embedding_kind, group_size)
-    model.quantization = quantization_info(model)
+    if text.config.tie_word_embeddings:
+        text.lm_head = TiedQuantHead(backbone.embed_tokens)
+    elif is_plain_linear(text.lm_head):
+        text.lm_head = QuantLinear.from_linear(text.lm_head, embedding_kind, group_size)
+    _share_head(model, text)
+    model.quantization = text.quantization = quantization_info(text)
     return model
 
 
 def quantization_info(model: nn.Module) -> dict[str, Any]:
     """The `quantization` entry of config.json for a quantized model: format of the blocks and of the embedding."""
+    model = _language(model)
     emb = model.model.embed_tokens
     if not isinstance(emb, QuantEmbedding):
         raise ConfigError("the model is not quantized (its embedding is a float nn.Embedding); call quantize_model")
@@ -466,16 +484,19 @@ def quantization_info(model: nn.Module) -> dict[str, Any]:
     return {"type": kind, "group_size": group, "embedding": {"type": emb.kind, "group_size": emb.group_size}}
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None,
+                   config: dict[str, Any] | None = None) -> Path:
     """Write a quantized model as `config.json` (with a `quantization` entry) and `model.safetensors`.
 
     The safetensors file holds `<module>.qweight` and `<module>.scales` for quantized layers and
     the usual names for float tensors; a tied head is stored once, as the embedding. Each file
-    is written atomically (`lfm2.weights.save_checkpoint`).
+    is written atomically (`lfm2.weights.save_checkpoint`). `config` is the config.json to write
+    the entry into (default: the model's own config); an LFM2-VL model passes its source's, whose
+    other fields (image processing settings) the loader reads too.
     """
     from lfm2.weights import save_checkpoint
 
-    config = {**model.config.to_dict(), "quantization": quantization_info(model)}
+    config = {**(model.config.to_dict() if config is None else config), "quantization": quantization_info(model)}
     files = {**(extra_files or {}), "config.json": json.dumps(config, indent=2) + "\n"}
     return save_checkpoint(model, out_dir, extra_files=files)
 
@@ -502,7 +523,8 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
     and an untied head become quantized modules of that format (a tied head shares the
     embedding), then every tensor is checked (name, shape, and the exact dtype of quantized
     ones) before the model is touched, as `lfm2.weights.load_into` does. Float tensors take the
-    dtype of the meta model's parameters (`cast_model`: float32 routers stay float32).
+    dtype of the meta model's parameters (`cast_model`: float32 routers stay float32). An LFM2-VL
+    model's language model is the quantized part; its vision tower and projector load as float.
     """
     from lfm2.weights import SAFETENSORS_DTYPES, read_state, tensor_table
 
@@ -520,17 +542,19 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     table = tensor_table(ckpt)
-    compute = model.model.embedding_norm.weight.dtype
-    for name, linear in list(_quantizable(model)):
-        _set_module(model, name, _meta_linear(linear, kind, group, compute, where, name))
-    backbone = model.model
+    text = _language(model)
+    compute = text.model.embedding_norm.weight.dtype
+    for name, linear in list(_quantizable(text)):
+        _set_module(text, name, _meta_linear(linear, kind, group, compute, where, name))
+    backbone = text.model
     old = backbone.embed_tokens
     backbone.embed_tokens = QuantEmbedding(old.num_embeddings, old.embedding_dim, emb_kind, emb_group, device="meta")
     backbone.embed_tokens.dtype = compute
-    if model.config.tie_word_embeddings:
-        model.lm_head = TiedQuantHead(backbone.embed_tokens)
+    if text.config.tie_word_embeddings:
+        text.lm_head = TiedQuantHead(backbone.embed_tokens)
     else:
-        model.lm_head = _meta_linear(model.lm_head, emb_kind, emb_group, compute, where, "lm_head")
+        text.lm_head = _meta_linear(text.lm_head, emb_kind, emb_group, compute, where, "lm_head")
+    _share_head(model, text)
     expected = dict(model.state_dict(keep_vars=True))
     missing = [n for n in expected if n not in table]
     if missing:
@@ -551,7 +575,7 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
     # Quantized tensors' dtypes were checked above to equal the expected ones, so one cast fits all.
     state = read_state(table, expected, device)
     model.load_state_dict(state, strict=True, assign=True)
-    model.quantization = quantization_info(model)
+    model.quantization = text.quantization = quantization_info(text)
     return model
 
 
@@ -573,10 +597,13 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: st
     The model is loaded in the checkpoint's own dtype, so its weights stay memory-mapped, and
     each layer is quantized from them in turn: the memory needed is that of the quantized
     model. Float tensors that stay float (norms, convolution kernels) keep the file's dtype;
-    the MoE router stays float32. The source directory is never modified. What `lfm2 quantize` runs.
+    the MoE router stays float32. An LFM2-VL checkpoint keeps its vision tower and projector float
+    (`quantize_model`), and its config.json every field it had. The source directory is never
+    modified. What `lfm2 quantize` runs.
     """
     from lfm2.config import ModelConfig
     from lfm2.models import build_model, cast_model
+    from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig, is_vl_config
     from lfm2.weights import INDEX_FILE, load_into, resolve_checkpoint, tensor_table
 
     check_format(kind, group_size)
@@ -589,9 +616,15 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: st
                               "model.safetensors; choose another output directory")
     if read_quantization(src) is not None:
         raise CheckpointError(f"{src}: already quantized ({read_quantization(src)}); quantize the float checkpoint")
-    config = ModelConfig.from_json(src / "config.json")
-    model = build_model(config, device="meta")
-    cast_model(model, _file_dtype(tensor_table(src), src))
+    raw = _read_config(src)
+    if is_vl_config(raw):
+        with torch.device("meta"):
+            model = Lfm2VlForConditionalGeneration(VlConfig.from_dict(raw, source=str(src / "config.json")))
+        model.to(_file_dtype(tensor_table(src), src, model.embedding_key))
+    else:
+        raw = None  # written from the parsed config, as before
+        model = build_model(ModelConfig.from_json(src / "config.json"), device="meta")
+        cast_model(model, _file_dtype(tensor_table(src), src))
     load_into(model, src, "cpu")
     quantize_model(model, kind, group_size, embedding_kind)
     out.mkdir(parents=True, exist_ok=True)
@@ -599,15 +632,26 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: st
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in skip and not f.name.endswith(".safetensors"):
             _copy_atomic(f, out / f.name)
-    return save_quantized(model, out)
+    return save_quantized(model, out, config=raw)
+
+
+def _read_config(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _file_dtype(table: dict[str, tuple[Path, dict]], ckpt: Path) -> torch.dtype:
-    """The float dtype of a checkpoint's embedding, which is the dtype of its weights."""
-    name = "model.embed_tokens.weight"
+def _file_dtype(table: dict[str, tuple[Path, dict]], ckpt: Path, name: str = "model.embed_tokens.weight"
+                ) -> torch.dtype:
+    """The float dtype of a checkpoint's embedding (tensor `name`), which is the dtype of its weights."""
     dtype = table[name][1]["dtype"] if name in table else None
     if dtype not in _SAFETENSORS_FLOATS:
         raise CheckpointError(f"{ckpt}: tensor {name!r} is {dtype or 'missing'}; expected F32, F16 or BF16 weights")

@@ -348,7 +348,10 @@ def save_checkpoint(
     names: Callable[[str], str] | None = None,
 ) -> Path:
     """Write `config.json` and `model.safetensors` (Hugging Face layout), each file atomically;
-    `names` maps the model's tensor names to the checkpoint's where they differ."""
+    `names` maps the model's tensor names to the checkpoint's where they differ.
+
+    `extra_files` (name -> text) are written beside them; a `config.json` among them replaces the
+    one made from `model.config` (an LFM2-VL model's, which is its source checkpoint's)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -357,7 +360,9 @@ def save_checkpoint(
     if names is not None:
         state = {names(k): v for k, v in state.items()}
     save_tensors(state, out / SINGLE_FILE)
-    files = {"config.json": json.dumps(model.config.to_dict(), indent=2) + "\n", **(extra_files or {})}
+    files = dict(extra_files or {})
+    if "config.json" not in files:
+        files = {"config.json": json.dumps(model.config.to_dict(), indent=2) + "\n", **files}
     for name, text in files.items():
         atomic_write(out / name, text)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 
 import pytest
 import torch
@@ -186,10 +187,11 @@ SMALL_PROCESSOR = dict(encoder_patch_size=PATCH, tile_size=16, downsample_factor
                        max_image_tokens=9, max_tiles=4)
 
 
-@pytest.fixture(scope="module")
-def vl_chat(tmp_path_factory):
-    """(lfm2's LLM, transformers' model) on one random LFM2-VL checkpoint with a real BPE tokenizer
-    (trained here, LFM2-VL's image markers added as special tokens) and small processor settings."""
+def write_vl_chat_checkpoint(path, scale: float = 8.0, seed: int = 1):
+    """A random LFM2-VL checkpoint in `path` with a real BPE tokenizer (trained here, LFM2-VL's image
+    markers added as special tokens) and small processor settings; returns transformers' model of it.
+    `scale` multiplies the language blocks' output projections (context-dependent predictions:
+    `shared/notes/testing-random-models.md`; `tests.conftest.random_model` uses 4 for text models)."""
     import json
 
     from tokenizers import AddedToken, Tokenizer
@@ -197,7 +199,6 @@ def vl_chat(tmp_path_factory):
     from lfm2.train.tokenizer import train_tokenizer
     from tests.conftest import CORPUS
 
-    path = tmp_path_factory.mktemp("vl-chat")
     train_tokenizer(CORPUS, vocab_size=600, out_dir=path)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
@@ -205,16 +206,24 @@ def vl_chat(tmp_path_factory):
     config = vl_config()
     config.text_config.vocab_size = tok.get_vocab_size()
     config.image_token_id = tok.token_to_id("<image>")
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     theirs = transformers.Lfm2VlForConditionalGeneration(config).eval()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if name.endswith(("out_proj.weight", "w2.weight")) and "language_model" in name:
-                p.mul_(8)
+                p.mul_(scale)
             if "vision_tower" in name and name.endswith("bias"):
                 p.normal_(0, 0.1)
     theirs.save_pretrained(path)
     (path / "processor_config.json").write_text(json.dumps({"image_processor": SMALL_PROCESSOR}))
+    return theirs
+
+
+@pytest.fixture(scope="module")
+def vl_chat(tmp_path_factory):
+    """(lfm2's LLM, transformers' model) on one random LFM2-VL checkpoint (`write_vl_chat_checkpoint`)."""
+    path = tmp_path_factory.mktemp("vl-chat")
+    theirs = write_vl_chat_checkpoint(path)
     return lfm2.load(path), theirs
 
 
@@ -587,3 +596,208 @@ def test_released_config_builds_the_450m_shapes():
     assert 440e6 < count_parameters(model) < 460e6
     with pytest.raises(lfm2.errors.ConfigError, match="vision_config"):
         VlConfig.from_dict({k: v for k, v in raw.items() if k != "vision_config"})
+
+
+# -- quantized, adapted and compiled vision models ------------------------------------------------
+
+
+def conversations_with_images() -> list[list[dict]]:
+    return [
+        [{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=1)},
+                                      {"type": "text", "text": "What is this?"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Compare"},
+                                      {"type": "image", "image": picture(16, 16, seed=2)},
+                                      {"type": "image", "image": picture(40, 24, seed=3)}]}],
+    ]
+
+
+def vl_logits(llm, conversations) -> torch.Tensor:
+    """The prompt logits of each conversation (its images encoded), concatenated over positions."""
+    from lfm2.images import batch
+
+    out = []
+    with torch.no_grad():
+        for messages in conversations:
+            plan = llm.chat_plan(messages)
+            out.append(llm.vision(torch.tensor([plan.ids]), **batch(plan.images))[0])
+    return torch.cat(out)
+
+
+def greedy_reply(llm, messages, new: int) -> str:
+    """The plainest greedy loop on `llm.vision` (prefill with the images, then one token at a time): what
+    `llm.chat` must give through the engine."""
+    from lfm2.images import batch
+
+    plan = llm.chat_plan(messages)
+    ids = torch.tensor([plan.ids])
+    cache = llm.vision.make_cache(1, ids.shape[1] + new)
+    tokens = []
+    with torch.no_grad():
+        logits = llm.vision(ids, cache=cache, last_only=True, **batch(plan.images))
+        for _ in range(new):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits = llm.vision(torch.tensor([tokens[-1:]]), cache=cache)
+    stops = llm.tokenizer.stop_ids
+    tokens = tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+    return llm.tokenizer.decode(tokens)  # chat replies keep special tokens other than the stop tokens
+
+
+GREEDY = dict(temperature=0, repetition_penalty=1.0, max_new_tokens=8, ignore_eos=True)
+VISION_SIDE = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+@pytest.fixture
+def one_thread():
+    """As in `test_quant`: quantized numerics on one thread stay quick on a loaded machine, where each of the
+    kernels' parallel regions can wait milliseconds for a second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vl_quant(tmp_path_factory):
+    """A checkpoint like `vl_chat`'s whose blocks are scaled as the text quantization tests' random models (x4)."""
+    path = tmp_path_factory.mktemp("vl-quant")
+    write_vl_chat_checkpoint(path, scale=4.0, seed=2)
+    return path
+
+
+@pytest.mark.parametrize("kind,bound,agree", [("int8", 0.03, 0.85), ("int4", 0.25, 0.5)])
+def test_quantized_vl_close_to_float(vl_quant, kind, bound, agree, one_thread):
+    """The language model is quantized as a text model is, within `test_quant.test_quantized_model_close_to_float`'s
+    bounds; the vision tower and projector stay float, weight for weight."""
+    from lfm2.models.lfm2 import is_plain_linear
+
+    ref, llm = lfm2.load(vl_quant), lfm2.load(vl_quant, quantize=kind)
+    floats = ref.vision.state_dict()
+    vision = {n: t for n, t in llm.vision.state_dict().items() if n.startswith(VISION_SIDE)}
+    assert len(vision) == len([n for n in floats if n.startswith(VISION_SIDE)]) > 20
+    assert all(t.dtype == torch.float32 and torch.equal(t, floats[n]) for n, t in vision.items())
+    assert not [n for n, m in llm.model.named_modules() if is_plain_linear(m)]
+    assert llm.vision.lm_head is llm.model.lm_head and "lm_head.qweight" in llm.vision.state_dict()
+    a, b = vl_logits(ref, conversations_with_images()), vl_logits(llm, conversations_with_images())
+    assert a.argmax(-1).unique().numel() > 10  # the reference is not degenerate
+    assert ((b - a).norm() / a.norm()).item() < bound
+    assert (b.argmax(-1) == a.argmax(-1)).float().mean().item() >= agree
+    messages = conversations_with_images()[0]
+    assert llm.chat(messages, **GREEDY)["content"] == greedy_reply(llm, messages, 8)
+
+
+def test_quantize_command_writes_a_vl_checkpoint(vl_quant, tmp_path, capsys, one_thread):
+    """`lfm2 quantize` on LFM2-VL: the language model quantized, the vision side float, config.json's every
+    other field kept (the loader reads image settings there too); it loads back, also in bfloat16."""
+    import json
+
+    from lfm2.cli import main
+    from lfm2.errors import ConfigError
+    from lfm2.weights import tensor_table
+
+    out = tmp_path / "q8"
+    main(["quantize", str(vl_quant), "-o", str(out), "--type", "int8"])
+    assert "int8" in capsys.readouterr().out
+    src, raw = json.loads((vl_quant / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    assert raw.pop("quantization") == {"type": "int8", "group_size": 32,
+                                       "embedding": {"type": "int8", "group_size": 32}}
+    assert raw == src
+    assert (out / "processor_config.json").read_text() == (vl_quant / "processor_config.json").read_text()
+    table = {name: info["dtype"] for name, (_, info) in tensor_table(out).items()}
+    assert table["model.language_model.layers.0.conv.in_proj.qweight"] == "I8"
+    assert table["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"] == "F32"
+    assert table["model.multi_modal_projector.linear_1.weight"] == "F32"
+    direct = lfm2.load(out)
+    assert direct.vision.quantization == lfm2.load(vl_quant, quantize="int8").vision.quantization
+    assert torch.equal(vl_logits(direct, conversations_with_images()),
+                       vl_logits(lfm2.load(vl_quant, quantize="int8"), conversations_with_images()))
+    half = lfm2.load(out, dtype="bfloat16")
+    assert half.vision.model.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert half.dtype == torch.bfloat16 and half.chat(conversations_with_images()[0], **GREEDY)["content"]
+    with pytest.raises(ConfigError, match="already quantized"):
+        lfm2.load(out, quantize="int4")
+
+
+def test_cli_chat_with_a_quantized_vl_model(vl_quant, tmp_path, monkeypatch, capsys, one_thread):
+    import io
+
+    from lfm2.cli import main
+
+    image = tmp_path / "image.png"
+    picture(64, 32, seed=10).save(image)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is this?\n/exit\n"))
+    main(["chat", "--model", str(vl_quant), "--quantize", "int8", "--image", str(image), "--temperature", "0",
+          "--repetition-penalty", "1.0", "--max-new-tokens", "6"])
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image)}},
+                                         {"type": "text", "text": "What is this?"}]}]
+    llm = lfm2.load(vl_quant, quantize="int8")
+    reply = llm.chat(turn, temperature=0, repetition_penalty=1.0, max_new_tokens=6)
+    assert reply["content"] and reply["content"] in capsys.readouterr().out
+
+
+def _random_lora(model, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_vl_adapter_adapts_the_language_model_under_peft_names(vl_chat, tmp_path, one_thread):
+    """An adapter on LFM2-VL covers the language model's projections only (SigLIP2 has q/k/v/out_proj too) and is
+    named as PEFT names it on transformers' model; `lfm2.load(adapter=)` applies it, and PEFT on transformers'
+    model gives the same logits. Folded in before quantizing, it survives `quantize=`."""
+    from safetensors.torch import load_file, save_file
+
+    from lfm2.errors import CheckpointError
+    from lfm2.images import batch
+    from lfm2.lora import LoraConfig, apply_lora, save_adapter
+
+    llm, _ = vl_chat
+    vision = lfm2.load(llm.path).vision
+    wrapped = apply_lora(vision, LoraConfig(rank=4, alpha=8.0))
+    assert len(wrapped) == 4 * 3 + 2 * 4 + 2 * 2 and all(n.startswith("model.language_model.layers.") for n in wrapped)
+    assert not [n for n, p in vision.named_parameters() if p.requires_grad and "lora_" not in n]
+    _random_lora(vision)
+    adapter = save_adapter(vision, tmp_path / "adapter", base_model=str(llm.path))
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
+    tuned = lfm2.load(llm.path, adapter=adapter)
+    convs = conversations_with_images()
+    mine = vl_logits(tuned, convs)
+    vision.eval()
+    assert torch.equal(mine, vl_logits(dataclasses.replace(tuned, model=vision.language, vision=vision), convs))
+    base = vl_logits(llm, convs)
+    assert (mine - base).abs().max() > 1e-2  # the adapter matters
+    assert tuned.chat(convs[0], **GREEDY)["content"] == greedy_reply(tuned, convs[0], 8)
+    folded = vl_logits(lfm2.load(llm.path, adapter=adapter, quantize="int8"), convs)
+    # int8 noise on this x8 fixture is ~0.04 (`test_quantized_vl_close_to_float` holds it to 0.03 at x4)
+    assert (folded - mine).norm() / mine.norm() < min(0.08, (folded - base).norm() / base.norm() / 3)
+
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base_model = transformers.Lfm2VlForConditionalGeneration.from_pretrained(llm.path)
+        theirs = peft.PeftModel.from_pretrained(base_model, adapter).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]  # no vision layer wrapped
+    with torch.no_grad():
+        for messages in convs:
+            plan = llm.chat_plan(messages)
+            ids = torch.tensor([plan.ids])
+            ref = theirs(input_ids=ids, **batch(plan.images)).logits[0]
+            assert (ref - vl_logits(tuned, [messages])).abs().max() <= 1e-4
+
+    keys["base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(keys, adapter / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="vision_tower.*adapts the vision side"):
+        lfm2.load(llm.path, adapter=adapter)
+
+
+@pytest.mark.slow  # torch.compile: 10-30 s on 2 cores
+def test_compiled_vl_chat_equals_eager(vl_chat):
+    """compile=True compiles the language model's decode step; images reach prefill only, as embeddings."""
+    llm, _ = vl_chat
+    compiled = lfm2.load(llm.path, compile=True)
+    for messages in conversations_with_images():
+        assert compiled.chat(messages, **GREEDY) == llm.chat(messages, **GREEDY)
+    step = compiled.model.decode_step
+    assert step.failed is None and step.compile_seconds is not None

@@ -144,11 +144,14 @@ class Lfm2VlForConditionalGeneration(nn.Module):
 
     `pixel_values` (N, P, 3*p*p), `pixel_attention_mask` (N, P) and `spatial_shapes` (N, 2) hold the
     N images (tiles) of the whole batch in prompt order, as `Lfm2VlProcessor` makes them; `cache`,
-    `attention_mask` and `last_only` are `Lfm2ForCausalLM`'s.
+    `attention_mask`, `last_only`, and for training `segment_ids` and `logits_at`, are `Lfm2ForCausalLM`'s.
     """
 
     # Where the embedding lives, for loading a tied head (`lfm2.weights.load_into`).
     embedding_key = "model.language_model.embed_tokens.weight"
+    # What fine-tuning leaves as it is (`lfm2.lora`, `lfm2.train`): the vision side. LoRA adapts the
+    # language model's projections only, and full fine-tuning trains the language model and head.
+    frozen_prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
 
     def __init__(self, config: VlConfig, language: Lfm2ForCausalLM | None = None) -> None:
         """`language`: a language model already built (a GGUF text model beside an mmproj file, perhaps
@@ -167,6 +170,11 @@ class Lfm2VlForConditionalGeneration(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.language.device
+
+    def train(self, mode: bool = True) -> Lfm2VlForConditionalGeneration:
+        """Also `language`'s own flag, which lies outside the module tree (gradient checkpointing reads it)."""
+        self.language.train(mode)
+        return super().train(mode)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -238,6 +246,8 @@ class Lfm2VlForConditionalGeneration(nn.Module):
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         features = None
         if pixel_values is not None:
@@ -246,7 +256,8 @@ class Lfm2VlForConditionalGeneration(nn.Module):
                                       "(the processor makes all three)")
             features = self.image_features(pixel_values, pixel_attention_mask, spatial_shapes)
         embeds = self.embed(input_ids, features)
-        return self.language(input_ids, cache, attention_mask, last_only=last_only, inputs_embeds=embeds)
+        return self.language(input_ids, cache, attention_mask, last_only=last_only, segment_ids=segment_ids,
+                             logits_at=logits_at, inputs_embeds=embeds)
 
 
 class PromptEmbedder:
