@@ -23,14 +23,21 @@ from lfm2.weights import SIDE_FILES, copy_side_files, iter_tensors, resolve_chec
 
 
 def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Load `model` with `adapter`, fold the adapter into the weights, save a plain checkpoint."""
+    """Load `model` with `adapter`, fold the adapter into the weights, save a plain checkpoint.
+
+    An LFM2-VL model is saved whole (its vision side as it was), with its own config.json and processor files."""
     import lfm2
     from lfm2.lora import merge_lora
-    from lfm2.weights import save_checkpoint
+    from lfm2.weights import copy_checkpoint_files, save_checkpoint
 
     llm = lfm2.load(model, adapter=adapter)
-    merge_lora(llm.model)
     out = Path(out)
+    if llm.vision is not None:
+        merge_lora(llm.vision)
+        save_checkpoint(llm.vision, out, {"config.json": (llm.path / "config.json").read_text(encoding="utf-8")})
+        copy_checkpoint_files(llm.path, out)
+        return out
+    merge_lora(llm.model)
     save_checkpoint(llm.model, out)
     copy_side_files([llm.path], out)
     return out

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,6 @@ from torch import nn
 
 from lfm2 import kernels
 from lfm2.errors import CheckpointError, ConfigError
-from lfm2.files import atomic_path
 from lfm2.models.lfm2 import is_plain_linear
 
 KINDS = {"int8": 8, "int4": 4}
@@ -604,7 +602,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: st
     from lfm2.config import ModelConfig
     from lfm2.models import build_model, cast_model
     from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig, is_vl_config
-    from lfm2.weights import INDEX_FILE, load_into, resolve_checkpoint, tensor_table
+    from lfm2.weights import INDEX_FILE, copy_checkpoint_files, load_into, resolve_checkpoint, tensor_table
 
     check_format(kind, group_size)
     src = resolve_checkpoint(src)
@@ -628,10 +626,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: st
     load_into(model, src, "cpu")
     quantize_model(model, kind, group_size, embedding_kind)
     out.mkdir(parents=True, exist_ok=True)
-    skip = {"config.json", INDEX_FILE}
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in skip and not f.name.endswith(".safetensors"):
-            _copy_atomic(f, out / f.name)
+    copy_checkpoint_files(src, out)
     return save_quantized(model, out, config=raw)
 
 
@@ -657,7 +652,3 @@ def _file_dtype(table: dict[str, tuple[Path, dict]], ckpt: Path, name: str = "mo
         raise CheckpointError(f"{ckpt}: tensor {name!r} is {dtype or 'missing'}; expected F32, F16 or BF16 weights")
     return _SAFETENSORS_FLOATS[dtype]
 
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)

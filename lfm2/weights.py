@@ -20,6 +20,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 from collections.abc import Callable, Iterator
@@ -378,6 +379,15 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 # Files that travel with a checkpoint's weights: what a derived checkpoint copies from its source.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def copy_checkpoint_files(src: Path, out: Path, skip: tuple[str, ...] = ("config.json",)) -> None:
+    """Copy every file of checkpoint directory `src` into `out` (atomically) but its weights and `skip`:
+    a derived checkpoint's tokenizer, templates and an LFM2-VL model's processor settings."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in (*skip, INDEX_FILE) and not f.name.endswith(".safetensors"):
+            with atomic_path(out / f.name) as tmp:
+                shutil.copyfile(f, tmp)
 
 
 def copy_side_files(sources: list[Path], out: Path, names: tuple[str, ...] = SIDE_FILES) -> None:

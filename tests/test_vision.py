@@ -751,6 +751,7 @@ def test_vl_adapter_adapts_the_language_model_under_peft_names(vl_chat, tmp_path
     from lfm2.errors import CheckpointError
     from lfm2.images import batch
     from lfm2.lora import LoraConfig, apply_lora, save_adapter
+    from lfm2.merge import merge_adapter
 
     llm, _ = vl_chat
     vision = lfm2.load(llm.path).vision
@@ -769,6 +770,9 @@ def test_vl_adapter_adapts_the_language_model_under_peft_names(vl_chat, tmp_path
     base = vl_logits(llm, convs)
     assert (mine - base).abs().max() > 1e-2  # the adapter matters
     assert tuned.chat(convs[0], **GREEDY)["content"] == greedy_reply(tuned, convs[0], 8)
+    merged = merge_adapter(llm.path, adapter, tmp_path / "merged")  # `lfm2 merge`: a whole LFM2-VL checkpoint
+    assert (merged / "processor_config.json").is_file() and lfm2.load(merged).vision is not None
+    assert (vl_logits(lfm2.load(merged), convs) - mine).abs().max() <= 1e-4
     folded = vl_logits(lfm2.load(llm.path, adapter=adapter, quantize="int8"), convs)
     # int8 noise on this x8 fixture is ~0.04 (`test_quantized_vl_close_to_float` holds it to 0.03 at x4)
     assert (folded - mine).norm() / mine.norm() < min(0.08, (folded - base).norm() / base.norm() / 3)
