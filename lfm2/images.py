@@ -393,6 +393,12 @@ def load_image(ref: Any) -> Any:
         return _checked(ref)
     if isinstance(ref, (bytes, bytearray)):
         return decode_image(bytes(ref))
+    return decode_image(*image_bytes(ref))
+
+
+def image_bytes(ref: str | os.PathLike) -> tuple[bytes, str]:
+    """The encoded bytes of an image given as a data URL, a `file://` URL or a local path, and what to call
+    it in an error (the path); nothing is decoded yet (`decode_image`). Remote URLs are refused."""
     if not isinstance(ref, (str, os.PathLike)):
         raise GenerationError(f"an image must be a path, a data URL, bytes or a PIL image, not {type(ref).__name__}")
     text = str(ref)
@@ -401,10 +407,9 @@ def load_image(ref: Any) -> Any:
         if not head.startswith("data:image/") or not head.endswith(";base64"):
             raise GenerationError(f"image data URL must be data:image/<type>;base64,..., found {head[:40]!r}")
         try:
-            data = base64.b64decode(payload, validate=True)
+            return base64.b64decode(payload, validate=True), "image data URL"
         except (binascii.Error, ValueError):
             raise GenerationError("image data URL: the payload is not valid base64") from None
-        return decode_image(data, "image data URL")
     if text.startswith(("http://", "https://")):
         raise GenerationError(f"remote image URLs are not fetched: {text[:80]!r}; pass a local path or a data URL")
     path = Path(text.removeprefix("file://")).expanduser()
@@ -412,7 +417,7 @@ def load_image(ref: Any) -> Any:
         raise GenerationError(f"{path}: no such image file")
     if path.stat().st_size > MAX_IMAGE_BYTES:
         raise GenerationError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_IMAGE_BYTES} allowed")
-    return decode_image(path.read_bytes(), str(path))
+    return path.read_bytes(), str(path)
 
 
 def fetch_image(url: str, max_bytes: int = MAX_IMAGE_BYTES, timeout: float = 10.0) -> bytes:
@@ -447,8 +452,8 @@ def to_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-__all__ = ["ImageLayout", "ImageProcessor", "batch", "decode_image", "load_image", "resize", "split_images",
-           "to_tensor"]
+__all__ = ["ImageLayout", "ImageProcessor", "batch", "decode_image", "image_bytes", "load_image", "resize",
+           "split_images", "to_tensor"]
 
 
 class FeatureCache:

@@ -187,11 +187,13 @@ SMALL_PROCESSOR = dict(encoder_patch_size=PATCH, tile_size=16, downsample_factor
                        max_image_tokens=9, max_tiles=4)
 
 
-def write_vl_chat_checkpoint(path, scale: float = 8.0, seed: int = 1):
+def write_vl_chat_checkpoint(path, scale: float = 8.0, seed: int = 1, head_scale: float = 1.0):
     """A random LFM2-VL checkpoint in `path` with a real BPE tokenizer (trained here, LFM2-VL's image
     markers added as special tokens) and small processor settings; returns transformers' model of it.
     `scale` multiplies the language blocks' output projections (context-dependent predictions:
-    `shared/notes/testing-random-models.md`; `tests.conftest.random_model` uses 4 for text models)."""
+    `shared/notes/testing-random-models.md`; `tests.conftest.random_model` uses 4 for text models),
+    `head_scale` the output head (at transformers' initialisation, std 0.02, its logits stay within about
+    +-1 of each other, so that no adapter, which leaves the head alone, could make a reply likely)."""
     import json
 
     from tokenizers import AddedToken, Tokenizer
@@ -214,6 +216,7 @@ def write_vl_chat_checkpoint(path, scale: float = 8.0, seed: int = 1):
                 p.mul_(scale)
             if "vision_tower" in name and name.endswith("bias"):
                 p.normal_(0, 0.1)
+        theirs.lm_head.weight.mul_(head_scale)
     theirs.save_pretrained(path)
     (path / "processor_config.json").write_text(json.dumps({"image_processor": SMALL_PROCESSOR}))
     return theirs

@@ -6,7 +6,10 @@ Two kinds, each a pair of files `NAME.bin` (raw little-endian uint32 tokens) and
   `seq_len + 1` tokens at training time (the input and its next-token targets);
 - chat (SFT): each conversation rendered with the checkpoint's chat template, stored with a
   parallel `NAME.mask.bin` of 0/1 bytes that is 1 exactly on assistant tokens, so the loss is
-  taken on what the model should say and never on prompts or tool results.
+  taken on what the model should say and never on prompts or tool results. Conversations with
+  images (LFM2-VL) keep the images' encoded files, once each, in `NAME.images.bin`, and the
+  metadata lists each conversation's images as byte ranges of it in prompt order: a run keeps
+  working when the original files move, and the vision tower encodes them at training time.
 
 Documents go to the train or the validation split by a hash of their text, so the split does
 not depend on the order of the input and a document never sits in both.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +74,8 @@ def prepare_text(
 
 
 def assistant_mask(
-    tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], tools=None, last_only: bool = False
+    tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], tools=None, last_only: bool = False,
+    expand: Callable[[str], str] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation and a 0/1 mask that is 1 on assistant tokens.
 
@@ -80,14 +84,20 @@ def assistant_mask(
     its end-of-turn marker, which the model must learn to produce (tool calls included; tool
     results are a `tool` turn and never trained on). Token offsets map characters to tokens; a
     token is trained on when it starts inside a reply span. `last_only` masks the final
-    assistant message only (preference pairs: the response, not the earlier turns).
+    assistant message only (preference pairs: the response, not the earlier turns). `expand`
+    rewrites every rendering before it is measured and tokenized (images: each `<image>` marker
+    becomes its image's tokens, `ImageProcessor.expand`, as a chat prompt's do).
     """
-    text = render_chat(tokenizer, messages, tools)
+    def render(part: Sequence[dict[str, Any]], prompt: bool = False) -> str:
+        text = render_chat(tokenizer, part, tools, add_generation_prompt=prompt)
+        return text if expand is None else expand(text)
+
+    text = render(messages)
     spans = []
     for i, m in enumerate(messages):
         if m.get("role") == "assistant" and (not last_only or i == len(messages) - 1):
-            before = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True)
-            upto = render_chat(tokenizer, messages[: i + 1], tools)
+            before = render(messages[:i], prompt=True)
+            upto = render(messages[: i + 1])
             if not (text.startswith(before) and text.startswith(upto)):
                 raise LFM2Error(f"message {i}: the chat template does not render conversations prefix by prefix")
             spans.append((len(before), len(upto)))
@@ -187,13 +197,32 @@ def prepare_copy(
     return rows
 
 
+def write_images(out: Path, name: str, images: Sequence[Sequence[bytes]]) -> list[list[list[int]]]:
+    """Write each example's encoded images into `NAME.images.bin`, a file stored once however many
+    examples show it; returns each example's images as [start, end) byte ranges, for the metadata."""
+    blob, where, ranges = bytearray(), {}, []
+    for example in images:
+        rows = []
+        for data in example:
+            key = hashlib.sha256(data).digest()
+            if key not in where:
+                where[key] = [len(blob), len(blob) + len(data)]
+                blob += data
+            rows.append(where[key])
+        ranges.append(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_array(out / f"{name}.images.bin", np.frombuffer(bytes(blob), dtype=np.uint8))
+    return ranges
+
+
 @dataclass
 class TokenFile:
-    """A memory-mapped token file written by `prepare_text` or `prepare_chat`."""
+    """A memory-mapped token file written by `prepare_text` or `prepare_chat` (or `lfm2.train.datasets`)."""
 
     ids: np.ndarray
     mask: np.ndarray | None
     meta: dict[str, Any]
+    image_data: np.ndarray | None = None  # `NAME.images.bin`: the examples' encoded images
 
     def __post_init__(self) -> None:
         self._packs: tuple[int, list[tuple[int, int]]] | None = None
@@ -210,7 +239,28 @@ class TokenFile:
             raise LFM2Error(f"{d / name}.bin holds {ids.size} tokens, its metadata says {meta['tokens']}")
         mask_path = d / f"{name}.mask.bin"
         mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if mask_path.is_file() else None
-        return cls(ids, mask, meta)
+        images = None
+        if meta.get("images"):
+            path = d / f"{name}.images.bin"
+            if not path.is_file():
+                raise LFM2Error(f"{path}: not found, but {meta_path} lists images; prepare the data again")
+            images = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+        return cls(ids, mask, meta, images)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(rows) for rows in self.meta.get("images") or ())
+
+    def images(self, indices: Sequence[int], seq_len: int, pack: bool = False) -> list[bytes]:
+        """The encoded images of the rows `batch(indices, seq_len, pad_id, pack)` makes, in row-major
+        prompt order: the order in which their features fill the rows' `<image>` tokens."""
+        per_example = self.meta.get("images")
+        if not per_example:
+            return []
+        if pack and self.meta["kind"] == "chat":
+            packs = self.packs(seq_len)
+            indices = [k for i in indices for k in range(*packs[i])]
+        return [bytes(self.image_data[a:b]) for i in indices for a, b in per_example[i]]
 
     def num_examples(self, seq_len: int, pack: bool = False) -> int:
         kind = self.meta["kind"]

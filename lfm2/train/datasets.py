@@ -3,7 +3,11 @@
 Formats (one JSON object per line):
 - conversations (SFT): `{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}` in
   OpenAI's shape, assistant `tool_calls` included; rendered with the checkpoint's own chat
-  template, loss on assistant tokens only;
+  template, loss on assistant tokens only. For a vision model (LFM2-VL), content may be a list of
+  parts with images: OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` or transformers'
+  `{"type": "image", "image" | "path" | "url": ...}`, a path (relative ones from the JSONL file's
+  folder) or a `data:image/...;base64,` URL. The prompt is made as a chat prompt is
+  (`lfm2.images.split_images`, the chat template, `ImageProcessor.expand`);
 - preference pairs (DPO): `{"prompt": str | "messages": [...], "chosen": ..., "rejected": ...}`
   where a response is a string or an assistant message;
 - text (distillation, continued pretraining): `{"text": str}` rows, or a plain `.txt` file
@@ -26,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from lfm2.errors import LFM2Error
+from lfm2.images import ImageProcessor, decode_image, image_bytes, split_images
 from lfm2.tokenizer import Tokenizer
-from lfm2.train.data import TOKEN_DTYPE, assistant_mask, is_validation, prepare_text, write_tokens
+from lfm2.train.data import TOKEN_DTYPE, assistant_mask, is_validation, prepare_text, write_images, write_tokens
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -58,10 +63,29 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ValueError(f"message {i} needs a role among {sorted(ROLES)}, got {m!r:.80}")
         content = m.get("content")
-        if content is not None and not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind in ("image", "image_url"):
+                    raise ValueError(f"message {i}: content part {j} is an image; images are for SFT conversations "
+                                     "with a vision model (LFM2-VL)")
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"message {i}: content part {j} ({kind!r}) must be a text part "
+                                     '{"type": "text", "text": ...}')
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string or a list of parts, got {type(content).__name__}")
         if content is None and not m.get("tool_calls"):
             raise ValueError(f"message {i} ({m['role']}) has neither content nor tool_calls")
+
+
+def _image_ref(ref: Any, folder: Path) -> str:
+    """An image reference of a data row: data URLs as they are, paths made absolute from the data file's folder."""
+    if not isinstance(ref, str):
+        raise ValueError(f"an image must be a path or a data URL (a string), got {type(ref).__name__}")
+    if ref.startswith(("data:", "http://", "https://")):
+        return ref  # remote URLs: `image_bytes` says they are not fetched
+    path = Path(ref.removeprefix("file://")).expanduser()
+    return str(path if path.is_absolute() else folder / path)
 
 
 def _response(value: Any, what: str) -> dict[str, Any]:
@@ -93,23 +117,45 @@ def _rows(path: str | os.PathLike, on_error: str, convert) -> Iterator[tuple[int
 
 
 def tokenize_conversations(
-    path: str | os.PathLike, tokenizer: Tokenizer, max_len: int, on_error: str = "raise"
-) -> list[tuple[list[int], list[int]]]:
-    """(ids, assistant mask) per conversation row of a JSONL file."""
+    path: str | os.PathLike, tokenizer: Tokenizer, max_len: int, on_error: str = "raise",
+    image_processor: ImageProcessor | None = None,
+) -> list[tuple[list[int], list[int]]] | list[tuple[list[int], list[int], list[bytes]]]:
+    """(ids, assistant mask) per conversation row of a JSONL file; with an `image_processor` (a vision
+    model's), (ids, mask, encoded images in prompt order). A missing or unreadable image is a bad row:
+    the error names the line and the image's path."""
+    folder = Path(path).parent
+    image_id = None if image_processor is None else tokenizer.token_to_id(image_processor.image_token)
 
-    def convert(row: Any) -> tuple[list[int], list[int]]:
+    def convert(row: Any) -> tuple[list[int], list[int]] | tuple[list[int], list[int], list[bytes]]:
         if not isinstance(row, dict) or "messages" not in row:
             raise ValueError("expected an object with a 'messages' list")
-        _check_messages(row["messages"])
-        if not any(m["role"] == "assistant" for m in row["messages"]):
+        messages, refs = row["messages"], []
+        if image_processor is not None:
+            messages, refs = split_images(messages, image_processor.image_token)
+        _check_messages(messages)
+        if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("no assistant message: nothing to learn from this row")
+        blobs, layouts = [], []
+        for ref in refs:
+            data, source = image_bytes(_image_ref(ref, folder))
+            layouts.append(image_processor(decode_image(data, source)))
+            blobs.append(data)
+        expand = None
+        if layouts:  # each rendering's `<image>` markers, in order, become their images' tokens
+            def expand(text: str) -> str:
+                return image_processor.expand(text, layouts[: text.count(image_processor.image_token)])
         try:
-            ids, mask = assistant_mask(tokenizer, row["messages"], row.get("tools"))
+            ids, mask = assistant_mask(tokenizer, messages, row.get("tools"), expand=expand)
         except LFM2Error as e:
             raise ValueError(f"the chat template cannot render this row: {e}") from None
         if len(ids) > max_len:
             raise ValueError(f"{len(ids)} tokens, more than the maximum length {max_len}")
-        return ids, mask
+        if image_processor is None:
+            return ids, mask
+        if ids.count(image_id) != sum(x.num_tokens for x in layouts):
+            raise ValueError(f"the text holds {ids.count(image_id) - sum(x.num_tokens for x in layouts)} more "
+                             f"{image_processor.image_token} tokens than its {len(layouts)} image(s) fill")
+        return ids, mask, blobs
 
     return [r for _, r in _rows(path, on_error, convert)]
 
@@ -162,15 +208,20 @@ def read_texts(path: str | os.PathLike, on_error: str = "raise") -> list[str]:
 
 
 def write_chat(
-    examples: list[tuple[list[int], list[int]]], out_dir: str | os.PathLike, name: str, kind: str = "chat"
+    examples: list[tuple[list[int], list[int]]] | list[tuple[list[int], list[int], list[bytes]]],
+    out_dir: str | os.PathLike, name: str, kind: str = "chat",
 ) -> int:
-    """Store tokenized sequences with their masks as a chat (or `pairs`) token file (see `lfm2.train.data`)."""
+    """Store tokenized sequences with their masks (and images, where the examples carry them) as a chat (or
+    `pairs`) token file (see `lfm2.train.data`)."""
     if not examples:
         raise DataError(f"no usable rows for '{name}'")
-    offsets = np.cumsum([0] + [len(ids) for ids, _ in examples]).tolist()
-    ids = np.concatenate([np.asarray(i, dtype=TOKEN_DTYPE) for i, _ in examples])
-    mask = np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in examples])
-    write_tokens(Path(out_dir), name, ids, {"kind": kind, "offsets": offsets}, mask=mask)
+    offsets = np.cumsum([0] + [len(e[0]) for e in examples]).tolist()
+    ids = np.concatenate([np.asarray(e[0], dtype=TOKEN_DTYPE) for e in examples])
+    mask = np.concatenate([np.asarray(e[1], dtype=np.uint8) for e in examples])
+    meta: dict[str, Any] = {"kind": kind, "offsets": offsets}
+    if any(len(e) > 2 and e[2] for e in examples):
+        meta["images"] = write_images(Path(out_dir), name, [e[2] if len(e) > 2 else [] for e in examples])
+    write_tokens(Path(out_dir), name, ids, meta, mask=mask)
     return len(examples)
 
 
@@ -185,11 +236,13 @@ def write_pairs(pairs, out_dir: str | os.PathLike, name: str) -> int:
 def prepare_finetune_data(
     kind: str, data: str | os.PathLike, tokenizer: Tokenizer, out_dir: str | os.PathLike, max_len: int,
     eval_data: str | os.PathLike | None = None, on_error: str = "raise", val_fraction: float = 0.05,
+    image_processor: ImageProcessor | None = None,
 ) -> None:
     """Tokenize `data` (and `eval_data`) into `out_dir` as the `train` / `val` token files.
 
-    Without `eval_data`, a `val_fraction` of the rows (chosen by a hash of their content, so the
-    split is stable) is held out for the periodic evaluation loss.
+    Without `eval_data`, a `val_fraction` of the rows (chosen by a hash of their tokens and mask, so
+    the split is stable) is held out for the periodic evaluation loss. `image_processor` (a vision
+    model's) lets conversations carry images.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,13 +256,18 @@ def prepare_finetune_data(
             ids = [t for d in held for t in tokenizer.encode(d) + [tokenizer.token_to_id("<|endoftext|>")]]
             write_tokens(out, "val", np.asarray(ids, dtype=TOKEN_DTYPE), {"kind": "text"})
         return
-    tokenize = tokenize_conversations if kind == "chat" else tokenize_pairs
-    write = write_chat if kind == "chat" else write_pairs
-    rows = tokenize(data, tokenizer, max_len, on_error)
-    if eval_data is not None:
-        train, val = rows, tokenize(eval_data, tokenizer, max_len, on_error)
+    if kind == "chat":
+        def tokenize(path):
+            return tokenize_conversations(path, tokenizer, max_len, on_error, image_processor)
     else:
-        keyed = [(is_validation(json.dumps(r), val_fraction), r) for r in rows]
+        def tokenize(path):
+            return tokenize_pairs(path, tokenizer, max_len, on_error)
+    write = write_chat if kind == "chat" else write_pairs
+    rows = tokenize(data)
+    if eval_data is not None:
+        train, val = rows, tokenize(eval_data)
+    else:
+        keyed = [(is_validation(json.dumps(r[:2]), val_fraction), r) for r in rows]
         train, val = [r for v, r in keyed if not v], [r for v, r in keyed if v]
         if len(train) > 1 and not val:  # tiny data sets: still hold one row out for the eval loss
             train, val = train[:-1], train[-1:]

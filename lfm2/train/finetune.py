@@ -6,7 +6,9 @@
 
 Each command tokenizes its data into `DIR/data` (once; a rerun resumes), then trains with
 `lfm2.train.trainer` and writes `DIR/adapter` (PEFT format) or `DIR/model`, `metrics.jsonl`,
-`loss.png` and a resumable `state.pt`. The same commands run under `torchrun`.
+`loss.png` and a resumable `state.pt`. The same commands run under `torchrun`. On an LFM2-VL
+checkpoint, SFT conversations may hold images (`lfm2.train.datasets`); the language model learns,
+the vision side stays as it is.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def _data_kind(args: FinetuneArgs) -> str:
 def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
     """Prepare the data (rank 0, once) and run the training; returns the output directory."""
 
+    from lfm2.images import ImageProcessor
+    from lfm2.llm import is_vl_checkpoint
     from lfm2.tokenizer import Tokenizer
     from lfm2.train.datasets import prepare_finetune_data
     from lfm2.train.trainer import TrainConfig, train
@@ -82,6 +86,12 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
     if args.kind == "distill" and not args.teacher:
         raise LFM2Error("distillation needs --teacher")
     ckpt = resolve_checkpoint(args.model)
+    processor = None
+    if is_vl_checkpoint(ckpt):
+        if args.kind == "distill":
+            raise LFM2Error(f"{ckpt} is a vision model (LFM2-VL); distillation takes text models (sft and dpo "
+                            "take vision models)")
+        processor = ImageProcessor.from_dir(ckpt)  # the same settings as chat prompts get
     lora = None if args.full else LoraConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     teacher = str(resolve_checkpoint(args.teacher)) if args.teacher else None
     if teacher:
@@ -95,7 +105,8 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
             copy_side_files([ckpt], data_dir)  # the trainer reads the tokenizer from the data directory
             tokenizer = Tokenizer.from_dir(ckpt)
             prepare_finetune_data(_data_kind(args), args.data, tokenizer, data_dir, max_len=args.seq_len + 1,
-                                  eval_data=args.eval_data, on_error="skip" if args.skip_bad_rows else "raise")
+                                  eval_data=args.eval_data, on_error="skip" if args.skip_bad_rows else "raise",
+                                  image_processor=processor)
         else:  # the other processes wait for rank 0's files
             _wait_for(data_dir / "train.json")
     from lfm2.train.data import TokenFile
@@ -105,6 +116,8 @@ def finetune(args: FinetuneArgs, stop_after: int | None = None) -> Path:
     what = f"{n} training examples"
     if args.pack and args.kind != "dpo" and train_file.meta["kind"] == "chat":
         what = f"{train_file.num_examples(args.seq_len)} training conversations packed into {n} rows"
+    if train_file.num_images:
+        what += f" with {train_file.num_images} images"
     if args.max_steps is not None and args.epochs is not None:
         raise LFM2Error("give --max-steps or --epochs, not both")
     steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * n / (args.batch_size * args.grad_accum)))

@@ -17,6 +17,11 @@ a teacher ("distill"); `lora` trains low-rank adapters instead of every weight; 
 several conversations in one row. Under `torchrun`, each process takes its share of every
 batch and DistributedDataParallel sums the gradients, so the losses equal a one-process run
 with the same global batch; only rank 0 writes files.
+
+An LFM2-VL checkpoint trains whole (`lfm2.models.lfm2_vl`): conversations' images are read back
+from the token files and preprocessed at each step, the frozen vision tower and projector turn
+them into the features that stand in for the `<image>` tokens (`inputs_embeds`), and only the
+language model learns (LoRA on its projections; with `lora` None, its weights and head).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from lfm2.files import atomic_path, atomic_write
 from lfm2.models import build_model
 from lfm2.tools import TOOL_CALL_START
 from lfm2.train.data import TokenFile
-from lfm2.weights import copy_side_files, save_checkpoint
+from lfm2.weights import copy_checkpoint_files, copy_side_files, save_checkpoint
 
 
 @dataclass
@@ -171,12 +176,13 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def loss_fn(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, **images: torch.Tensor,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens (-100 ignored), each times its `weights` (B, T)
-    if given, and their count; the logits are computed at the target positions only."""
+    if given, and their count; the logits are computed at the target positions only. `images` are a
+    vision model's image inputs for the batch (`pixel_values`, ...: `lfm2.images.batch`)."""
     keep = y != -100
-    logits = model(x, segment_ids=segments, logits_at=keep)
+    logits = model(x, segment_ids=segments, logits_at=keep, **images)
     if weights is None:
         return F.cross_entropy(logits.float(), y[keep], reduction="sum"), int(keep.sum())
     losses = F.cross_entropy(logits.float(), y[keep], reduction="none")
@@ -194,11 +200,15 @@ def call_weights(x: torch.Tensor, call_start: int, weight: float) -> torch.Tenso
 
 
 class Objective:
-    """What a batch costs: (summed loss, how many units it is averaged over, extra sums to log)."""
+    """What a batch costs: (summed loss, how many units it is averaged over, extra sums to log).
+
+    `data` (split -> token file) and `image_processor` serve a vision model's batches their images."""
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                 call_start: int | None = None) -> None:
+                 call_start: int | None = None, data: dict[str, TokenFile] | None = None,
+                 image_processor: Any = None) -> None:
         self.cfg, self.device, self.call_start = cfg, device, call_start
+        self.data, self.image_processor = data or {}, image_processor
         self.reference: dict[str, np.ndarray] = {}  # DPO: per split, (pairs, 2) reference log-probs
         self.teacher = None
         if cfg.objective == "distill":
@@ -209,13 +219,26 @@ class Objective:
                 raise LFM2Error(f"teacher {cfg.teacher} has a vocabulary of {self.teacher.config.vocab_size} tokens, "
                                 f"the student {model.config.vocab_size}: distillation needs a shared tokenizer")
 
+    def image_inputs(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The image inputs of a batch's rows (empty where they have none), preprocessed as at inference."""
+        data = self.data.get(split)
+        blobs = [] if data is None else data.images(indices, self.cfg.seq_len, self.cfg.pack)
+        if not blobs:
+            return {}
+        if self.image_processor is None:
+            raise LFM2Error(f"the {split} data holds images, but {self.cfg.init_from} is not a vision model")
+        from lfm2.images import batch, decode_image
+
+        layouts = [self.image_processor(decode_image(b)) for b in blobs]
+        return {k: v.to(self.device) for k, v in batch(layouts).items()}
+
     def __call__(self, model, batch: tuple[torch.Tensor, ...], indices: list[int], split: str):
         x, y, *rest = (t.to(self.device) for t in batch)
         segments = rest[0] if rest else None
         if self.cfg.objective == "lm":
             weighted = split == "train" and self.cfg.call_weight != 1 and self.call_start is not None
             weights = call_weights(x, self.call_start, self.cfg.call_weight) if weighted else None
-            loss, count = loss_fn(model, x, y, segments, weights)
+            loss, count = loss_fn(model, x, y, segments, weights, **self.image_inputs(split, indices))
             return loss, count, {}
         if self.cfg.objective == "dpo":
             from lfm2.train.losses import dpo_loss, sequence_logps
@@ -359,14 +382,19 @@ def plot_losses(metrics: list[dict], out: Path) -> bool:
     return True
 
 
-def _build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> torch.nn.Module:
+def _build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The model to train, and its image processor (None unless it is a vision model, which trains whole:
+    its `frozen_prefixes`, the vision side, get no adapter and no gradient)."""
     torch.manual_seed(cfg.seed)
+    processor = None
     if cfg.init_from:
         import lfm2
 
         # float32 weights on every device: on CUDA `lfm2.load` defaults to bfloat16, and AdamW steps on
         # bfloat16 weights round small updates away. Autocast still runs the matmuls in bfloat16.
-        model = lfm2.load(cfg.init_from, dtype=torch.float32, device=device).model
+        llm = lfm2.load(cfg.init_from, dtype=torch.float32, device=device)
+        model = llm.model if llm.vision is None else llm.vision
+        processor = llm.image_processor
     else:
         model = build_model(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **cfg.model}), device="cpu")
         init_weights(model)
@@ -376,11 +404,12 @@ def _build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> torch.nn.
 
         apply_lora(model, LoraConfig(**cfg.lora))
     else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    model.gradient_checkpointing = cfg.grad_checkpointing
+        frozen = tuple(getattr(model, "frozen_prefixes", ()))
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(frozen))
+    getattr(model, "language", model).gradient_checkpointing = cfg.grad_checkpointing
     model.train()
-    return model
+    return model, processor
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
@@ -411,7 +440,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     if cfg.batch_size % world:
         raise LFM2Error(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over {world} processes")
 
-    model = _build_model(cfg, tokenizer, device)
+    model, image_processor = _build_model(cfg, tokenizer, device)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -434,7 +463,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     if cfg.call_weight != 1 and call_start is None:
         raise LFM2Error(f"call_weight={cfg.call_weight} weights tool calls, but the tokenizer in {cfg.data_dir} has no "
                         f"{TOOL_CALL_START} token; leave call_weight at 1")
-    objective = Objective(cfg, model, device, call_start)
+    objective = Objective(cfg, model, device, call_start, {"train": train_data, "val": val_data}, image_processor)
     if cfg.objective == "dpo":
         objective.prepare_reference(model, train_data, "train", out, pad_id, resumed=step > 0)
         if val_data is not None:
@@ -520,6 +549,11 @@ def export(model: torch.nn.Module, cfg: TrainConfig, out: Path) -> Path:
         from lfm2.lora import save_adapter
 
         return save_adapter(model, out / "adapter", base_model=cfg.init_from)
+    if getattr(model, "language", None) is not None:  # a vision model: its own config.json and processor files
+        source = Path(cfg.init_from)
+        save_checkpoint(model, out / "model", {"config.json": (source / "config.json").read_text(encoding="utf-8")})
+        copy_checkpoint_files(source, out / "model")
+        return out / "model"
     save_checkpoint(model, out / "model")
     copy_side_files([Path(cfg.data_dir)] + ([Path(cfg.init_from)] if cfg.init_from else []), out / "model")
     return out / "model"
