@@ -161,3 +161,18 @@ def test_lora_sft_on_image_rows_learns_each_pictures_answer(vl, rows, tmp_path):
     before = [base.chat(ask, **GREEDY)["content"] for ask in asks]
     after = [tuned.chat(ask, **GREEDY)["content"] for ask in asks]
     assert after == ANSWERS and not set(before) & set(ANSWERS)
+
+
+def test_full_fine_tuning_writes_a_vl_checkpoint(vl, rows, tmp_path):
+    """`--full` trains the language model and head, not the vision side, and writes a whole LFM2-VL checkpoint
+    (its config.json and processor settings kept) that loads as one; here with gradient checkpointing and packing."""
+    path, _ = rows
+    out = finetune(_args(vl, path, tmp_path / "run", max_steps=2, lr=1e-3, full=True, grad_checkpointing=True,
+                         pack=True, batch_size=1))
+    base, tuned = lfm2.load(vl), lfm2.load(out / "model")
+    assert tuned.vision is not None and (out / "model" / "processor_config.json").is_file()
+    assert (out / "model" / "config.json").read_text() == (vl / "config.json").read_text()
+    before, after = base.vision.state_dict(), tuned.vision.state_dict()
+    changed = {n for n, t in after.items() if not torch.equal(t, before[n])}
+    assert "lm_head.weight" in changed and "model.language_model.layers.0.conv.in_proj.weight" in changed
+    assert not [n for n in changed if n.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
