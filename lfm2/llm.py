@@ -512,7 +512,7 @@ def load(
     by `lfm2 convert` or llama.cpp's converter), beside a `.gguf` text model: the LLM then reads images
     (`vision`, `image_processor`), as one loaded from the LFM2-VL checkpoint directory does.
 
-    An LFM2-VL checkpoint (`llm.vision`) takes all three on its language model, `llm.model`: `quantize`
+    An LFM2-VL model (`llm.vision`) takes all three on its language model, `llm.model`: `quantize`
     and `lfm2 quantize` leave the vision tower and projector float (in `dtype`); an adapter adapts the
     language model's projections, under the names PEFT gives them on transformers' LFM2-VL (`lfm2.lora`);
     the compiled decode step is the language model's, which is all decoding runs (images reach the
@@ -532,9 +532,6 @@ def load(
     if str(path_or_hub_id).endswith(".gguf"):
         from lfm2.gguf import load_gguf
 
-        if mmproj is not None and (adapter is not None or compile):
-            raise ConfigError(f"{mmproj}: adapter= and compile= are not supported for vision models yet; load "
-                              f"{path_or_hub_id} with its mmproj file without them")
         loaded = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
                            native=native and adapter is None, mmproj=mmproj)
         return _compiled(_with_adapter(LLM.from_loaded(loaded), adapter), compile)

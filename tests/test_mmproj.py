@@ -240,6 +240,27 @@ def test_chat_with_an_image_on_a_quantized_text_model(exported, vl_checkpoint, t
     assert reply["content"] and llm.last_stats[0].prompt_tokens > 40
 
 
+def test_adapter_and_compile_with_mmproj(exported, vl_checkpoint, reference, tmp_path):
+    """A LoRA adapter of the LFM2-VL checkpoint applies to the GGUF pair's language model as to the checkpoint's;
+    compile=True compiles the language model's decode step (on first use)."""
+    from lfm2.lora import LoraConfig, apply_lora, save_adapter
+
+    vision = lfm2.load(vl_checkpoint).vision
+    apply_lora(vision, LoraConfig(rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in vision.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=g)
+    adapter = save_adapter(vision, tmp_path / "adapter")
+    image = picture(60, 40, seed=6)
+    pair = lfm2.load(exported["text"], mmproj=exported["f32"], adapter=adapter)
+    ids, ref = vl_logits(lfm2.load(vl_checkpoint, adapter=adapter), image)
+    assert (vl_logits(pair, image)[1] - ref).abs().max() <= 1e-4
+    assert (vl_logits(reference, image)[1] - ref).abs().max() > 1e-2  # the adapter matters
+    assert lfm2.load(exported["text"], mmproj=exported["f32"], compile=True).model.decode_step is not None
+
+
 def test_cli_chat_reads_an_image_with_mmproj(exported, tmp_path):
     image = tmp_path / "cat.png"
     picture(64, 48, seed=5).save(image)
@@ -317,8 +338,6 @@ def test_mmproj_arguments_are_checked(exported, vl_checkpoint, chat_checkpoint, 
         lfm2.load(exported["f32"])
     with pytest.raises(ConfigError, match="goes with a .gguf text model"):
         lfm2.load(vl_checkpoint, mmproj=exported["f32"])
-    with pytest.raises(ConfigError, match="adapter= and compile="):
-        lfm2.load(exported["text"], mmproj=exported["f32"], compile=True)
     with pytest.raises(ConfigError, match="not an LFM2-VL checkpoint"):
         convert(chat_checkpoint, "gguf", tmp_path / "x.gguf", mmproj=tmp_path / "mm.gguf", progress=False)
     with pytest.raises(ConfigError, match="not LFM2-VL"):
