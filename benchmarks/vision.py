@@ -1,6 +1,7 @@
 """LFM2-VL on CPU: lfm2 beside transformers (and llama.cpp's `llama-mtmd-cli`) on the same random weights.
 
-    python benchmarks/vision.py [--rounds 2] [--new 32]
+    python benchmarks/vision.py [--rounds 2] [--new 32] [--sizes 512x512 1024x768]
+                                [--variants int4 int4+compile ...] [--skip-transformers]
                                 [--llama-server PATH/llama-server --gguf TEXT.gguf --mmproj MMPROJ.gguf]
 
 Random weights of the LFM2-VL-1.6B shape (text: LFM2-1.2B, `../shared/reference/configs/LFM2-1.2B.config.json`
@@ -15,6 +16,10 @@ its own, interleaved `--rounds` times, reports:
   tensors lfm2's preprocessing made (its own processor needs torchvision, which this machine lacks);
   for llama.cpp, its image encode + decode time plus its prompt eval time;
 - decode: tokens/s over `--new` tokens after that prompt.
+
+`--variants` adds lfm2 rows loaded otherwise: `int8` / `int4` (`quantize=`: the language model quantized,
+the vision side float) and `+compile` (`compile=True`; the decode step is compiled by a short warm-up
+chat before the measured one, whose caches are then emptied).
 
 The image tokens, as `Lfm2VlProcessor`'s defaults make them: 256 for 512x512 (one tile); for 1024x768,
 2 x 3 tiles of 256 and a 234-token thumbnail (1,770).
@@ -86,13 +91,13 @@ def make_checkpoint(out: Path) -> Path:
     return out
 
 
-def make_images(out: Path) -> list[Path]:
+def make_images(out: Path, sizes: list[tuple[int, int]] = SIZES) -> list[Path]:
     import numpy as np
     from PIL import Image
 
     paths = []
     rng = np.random.default_rng(0)
-    for w, h in SIZES:
+    for w, h in sizes:
         path = out / f"random-{w}x{h}.png"
         if not path.is_file():
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
@@ -104,13 +109,16 @@ OURS = """
 import json, sys, time, torch, lfm2
 from lfm2.images import FeatureCache, load_image
 from lfm2.prefix_cache import PrefixCache
-ckpt, image, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
-llm = lfm2.load(ckpt)
+ckpt, image, new, variant = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+quantize = next((q for q in ("int8", "int4") if q in variant.split("+")), None)
+llm = lfm2.load(ckpt, quantize=quantize, compile="compile" in variant.split("+"))
 layout = llm.image_processor(load_image(image))
 llm._encode_images([layout])  # warm-up
 t = time.perf_counter(); llm._encode_images([layout]); encode = time.perf_counter() - t
 messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                          {"type": "text", "text": "Describe this picture."}]}]
+if "compile" in variant.split("+"):
+    llm.chat(messages, temperature=0, max_new_tokens=4, ignore_eos=True)  # compiles the decode step
 llm.image_cache, llm.prefix_cache = FeatureCache(), PrefixCache(0)
 t = time.perf_counter()
 llm.chat(messages, temperature=0, max_new_tokens=new, ignore_eos=True)
@@ -230,10 +238,15 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="the text model as GGUF, for llama-server")
     ap.add_argument("--mmproj", default=None, help="the vision part as an mmproj GGUF, for llama-server")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--sizes", nargs="+", default=[f"{w}x{h}" for w, h in SIZES], help="images, WIDTHxHEIGHT")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="more lfm2 rows: float32, int8, int4, each optionally +compile (e.g. int4+compile)")
     args = ap.parse_args()
     ckpt = make_checkpoint(Path(args.out))
-    images = make_images(Path(args.out))
-    engines = {"lfm2": lambda im: child(OURS, str(ckpt), str(im), str(args.new))}
+    images = make_images(Path(args.out), [tuple(map(int, size.split("x"))) for size in args.sizes])
+    engines = {"lfm2": lambda im: child(OURS, str(ckpt), str(im), str(args.new), "float32")}
+    for variant in args.variants:
+        engines[f"lfm2 {variant}"] = lambda im, v=variant: child(OURS, str(ckpt), str(im), str(args.new), v)
     if not args.skip_transformers:
         engines["transformers"] = lambda im: child(THEIRS, str(ckpt), str(im), str(args.new))
     server = None
