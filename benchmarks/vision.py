@@ -168,7 +168,7 @@ def llama_server(binary: str, gguf: str, mmproj: str, new: int, log: Path) -> tu
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [binary, "-m", gguf, "--mmproj", mmproj, "-t", "2", "-np", "1", "-c", "4096", "--port", str(port),
-           "--no-webui"]
+           "--no-webui", "-lv", "4"]  # verbosity 4 logs the image's steps, which `_encode_ms` reads
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -220,7 +220,7 @@ def llama_run(url: str, image: Path, new: int, log: Path) -> dict:
     with urllib.request.urlopen(request, timeout=3600) as r:
         out = json.loads(r.read())
     wall = time.perf_counter() - t
-    time.sleep(0.5)
+    time.sleep(1.0)  # the log's last lines
     added = log.read_text(errors="replace")[len(before):]
     timings = out["timings"]
     return {"encode_ms": _encode_ms(added),
