@@ -359,6 +359,39 @@ def test_images_are_encoded_when_the_prompt_is_built(vl_chat, monkeypatch):
     assert not llm.chat_plan(follow).embed.encoded and llm.image_cache.misses == 2
 
 
+def test_image_rows_batch_with_text_rows(vl_chat):
+    """One engine decodes a prompt with an image beside text-only prompts (continuous batching): each
+    row's greedy tokens equal its own run alone."""
+    from lfm2.engine import Engine, Request
+    from lfm2.sampling import SamplingParams
+
+    llm, _ = vl_chat
+    image = llm.chat_plan([{"role": "user", "content": [{"type": "image", "image": picture(64, 32, seed=14)},
+                                                         {"type": "text", "text": "What is this?"}]}])
+    texts = [llm.chat_plan([{"role": "user", "content": words}]) for words in ("Hello there", "Tell me more")]
+    params = SamplingParams(temperature=0.0)
+
+    def requests():
+        return [Request(p.ids, params, 10, embed=p.embed, ignore_eos=True) for p in (texts[0], image, texts[1])]
+
+    alone = []
+    for r in requests():
+        tokens = []
+        r.on_token = lambda t, out=tokens: out.append(t) and False
+        for _ in Engine(llm.model).run([r]):
+            pass
+        alone.append(tokens)
+    together = [[] for _ in range(3)]
+    batch = requests()
+    for r, out in zip(batch, together, strict=True):
+        r.on_token = lambda t, out=out: out.append(t) and False
+    engine = Engine(llm.model, max_batch=3)
+    for _ in engine.run(batch):
+        pass
+    assert together == alone and len(set(map(tuple, alone))) == 3
+    assert engine.steps < 20  # decoded as one batch (one after another would take about 30 steps)
+
+
 @torch.no_grad()
 def test_resumed_image_prompt_logits_equal_a_full_prefill(vl_chat):
     """Exact reuse across an image: the state stored after a prompt with an image, resumed for a longer
