@@ -38,19 +38,22 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """What model to run and how to load it: shared by `generate`, `chat` and `serve` (every help line
+    says its default, as `lfm2 serve --help` promises)."""
     p.add_argument("--model", "-m", default=None,
                    help="checkpoint directory, .gguf file or Hugging Face hub id (default: the bundled tiny model)")
     p.add_argument("--mmproj", default=None, metavar="FILE",
                    help="with a .gguf model: the mmproj .gguf of an LFM2-VL model (its vision part), so that the "
                         "model reads images (default: none, text only)")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply (default: none)")
     p.add_argument("--quantize", choices=["int8", "int4", "none"], default=None,
                    help="quantize the weights after loading (lfm2.quant's kernels). Without it a checkpoint "
                         "written by `lfm2 quantize` loads quantized, a Q8_0 / Q4_0 .gguf file keeps its own "
-                        "format, and a K-quant one (Q4_K_M ...) runs as int8; none: dequantize such a file")
+                        "format, and a K-quant one (Q4_K_M ...) runs as int8; none: dequantize such a file "
+                        "(default: the model's own format)")
 
 
 def add_image_args(p: argparse.ArgumentParser, files: str | None = None) -> None:
@@ -261,7 +264,7 @@ _COMMANDS = {
 
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help=_COMMANDS["generate"])
-    _add_model_args(g)
+    add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("prompt", nargs="?", help="the prompt (read from stdin when absent)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
@@ -274,7 +277,7 @@ def _add_generate(sub) -> None:
 
 def _add_chat(sub) -> None:
     c = sub.add_parser("chat", help=_COMMANDS["chat"])
-    _add_model_args(c)
+    add_model_args(c)
     _add_sampling_args(c)
     _add_tool_args(c)
     _add_format_args(c)

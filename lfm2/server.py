@@ -1745,19 +1745,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """`lfm2 serve`: the arguments of `serve`, for the CLI's subcommand table. Every help line says
     the option's default."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("--model", "-m", default=None,
-                   help="checkpoint directory, .gguf file or hub id (default: the bundled tiny model)")
-    p.add_argument("--mmproj", default=None, metavar="FILE",
-                   help="with a .gguf model: the mmproj .gguf of an LFM2-VL model (its vision part), so that chat "
-                        "requests may hold images (default: none, text only)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply (default: none)")
-    p.add_argument("--quantize", choices=["int8", "int4", "none"], default=None,
-                   help="quantize the weights after loading, as `lfm2.load(quantize=...)`. Without it a "
-                        "checkpoint written by `lfm2 quantize` is served quantized, a Q8_0 / Q4_0 .gguf file "
-                        "in its own format, a K-quant one (Q4_K_M ...) as int8; none: dequantize such a file "
-                        "(default: the model's own format)")
+    from lfm2.cli import add_image_args, add_model_args
+
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; any other than loopback wants --api-key (default: %(default)s)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 0 for any free one (default: %(default)s)")
@@ -1780,8 +1770,6 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="memory for /v1/responses' stored responses (previous_response_id, GET /v1/responses/ID): "
                         "each keeps its whole conversation, the least recently used dropped first; 0 stores none; "
                         "K, M, G suffixes (default: %(default)s, 64 MiB)")
-    from lfm2.cli import add_image_args
-
     add_image_args(p)
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch image parts given as http(s) URLs (vision models); without it only data URLs are "
