@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 import warnings
 
 import torch
@@ -37,13 +38,23 @@ OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe
            "cpp.threads": 1}
 
 
+def _step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+    return model(input_ids, cache)
+
+
 class CompiledDecode:
-    """`step(input_ids (B, 1), cache) -> logits (B, 1, vocab)`, compiled on first use."""
+    """`step(input_ids (B, 1), cache) -> logits (B, 1, vocab)`, compiled on first use.
+
+    Dynamo keeps compiled graphs per code object, and with the modules' guards off (`OPTIONS`) a graph
+    compiled for one model would also be taken for another of the same class (another vocabulary:
+    "expected size 567==512" at run time). So each step compiles its own copy of `_step`'s code, and
+    two models in one process (a server and a test, a target and a draft) keep their own graphs."""
 
     def __init__(self, model: torch.nn.Module, progress: bool = True) -> None:
         self.model = model
         self.progress = progress
-        self.compiled = torch.compile(model, dynamic=True, options=OPTIONS)
+        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
+        self.compiled = torch.compile(step, dynamic=True, options=OPTIONS)
         self.compile_seconds: float | None = None  # set by the first call
         self.failed: str | None = None  # why the eager fallback is in use
 
@@ -51,14 +62,14 @@ class CompiledDecode:
         if self.failed is not None:
             return self.model(input_ids, cache)
         if self.compile_seconds is not None:
-            return self.compiled(input_ids, cache)
+            return self.compiled(self.model, input_ids, cache)
         if self.progress:
             print("lfm2: compiling the decode step (once per process: seconds to a minute) ...",
                   file=sys.stderr, flush=True)
         snapshot = cache.snapshot()
         t0 = time.perf_counter()
         try:
-            out = self.compiled(input_ids, cache)
+            out = self.compiled(self.model, input_ids, cache)
         except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
             cache.restore(snapshot)
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

@@ -45,6 +45,20 @@ def test_compiled_decode_equals_eager(quantize, wide):
     assert tokens == engine_decode(model, [prompt], params, 8, ignore_eos=True)
 
 
+@pytest.mark.slow  # torch.compile
+def test_two_models_in_one_process_keep_their_own_compiled_steps():
+    """With the modules' guards off, one model's compiled graph must not be taken for another of the
+    same class (another vocabulary failed at run time: "expected size 567==512")."""
+    prompt = [5, 17, 99, 3]
+    for vocab in (300, 355):
+        model = random_model(tiny_config(vocab_size=vocab)).eval()
+        eager = _decode_logits(model, model, prompt, 3)
+        step = compile_decode(model, progress=False)
+        compiled = _decode_logits(model, step, prompt, 3)
+        assert step.failed is None and compiled.shape[-1] == vocab
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 def test_failed_compile_falls_back_to_eager_with_the_cache_intact():
     model = random_model(tiny_config()).eval()
     prompt = [5, 17, 99, 3]
@@ -53,7 +67,7 @@ def test_failed_compile_falls_back_to_eager_with_the_cache_intact():
 
     def broken(*args, **kwargs):
         # what a missing compiler looks like: the cache was touched before the failure surfaced
-        args[1].reserve(torch.ones(1, 1, dtype=torch.bool))
+        args[-1].reserve(torch.ones(1, 1, dtype=torch.bool))  # (model, input_ids, cache)
         raise RuntimeError("no C++ compiler found\nlong inductor traceback")
 
     step.compiled = broken
