@@ -1109,34 +1109,45 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str =
     w.add_token_list(tokens)
     w.add_token_types(types)
     special.add_to_gguf(w, quiet=True)
-    entries = []
-    for gname, ours in plan:
-        shape = _gguf_shape(gname, [expected[n] for n in ours])
-        ttype = _tensor_type(gname, shape, wanted)
-        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
-        nbytes = int(np.prod(shape)) // block * type_size
-        w.add_tensor_info(gname, shape, np.dtype(np.float16 if ttype == GGMLType.F16 else np.float32), nbytes, ttype)
-        entries.append((gname, ours, ttype, nbytes))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
+    entries = [(gname, ours, _gguf_shape(gname, [expected[n] for n in ours])) for gname, ours in plan]
     files = {name: path for name, (path, _) in table.items()}
+    with ExitStack() as stack:
+        handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
+
+        def read(gname: str, ours: list[str]) -> torch.Tensor:
+            return _to_gguf(gname, [handles[files[stored(name)]].get_tensor(stored(name)) for name in ours])
+
+        return write_gguf_file(w, out, [(g, shape, _tensor_type(g, shape, wanted), ours) for g, ours, shape in entries],
+                               read, progress, "GGUF file")
+
+
+def write_gguf_file(w: gguf.GGUFWriter, out: Path, tensors: list[tuple[str, tuple[int, ...], GGMLType, Any]],
+                    read: Callable[[str, Any], torch.Tensor], progress: bool, what: str) -> Path:
+    """Write a GGUF file whose metadata `w` holds, atomically (fsynced before the name points at it):
+    `tensors` are (GGUF name, GGUF shape, type, key), each read when written by `read(name, key)` as
+    float values and encoded to its type. One place for the text model's file and the mmproj's."""
+    sizes = []
+    for gname, shape, ttype, _ in tensors:
+        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+        sizes.append(int(np.prod(shape)) // block * type_size)
+        w.add_tensor_info(gname, shape, np.dtype(np.float16 if ttype == GGMLType.F16 else np.float32), sizes[-1],
+                          ttype)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(out, fsync=True) as tmp:  # on disk before the name points at it
+        with atomic_path(out, fsync=True) as tmp:
             try:
                 w.write_header_to_file(tmp)
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
-                with ExitStack() as stack, tqdm(total=sum(e[3] for e in entries), unit="B", unit_scale=True,
-                                                desc=f"writing {out.name}", disable=not progress) as bar:
-                    handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(files.values())}
-                    for gname, ours, ttype, nbytes in entries:
-                        parts = [handles[files[stored(name)]].get_tensor(stored(name)) for name in ours]
-                        w.write_tensor_data(_encode(_to_gguf(gname, parts), ttype))
+                with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"writing {out.name}",
+                          disable=not progress) as bar:
+                    for (gname, _, ttype, key), nbytes in zip(tensors, sizes, strict=True):
+                        w.write_tensor_data(_encode(read(gname, key), ttype))
                         bar.update(nbytes)
             finally:
                 w.close()
     except (OSError, gguf.QuantError) as e:
-        raise CheckpointError(f"{out}: could not write the GGUF file ({e.__class__.__name__}: {e})") from None
+        raise CheckpointError(f"{out}: could not write the {what} ({e.__class__.__name__}: {e})") from None
     return out
 
 

@@ -40,15 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from lfm2.config import ModelConfig
 from lfm2.errors import CheckpointError, ConfigError
-from lfm2.files import atomic_path
-from lfm2.gguf import ARCHITECTURES, GGMLType, GGUFFile, _encode, check_type
+from lfm2.gguf import ARCHITECTURES, GGMLType, GGUFFile, check_type, write_gguf_file
 from lfm2.images import ImageProcessor
 from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig, is_vl_config
 from lfm2.models.siglip2 import VisionConfig
@@ -243,37 +240,21 @@ def export_mmproj(src: str | os.PathLike, out_path: str | os.PathLike, type: str
     w.add_uint32("clip.vision.projector.scale_factor", config.downsample_factor)
     w.add_bool("clip.use_gelu", True)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    entries = []
+    tensors = []
     for gname, ours in plan:
         shape = expected[ours]
         if gname == _PATCH:
             shape = (shape[0], config.vision.num_channels, p, p)
-        ttype = _tensor_type(gname, shape, wanted)
-        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
-        nbytes = int(np.prod(shape)) // block * type_size
-        w.add_tensor_info(gname, shape, np.dtype(np.float16 if ttype == GGMLType.F16 else np.float32), nbytes, ttype)
-        entries.append((gname, ours, ttype, nbytes))
+        tensors.append((gname, shape, _tensor_type(gname, shape, wanted), ours))
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt"))
+                   for f in {table[stored[ours]][0] for _, ours in plan}}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(out, fsync=True) as tmp:  # on disk before the name points at it
-            try:
-                w.write_header_to_file(tmp)
-                w.write_kv_data_to_file()
-                w.write_ti_data_to_file()
-                with ExitStack() as stack, tqdm(total=sum(e[3] for e in entries), unit="B", unit_scale=True,
-                                                desc=f"writing {out.name}", disable=not progress) as bar:
-                    files = {table[stored[ours]][0] for _, ours, _, _ in entries}
-                    handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
-                    for gname, ours, ttype, nbytes in entries:
-                        t = handles[table[stored[ours]][0]].get_tensor(stored[ours]).float()
-                        w.write_tensor_data(_encode(_patch_to_gguf(t, p) if gname == _PATCH else t, ttype))
-                        bar.update(nbytes)
-            finally:
-                w.close()
-    except (OSError, gguf.QuantError) as e:
-        raise CheckpointError(f"{out}: could not write the mmproj file ({e.__class__.__name__}: {e})") from None
-    return out
+        def read(gname: str, ours: str) -> torch.Tensor:
+            t = handles[table[stored[ours]][0]].get_tensor(stored[ours]).float()
+            return _patch_to_gguf(t, p) if gname == _PATCH else t
+
+        return write_gguf_file(w, out, tensors, read, progress, "mmproj file")
 
 
 # -- reading ---------------------------------------------------------------------------------------
