@@ -225,7 +225,11 @@ class Engine:
         self._prefilling: list[_Row] = []  # admitted, prompt being read
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
-        self._step_lock = threading.Lock()  # one step at a time, whoever drives
+        # One step at a time, whoever drives. Reentrant: a Ctrl-C landing between a step's acquire and its
+        # `with` block leaves the lock held by the interrupted thread, whose `run` then retires the
+        # cancelled rows with one more step; a plain lock would hang there (the likely cause of a Ctrl-C
+        # test that hung once in CI).
+        self._step_lock = threading.RLock()
         self._running = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run so far (tests and benchmarks read these counters)
