@@ -548,7 +548,7 @@ DIRECT_TYPES = {"int8": GGMLType.Q8_0, "int4": GGMLType.Q4_0}
 
 def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
                progress: bool | None = None, quantize: str | None = None, group_size: int | None = 32,
-               ) -> torch.nn.Module:
+               kquants: bool = False) -> torch.nn.Module:
     """The model with the file's weights, after checking every tensor.
 
     Without `quantize`, every weight is dequantized to `dtype`. With `quantize` ("int8" or
@@ -560,8 +560,12 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     embedding and an untied head to int8; a 2-D matrix a few MiB of rows at a time, stacked MoE
     experts tensor by tensor), so no float32 copy of the model is ever in memory; whatever remains
     float (F32/F16/BF16 matrices) is then quantized by `quantize_model`.
+
+    With `kquants` (a CPU load in the file's own format, with the kernels built), Q4_K / Q5_K /
+    Q6_K matrices, the embedding and an untied head among them, are kept as the file's blocks in
+    `lfm2.kquant` layers instead of being requantized.
     """
-    from lfm2 import quant
+    from lfm2 import kquant, quant
 
     resolved = _resolve_names(f, config)
     model = build_model(config, "meta")
@@ -569,15 +573,19 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     linear = {f"{n}.weight" for n, m in model.named_modules() if is_plain_linear(m) and n != "lm_head"}
     direct: dict[str, str] = {}  # GGUF name -> our format, for tensors taken as they are
     requantized: dict[str, str] = {}  # GGUF name -> our format, for other block types, per tensor
+    kept: set[str] = set()  # GGUF names of K-quant matrices kept as they are
     if quantize is not None:
         for src, _, ours in resolved:
             ttype = f.tensors[src].type
             embedding = ours == ["model.embed_tokens.weight"]
-            if group_size == 32 and embedding and ttype == GGMLType.Q8_0:
+            matrix = embedding or ours == ["lm_head.weight"] or all(o in linear for o in ours)
+            if kquants and matrix and kquant.supports(ttype, f.tensors[src].shape[-1]):
+                kept.add(src)
+            elif group_size == 32 and embedding and ttype == GGMLType.Q8_0:
                 direct[src] = "int8"
             elif group_size == 32 and all(o in linear for o in ours) and ttype == DIRECT_TYPES[quantize]:
                 direct[src] = quantize
-            elif ttype in QUANT_TYPES and (embedding or ours == ["lm_head.weight"] or all(o in linear for o in ours)):
+            elif ttype in QUANT_TYPES and matrix:
                 # the embedding and an untied head stay int8, as in our int4 models and llama.cpp's files
                 requantized[src] = quantize if all(o in linear for o in ours) else "int8"
     total = sum(f.tensors[src].nbytes for src, _, _ in resolved)
@@ -585,7 +593,14 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     state = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=disable) as bar:
         for src, gname, ours in resolved:
-            if src in direct:
+            if src in kept:
+                info = f.tensors[src]
+                K = info.shape[-1]
+                rows = (-1, info.shape[-2], kquant.row_bytes(info.type, K))  # (experts or 1, N, bytes)
+                blocks = torch.from_numpy(np.array(f.raw(src))).reshape(rows)
+                for e, name in enumerate(ours):  # stacked MoE experts: one layer per expert
+                    _put_kquant(model, name, blocks[e].to(device), info.type, K, dtype)
+            elif src in direct:
                 info = f.tensors[src]
                 to_packed = quant.from_gguf_q8_0 if info.type == GGMLType.Q8_0 else quant.from_gguf_q4_0
                 qweight, scales = (t.to(device) for t in to_packed(f.raw(src), info.shape))
@@ -607,7 +622,7 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                 for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
                     state[name] = t.to(device=device, dtype=torch.float32 if _keep_fp32(name) else dtype)
             bar.update(f.tensors[src].nbytes)
-    embedding_direct = isinstance(model.model.embed_tokens, quant.QuantEmbedding)
+    embedding_direct = isinstance(model.model.embed_tokens, quant.QuantEmbedding | kquant.KQuantEmbedding)
     if config.tie_word_embeddings:
         if embedding_direct:
             model.lm_head = quant.TiedQuantHead(model.model.embed_tokens)
@@ -636,6 +651,19 @@ def _put_quantized(model: torch.nn.Module, name: str, qweight: torch.Tensor, sca
         layer = quant.QuantEmbedding.from_packed(qweight, scales)
     else:
         layer = quant.QuantLinear.from_packed(qweight, scales)
+    layer.dtype = dtype
+    parent, _, attr = module.rpartition(".")
+    setattr(model.get_submodule(parent), attr, layer)
+
+
+def _put_kquant(model: torch.nn.Module, name: str, blocks: torch.Tensor, ggml_type: int, in_features: int,
+                dtype: torch.dtype) -> None:
+    """Put a K-quant layer of `blocks` where weight `name` of `model` goes."""
+    from lfm2 import kquant
+
+    module = name.removesuffix(".weight")
+    cls = kquant.KQuantEmbedding if module == "model.embed_tokens" else kquant.KQuantLinear
+    layer = cls.from_blocks(blocks, ggml_type, in_features)
     layer.dtype = dtype
     parent, _, attr = module.rpartition(".")
     setattr(model.get_submodule(parent), attr, layer)
@@ -770,8 +798,11 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     config = config_from_gguf(f)
     tokenizer = tokenizer_from_gguf(f)
     own = native_format(f) if quantize is None and native and group_size == 32 else None
+    from lfm2 import kernels
+
+    kquants = own is not None and kernels.ops() is not None  # without the kernels, int8 layers decode faster
     try:
-        model = load_model(f, config, dtype, device, progress, quantize or own, group_size)
+        model = load_model(f, config, dtype, device, progress, quantize or own, group_size, kquants)
     except ConfigError:
         if own is None:
             raise
@@ -825,9 +856,10 @@ def load_gguf(
         check_is_lfm2_mmproj(vision_file)
     config, model, tokenizer, f = read_gguf(path, dtype, device, quantize=quantize,
                                             group_size=group_size, native=native and device.type == "cpu")
+    from lfm2.kquant import KQuantEmbedding
     from lfm2.quant import QuantEmbedding
 
-    if device.type == "cpu" and isinstance(model.model.embed_tokens, QuantEmbedding):  # quantized, asked or own
+    if device.type == "cpu" and isinstance(model.model.embed_tokens, QuantEmbedding | KQuantEmbedding):  # quantized
         move_to_huge_pages(model)  # weights made in memory from the file's blocks (see lfm2.weights)
     loaded = Loaded(model=model, config=config, tokenizer=tokenizer, path=f.path,
                     generation_defaults=generation_defaults_from_gguf(f))

@@ -58,6 +58,7 @@ from torch import nn
 
 from lfm2 import kernels
 from lfm2.errors import CheckpointError, ConfigError
+from lfm2.kquant import KQuantEmbedding, KQuantLinear
 from lfm2.models.lfm2 import is_plain_linear
 
 KINDS = {"int8": 8, "int4": 4}
@@ -455,7 +456,7 @@ def quantize_model(model: nn.Module, kind: str, group_size: int | None = 32,
     for name, linear in layers:
         _set_module(text, name, QuantLinear.from_linear(linear, kind, group_size))
     backbone = text.model
-    if not isinstance(backbone.embed_tokens, QuantEmbedding):
+    if not isinstance(backbone.embed_tokens, QuantEmbedding | KQuantEmbedding):  # a K-quant one stays as it is
         backbone.embed_tokens = QuantEmbedding.from_embedding(backbone.embed_tokens, embedding_kind, group_size)
     if text.config.tie_word_embeddings:
         text.lm_head = TiedQuantHead(backbone.embed_tokens)
@@ -470,6 +471,9 @@ def quantization_info(model: nn.Module) -> dict[str, Any]:
     """The `quantization` entry of config.json for a quantized model: format of the blocks and of the embedding."""
     model = _language(model)
     emb = model.model.embed_tokens
+    kquants = sorted({m.kind for m in model.modules() if isinstance(m, KQuantLinear)})
+    if kquants:  # a GGUF file's K-quant blocks (lfm2.kquant): described, but `save_quantized` refuses them
+        return {"type": "gguf", "blocks": kquants}
     if not isinstance(emb, QuantEmbedding):
         raise ConfigError("the model is not quantized (its embedding is a float nn.Embedding); call quantize_model")
     blocks = {(m.kind, m.group_size) for name, m in model.named_modules()
@@ -494,7 +498,14 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, extra_files: di
     """
     from lfm2.weights import save_checkpoint
 
-    config = {**(model.config.to_dict() if config is None else config), "quantization": quantization_info(model)}
+    info = quantization_info(model)
+    if info["type"] not in KINDS:
+        raise CheckpointError(
+            f"this model keeps a GGUF file's K-quant blocks ({', '.join(info['blocks'])}), which an lfm2 checkpoint "
+            "cannot hold (int8 and int4 only); load the file with quantize='int8' or 'int4' to save it as one, or "
+            "write GGUF with `lfm2 convert`"
+        )
+    config = {**(model.config.to_dict() if config is None else config), "quantization": info}
     files = {**(extra_files or {}), "config.json": json.dumps(config, indent=2) + "\n"}
     return save_checkpoint(model, out_dir, extra_files=files)
 

@@ -1,0 +1,127 @@
+// Activations quantized to int8 per block of 32, shared by lfm2's quantized kernels (qgemv.cpp for
+// the int8/int4 formats, kquant.cpp for GGUF's K-quants): x ~ q * d, each block of 32 values with
+// its own float scale d = max|x| / 127 and values rounded to nearest even, plus each block's sum
+// of q (for weights with a zero point or a minimum). Block dot products against such activations
+// are exact integer sums; only the per-block scaling is float.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LFM2_AVX2 1
+#else
+#define LFM2_AVX2 0
+#endif
+
+namespace lfm2_act {
+
+constexpr int64_t kBlock = 32;  // values per block: of int4 packing, and of activation quantization
+
+inline float half_to_float(at::Half h) {
+#if LFM2_AVX2
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+// Activations quantized per block of 32: x ~ q * d. Only whole blocks; a ragged tail stays float.
+struct QActivations {
+  std::vector<int8_t> q;      // (M, nb * 32)
+  std::vector<int8_t> pairs;  // int4, SIMD: pairs of blocks b, b+1 as b[0:16] b+1[0:16] b[16:32] b+1[16:32]
+  std::vector<float> d;       // (M, nb): each block's scale
+  std::vector<int32_t> sum;   // (M, nb): sum of the block's q, for int4's zero point of 8
+  int64_t nb = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+
+#if LFM2_AVX2
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum_out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.f;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i i[4];
+  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // nearest even
+  *sum_out = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
+  // The packs work within 128-bit lanes; the permutation puts the values back in order.
+  const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  *d_out = d;
+}
+
+#else
+
+inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum_out) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < kBlock; ++j) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(x[j] * id));
+    q[j] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *d_out = d;
+  *sum_out = sum;
+}
+
+#endif
+
+inline QActivations quantize_activations(const float* x, int64_t m_rows, int64_t k, int bits) {
+  QActivations a;
+  a.nb = k / kBlock;
+  const int64_t kp = a.nb * kBlock;
+  a.q.resize(m_rows * kp);
+  a.d.resize(m_rows * a.nb);
+  a.sum.resize(m_rows * a.nb);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t b = 0; b < a.nb; ++b)
+      quantize_block(x + m * k + b * kBlock, a.q.data() + m * kp + b * kBlock, &a.d[m * a.nb + b],
+                     &a.sum[m * a.nb + b]);
+  if (LFM2_AVX2 && bits == 4) {
+    // One 32-byte load of int4 weights holds blocks b and b+1; its low nibbles are values 0..15
+    // of both, its high nibbles values 16..31. Lay the activations out to match.
+    a.pairs.resize(a.q.size());
+    for (int64_t m = 0; m < m_rows; ++m) {
+      for (int64_t b = 0; b + 1 < a.nb; b += 2) {
+        const int8_t* src = a.q.data() + m * kp + b * kBlock;
+        int8_t* dst = a.pairs.data() + m * kp + b * kBlock;
+        std::memcpy(dst, src, 16);
+        std::memcpy(dst + 16, src + 32, 16);
+        std::memcpy(dst + 32, src + 16, 16);
+        std::memcpy(dst + 48, src + 48, 16);
+      }
+    }
+  }
+  return a;
+}
+
+}  // namespace lfm2_act

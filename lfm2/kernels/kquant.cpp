@@ -1,0 +1,381 @@
+// GGUF K-quant weights (Q4_K, Q5_K, Q6_K) used as they are stored: a matrix-vector product for
+// decode (`kgemv`) and row dequantization for prefill tiles and embedding lookups (`kdequantize`).
+// See lfm2/kquant.py.
+//
+// The block layouts (llama.cpp's ggml-common.h; gguf-py's gguf/quants.py reads them the same way),
+// each a super-block of 256 values of one weight row:
+// - Q4_K, 144 bytes: d, dmin (float16); 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32;
+//   128 bytes of nibbles. Bytes 32i..32i+31 hold sub-block 2i in their low nibbles and 2i+1 in
+//   their high nibbles. w = d * sc[s] * q - dmin * m[s], q in 0..15.
+// - Q5_K, 176 bytes: d, dmin; the same 12 scale bytes; qh (32 bytes: bit s of byte l is the fifth
+//   bit of value l of sub-block s); the 128 nibble bytes as in Q4_K. q in 0..31.
+// - Q6_K, 210 bytes: ql (128 bytes of low nibbles), qh (64 bytes of 2-bit high parts), 16 int8
+//   scales (one per 16 values), d (float16). Each half of 128 values takes 64 ql bytes and 32 qh
+//   bytes: value l + 32j of the half (l < 32, j < 4) is nibble (j / 2) of ql[l + 32 (j % 2)], with
+//   bits 2j..2j+1 of qh[l] above it; w = d * sc[(l + 32j) / 16] * (q - 32), q in 0..63.
+//
+// Numerics of `kgemv`, as llama.cpp's K-quant products (its Q8_K activations): each row of
+// activations is quantized to int8 per super-block of 256 values, with one float scale
+// xd = max|x| / 127 (round to nearest even), and each sub-block's sum of int8 activations is kept.
+// A super-block's dot product is then exact in integers with the 6/8-bit scales folded in, and
+// only two float multiply-adds per super-block remain:
+//   Q4_K / Q5_K: xd (d sum_s sc_s isum_s - dmin sum_s m_s xsum_s);   Q6_K: xd d sum_g sc_g isum_g,
+// with Q6_K's -32 applied to the weights before the products. (Per-256 activation scales are
+// coarser than the per-32 ones of lfm2's int8/int4 GEMV, but what lets the scales stay integer;
+// tests/test_kquant.py measures the error against the float product.)
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+#include "simd.h"
+#endif
+#include "activations.h"
+
+namespace {
+
+using lfm2_act::half_to_float;
+
+constexpr int64_t kSuper = 256;           // values per super-block
+constexpr int64_t kPrefetchBytes = 2048;  // how far ahead the GEMV asks for weights
+// GGML type ids (ggml.h) and each super-block's bytes.
+constexpr int64_t kQ4K = 12, kQ5K = 13, kQ6K = 14;
+
+int64_t block_bytes(int64_t type) {
+  return type == kQ4K ? 144 : type == kQ5K ? 176 : type == kQ6K ? 210 : 0;
+}
+
+inline float f16_at(const uint8_t* p) {
+  at::Half h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+// The 8 6-bit scales and 8 6-bit mins of a Q4_K / Q5_K super-block, from its 12 scale bytes q:
+// sub-block j < 4 has sc = q[j] & 63, m = q[j + 4] & 63; j >= 4 has sc = (q[j + 4] & 15) | (q[j - 4] >> 6) << 4
+// and m = (q[j + 4] >> 4) | (q[j] >> 6) << 4. Done four bytes at a time on 32-bit words.
+inline void scales_mins(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
+  uint32_t u[3];
+  std::memcpy(u, q, 12);
+  const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  const uint32_t s0 = u[0] & low6, s1 = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
+  const uint32_t m0 = u[1] & low6, m1 = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
+  std::memcpy(sc, &s0, 4);
+  std::memcpy(sc + 4, &s1, 4);
+  std::memcpy(m, &m0, 4);
+  std::memcpy(m + 4, &m1, 4);
+}
+
+// A super-block as integers and float factors: w[i] = scale[i / 16] * v[i] - minv[i / 16].
+// The reference for every path here (dequantization, the scalar product, the tests).
+void unpack(int64_t type, const uint8_t* blk, int8_t v[kSuper], float scale[16], float minv[16]) {
+  if (type == kQ6K) {
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const float d = f16_at(blk + 208);
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t lo = ql[64 * h + l + 32 * (j % 2)];
+          const int q = ((j < 2 ? lo & 15 : lo >> 4) | (((qh[32 * h + l] >> (2 * j)) & 3) << 4));
+          v[128 * h + 32 * j + l] = static_cast<int8_t>(q - 32);
+        }
+    for (int g = 0; g < 16; ++g) {
+      scale[g] = d * static_cast<float>(sc[g]);
+      minv[g] = 0.f;
+    }
+    return;
+  }
+  const float d = f16_at(blk), dmin = f16_at(blk + 2);
+  uint8_t sc[8], m[8];
+  scales_mins(blk + 4, sc, m);
+  const uint8_t* qh = type == kQ5K ? blk + 16 : nullptr;
+  const uint8_t* qs = blk + (type == kQ5K ? 48 : 16);
+  for (int i = 0; i < 4; ++i)
+    for (int l = 0; l < 32; ++l) {
+      int lo = qs[32 * i + l] & 15, hi = qs[32 * i + l] >> 4;
+      if (qh) {
+        lo |= ((qh[l] >> (2 * i)) & 1) << 4;
+        hi |= ((qh[l] >> (2 * i + 1)) & 1) << 4;
+      }
+      v[64 * i + l] = static_cast<int8_t>(lo);
+      v[64 * i + 32 + l] = static_cast<int8_t>(hi);
+    }
+  for (int g = 0; g < 16; ++g) {
+    scale[g] = d * static_cast<float>(sc[g / 2]);
+    minv[g] = dmin * static_cast<float>(m[g / 2]);
+  }
+}
+
+// Activations quantized per super-block: q (M, K) int8, d (M, K/256), bsum (M, K/32) the sums of
+// q over each 32 values (for Q4_K / Q5_K's mins).
+struct KActivations {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int16_t> bsum;
+};
+
+KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k) {
+  KActivations a;
+  a.q.resize(m_rows * k);
+  a.d.resize(m_rows * k / kSuper);
+  a.bsum.resize(m_rows * k / 32);
+  for (int64_t i = 0; i < m_rows * k / kSuper; ++i) {
+    const float* xs = x + i * kSuper;
+    float amax = 0.f;
+    for (int64_t j = 0; j < kSuper; ++j) amax = std::max(amax, std::fabs(xs[j]));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    int8_t* q = a.q.data() + i * kSuper;
+    for (int64_t j = 0; j < kSuper; ++j) q[j] = static_cast<int8_t>(std::nearbyint(xs[j] * id));
+    for (int s = 0; s < 8; ++s) {
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) sum += q[32 * s + j];
+      a.bsum[i * 8 + s] = static_cast<int16_t>(sum);
+    }
+    a.d[i] = d;
+  }
+  return a;
+}
+
+struct KMatrix {
+  const uint8_t* q;
+  int64_t n, k, type, row_bytes, nsb;  // nsb: super-blocks per row
+};
+
+// Weight row n against activation row m, one value at a time (builds without AVX2; the tests'
+// reference for the SIMD code). The same integer sums as the SIMD code, so the same result up to
+// the order of float additions.
+float dot_scalar(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
+  const int8_t* xq = a.q.data() + m * W.k;
+  int8_t v[kSuper];
+  float scale[16], minv[16];
+  const int64_t bytes = block_bytes(W.type);
+  float res = 0.f;
+  for (int64_t sb = 0; sb < W.nsb; ++sb) {
+    const uint8_t* blk = W.q + n * W.row_bytes + sb * bytes;
+    unpack(W.type, blk, v, scale, minv);
+    int32_t sumi = 0, summ = 0;
+    if (W.type == kQ6K) {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      for (int i = 0; i < kSuper; ++i) sumi += sc[i / 16] * v[i] * xq[sb * kSuper + i];
+    } else {
+      uint8_t sc[8], mn[8];
+      scales_mins(blk + 4, sc, mn);
+      for (int i = 0; i < kSuper; ++i) sumi += sc[i / 32] * v[i] * xq[sb * kSuper + i];
+      for (int s = 0; s < 8; ++s) summ += mn[s] * a.bsum[(m * W.nsb + sb) * 8 + s];
+    }
+    const float xd = a.d[m * W.nsb + sb];
+    if (W.type == kQ6K) {
+      res += xd * f16_at(blk + 208) * static_cast<float>(sumi);
+    } else {
+      res += xd * (f16_at(blk) * static_cast<float>(sumi) - f16_at(blk + 2) * static_cast<float>(summ));
+    }
+  }
+  return res;
+}
+
+#if LFM2_AVX2
+
+using lfm2_simd::hsum;
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline void prefetch_block(const uint8_t* blk, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + off), _MM_HINT_T0);
+}
+
+// vpshufb control that copies int16 lane j of each 128-bit half into all eight lanes of that half
+// (lo for the low half, hi for the high one).
+inline __m256i spread16(int lo, int hi) {
+  return _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(((2 * hi + 1) << 8) | (2 * hi))),
+                          _mm_set1_epi16(static_cast<int16_t>(((2 * lo + 1) << 8) | (2 * lo))));
+}
+
+inline float hsum128(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Q4_K / Q5_K: one super-block against 256 activations xq (scale xd, 32-value sums bsum).
+// acc gathers d xd sum_s sc_s isum_s, accm dmin xd sum_s m_s bsum_s.
+template <bool FIVE>
+inline void superblock_q45(const uint8_t* blk, const int8_t* xq, float xd, const int16_t* bsum, __m256& acc,
+                           __m128& accm) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  uint8_t sc[8], mn[8];
+  scales_mins(blk + 4, sc, mn);
+  int64_t sc8, mn8;
+  std::memcpy(&sc8, sc, 8);
+  std::memcpy(&mn8, mn, 8);
+  const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc8)));
+  const uint8_t* qs = blk + (FIVE ? 48 : 16);
+  __m256i qh;
+  if (FIVE) qh = load256(blk + 16);
+  __m256i sumi = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256i raw = load256(qs + 32 * i);
+    __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    if (FIVE) {
+      // Bit 2i (2i+1) of each qh byte moved to bit 4: 16-bit shifts, then a per-byte mask.
+      const __m256i b16 = _mm256_set1_epi8(0x10);
+      const __m256i lo5 = i < 2 ? _mm256_slli_epi16(qh, 4 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 4);
+      const __m256i hi5 = i < 2 ? _mm256_slli_epi16(qh, 3 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 3);
+      lo = _mm256_or_si256(lo, _mm256_and_si256(lo5, b16));
+      hi = _mm256_or_si256(hi, _mm256_and_si256(hi5, b16));
+    }
+    // q <= 31, |x| <= 127: int16 pairs below 2 * 31 * 127; times a 6-bit scale, int32 lanes far from overflow.
+    const __m256i plo = _mm256_maddubs_epi16(lo, load256(xq + 64 * i));
+    const __m256i phi = _mm256_maddubs_epi16(hi, load256(xq + 64 * i + 32));
+    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_shuffle_epi8(sc16, spread16(2 * i, 2 * i))));
+    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_shuffle_epi8(sc16, spread16(2 * i + 1, 2 * i + 1))));
+  }
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(xd * f16_at(blk)), acc);
+  const __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn8)),
+                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum)));
+  accm = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(xd * f16_at(blk + 2)), accm);
+}
+
+// Q6_K: one super-block against 256 activations xq (scale xd).
+inline __m256 superblock_q6(const uint8_t* blk, const int8_t* xq, float xd, __m256 acc) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+  const uint8_t* sc = blk + 192;
+  __m256i sumi = _mm256_setzero_si256();
+  for (int h = 0; h < 2; ++h) {
+    int64_t sc8;
+    std::memcpy(&sc8, sc + 8 * h, 8);
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_cvtsi64_si128(sc8)));
+    const __m256i l0 = load256(blk + 64 * h), l1 = load256(blk + 64 * h + 32), qh = load256(blk + 128 + 32 * h);
+    __m256i q[4];
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m2));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2));
+    for (int j = 0; j < 4; ++j) {
+      // w - 32 in -32..31: vpmaddubsw takes |w - 32| and x with w - 32's sign; pairs below 2 * 32 * 127.
+      const __m256i w = _mm256_sub_epi8(q[j], bias);
+      const __m256i x = load256(xq + 128 * h + 32 * j);
+      const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+      // Each 128-bit half is one 16-value sub-block: its int8 scale goes into vpmaddwd.
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_shuffle_epi8(sc16, spread16(2 * j, 2 * j + 1))));
+    }
+  }
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(xd * f16_at(blk + 208)), acc);
+}
+
+float dot_simd(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
+  const uint8_t* row = W.q + n * W.row_bytes;
+  const int8_t* xq = a.q.data() + m * W.k;
+  const float* xd = a.d.data() + m * W.nsb;
+  const int16_t* bsum = a.bsum.data() + m * W.nsb * 8;
+  const int64_t bytes = block_bytes(W.type);
+  __m256 acc = _mm256_setzero_ps();
+  __m128 accm = _mm_setzero_ps();
+  for (int64_t sb = 0; sb < W.nsb; ++sb) {
+    const uint8_t* blk = row + sb * bytes;
+    prefetch_block(blk, bytes);
+    if (W.type == kQ4K) superblock_q45<false>(blk, xq + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
+    else if (W.type == kQ5K) superblock_q45<true>(blk, xq + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
+    else acc = superblock_q6(blk, xq + sb * kSuper, xd[sb], acc);
+  }
+  return lfm2_simd::hsum(acc) - hsum128(accm);
+}
+#endif
+
+KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op) {
+  TORCH_CHECK(type == kQ4K || type == kQ5K || type == kQ6K, "lfm2 ", op,
+              ": type must be a GGML K-quant id (12 Q4_K, 13 Q5_K, 14 Q6_K), got ", type);
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
+                  blocks.is_contiguous(),
+              "lfm2 ", op, ": blocks must be a contiguous uint8 (N, bytes per row) CPU tensor");
+  TORCH_CHECK(k > 0 && k % kSuper == 0, "lfm2 ", op, ": K must be a multiple of 256, got ", k);
+  KMatrix W;
+  W.q = blocks.data_ptr<uint8_t>();
+  W.n = blocks.size(0);
+  W.k = k;
+  W.type = type;
+  W.nsb = k / kSuper;
+  W.row_bytes = W.nsb * block_bytes(type);
+  TORCH_CHECK(blocks.size(1) == W.row_bytes, "lfm2 ", op, ": rows of K=", k, " take ", W.row_bytes,
+              " bytes in this type, blocks has ", blocks.size(1));
+  return W;
+}
+
+at::Tensor kgemv(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
+  const KMatrix W = check(blocks, type, k, "kgemv");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "lfm2 kgemv: x must be a contiguous float32 (M, K) CPU tensor");
+  TORCH_CHECK(x.size(1) == k, "lfm2 kgemv: x has ", x.size(1), " columns, the weight K=", k);
+  const int64_t m_rows = x.size(0);
+  at::Tensor y = at::empty({m_rows, W.n}, x.options());
+  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k);
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
+  at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < m_rows; ++m)
+#if LFM2_AVX2
+        yp[m * W.n + n] = dot_simd(W, n, a, m);
+#else
+        yp[m * W.n + n] = dot_scalar(W, n, a, m);
+#endif
+  });
+  return y;
+}
+
+// The scalar product, whatever the build: the reference the SIMD one is tested against.
+at::Tensor kgemv_reference(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
+  const KMatrix W = check(blocks, type, k, "kgemv_reference");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == k,
+              "lfm2 kgemv_reference: x must be a contiguous float32 (M, K) tensor");
+  const KActivations a = quantize_activations_k(x.data_ptr<float>(), x.size(0), k);
+  at::Tensor y = at::empty({x.size(0), W.n}, x.options());
+  for (int64_t n = 0; n < W.n; ++n)
+    for (int64_t m = 0; m < x.size(0); ++m) y.data_ptr<float>()[m * W.n + n] = dot_scalar(W, n, a, m);
+  return y;
+}
+
+at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k) {
+  const KMatrix W = check(blocks, type, k, "kdequantize");
+  at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
+  at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
+    int8_t v[kSuper];
+    float scale[16], minv[16];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t sb = 0; sb < W.nsb; ++sb) {
+        unpack(type, W.q + n * W.row_bytes + sb * block_bytes(type), v, scale, minv);
+        float* o = op + n * k + sb * kSuper;
+        for (int i = 0; i < kSuper; ++i) o[i] = scale[i / 16] * static_cast<float>(v[i]) - minv[i / 16];
+      }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
+  m.def("kgemv(Tensor x, Tensor blocks, int type, int k) -> Tensor");
+  m.def("kgemv_reference(Tensor x, Tensor blocks, int type, int k) -> Tensor");
+  m.def("kdequantize(Tensor blocks, int type, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
+  m.impl("kgemv", &kgemv);
+  m.impl("kgemv_reference", &kgemv_reference);
+  m.impl("kdequantize", &kdequantize);
+}

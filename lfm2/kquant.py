@@ -1,0 +1,167 @@
+"""GGUF K-quant layers: Q4_K, Q5_K and Q6_K matrices run as the file stores them.
+
+These are the block types of the files Liquid AI publishes and users download (Q4_K_M, Q5_K_M,
+Q6_K). A layer keeps the file's bytes (`blocks`, uint8 (N, K / 256 x bytes per super-block)), so a
+model takes the memory of the file, and computes with kernels of our own
+(`lfm2/kernels/kquant.cpp`, which also documents the layouts):
+- up to `KGEMV_MAX_ROWS` rows of input (decode, small batches): `kgemv`, a matrix-vector product
+  that streams the blocks once, with int8 activations per 256 values as llama.cpp computes K-quant
+  products (exact integer sums inside a super-block);
+- more rows (prefill): row tiles dequantized to float32 (`kdequantize`, exact: the values
+  `gguf.quants.dequantize` gives) and multiplied by torch's float GEMM, like `lfm2.quant`'s tiled path;
+- without the kernels (no compiler, `LFM2_NO_KERNELS=1`): the same tiles dequantized by
+  `gguf.quants` (numpy). Correct and slow; K-quant files load as int8 layers instead when the
+  kernels are missing at load time (`lfm2.gguf.load_model`).
+
+A K-quant model cannot be saved as an lfm2 quantized checkpoint (its format has int8/int4 only):
+`lfm2 convert` writes GGUF, and `lfm2.load(file, quantize="int8")` gives a model that saves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm2 import kernels
+from lfm2.errors import CheckpointError
+
+GGMLType = gguf.GGMLQuantizationType
+# The K-quant block types with kernels here, by name; each super-block holds 256 values of a row.
+TYPES = {"q4_k": GGMLType.Q4_K, "q5_k": GGMLType.Q5_K, "q6_k": GGMLType.Q6_K}
+SUPER_BLOCK = 256
+# Input rows up to which `kgemv` is used (it unpacks each weight row once per input row, so its
+# cost grows with the rows; dequantized tiles and a float GEMM win beyond a few).
+KGEMV_MAX_ROWS = 4
+# Float32 bytes of weight dequantized at once on the many-row path (as lfm2.quant.TILE_BYTES).
+TILE_BYTES = 4 * 2**20
+
+
+def row_bytes(ggml_type: int, in_features: int) -> int:
+    """Bytes of one row of `in_features` values in a K-quant type."""
+    block, size = gguf.GGML_QUANT_SIZES[GGMLType(ggml_type)]
+    return in_features // block * size
+
+
+def supports(ggml_type: int, in_features: int) -> bool:
+    """Whether a matrix of this block type and row length runs as a K-quant layer."""
+    return ggml_type in TYPES.values() and in_features % SUPER_BLOCK == 0
+
+
+def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """Rows of K-quant blocks (N, bytes) as float32 (N, K): the kernel, else `gguf.quants`."""
+    ops = kernels.ops() if blocks.device.type == "cpu" and blocks.shape[0] > 0 else None
+    if ops is not None:
+        return ops.kdequantize(blocks.contiguous(), int(ggml_type), in_features)
+    raw = blocks.cpu().numpy()
+    values = gguf.quants.dequantize(raw.reshape(-1, raw.shape[-1]), GGMLType(ggml_type))
+    return torch.from_numpy(np.ascontiguousarray(values)).reshape(blocks.shape[0], in_features).to(blocks.device)
+
+
+class KQuantLinear(nn.Module):
+    """y = x W^T with W held as GGUF K-quant blocks (see the module docstring). No bias (LFM2 has none).
+
+    Like `lfm2.quant.QuantLinear`: any leading shape, the input's dtype out, float32 arithmetic;
+    `.to(dtype)` changes only the compute dtype, never the blocks.
+    """
+
+    def __init__(self, in_features: int, out_features: int, ggml_type: int,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not supports(ggml_type, in_features):
+            raise CheckpointError(f"a K-quant layer needs a Q4_K, Q5_K or Q6_K type and rows of a multiple of "
+                                  f"{SUPER_BLOCK} values; got type {ggml_type} and {in_features} values")
+        kernels.ops()  # build the kernels now, at load time: never inside a (compiled) forward
+        self.in_features, self.out_features, self.ggml_type = in_features, out_features, int(ggml_type)
+        self.dtype = torch.float32
+        self.register_buffer("blocks", torch.empty(out_features, row_bytes(ggml_type, in_features),
+                                                   dtype=torch.uint8, device=device))
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, ggml_type: int, in_features: int) -> KQuantLinear:
+        """A layer around a matrix's raw blocks (N, bytes per row), kept as they are."""
+        m = cls(in_features, blocks.shape[0], ggml_type, device="meta")
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row_bytes(ggml_type, in_features):
+            raise CheckpointError(f"{GGMLType(ggml_type).name} blocks for rows of {in_features} values must be uint8 "
+                                  f"(N, {row_bytes(ggml_type, in_features)}); got {blocks.dtype} {list(blocks.shape)}")
+        m.blocks = blocks.contiguous()
+        return m
+
+    @property
+    def kind(self) -> str:
+        return GGMLType(self.ggml_type).name.lower()
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in)."""
+        return dequantize_blocks(self.blocks, self.ggml_type, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (..., K) -> (M, K)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        ops = kernels.ops() if x2.is_cpu else None
+        if ops is not None and x2.shape[0] <= KGEMV_MAX_ROWS:
+            y = ops.kgemv(x2.contiguous(), self.blocks, self.ggml_type, self.in_features)
+        else:
+            y = self._tiled_matmul(x2)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W^T, W dequantized a row tile at a time (see lfm2.quant.QuantLinear._tiled_matmul)."""
+        rows = max(1, TILE_BYTES // (4 * self.in_features))
+        if self.out_features <= rows:
+            return F.linear(x, self.dequantize())
+        out_t = x.new_empty(self.out_features, x.shape[0])  # (N, M)
+        x_t = x.t()
+        for n0 in range(0, self.out_features, rows):
+            w = dequantize_blocks(self.blocks[n0 : n0 + rows], self.ggml_type, self.in_features)
+            torch.mm(w, x_t, out=out_t[n0 : n0 + rows])
+        return out_t.t().contiguous()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> KQuantLinear:
+        """Move the blocks between devices but never change their dtype; a float dtype becomes the compute dtype."""
+        probe = fn(torch.empty(0, dtype=torch.float32, device=self.blocks.device))
+        self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
+        self.blocks = self.blocks.to(probe.device)
+        return self
+
+    def format_repr(self) -> str:
+        return self.kind
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+class KQuantEmbedding(KQuantLinear):
+    """A K-quant (vocab, hidden) matrix serving as the token embedding and, through `linear`, the
+    tied output head (with `lfm2.quant.TiedQuantHead`), stored once. `forward(ids)` dequantizes only
+    the rows of the ids, in `.dtype`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, ggml_type: int,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(embedding_dim, num_embeddings, ggml_type, device=device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, ggml_type: int, in_features: int) -> KQuantEmbedding:
+        layer = KQuantLinear.from_blocks(blocks, ggml_type, in_features)
+        m = cls(layer.out_features, in_features, ggml_type, device="meta")
+        m.blocks = layer.blocks
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_blocks(self.blocks.index_select(0, ids.reshape(-1)), self.ggml_type, self.embedding_dim)
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ E^T: the tied output head."""
+        return KQuantLinear.forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}"

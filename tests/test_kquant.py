@@ -1,0 +1,117 @@
+"""The K-quant kernels (`lfm2/kernels/kquant.cpp`) and layers (`lfm2.kquant`) on random blocks.
+
+Dequantization must equal gguf-py's (`gguf.quants.dequantize`, the reference reader of the format)
+exactly; the SIMD product must equal the scalar one (same integer sums) to float rounding, and the
+float product within the rounding of int8 activations. GGUF files with K-quant layers are tested
+in tests/test_gguf.py.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lfm2 import kernels
+from lfm2.errors import CheckpointError
+from lfm2.kquant import KQuantEmbedding, KQuantLinear
+
+T = gguf.GGMLQuantizationType
+TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+
+pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="the C++ kernels did not build")
+
+
+def random_blocks(rows: int, cols: int, qtype: T, seed: int = 0) -> torch.Tensor:
+    """Random `qtype` blocks (rows, bytes per row) with float16 super-block scales of varied size and sign
+    (random bytes there could be NaN or huge)."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    for off in {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]:
+        d = rng.uniform(0.5e-3, 4e-3, size=len(raw)) * rng.choice([-1, 1], size=len(raw))
+        raw[:, off : off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(rows, cols // block * size))
+
+
+def reference(blocks: torch.Tensor, qtype: T, cols: int) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).reshape(blocks.shape[0], cols)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequantize_equals_gguf_py(qtype):
+    blocks = random_blocks(37, 512, qtype)
+    assert torch.equal(kernels.ops().kdequantize(blocks, int(qtype), 512), reference(blocks, qtype, 512))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_equals_the_scalar_code_and_the_float_product(qtype, rows):
+    ops = kernels.ops()
+    blocks = random_blocks(301, 768, qtype, seed=1)  # a row count that no thread split divides evenly
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(2))
+    x[:, 5] = 9.0  # an outlier, as real activations have: it sets its super-block's int8 step
+    y = ops.kgemv(x, blocks, int(qtype), 768)
+    assert torch.allclose(y, ops.kgemv_reference(x, blocks, int(qtype), 768), rtol=1e-5, atol=1e-5 * y.abs().max())
+    exact = x @ reference(blocks, qtype, 768).T
+    assert (y - exact).norm() <= 0.02 * exact.norm()
+    # a row's result does not depend on the other rows of the call
+    assert torch.equal(y[-1:], ops.kgemv(x[-1:].contiguous(), blocks, int(qtype), 768))
+
+
+def test_gemv_of_zero_activations_is_zero():
+    blocks = random_blocks(16, 256, T.Q4_K)
+    assert torch.equal(kernels.ops().kgemv(torch.zeros(1, 256), blocks, int(T.Q4_K), 256), torch.zeros(1, 16))
+
+
+def test_bad_input_is_refused_clearly():
+    ops = kernels.ops()
+    blocks = random_blocks(4, 256, T.Q4_K)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        ops.kgemv(torch.zeros(1, 128), blocks[:, :72].contiguous(), int(T.Q4_K), 128)
+    with pytest.raises(RuntimeError, match="take 288 bytes"):
+        ops.kgemv(torch.zeros(1, 512), blocks, int(T.Q4_K), 512)
+    with pytest.raises(RuntimeError, match="K-quant id"):
+        ops.kdequantize(blocks, int(T.Q8_0), 256)
+    with pytest.raises(CheckpointError, match="multiple of 256"):
+        KQuantLinear(300, 4, int(T.Q4_K))
+    with pytest.raises(CheckpointError, match=r"uint8 \(N, 144\)"):
+        KQuantLinear.from_blocks(blocks[:, :100].contiguous(), int(T.Q4_K), 256)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_layer_paths_agree(qtype, monkeypatch):
+    """The GEMV (few rows), the tiled float path (many rows) and the pure-PyTorch fallback give the
+    product with the dequantized weight."""
+    import lfm2.kquant as kquant
+
+    blocks = random_blocks(96, 512, qtype, seed=3)
+    layer = KQuantLinear.from_blocks(blocks, int(qtype), 512)
+    w = reference(blocks, qtype, 512)
+    x = torch.randn(2, 9, 512, generator=torch.Generator().manual_seed(4))
+    exact = x @ w.T
+    many = layer(x)  # 18 rows: the tiled path
+    assert many.shape == (2, 9, 96) and torch.allclose(many, exact, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(kquant, "TILE_BYTES", 4 * 512 * 10)  # several tiles, the last one short
+    assert torch.allclose(layer(x), exact, rtol=1e-5, atol=1e-4)
+    few = layer(x[0, :2])  # the GEMV
+    assert (few - exact[0, :2]).norm() <= 0.02 * exact[0, :2].norm()
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    monkeypatch.setenv("LFM2_NO_KERNELS", "1")
+    assert torch.allclose(layer(x[0, :2]), exact[0, :2], rtol=1e-5, atol=1e-4)
+    assert torch.equal(layer.dequantize(), w)
+
+
+def test_embedding_rows_and_tied_head():
+    from lfm2.quant import TiedQuantHead
+
+    blocks = random_blocks(50, 256, T.Q6_K, seed=5)
+    emb = KQuantEmbedding.from_blocks(blocks, int(T.Q6_K), 256)
+    w = reference(blocks, T.Q6_K, 256)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(emb(ids), w[ids])
+    head = TiedQuantHead(emb)
+    x = torch.randn(1, 256)
+    assert (head(x) - x @ w.T).norm() <= 0.02 * (x @ w.T).norm()
+    assert emb.to(torch.bfloat16)(ids).dtype == torch.bfloat16 and emb.blocks.dtype == torch.uint8
