@@ -641,7 +641,10 @@ def test_k_quant_files_run_their_own_blocks_by_default(wide_f32, tmp_path):
                    for t in [*default.model.parameters(), *default.model.buffers()])
     ids = _sequence(default.config.vocab_size, 64)
     ours, ref = _logits(default, ids), _logits(plain, ids)
-    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    from lfm2 import kernels
+
+    # prefill in bfloat16 on AMX CPUs (lfm2.kquant), float32 elsewhere
+    assert (ours - ref).abs().max() <= (0.01 if kernels.has_amx_bf16() else 1e-4) * ref.abs().max()
     # decode steps through the GEMV, teacher-forced (a random model's near-ties make free greedy runs part)
     cache = default.model.make_cache(1, 64)
     with torch.no_grad():
