@@ -1,7 +1,8 @@
 """The K-quant kernels (`lfm2/kernels/kquant.cpp`) and layers (`lfm2.kquant`) on random blocks.
 
 Dequantization must equal gguf-py's (`gguf.quants.dequantize`, the reference reader of the format)
-exactly; the SIMD product must equal the scalar one (same integer sums) to float rounding, and the
+exactly; the SIMD products (AVX2, AVX-512) must equal the scalar one (same integer sums) to float
+rounding, and the
 float product within the rounding of int8 activations. GGUF files with K-quant layers are tested
 in tests/test_gguf.py.
 """
@@ -53,7 +54,11 @@ def test_gemv_equals_the_scalar_code_and_the_float_product(qtype, rows):
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(2))
     x[:, 5] = 9.0  # an outlier, as real activations have: it sets its super-block's int8 step
     y = ops.kgemv(x, blocks, int(qtype), 768)
-    assert torch.allclose(y, ops.kgemv_reference(x, blocks, int(qtype), 768), rtol=1e-5, atol=1e-5 * y.abs().max())
+    scalar = ops.kgemv_isa(x, blocks, int(qtype), 768, 0)
+    for isa in range(1, ops.kgemv_best_isa() + 1):  # AVX2, AVX-512: the same integer sums as the scalar code
+        assert torch.allclose(ops.kgemv_isa(x, blocks, int(qtype), 768, isa), scalar, rtol=1e-5,
+                              atol=1e-5 * scalar.abs().max())
+    assert torch.equal(y, ops.kgemv_isa(x, blocks, int(qtype), 768, ops.kgemv_best_isa()))
     exact = x @ reference(blocks, qtype, 768).T
     assert (y - exact).norm() <= 0.02 * exact.norm()
     # a row's result does not depend on the other rows of the call
@@ -72,6 +77,8 @@ def test_bad_input_is_refused_clearly():
         ops.kgemv(torch.zeros(1, 128), blocks[:, :72].contiguous(), int(T.Q4_K), 128)
     with pytest.raises(RuntimeError, match="take 288 bytes"):
         ops.kgemv(torch.zeros(1, 512), blocks, int(T.Q4_K), 512)
+    with pytest.raises(RuntimeError, match="does not run here"):
+        ops.kgemv_isa(torch.zeros(1, 256), blocks, int(T.Q4_K), 256, 3)
     with pytest.raises(RuntimeError, match="K-quant id"):
         ops.kdequantize(blocks, int(T.Q8_0), 256)
     with pytest.raises(CheckpointError, match="multiple of 256"):

@@ -124,13 +124,21 @@ struct KActivations {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int16_t> bsum;
+  // For the AVX-512 code only: q with each 128 values' 32-value quarters in the order 0, 2, 1, 3
+  // (to match Q4_K / Q5_K nibbles, see superblock_q45_512), and the sums of q over each 16 values.
+  std::vector<int8_t> q_0213;
+  std::vector<int16_t> bsum16;
 };
 
-KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k) {
+KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k, bool wide) {
   KActivations a;
   a.q.resize(m_rows * k);
   a.d.resize(m_rows * k / kSuper);
   a.bsum.resize(m_rows * k / 32);
+  if (wide) {
+    a.q_0213.resize(m_rows * k);
+    a.bsum16.resize(m_rows * k / 16);
+  }
   for (int64_t i = 0; i < m_rows * k / kSuper; ++i) {
     const float* xs = x + i * kSuper;
     float amax = 0.f;
@@ -142,6 +150,16 @@ KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k) {
       int32_t sum = 0;
       for (int j = 0; j < 32; ++j) sum += q[32 * s + j];
       a.bsum[i * 8 + s] = static_cast<int16_t>(sum);
+    }
+    if (wide) {
+      static constexpr int order[4] = {0, 2, 1, 3};
+      for (int c = 0; c < 8; ++c)  // 32-value chunk c of the super-block goes to position 4 (c / 4) + order[c % 4]
+        std::memcpy(a.q_0213.data() + i * kSuper + 32 * (4 * (c / 4) + order[c % 4]), q + 32 * c, 32);
+      for (int g = 0; g < 16; ++g) {
+        int32_t sum = 0;
+        for (int j = 0; j < 16; ++j) sum += q[16 * g + j];
+        a.bsum16[i * 16 + g] = static_cast<int16_t>(sum);
+      }
     }
     a.d[i] = d;
   }
@@ -293,7 +311,145 @@ float dot_simd(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
   }
   return lfm2_simd::hsum(acc) - hsum128(accm);
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (BW): the same integer sums in 512-bit vectors, half the instructions of the AVX2 code.
+// vpshufb and the 16-bit shifts work per 128-bit lane, so scales are spread lane by lane.
+
+#define LFM2_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+
+bool cpu_has_avx512bw() {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
 #endif
+}
+
+// vpshufb controls that copy, in 128-bit lane j of a zmm, one int16 element of that lane into all
+// eight: the table's row r picks elements kSpread[r][j]. Rows 0-3: Q4_K / Q5_K sub-blocks s, s, s + 2, s + 2
+// for s = 0, 1, 4, 5; rows 4-5: Q6_K elements 0-3 and 4-7.
+constexpr int kSpread[6][4] = {{0, 0, 2, 2}, {1, 1, 3, 3}, {4, 4, 6, 6}, {5, 5, 7, 7}, {0, 1, 2, 3}, {4, 5, 6, 7}};
+
+struct SpreadTable {
+  alignas(64) int8_t bytes[6][64];
+  SpreadTable() {
+    for (int r = 0; r < 6; ++r)
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 8; ++i) {
+          bytes[r][16 * j + 2 * i] = static_cast<int8_t>(2 * kSpread[r][j]);
+          bytes[r][16 * j + 2 * i + 1] = static_cast<int8_t>(2 * kSpread[r][j] + 1);
+        }
+  }
+};
+const SpreadTable kSpreadTable;
+
+LFM2_AVX512 inline __m512i spread(int row) { return _mm512_load_si512(kSpreadTable.bytes[row]); }
+
+// Per-256-bit-half shift counts for vpsllvw / vpsrlvw.
+LFM2_AVX512 inline __m512i halves16(int lo, int hi) {
+  return _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(lo)), _mm256_set1_epi16(static_cast<int16_t>(hi)), 1);
+}
+
+// Q4_K / Q5_K: a 64-byte load of nibbles holds sub-blocks 4t and 4t+2 in its low nibbles and 4t+1,
+// 4t+3 in its high ones; the activations come in the matching 0, 2, 1, 3 order (q_0213).
+template <bool FIVE>
+LFM2_AVX512 inline void superblock_q45_512(const uint8_t* blk, const int8_t* xp, float xd, const int16_t* bsum,
+                                           __m512& acc, __m128& accm) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  uint8_t sc[8], mn[8];
+  scales_mins(blk + 4, sc, mn);
+  int64_t sc8, mn8;
+  std::memcpy(&sc8, sc, 8);
+  std::memcpy(&mn8, mn, 8);
+  const __m512i sc16 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc8)));
+  const uint8_t* qs = blk + (FIVE ? 48 : 16);
+  __m512i qh;
+  if (FIVE) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)));
+  __m512i sumi = _mm512_setzero_si512();
+  for (int t = 0; t < 2; ++t) {
+    const __m512i raw = _mm512_loadu_si512(qs + 64 * t);
+    __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+    if (FIVE) {
+      // The fifth bits of sub-blocks 4t, 4t+2 (low nibbles) and 4t+1, 4t+3 (high) moved to bit 4.
+      const __m512i b16 = _mm512_set1_epi8(0x10);
+      const __m512i lo5 = t == 0 ? _mm512_sllv_epi16(qh, halves16(4, 2)) : _mm512_srlv_epi16(qh, halves16(0, 2));
+      const __m512i hi5 = t == 0 ? _mm512_sllv_epi16(qh, halves16(3, 1)) : _mm512_srlv_epi16(qh, halves16(1, 3));
+      lo = _mm512_or_si512(lo, _mm512_and_si512(lo5, b16));
+      hi = _mm512_or_si512(hi, _mm512_and_si512(hi5, b16));
+    }
+    const __m512i plo = _mm512_maddubs_epi16(lo, _mm512_loadu_si512(xp + 128 * t));
+    const __m512i phi = _mm512_maddubs_epi16(hi, _mm512_loadu_si512(xp + 128 * t + 64));
+    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(plo, _mm512_shuffle_epi8(sc16, spread(2 * t))));
+    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(phi, _mm512_shuffle_epi8(sc16, spread(2 * t + 1))));
+  }
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(xd * f16_at(blk)), acc);
+  const __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn8)),
+                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum)));
+  accm = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(xd * f16_at(blk + 2)), accm);
+}
+
+// Q6_K: per half of 128 values, one 64-byte load of ql gives values 0..63 (low nibbles) and 64..127
+// (high nibbles) in order, each 128-bit lane one 16-value sub-block. Weights enter unsigned (0..63)
+// and the -32 comes off at the end as 32 sum_g sc_g (sum of the sub-block's activations).
+LFM2_AVX512 inline __m512 superblock_q6_512(const uint8_t* blk, const int8_t* xq, float xd, const int16_t* bsum16,
+                                            __m512 acc) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
+  const uint8_t* sc = blk + 192;
+  __m512i sumi = _mm512_setzero_si512();
+  for (int h = 0; h < 2; ++h) {
+    int64_t sc8;
+    std::memcpy(&sc8, sc + 8 * h, 8);
+    const __m512i sc16 = _mm512_broadcast_i32x4(_mm_cvtepi8_epi16(_mm_cvtsi64_si128(sc8)));
+    const __m512i l = _mm512_loadu_si512(blk + 64 * h);
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h)));
+    const __m512i a = _mm512_or_si512(_mm512_and_si512(l, m4),
+                                      _mm512_and_si512(_mm512_sllv_epi16(qh, halves16(4, 2)), m2));
+    const __m512i b = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                      _mm512_and_si512(_mm512_srlv_epi16(qh, halves16(0, 2)), m2));
+    // q <= 63, |x| <= 127: int16 pairs below 2 * 63 * 127; times an int8 scale, far from int32's limit.
+    const __m512i pa = _mm512_maddubs_epi16(a, _mm512_loadu_si512(xq + 128 * h));
+    const __m512i pb = _mm512_maddubs_epi16(b, _mm512_loadu_si512(xq + 128 * h + 64));
+    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pa, _mm512_shuffle_epi8(sc16, spread(4))));
+    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pb, _mm512_shuffle_epi8(sc16, spread(5))));
+  }
+  const __m256i corr = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc))),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum16)));
+  sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(xd * f16_at(blk + 208)), acc);
+}
+
+LFM2_AVX512 float dot_avx512(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
+  const uint8_t* row = W.q + n * W.row_bytes;
+  const int8_t* xq = a.q.data() + m * W.k;
+  const int8_t* xp = a.q_0213.data() + m * W.k;
+  const float* xd = a.d.data() + m * W.nsb;
+  const int16_t* bsum = a.bsum.data() + m * W.nsb * 8;
+  const int16_t* bsum16 = a.bsum16.data() + m * W.nsb * 16;
+  const int64_t bytes = block_bytes(W.type);
+  __m512 acc = _mm512_setzero_ps();
+  __m128 accm = _mm_setzero_ps();
+  for (int64_t sb = 0; sb < W.nsb; ++sb) {
+    const uint8_t* blk = row + sb * bytes;
+    prefetch_block(blk, bytes);
+    if (W.type == kQ4K) superblock_q45_512<false>(blk, xp + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
+    else if (W.type == kQ5K) superblock_q45_512<true>(blk, xp + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
+    else acc = superblock_q6_512(blk, xq + sb * kSuper, xd[sb], bsum16 + 16 * sb, acc);
+  }
+  return _mm512_reduce_add_ps(acc) - hsum128(accm);
+}
+#endif
+
+// Which code computes the products: 0 the scalar C++, 1 AVX2, 2 AVX-512; the best this CPU runs by default.
+int best_isa() {
+#if LFM2_AVX2
+  static const int isa = cpu_has_avx512bw() ? 2 : 1;
+  return isa;
+#else
+  return 0;
+#endif
+}
 
 KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op) {
   TORCH_CHECK(type == kQ4K || type == kQ5K || type == kQ6K, "lfm2 ", op,
@@ -314,39 +470,36 @@ KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op)
   return W;
 }
 
-at::Tensor kgemv(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
+at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k, int64_t isa) {
   const KMatrix W = check(blocks, type, k, "kgemv");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "lfm2 kgemv: x must be a contiguous float32 (M, K) CPU tensor");
   TORCH_CHECK(x.size(1) == k, "lfm2 kgemv: x has ", x.size(1), " columns, the weight K=", k);
+  TORCH_CHECK(isa >= 0 && isa <= best_isa(), "lfm2 kgemv: code ", isa, " does not run here (best: ", best_isa(), ")");
   const int64_t m_rows = x.size(0);
   at::Tensor y = at::empty({m_rows, W.n}, x.options());
-  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k);
+  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, isa == 2);
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
   at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t m = 0; m < m_rows; ++m) {
 #if LFM2_AVX2
-        yp[m * W.n + n] = dot_simd(W, n, a, m);
-#else
-        yp[m * W.n + n] = dot_scalar(W, n, a, m);
+        if (isa == 2) yp[m * W.n + n] = dot_avx512(W, n, a, m);
+        else if (isa == 1) yp[m * W.n + n] = dot_simd(W, n, a, m);
+        else
 #endif
+          yp[m * W.n + n] = dot_scalar(W, n, a, m);
+      }
   });
   return y;
 }
 
-// The scalar product, whatever the build: the reference the SIMD one is tested against.
-at::Tensor kgemv_reference(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
-  const KMatrix W = check(blocks, type, k, "kgemv_reference");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == k,
-              "lfm2 kgemv_reference: x must be a contiguous float32 (M, K) tensor");
-  const KActivations a = quantize_activations_k(x.data_ptr<float>(), x.size(0), k);
-  at::Tensor y = at::empty({x.size(0), W.n}, x.options());
-  for (int64_t n = 0; n < W.n; ++n)
-    for (int64_t m = 0; m < x.size(0); ++m) y.data_ptr<float>()[m * W.n + n] = dot_scalar(W, n, a, m);
-  return y;
+at::Tensor kgemv(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
+  return kgemv_isa(x, blocks, type, k, best_isa());
 }
+
+int64_t kgemv_best_isa() { return best_isa(); }
 
 at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k) {
   const KMatrix W = check(blocks, type, k, "kdequantize");
@@ -370,12 +523,13 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k) {
 
 TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
   m.def("kgemv(Tensor x, Tensor blocks, int type, int k) -> Tensor");
-  m.def("kgemv_reference(Tensor x, Tensor blocks, int type, int k) -> Tensor");
+  m.def("kgemv_isa(Tensor x, Tensor blocks, int type, int k, int isa) -> Tensor");
+  m.def("kgemv_best_isa() -> int", &kgemv_best_isa);
   m.def("kdequantize(Tensor blocks, int type, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
   m.impl("kgemv", &kgemv);
-  m.impl("kgemv_reference", &kgemv_reference);
+  m.impl("kgemv_isa", &kgemv_isa);
   m.impl("kdequantize", &kdequantize);
 }
