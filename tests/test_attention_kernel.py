@@ -64,3 +64,25 @@ def test_bad_inputs_are_refused(ops):
     with pytest.raises(RuntimeError, match="rows must be contiguous"):
         t = torch.randn(1, 2, 64, 5).transpose(2, 3)
         ops.decode_attention(q, t, t, 0.125)
+
+
+@pytest.mark.parametrize("D", [64, 24])
+def test_masked_slots_match_sdpa_and_get_no_weight(ops, D):
+    """A continuous batch's rows attend only their valid slots: the kernel equals masked SDPA, and a
+    masked slot's key or value (here huge, or NaN) has no effect at all."""
+    g = torch.Generator().manual_seed(7)
+    B, KV, G, S = 3, 2, 4, 41
+    q, k, v = (torch.randn(B, KV, G if i == 0 else S, D, generator=g) for i in range(3))
+    valid = torch.rand(B, S, generator=g) > 0.4
+    valid[:, -1] = True  # a step always sees its own slot
+    valid[2] = False
+    valid[2, -1] = True  # a row that has only just joined
+    got = ops.decode_attention(q, k, v, D**-0.5, valid)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None]),
+                               atol=2e-5, rtol=1e-5)
+    k2, v2 = k.clone(), v.clone()
+    k2[~valid[:, None, :, None].expand_as(k2)] = 1e30
+    v2[~valid[:, None, :, None].expand_as(v2)] = float("nan")
+    assert torch.equal(ops.decode_attention(q, k2, v2, D**-0.5, valid), got)
+    with pytest.raises(RuntimeError, match=r"valid must be a bool \(B, S\)"):
+        ops.decode_attention(q, k, v, D**-0.5, valid[:, :-1])

@@ -135,7 +135,7 @@ def _register_fakes() -> None:
         return blocks.new_empty(blocks.shape[0], k, dtype=torch.float32)
 
     @torch.library.register_fake("lfm2_quant::decode_attention")
-    def _(q, k, v, scale):
+    def _(q, k, v, scale, valid=None):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("lfm2_quant::dequantize")

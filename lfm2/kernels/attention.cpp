@@ -1,6 +1,7 @@
 // Decode attention for lfm2 (see lfm2/models/lfm2.py, Attention): the few query rows of one KV
 // head (its GQA group of a single-token step, G = heads / kv_heads) against that head's cached
-// keys and values, with no mask (every filled slot is attended).
+// keys and values: every filled slot, or those a per-row mask marks valid (a continuous batch,
+// whose rows joined at different times).
 //
 // Why: at decode the work is reading the cache, 2 x S x head_dim floats per KV head, once. PyTorch's
 // CPU flash attention, made for long query blocks, runs G query rows through blocked GEMM calls
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -128,10 +130,11 @@ inline __m128 dot4(const float* q, int64_t D, const float* k) {
 // stay in registers over the whole pass (each value row's 64 bytes at d0 read once per pass).
 template <int GN>
 inline void weighted_values(const float* p, int64_t S, const float* v, int64_t vs, int64_t d0, const float* inv,
-                            float* out, int64_t D) {
+                            const bool* valid, float* out, int64_t D) {
   __m256 acc[GN][2];
   for (int i = 0; i < GN; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t s = 0; s < S; ++s) {
+    if (valid && !valid[s]) continue;  // never read: a masked slot's stale value cannot leak in
     const __m256 v0 = _mm256_loadu_ps(v + s * vs + d0), v1 = _mm256_loadu_ps(v + s * vs + d0 + 8);
     for (int i = 0; i < GN; ++i) {
       const __m256 w = _mm256_set1_ps(p[i * S + s]);
@@ -149,8 +152,10 @@ inline void weighted_values(const float* p, int64_t S, const float* v, int64_t v
 #endif
 
 // One (batch row, KV head): q (G, D) contiguous, keys and values S rows of D at strides ks, vs.
+// `valid` (S flags, or null for all): slots to attend; the others get weight 0 exactly.
 void attend_head(const float* q, int64_t G, int64_t D, const float* k, int64_t ks, const float* v, int64_t vs,
-                 int64_t S, float scale, float* out, std::vector<float>& scores, std::vector<float>& inv) {
+                 int64_t S, float scale, const bool* valid, float* out, std::vector<float>& scores,
+                 std::vector<float>& inv) {
   scores.resize(G * S);
   inv.resize(G);
   float* p = scores.data();
@@ -160,6 +165,10 @@ void attend_head(const float* q, int64_t G, int64_t D, const float* k, int64_t k
   const bool simd = false;
 #endif
   for (int64_t s = 0; s < S; ++s) {  // each key read once, for all G query rows
+    if (valid && !valid[s]) {
+      for (int64_t g = 0; g < G; ++g) p[g * S + s] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
     const float* kr = k + s * ks;
     int64_t g = 0;
 #if LFM2_ATTN_AVX2
@@ -174,6 +183,10 @@ void attend_head(const float* q, int64_t G, int64_t D, const float* k, int64_t k
     for (; g < G; ++g) p[g * S + s] = scale * dot(q + g * D, kr, D);
   }
   for (int64_t g = 0; g < G; ++g) inv[g] = softmax_unnormalized(p + g * S, S);
+  if (valid)  // exp of -inf clamps to about 1e-38 in exp8: make the masked weights exact zeros
+    for (int64_t s = 0; s < S; ++s)
+      if (!valid[s])
+        for (int64_t g = 0; g < G; ++g) p[g * S + s] = 0.f;
 #if LFM2_ATTN_AVX2
   if (simd) {
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
@@ -181,10 +194,10 @@ void attend_head(const float* q, int64_t G, int64_t D, const float* k, int64_t k
       float* og = out + g0 * D;
       for (int64_t d0 = 0; d0 < D; d0 += 16) {
         switch (std::min<int64_t>(4, G - g0)) {
-          case 1: weighted_values<1>(pg, S, v, vs, d0, inv.data() + g0, og, D); break;
-          case 2: weighted_values<2>(pg, S, v, vs, d0, inv.data() + g0, og, D); break;
-          case 3: weighted_values<3>(pg, S, v, vs, d0, inv.data() + g0, og, D); break;
-          default: weighted_values<4>(pg, S, v, vs, d0, inv.data() + g0, og, D); break;
+          case 1: weighted_values<1>(pg, S, v, vs, d0, inv.data() + g0, valid, og, D); break;
+          case 2: weighted_values<2>(pg, S, v, vs, d0, inv.data() + g0, valid, og, D); break;
+          case 3: weighted_values<3>(pg, S, v, vs, d0, inv.data() + g0, valid, og, D); break;
+          default: weighted_values<4>(pg, S, v, vs, d0, inv.data() + g0, valid, og, D); break;
         }
       }
     }
@@ -193,14 +206,17 @@ void attend_head(const float* q, int64_t G, int64_t D, const float* k, int64_t k
 #endif
   std::fill(out, out + G * D, 0.f);
   for (int64_t s = 0; s < S; ++s)  // each value read once
-    for (int64_t g = 0; g < G; ++g) axpy(out + g * D, p[g * S + s], v + s * vs, D);
+    if (!valid || valid[s])
+      for (int64_t g = 0; g < G; ++g) axpy(out + g * D, p[g * S + s], v + s * vs, D);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < D; ++j) out[g * D + j] *= inv[g];
 }
 
 // q (B, KV, G, D); k, v (B, KV, S, D) with rows of D contiguous (a cache's filled slots: any
 // strides over batch, head and slot); returns (B, KV, G, D).
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale) {
+// `valid_in` (B, S) bool, optional: the slots each row attends (at least one per row).
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale,
+                            const std::optional<at::Tensor>& valid_in) {
   TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lfm2 decode_attention: q, k, v must be 4-D");
   TORCH_CHECK(q_in.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "lfm2 decode_attention: q, k, v must be float32");
@@ -213,6 +229,14 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
               q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(S > 0, "lfm2 decode_attention: no keys");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "lfm2 decode_attention: k and v rows must be contiguous");
+  at::Tensor valid;
+  if (valid_in.has_value()) {
+    valid = valid_in->contiguous();
+    TORCH_CHECK(valid.scalar_type() == at::kBool && valid.dim() == 2 && valid.size(0) == B && valid.size(1) == S,
+                "lfm2 decode_attention: valid must be a bool (B, S) = (", B, ", ", S, ") tensor, got ",
+                valid.scalar_type(), " ", valid.sizes());
+  }
+  const bool* vmask = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   at::Tensor out = at::empty({B, KV, G, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -225,8 +249,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
     std::vector<float> scores, inv;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, h = t % KV;
-      attend_head(qp + t * G * D, G, D, kp + b * kb + h * kh, ks, vp + b * vb + h * vh, vs, S, sc, op + t * G * D,
-                  scores, inv);
+      attend_head(qp + t * G * D, G, D, kp + b * kb + h * kh, ks, vp + b * vb + h * vh, vs, S, sc,
+                  vmask ? vmask + b * S : nullptr, op + t * G * D, scores, inv);
     }
   });
   return out;
@@ -235,7 +259,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? valid=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -122,9 +122,12 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update_kv(self.layer_idx, ctx.start, k, v)
         groups = self.n_heads // self.n_kv
-        if ctx.attn_mask is None and ctx.cache is not None:  # decode, no padding: all keys, no mask
+        if ctx.cache is not None and (ctx.attn_mask is None or T == 1):
+            # decode: each kv head's query group against its keys, all of them or the valid slots
+            # of each row (a continuous batch); (B, 1, 1, S) -> (B, S)
             qg = q.reshape(B, self.n_kv, groups * T, self.head_dim)
-            out = self._attend_all(qg, k, v).view(B, self.n_heads, T, self.head_dim)
+            valid = None if ctx.attn_mask is None else ctx.attn_mask[:, 0, 0]
+            out = self._attend_all(qg, k, v, valid).view(B, self.n_heads, T, self.head_dim)
         elif ctx.attn_mask is None:  # plain causal self-attention over this input alone
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
@@ -138,11 +141,13 @@ class Attention(nn.Module):
             out = out.view(B, self.n_heads, T, self.head_dim)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend_all(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Each KV head's query group against all of its cached keys: on a CPU, lfm2's decode
-        attention kernel (it reads the cache once: 1.3-2.5x faster than PyTorch's flash attention at
-        decode, `benchmarks/kernels.py --attention`), else SDPA. Narrow models (the bundled one) keep
-        SDPA, as `Linear` keeps `F.linear`; training keeps SDPA for its gradients."""
+    def _attend_all(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Each KV head's query group against its cached keys (those `valid` (B, S) marks, or all):
+        on a CPU, lfm2's decode attention kernel (it reads the cache once: 1.3-2.5x faster than
+        PyTorch's flash attention at decode, `benchmarks/kernels.py --attention`), else SDPA. Narrow
+        models (the bundled one) keep SDPA, as `Linear` keeps `F.linear`; training keeps SDPA for
+        its gradients."""
         if (
             qg.device.type == "cpu"
             and qg.dtype == torch.float32
@@ -151,8 +156,8 @@ class Attention(nn.Module):
         ):
             ops = kernels.ops()
             if ops is not None:
-                return ops.decode_attention(qg, k, v, self.head_dim**-0.5)
-        return F.scaled_dot_product_attention(qg, k, v)
+                return ops.decode_attention(qg, k, v, self.head_dim**-0.5, valid)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=None if valid is None else valid[:, None, None])
 
 
 class ShortConv(nn.Module):
