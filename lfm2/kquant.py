@@ -35,9 +35,11 @@ GGMLType = gguf.GGMLQuantizationType
 # The K-quant block types with kernels here, by name; each super-block holds 256 values of a row.
 TYPES = {"q4_k": GGMLType.Q4_K, "q5_k": GGMLType.Q5_K, "q6_k": GGMLType.Q6_K}
 SUPER_BLOCK = 256
-# Input rows up to which `kgemv` is used (it unpacks each weight row once per input row, so its
-# cost grows with the rows; dequantized tiles and a float GEMM win beyond a few).
-KGEMV_MAX_ROWS = 4
+# Input rows up to which `kgemv` is used: a server's decoding batch. Its cost grows with the rows
+# (the AVX-512 code unpacks the weights once per four rows; the AVX2 code once per row), while
+# dequantized tiles cost a pass over every weight whatever the rows: 16 rows of kgemv took 2-12 ms
+# on a 4608x1024 Q4_K matrix against 50-170 ms tiled (2 threads, on a busy machine).
+KGEMV_MAX_ROWS = 16
 # Float32 bytes of weight dequantized at once on the many-row path (as lfm2.quant.TILE_BYTES).
 TILE_BYTES = 4 * 2**20
 

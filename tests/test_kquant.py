@@ -47,7 +47,7 @@ def test_dequantize_equals_gguf_py(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 7])
 def test_gemv_equals_the_scalar_code_and_the_float_product(qtype, rows):
     ops = kernels.ops()
     blocks = random_blocks(301, 768, qtype, seed=1)  # a row count that no thread split divides evenly

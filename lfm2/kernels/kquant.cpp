@@ -55,7 +55,11 @@ int64_t block_bytes(int64_t type) {
   return type == kQ4K ? 144 : type == kQ5K ? 176 : type == kQ6K ? 210 : 0;
 }
 
-inline float f16_at(const uint8_t* p) {
+// Small helpers are forced inline: GCC does not inline them into the AVX-512 functions (a different
+// target) by itself, and a call per super-block costs a fifth of the Q4_K product.
+#define LFM2_INLINE inline __attribute__((always_inline))
+
+LFM2_INLINE float f16_at(const uint8_t* p) {
   at::Half h;
   std::memcpy(&h, p, 2);
   return half_to_float(h);
@@ -64,7 +68,7 @@ inline float f16_at(const uint8_t* p) {
 // The 8 6-bit scales and 8 6-bit mins of a Q4_K / Q5_K super-block, from its 12 scale bytes q:
 // sub-block j < 4 has sc = q[j] & 63, m = q[j + 4] & 63; j >= 4 has sc = (q[j + 4] & 15) | (q[j - 4] >> 6) << 4
 // and m = (q[j + 4] >> 4) | (q[j] >> 6) << 4. Done four bytes at a time on 32-bit words.
-inline void scales_mins(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
+LFM2_INLINE void scales_mins(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
   uint32_t u[3];
   std::memcpy(u, q, 12);
   const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
@@ -76,21 +80,11 @@ inline void scales_mins(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
   std::memcpy(m + 4, &m1, 4);
 }
 
-// A super-block as integers and float factors: w[i] = scale[i / 16] * v[i] - minv[i / 16].
-// The reference for every path here (dequantization, the scalar product, the tests).
-void unpack(int64_t type, const uint8_t* blk, int8_t v[kSuper], float scale[16], float minv[16]) {
+// A super-block's factors: w[i] = scale[i / 16] * v[i] - minv[i / 16] for its integer values v.
+void factors(int64_t type, const uint8_t* blk, float scale[16], float minv[16]) {
   if (type == kQ6K) {
-    const uint8_t* ql = blk;
-    const uint8_t* qh = blk + 128;
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
     const float d = f16_at(blk + 208);
-    for (int h = 0; h < 2; ++h)
-      for (int l = 0; l < 32; ++l)
-        for (int j = 0; j < 4; ++j) {
-          const uint8_t lo = ql[64 * h + l + 32 * (j % 2)];
-          const int q = ((j < 2 ? lo & 15 : lo >> 4) | (((qh[32 * h + l] >> (2 * j)) & 3) << 4));
-          v[128 * h + 32 * j + l] = static_cast<int8_t>(q - 32);
-        }
     for (int g = 0; g < 16; ++g) {
       scale[g] = d * static_cast<float>(sc[g]);
       minv[g] = 0.f;
@@ -100,6 +94,26 @@ void unpack(int64_t type, const uint8_t* blk, int8_t v[kSuper], float scale[16],
   const float d = f16_at(blk), dmin = f16_at(blk + 2);
   uint8_t sc[8], m[8];
   scales_mins(blk + 4, sc, m);
+  for (int g = 0; g < 16; ++g) {
+    scale[g] = d * static_cast<float>(sc[g / 2]);
+    minv[g] = dmin * static_cast<float>(m[g / 2]);
+  }
+}
+
+// A super-block's integer values, in order, one at a time: the reference for the SIMD code.
+void unpack_values(int64_t type, const uint8_t* blk, int8_t v[kSuper]) {
+  if (type == kQ6K) {
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t lo = ql[64 * h + l + 32 * (j % 2)];
+          const int q = ((j < 2 ? lo & 15 : lo >> 4) | (((qh[32 * h + l] >> (2 * j)) & 3) << 4));
+          v[128 * h + 32 * j + l] = static_cast<int8_t>(q - 32);
+        }
+    return;
+  }
   const uint8_t* qh = type == kQ5K ? blk + 16 : nullptr;
   const uint8_t* qs = blk + (type == kQ5K ? 48 : 16);
   for (int i = 0; i < 4; ++i)
@@ -112,10 +126,6 @@ void unpack(int64_t type, const uint8_t* blk, int8_t v[kSuper], float scale[16],
       v[64 * i + l] = static_cast<int8_t>(lo);
       v[64 * i + 32 + l] = static_cast<int8_t>(hi);
     }
-  for (int g = 0; g < 16; ++g) {
-    scale[g] = d * static_cast<float>(sc[g / 2]);
-    minv[g] = dmin * static_cast<float>(m[g / 2]);
-  }
 }
 
 // Activations quantized per super-block: q (M, K) int8, d (M, K/256), bsum (M, K/32) the sums of
@@ -177,12 +187,11 @@ struct KMatrix {
 float dot_scalar(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
   const int8_t* xq = a.q.data() + m * W.k;
   int8_t v[kSuper];
-  float scale[16], minv[16];
   const int64_t bytes = block_bytes(W.type);
   float res = 0.f;
   for (int64_t sb = 0; sb < W.nsb; ++sb) {
     const uint8_t* blk = W.q + n * W.row_bytes + sb * bytes;
-    unpack(W.type, blk, v, scale, minv);
+    unpack_values(W.type, blk, v);
     int32_t sumi = 0, summ = 0;
     if (W.type == kQ6K) {
       const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
@@ -209,7 +218,7 @@ using lfm2_simd::hsum;
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-inline void prefetch_block(const uint8_t* blk, int64_t bytes) {
+LFM2_INLINE void prefetch_block(const uint8_t* blk, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64)
     _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + off), _MM_HINT_T0);
 }
@@ -221,7 +230,7 @@ inline __m256i spread16(int lo, int hi) {
                           _mm_set1_epi16(static_cast<int16_t>(((2 * lo + 1) << 8) | (2 * lo))));
 }
 
-inline float hsum128(__m128 s) {
+LFM2_INLINE float hsum128(__m128 s) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
@@ -294,6 +303,54 @@ inline __m256 superblock_q6(const uint8_t* blk, const int8_t* xq, float xd, __m2
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(xd * f16_at(blk + 208)), acc);
 }
 
+// A super-block's values as int8, in order (what `unpack` gives), with the AVX2 code's bit operations.
+inline void unpack_values_simd(int64_t type, const uint8_t* blk, int8_t v[kSuper]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  if (type == kQ6K) {
+    const __m256i m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = load256(blk + 64 * h), l1 = load256(blk + 64 * h + 32), qh = load256(blk + 128 + 32 * h);
+      const __m256i q[4] = {
+          _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
+          _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2))};
+      for (int j = 0; j < 4; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 128 * h + 32 * j), _mm256_sub_epi8(q[j], bias));
+    }
+    return;
+  }
+  const uint8_t* qs = blk + (type == kQ5K ? 48 : 16);
+  const __m256i qh = type == kQ5K ? load256(blk + 16) : _mm256_setzero_si256();
+  const __m256i b16 = _mm256_set1_epi8(0x10);
+  for (int i = 0; i < 4; ++i) {
+    const __m256i raw = load256(qs + 32 * i);
+    __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    if (type == kQ5K) {  // as in superblock_q45
+      lo = _mm256_or_si256(lo, _mm256_and_si256(i < 2 ? _mm256_slli_epi16(qh, 4 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 4), b16));
+      hi = _mm256_or_si256(hi, _mm256_and_si256(i < 2 ? _mm256_slli_epi16(qh, 3 - 2 * i) : _mm256_srli_epi16(qh, 2 * i - 3), b16));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 64 * i), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 64 * i + 32), hi);
+  }
+}
+
+// A super-block dequantized: 8 values at a time widened to float, times the scale, less the minimum.
+inline void dequantize_simd(int64_t type, const uint8_t* blk, float* out) {
+  alignas(32) int8_t v[kSuper];
+  float scale[16], minv[16];
+  factors(type, blk, scale, minv);
+  unpack_values_simd(type, blk, v);
+  for (int g = 0; g < 16; ++g) {
+    const __m256 sc = _mm256_set1_ps(scale[g]), mn = _mm256_set1_ps(minv[g]);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i wi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + 16 * g + 8 * h)));
+      // a product, then a difference (not fused): the rounding of gguf-py's reader, bit for bit
+      _mm256_storeu_ps(out + 16 * g + 8 * h, _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(wi), sc), mn));
+    }
+  }
+}
+
 float dot_simd(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
   const uint8_t* row = W.q + n * W.row_bytes;
   const int8_t* xq = a.q.data() + m * W.k;
@@ -352,11 +409,21 @@ LFM2_AVX512 inline __m512i halves16(int lo, int hi) {
   return _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(lo)), _mm256_set1_epi16(static_cast<int16_t>(hi)), 1);
 }
 
+// Activation rows r of one product, at super-block sb: what the AVX-512 code reads.
+struct RowPtrs {
+  const int8_t* xq;      // q, natural order
+  const int8_t* xp;      // q_0213
+  const float* xd;       // one scale per super-block
+  const int16_t* bsum;   // 8 per super-block
+  const int16_t* bsum16;  // 16 per super-block
+};
+
 // Q4_K / Q5_K: a 64-byte load of nibbles holds sub-blocks 4t and 4t+2 in its low nibbles and 4t+1,
-// 4t+3 in its high ones; the activations come in the matching 0, 2, 1, 3 order (q_0213).
-template <bool FIVE>
-LFM2_AVX512 inline void superblock_q45_512(const uint8_t* blk, const int8_t* xp, float xd, const int16_t* bsum,
-                                           __m512& acc, __m128& accm) {
+// 4t+3 in its high ones; the activations come in the matching 0, 2, 1, 3 order (q_0213). The
+// weights are unpacked once for the MR activation rows.
+template <bool FIVE, int MR>
+LFM2_AVX512 inline void superblock_q45_512(const uint8_t* blk, int64_t sb, const RowPtrs (&x)[MR], __m512 (&acc)[MR],
+                                           __m128 (&accm)[MR]) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   uint8_t sc[8], mn[8];
   scales_mins(blk + 4, sc, mn);
@@ -364,10 +431,12 @@ LFM2_AVX512 inline void superblock_q45_512(const uint8_t* blk, const int8_t* xp,
   std::memcpy(&sc8, sc, 8);
   std::memcpy(&mn8, mn, 8);
   const __m512i sc16 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc8)));
+  const __m128i mins16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn8));
   const uint8_t* qs = blk + (FIVE ? 48 : 16);
   __m512i qh;
   if (FIVE) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)));
-  __m512i sumi = _mm512_setzero_si512();
+  __m512i sumi[MR];
+  for (int r = 0; r < MR; ++r) sumi[r] = _mm512_setzero_si512();
   for (int t = 0; t < 2; ++t) {
     const __m512i raw = _mm512_loadu_si512(qs + 64 * t);
     __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
@@ -379,25 +448,33 @@ LFM2_AVX512 inline void superblock_q45_512(const uint8_t* blk, const int8_t* xp,
       lo = _mm512_or_si512(lo, _mm512_and_si512(lo5, b16));
       hi = _mm512_or_si512(hi, _mm512_and_si512(hi5, b16));
     }
-    const __m512i plo = _mm512_maddubs_epi16(lo, _mm512_loadu_si512(xp + 128 * t));
-    const __m512i phi = _mm512_maddubs_epi16(hi, _mm512_loadu_si512(xp + 128 * t + 64));
-    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(plo, _mm512_shuffle_epi8(sc16, spread(2 * t))));
-    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(phi, _mm512_shuffle_epi8(sc16, spread(2 * t + 1))));
+    const __m512i slo = _mm512_shuffle_epi8(sc16, spread(2 * t)), shi = _mm512_shuffle_epi8(sc16, spread(2 * t + 1));
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* xp = x[r].xp + sb * kSuper + 128 * t;
+      const __m512i plo = _mm512_maddubs_epi16(lo, _mm512_loadu_si512(xp));
+      const __m512i phi = _mm512_maddubs_epi16(hi, _mm512_loadu_si512(xp + 64));
+      sumi[r] = _mm512_add_epi32(sumi[r], _mm512_add_epi32(_mm512_madd_epi16(plo, slo), _mm512_madd_epi16(phi, shi)));
+    }
   }
-  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(xd * f16_at(blk)), acc);
-  const __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn8)),
-                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum)));
-  accm = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(xd * f16_at(blk + 2)), accm);
+  const float d = f16_at(blk), dmin = f16_at(blk + 2);
+  for (int r = 0; r < MR; ++r) {
+    const float xd = x[r].xd[sb];
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r]), _mm512_set1_ps(xd * d), acc[r]);
+    const __m128i mins =
+        _mm_madd_epi16(mins16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[r].bsum + 8 * sb)));
+    accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(xd * dmin), accm[r]);
+  }
 }
 
 // Q6_K: per half of 128 values, one 64-byte load of ql gives values 0..63 (low nibbles) and 64..127
 // (high nibbles) in order, each 128-bit lane one 16-value sub-block. Weights enter unsigned (0..63)
 // and the -32 comes off at the end as 32 sum_g sc_g (sum of the sub-block's activations).
-LFM2_AVX512 inline __m512 superblock_q6_512(const uint8_t* blk, const int8_t* xq, float xd, const int16_t* bsum16,
-                                            __m512 acc) {
+template <int MR>
+LFM2_AVX512 inline void superblock_q6_512(const uint8_t* blk, int64_t sb, const RowPtrs (&x)[MR], __m512 (&acc)[MR]) {
   const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
   const uint8_t* sc = blk + 192;
-  __m512i sumi = _mm512_setzero_si512();
+  __m512i sumi[MR];
+  for (int r = 0; r < MR; ++r) sumi[r] = _mm512_setzero_si512();
   for (int h = 0; h < 2; ++h) {
     int64_t sc8;
     std::memcpy(&sc8, sc + 8 * h, 8);
@@ -408,36 +485,68 @@ LFM2_AVX512 inline __m512 superblock_q6_512(const uint8_t* blk, const int8_t* xq
                                       _mm512_and_si512(_mm512_sllv_epi16(qh, halves16(4, 2)), m2));
     const __m512i b = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
                                       _mm512_and_si512(_mm512_srlv_epi16(qh, halves16(0, 2)), m2));
-    // q <= 63, |x| <= 127: int16 pairs below 2 * 63 * 127; times an int8 scale, far from int32's limit.
-    const __m512i pa = _mm512_maddubs_epi16(a, _mm512_loadu_si512(xq + 128 * h));
-    const __m512i pb = _mm512_maddubs_epi16(b, _mm512_loadu_si512(xq + 128 * h + 64));
-    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pa, _mm512_shuffle_epi8(sc16, spread(4))));
-    sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pb, _mm512_shuffle_epi8(sc16, spread(5))));
+    const __m512i sa = _mm512_shuffle_epi8(sc16, spread(4)), sb16 = _mm512_shuffle_epi8(sc16, spread(5));
+    for (int r = 0; r < MR; ++r) {
+      // q <= 63, |x| <= 127: int16 pairs below 2 * 63 * 127; times an int8 scale, far from int32's limit.
+      const int8_t* xq = x[r].xq + sb * kSuper + 128 * h;
+      const __m512i pa = _mm512_maddubs_epi16(a, _mm512_loadu_si512(xq));
+      const __m512i pb = _mm512_maddubs_epi16(b, _mm512_loadu_si512(xq + 64));
+      sumi[r] = _mm512_add_epi32(sumi[r], _mm512_add_epi32(_mm512_madd_epi16(pa, sa), _mm512_madd_epi16(pb, sb16)));
+    }
   }
-  const __m256i corr = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc))),
-                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum16)));
-  sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(xd * f16_at(blk + 208)), acc);
+  const __m256i sc16all = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+  const float d = f16_at(blk + 208);
+  for (int r = 0; r < MR; ++r) {
+    const __m256i corr =
+        _mm256_madd_epi16(sc16all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r].bsum16 + 16 * sb)));
+    const __m512i s = _mm512_sub_epi32(sumi[r], _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(x[r].xd[sb] * d), acc[r]);
+  }
 }
 
-LFM2_AVX512 float dot_avx512(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
+// Weight row n against activation rows m0 .. m0+MR-1, results into out[0..MR).
+template <int MR>
+LFM2_AVX512 void rows_avx512(const KMatrix& W, int64_t n, const KActivations& a, int64_t m0, float* out) {
+  RowPtrs x[MR];
+  for (int r = 0; r < MR; ++r) {
+    const int64_t m = m0 + r;
+    x[r] = {a.q.data() + m * W.k, a.q_0213.data() + m * W.k, a.d.data() + m * W.nsb, a.bsum.data() + m * W.nsb * 8,
+            a.bsum16.data() + m * W.nsb * 16};
+  }
   const uint8_t* row = W.q + n * W.row_bytes;
-  const int8_t* xq = a.q.data() + m * W.k;
-  const int8_t* xp = a.q_0213.data() + m * W.k;
-  const float* xd = a.d.data() + m * W.nsb;
-  const int16_t* bsum = a.bsum.data() + m * W.nsb * 8;
-  const int16_t* bsum16 = a.bsum16.data() + m * W.nsb * 16;
   const int64_t bytes = block_bytes(W.type);
-  __m512 acc = _mm512_setzero_ps();
-  __m128 accm = _mm_setzero_ps();
+  __m512 acc[MR];
+  __m128 accm[MR];
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    accm[r] = _mm_setzero_ps();
+  }
   for (int64_t sb = 0; sb < W.nsb; ++sb) {
     const uint8_t* blk = row + sb * bytes;
     prefetch_block(blk, bytes);
-    if (W.type == kQ4K) superblock_q45_512<false>(blk, xp + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
-    else if (W.type == kQ5K) superblock_q45_512<true>(blk, xp + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
-    else acc = superblock_q6_512(blk, xq + sb * kSuper, xd[sb], bsum16 + 16 * sb, acc);
+    if (W.type == kQ4K) superblock_q45_512<false, MR>(blk, sb, x, acc, accm);
+    else if (W.type == kQ5K) superblock_q45_512<true, MR>(blk, sb, x, acc, accm);
+    else superblock_q6_512<MR>(blk, sb, x, acc);
   }
-  return _mm512_reduce_add_ps(acc) - hsum128(accm);
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) - hsum128(accm[r]);
+}
+
+// Weight row n against every activation row, four at a time (the weights unpacked once per four).
+LFM2_AVX512 void row_avx512(const KMatrix& W, int64_t n, const KActivations& a, int64_t m_rows, float* y) {
+  float out[4];
+  int64_t m = 0;
+  for (; m + 4 <= m_rows; m += 4) {
+    rows_avx512<4>(W, n, a, m, out);
+    for (int r = 0; r < 4; ++r) y[(m + r) * W.n + n] = out[r];
+  }
+  for (; m + 2 <= m_rows; m += 2) {
+    rows_avx512<2>(W, n, a, m, out);
+    for (int r = 0; r < 2; ++r) y[(m + r) * W.n + n] = out[r];
+  }
+  if (m < m_rows) {
+    rows_avx512<1>(W, n, a, m, out);
+    y[m * W.n + n] = out[0];
+  }
 }
 #endif
 
@@ -482,15 +591,21 @@ at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
   at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; ++n) {
+#if LFM2_AVX2
+      if (isa == 2) {
+        row_avx512(W, n, a, m_rows, yp);
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < m_rows; ++m) {
 #if LFM2_AVX2
-        if (isa == 2) yp[m * W.n + n] = dot_avx512(W, n, a, m);
-        else if (isa == 1) yp[m * W.n + n] = dot_simd(W, n, a, m);
+        if (isa == 1) yp[m * W.n + n] = dot_simd(W, n, a, m);
         else
 #endif
           yp[m * W.n + n] = dot_scalar(W, n, a, m);
       }
+    }
   });
   return y;
 }
@@ -511,9 +626,15 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k) {
     float scale[16], minv[16];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t sb = 0; sb < W.nsb; ++sb) {
-        unpack(type, W.q + n * W.row_bytes + sb * block_bytes(type), v, scale, minv);
+        const uint8_t* blk = W.q + n * W.row_bytes + sb * block_bytes(type);
         float* o = op + n * k + sb * kSuper;
+#if LFM2_AVX2
+        dequantize_simd(type, blk, o);
+#else
+        factors(type, blk, scale, minv);
+        unpack_values(type, blk, v);
         for (int i = 0; i < kSuper; ++i) o[i] = scale[i / 16] * static_cast<float>(v[i]) - minv[i / 16];
+#endif
       }
   });
   return out;
