@@ -3,10 +3,11 @@
     python benchmarks/kquant.py --llama-bench PATH/llama-bench FILE.gguf [FILE.gguf ...] [--rounds 2]
 
 For each file, interleaved `--rounds` times: llama.cpp's `llama-bench` decode (`-p 0 -n N`, 2
-threads), lfm2 as a user loads it (`lfm2.load(FILE)`, no flags: a K-quant file runs as int8 layers,
-see `lfm2.gguf.native_format`) and lfm2 dequantized to float32 (`quantize="none"`, what loading did
-before), each decoding N tokens after a short prompt through `LLM.generate`. Also each lfm2 load's
-peak resident memory (a child process per load). Medians of decode tokens/s.
+threads), lfm2 as a user loads it (`lfm2.load(FILE)`, no flags: Q4_K / Q5_K / Q6_K matrices run as
+the file stores them, `lfm2.kquant`), lfm2 with every matrix requantized to int8 (`quantize="int8"`,
+what loading did by default before the K-quant kernels) and dequantized to float32
+(`quantize="none"`), each decoding N tokens after a short prompt through `LLM.generate`. Also each
+lfm2 load's peak resident memory (a child process per load). Medians of decode tokens/s.
 """
 
 from __future__ import annotations
@@ -50,21 +51,20 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     args = ap.parse_args()
     for path in args.files:
-        llama, ours, floats, peak = [], [], [], {}
+        llama: list[float] = []
+        runs: dict[str, list[float]] = {"default": [], "int8": [], "none": []}
+        peak: dict[str, float] = {}
         for _ in range(args.rounds):
             llama.append(llama_run(args.llama_bench, path, args.new))
-            r = lfm2_run(path, "default", args.new)
-            ours.append(r["decode"])
-            peak["default"] = r["peak_mib"]
-            r = lfm2_run(path, "none", args.new)
-            floats.append(r["decode"])
-            peak["none"] = r["peak_mib"]
+            for quantize, rounds in runs.items():
+                r = lfm2_run(path, quantize, args.new)
+                rounds.append(r["decode"])
+                peak[quantize] = r["peak_mib"]
         name = re.sub(r".*/", "", path)
         m = statistics.median
-        print(f"{name}: llama.cpp {m(llama):.1f} tok/s; lfm2 default {m(ours):.1f} ({m(ours) / m(llama):.2f}x, "
-              f"peak {peak['default']:.0f} MiB); lfm2 float32 {m(floats):.1f} ({m(floats) / m(llama):.2f}x, peak "
-              f"{peak['none']:.0f} MiB); rounds: llama {llama}, default {[round(x, 1) for x in ours]}, "
-              f"float {[round(x, 1) for x in floats]}")
+        cells = [f"lfm2 {q} {m(r):.1f} ({m(r) / m(llama):.2f}x, peak {peak[q]:.0f} MiB, rounds "
+                 f"{[round(x, 1) for x in r]})" for q, r in runs.items()]
+        print(f"{name}: llama.cpp {m(llama):.1f} tok/s (rounds {[round(x, 1) for x in llama]}); " + "; ".join(cells))
 
 
 if __name__ == "__main__":
