@@ -103,17 +103,13 @@ class KQuantLinear(nn.Module):
         return dequantize_blocks(self.blocks, self.ggml_type, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (..., K) -> (M, K)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        ops = kernels.ops() if x2.is_cpu else None
-        if ops is not None and x2.shape[0] <= KGEMV_MAX_ROWS:
-            y = ops.kgemv(x2.contiguous(), self.blocks, self.ggml_type, self.in_features)
-        else:
-            y = self._tiled_matmul(x2)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        xf = x if x.dtype == torch.float32 else x.float()
+        ops = kernels.ops() if xf.is_cpu else None
+        if ops is not None and xf.numel() <= KGEMV_MAX_ROWS * self.in_features:
+            y = ops.kgemv(xf.contiguous(), self.blocks, self.ggml_type, self.in_features)  # (..., K) -> (..., N)
+        else:  # (..., K) -> (M, K) -> (..., N)
+            y = self._tiled_matmul(xf.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W^T, W dequantized a row tile at a time (see lfm2.quant.QuantLinear._tiled_matmul)."""

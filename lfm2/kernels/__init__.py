@@ -1,4 +1,4 @@
-"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`), compiled on first use and cached.
+"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`), compiled on first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
 run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth, as we measured them on
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("qgemv.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("kquant.cpp"), Path(__file__).with_name("attention.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp"))
 # included by the sources: part of the build's key
 HEADERS = (Path(__file__).with_name("simd.h"), Path(__file__).with_name("activations.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
@@ -116,23 +116,27 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lfm2_quant::qgemv")
     def _(x, qweight, scales, bits, group_size, int8_activations):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("lfm2_quant::fgemv")
     def _(x, weight):
-        return x.new_empty(x.shape[0], weight.shape[0])
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @torch.library.register_fake("lfm2_quant::qgemm")
     def _(x, qweight, scales, bits, group_size):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("lfm2_quant::kgemv")
     def _(x, blocks, type, k):
-        return x.new_empty(x.shape[0], blocks.shape[0])
+        return x.new_empty(*x.shape[:-1], blocks.shape[0])
 
     @torch.library.register_fake("lfm2_quant::kdequantize")
     def _(blocks, type, k):
         return blocks.new_empty(blocks.shape[0], k, dtype=torch.float32)
+
+    @torch.library.register_fake("lfm2_quant::short_conv_step")
+    def _(bch, state, weight, bias):
+        return bch.new_empty(*bch.shape[:-1], bch.shape[-1] // 3)
 
     @torch.library.register_fake("lfm2_quant::decode_attention")
     def _(q, k, v, scale, valid=None):

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +24,23 @@
 namespace lfm2_act {
 
 constexpr int64_t kBlock = 32;  // values per block: of int4 packing, and of activation quantization
+
+// The rows of a product's input x (..., K): float32, contiguous, on the CPU, K columns. Any leading
+// shape, so that a model's (B, T, K) activations need no reshape around the call (at decode, two
+// reshapes per layer call were a quarter of the step's dispatched operations).
+inline int64_t input_rows(const at::Tensor& x, int64_t k, const char* op) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(), "lfm2 ",
+              op, ": x must be a contiguous float32 (..., K) CPU tensor");
+  TORCH_CHECK(x.size(-1) == k, "lfm2 ", op, ": x has ", x.size(-1), " columns, the weight K=", k);
+  return x.numel() / k;
+}
+
+// The output (..., N) of a product with input x (..., K).
+inline at::Tensor output_for(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  return at::empty(sizes, x.options());
+}
 
 inline float half_to_float(at::Half h) {
 #if LFM2_AVX2

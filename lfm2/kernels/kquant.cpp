@@ -581,12 +581,9 @@ KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op)
 
 at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k, int64_t isa) {
   const KMatrix W = check(blocks, type, k, "kgemv");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lfm2 kgemv: x must be a contiguous float32 (M, K) CPU tensor");
-  TORCH_CHECK(x.size(1) == k, "lfm2 kgemv: x has ", x.size(1), " columns, the weight K=", k);
+  const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemv");
   TORCH_CHECK(isa >= 0 && isa <= best_isa(), "lfm2 kgemv: code ", isa, " does not run here (best: ", best_isa(), ")");
-  const int64_t m_rows = x.size(0);
-  at::Tensor y = at::empty({m_rows, W.n}, x.options());
+  at::Tensor y = lfm2_act::output_for(x, W.n);
   const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, isa == 2);
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);

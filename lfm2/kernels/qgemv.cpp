@@ -358,11 +358,8 @@ int64_t grain_rows(const QMatrix& W) {
 at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
                  int64_t group_size, bool int8_activations) {
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lfm2 qgemv: x must be a contiguous float32 (M, K) CPU tensor");
-  TORCH_CHECK(x.size(1) == W.k, "lfm2 qgemv: x has ", x.size(1), " columns, the weight K=", W.k);
-  const int64_t m_rows = x.size(0);
-  at::Tensor y = at::empty({m_rows, W.n}, x.options());
+  const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemv");
+  at::Tensor y = lfm2_act::output_for(x, W.n);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   QActivations a;
@@ -451,11 +448,8 @@ at::Tensor fgemv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                   weight.device().is_cpu(),
               "lfm2 fgemv: weight must be a contiguous float32 (N, K) CPU tensor");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lfm2 fgemv: x must be a contiguous float32 (M, K) CPU tensor");
-  const int64_t n_rows = weight.size(0), k = weight.size(1), m_rows = x.size(0);
-  TORCH_CHECK(x.size(1) == k, "lfm2 fgemv: x has ", x.size(1), " columns, the weight K=", k);
-  at::Tensor y = at::empty({m_rows, n_rows}, x.options());
+  const int64_t n_rows = weight.size(0), k = weight.size(1), m_rows = lfm2_act::input_rows(x, k, "fgemv");
+  at::Tensor y = lfm2_act::output_for(x, n_rows);
   const float* wp = weight.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -612,13 +606,10 @@ LFM2_VNNI void gemm_tile(const PackedTile& t, int64_t nb, const uint8_t* xu, int
 at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
                  int64_t group_size) {
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lfm2 qgemm: x must be a contiguous float32 (M, K) CPU tensor");
-  TORCH_CHECK(x.size(1) == W.k, "lfm2 qgemm: x has ", x.size(1), " columns, the weight K=", W.k);
+  const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemm");
   TORCH_CHECK(W.k % kBlock == 0, "lfm2 qgemm: K must be a multiple of 32, got ", W.k);
   TORCH_CHECK(cpu_has_vnni(), "lfm2 qgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
-  const int64_t m_rows = x.size(0);
-  at::Tensor y = at::empty({m_rows, W.n}, x.options());
+  at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
   const QActivations a = quantize_activations(x.data_ptr<float>(), m_rows, W.k, 8);
   std::vector<uint8_t> xu(a.q.size());

@@ -57,8 +57,7 @@ class Linear(nn.Linear):
         ):
             ops = kernels.ops()
             if ops is not None and w.is_contiguous():
-                y = ops.fgemv(x.reshape(-1, self.in_features).contiguous(), w)
-                return y.view(*x.shape[:-1], self.out_features)
+                return ops.fgemv(x.contiguous(), w)  # (..., K) -> (..., N)
         return F.linear(x, w, self.bias)
 
 
@@ -171,7 +170,21 @@ class ShortConv(nn.Module):
         self.out_proj = Linear(d, d, bias=config.conv_bias)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        b, c, h = self.in_proj(x).chunk(3, dim=-1)
+        bch = self.in_proj(x)
+        if (
+            ctx.cache is not None
+            and x.shape[1] == 1
+            and ctx.token_mask is None
+            and ctx.segments is None
+            and bch.dtype == torch.float32
+            and bch.is_cpu
+            and not torch.is_grad_enabled()
+        ):
+            ops = kernels.ops()
+            if ops is not None:  # decode: the whole gated conv step in one call (kernels/shortconv.cpp)
+                y = ops.short_conv_step(bch, ctx.cache.conv[self.layer_idx], self.conv.weight, self.conv.bias)
+                return self.out_proj(y)
+        b, c, h = bch.chunk(3, dim=-1)
         u = b * h
         if ctx.token_mask is not None:  # pads must not leak into the row's real tokens
             u = u * ctx.token_mask[..., None].to(u.dtype)
