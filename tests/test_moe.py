@@ -213,7 +213,8 @@ def test_decode_through_the_kernel_matches_the_loop(kind, monkeypatch):
     """Prefill then decode of a batch of 3 (kernel at decode, `grouped` at prefill) against the whole
     model with every MoE block run by the loop."""
     _ops()
-    model = random_model(_config(num_experts=6, num_experts_per_tok=2), seed=2)
+    model = random_model(_config(num_experts=6, num_experts_per_tok=2, hidden_size=128, moe_intermediate_size=64),
+                         seed=2)
     if kind:
         quantize_model(model, kind, 32)
     x = _ids(3, 24, seed=5)
@@ -230,7 +231,8 @@ def test_decode_through_the_kernel_matches_the_loop(kind, monkeypatch):
 
 def test_greedy_generation_unchanged(monkeypatch):
     _ops()
-    model = random_model(_config(num_experts=6, num_experts_per_tok=2, tie_word_embeddings=False), seed=3)
+    model = random_model(_config(num_experts=6, num_experts_per_tok=2, hidden_size=128, moe_intermediate_size=64,
+                                 tie_word_embeddings=False), seed=3)
     prompts = [[5, 17, 99, 3, 250, 41], [7, 7, 300]]
     params = SamplingParams(temperature=0.0)
     tokens = engine_decode(model, prompts, params, 12, ignore_eos=True)
