@@ -18,13 +18,14 @@ whole-model decode steps (eager, a KV cache, teacher-forced tokens after a 32-to
 `--gguf PATH` also writes the model (int4 only) as a Q4_0 GGUF file, byte for byte the same blocks
 (Q8_0 embedding, as `lfm2 convert` writes Q4_0 files), times the whole-model decode again on the
 model lfm2 loads from that file, and with `--llama-bench BIN` runs llama.cpp's llama-bench on it:
-`-p 0 -n 32 -t THREADS`, the decode speed of one sequence. The file is 4.7 GB for 8B-A1B; delete it after.
+`-p 0 -n 32 -t THREADS -r 1`, the decode speed of one sequence, in rounds alternating with lfm2's two
+engines on the model lfm2 loads from the file. The file is 4.7 GB for 8B-A1B; delete it after.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import statistics
 import subprocess
 import tempfile
@@ -35,6 +36,7 @@ import gguf
 import numpy as np
 import torch
 
+import lfm2
 from lfm2 import kernels
 from lfm2.config import preset
 from lfm2.models import build_model
@@ -220,27 +222,15 @@ def write_gguf(model: torch.nn.Module, out: Path) -> Path:
     return out
 
 
-def llama_bench(binary: str, path: Path, threads: int, reps: int) -> str:
-    """llama-bench's decode line (tokens/s of 32 new tokens, one sequence) on the file."""
-    cmd = [binary, "-m", str(path), "-p", "0", "-n", "32", "-t", str(threads), "-r", str(reps), "-o", "md"]
+def llama_bench(binary: str, path: Path, threads: int) -> float:
+    """llama-bench's decode speed on the file: tokens/s of 32 new tokens, one sequence, one run."""
+    cmd = [binary, "-m", str(path), "-p", "0", "-n", "32", "-t", str(threads), "-r", "1", "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return " ".join(cmd) + "\n" + out
+    return float(json.loads(out)[0]["avg_ts"])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="LFM2-8B-A1B")
-    p.add_argument("--kind", default="int4", choices=list(KINDS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--steps", type=int, default=8, help="decode steps per whole-model repetition")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="batch rows (tokens per decode step)")
-    p.add_argument("--gguf", type=Path, help="also write the model as a Q4_0 GGUF file here (int4) and time it")
-    p.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run on the --gguf file")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if kernels.ops() is None:
-        raise SystemExit(f"the kernels are not available: {kernels.build_error() or 'disabled'}")
+def compare_on_random_model(args: argparse.Namespace) -> None:
+    """The tables: MoE blocks alone and whole decode steps, loop against grouped; writes --gguf if asked."""
     t = time.perf_counter()
     model = random_quantized_model(args.preset, args.kind)
     c = model.config
@@ -262,25 +252,47 @@ def main() -> None:
         print(f"| {rows} | whole decode step | {step['loop']:.1f} | {step['grouped']:.1f} | "
               f"{step['loop'] / step['grouped']:.2f}x | tok/s: {rows * 1e3 / step['loop']:.1f} -> "
               f"{rows * 1e3 / step['grouped']:.1f} |", flush=True)
-    if args.gguf is None:
-        return
-    if args.kind != "int4":
-        raise SystemExit("--gguf writes int4 models as Q4_0 files; use --kind int4")
-    if not args.gguf.is_file():
+    if args.gguf is not None and not args.gguf.is_file():
+        if args.kind != "int4":
+            raise SystemExit("--gguf writes int4 models as Q4_0 files; use --kind int4")
         write_gguf(model, args.gguf)
-    del model
-    gc.collect()
-    import lfm2
 
+
+def compare_on_gguf(args: argparse.Namespace) -> None:
+    """Decode tok/s of the --gguf file's model in lfm2 (both engines) and in llama-bench, alternating."""
     loaded = lfm2.load(args.gguf, quantize="int4").model
-    step = time_decode(loaded, 1, args.steps, args.reps)
-    print(f"\nthe model lfm2 loads from {args.gguf}, 1 row: loop {step['loop']:.1f} ms "
-          f"({1e3 / step['loop']:.1f} tok/s), grouped {step['grouped']:.1f} ms ({1e3 / step['grouped']:.1f} tok/s)",
-          flush=True)
-    if args.llama_bench:
-        del loaded
-        gc.collect()
-        print(llama_bench(args.llama_bench, args.gguf, args.threads, args.reps))
+    # Rounds alternate lfm2's two engines and llama-bench, so that a neighbour's load hurts all alike.
+    times: dict[str, list[float]] = {"loop": [], "grouped": [], "llama.cpp": []}
+    for _ in range(args.reps):
+        for label, ms in time_decode(loaded, 1, args.steps, 1).items():
+            times[label].append(1e3 / ms)
+        if args.llama_bench:
+            times["llama.cpp"].append(llama_bench(args.llama_bench, args.gguf, args.threads))
+    print(f"\ndecode tok/s, 1 row, of the model in {args.gguf} (lfm2 loads it with quantize='int4'), "
+          f"medians of {args.reps} alternating rounds:")
+    print(" | ".join(f"{k}: {statistics.median(v):.1f} (runs {', '.join(f'{x:.1f}' for x in v)})"
+                     for k, v in times.items() if v))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="LFM2-8B-A1B")
+    p.add_argument("--kind", default="int4", choices=list(KINDS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8, help="decode steps per whole-model repetition")
+    p.add_argument("--rows", type=int, nargs="*", default=[1, 4],
+                   help="batch rows (tokens per decode step); none: only the --gguf comparison")
+    p.add_argument("--gguf", type=Path, help="also write the model as a Q4_0 GGUF file here (int4) and time it")
+    p.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run on the --gguf file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if kernels.ops() is None:
+        raise SystemExit(f"the kernels are not available: {kernels.build_error() or 'disabled'}")
+    if args.rows or args.gguf is None or not args.gguf.is_file():
+        compare_on_random_model(args)
+    if args.gguf is not None:
+        compare_on_gguf(args)
 
 
 if __name__ == "__main__":
