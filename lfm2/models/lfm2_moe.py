@@ -107,9 +107,10 @@ class SparseMoeBlock(nn.Module):
         It runs experts that are all `QuantLinear` of one format with int8 activations (what
         `lfm2.quant` makes), or all float32 `Linear`s, without biases, on the CPU, with no gradient
         wanted. Anything else (LoRA wrappers, bf16 weights, training) takes `grouped`.
-        Built on every call, so no change to the experts is ever missed: it reads the modules'
-        own dicts (nn.Module's `__getattr__` made this 0.55 ms a call for 32 experts, this way
-        0.05 ms, on the 8B-A1B block: `benchmarks/moe.py`).
+        Built on every call, so that no change to the experts (LoRA, reloading, `.to()`) is ever
+        missed; it reads the modules' own dicts, as attribute access through nn.Module's
+        `__getattr__` made it 0.55 ms a call for 32 experts against 0.05 ms this way (an 8B-A1B
+        block, docs/benchmarks.md "MoE: a grouped expert kernel").
         """
         if not x.is_cpu or torch.is_grad_enabled():
             return None
