@@ -239,3 +239,26 @@ def test_greedy_generation_unchanged(monkeypatch):
     monkeypatch.setattr(SparseMoeBlock, "forward", loop_reference)
     assert tokens == engine_decode(model, prompts, params, 12, ignore_eos=True)
     assert len(set(tokens[0])) > 3
+
+
+@pytest.mark.slow  # torch.compile: 10-20 s on 2 cores
+def test_compiled_decode_traces_the_kernel():
+    """`lfm2.compile` traces the kernel (its shape-only registration) and matches eager decode."""
+    from lfm2.compile import compile_decode
+
+    _ops()
+    model = quantize_model(random_model(_config(num_experts=6, num_experts_per_tok=2, hidden_size=128,
+                                                moe_intermediate_size=64)), "int4", 32)
+    prompt = [5, 17, 99, 3, 250, 41]
+
+    def decode(step) -> torch.Tensor:
+        cache = model.make_cache(1, 16)
+        with torch.inference_mode():
+            model(torch.tensor([prompt]), cache, last_only=True)
+            return torch.cat([step(torch.tensor([[t]]), cache)[:, -1] for t in prompt])
+
+    eager = decode(model)
+    step = compile_decode(model, progress=False)
+    compiled = decode(step)
+    assert step.failed is None
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
