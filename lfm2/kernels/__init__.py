@@ -1,4 +1,5 @@
-"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`), compiled on first use and cached.
+"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `moe.cpp`), compiled on
+first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
 run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth, as we measured them on
@@ -32,7 +33,8 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("qgemv.cpp")
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "moe.cpp"))
 # included by the sources: part of the build's key
 HEADERS = (Path(__file__).with_name("simd.h"), Path(__file__).with_name("activations.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
@@ -141,6 +143,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lfm2_quant::decode_attention")
     def _(q, k, v, scale, valid=None):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("lfm2_quant::moe_experts")
+    def _(x, chosen, weights, w1, s1, w3, s3, w2, s2, bits, group_size):
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("lfm2_quant::dequantize")
     def _(qweight, scales, bits, group_size):
