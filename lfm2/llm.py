@@ -549,7 +549,7 @@ def load(
         config = ModelConfig.from_json(ckpt / "config.json")
         model = build_model(config, device="meta")
         cast_model(model, dtype)
-    from lfm2.quant import load_quantized_into, quantize_model, read_quantization
+    from lfm2.quant import load_quantized_into, load_quantizing, quantize_model, read_quantization
 
     stored = read_quantization(ckpt)
     if stored is not None:
@@ -560,9 +560,13 @@ def load(
             raise ConfigError(f"{ckpt} is quantized; LoRA adapters apply to float checkpoints (load the float "
                               "model with adapter= and quantize=, which folds the adapter in before quantizing)")
         load_quantized_into(model, ckpt, device)
+    elif quantize is not None and adapter is None:
+        # Quantized as it is read, tensor by tensor (never the float model in memory); the quantized
+        # model moves onto huge pages below.
+        load_quantizing(model, ckpt, quantize, group_size, device)
     else:
-        # Quantized on load: the float weights stay memory-mapped (they are about to be replaced),
-        # and the quantized model moves onto huge pages below.
+        # An adapter is folded into the float weights before quantizing (below): those stay
+        # memory-mapped meanwhile.
         load_into(model, ckpt, device, huge_pages=quantize is None)
     model.eval()
     if vl:
@@ -576,7 +580,7 @@ def load(
 
             merge_lora(_trainable(_with_adapter(llm, adapter)))
             adapter = None
-        quantize_model(model, quantize, group_size)  # a vision model: its language model only
+            quantize_model(model, quantize, group_size)  # a vision model: its language model only
         if device.type == "cpu":
             move_to_huge_pages(model)
     return _compiled(_with_adapter(llm, adapter), compile)

@@ -549,18 +549,7 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
         raise ConfigError(f"{where}: {e}") from None
     table = tensor_table(ckpt)
     text = _language(model)
-    compute = text.model.embedding_norm.weight.dtype
-    for name, linear in list(_quantizable(text)):
-        _set_module(text, name, _meta_linear(linear, kind, group, compute, where, name))
-    backbone = text.model
-    old = backbone.embed_tokens
-    backbone.embed_tokens = QuantEmbedding(old.num_embeddings, old.embedding_dim, emb_kind, emb_group, device="meta")
-    backbone.embed_tokens.dtype = compute
-    if text.config.tie_word_embeddings:
-        text.lm_head = TiedQuantHead(backbone.embed_tokens)
-    else:
-        text.lm_head = _meta_linear(text.lm_head, emb_kind, emb_group, compute, where, "lm_head")
-    _share_head(model, text)
+    quantized_layout(model, kind, group, emb_kind, emb_group, where)
     expected = dict(model.state_dict(keep_vars=True))
     missing = [n for n in expected if n not in table]
     if missing:
@@ -585,6 +574,28 @@ def load_quantized_into(model: nn.Module, ckpt: str | os.PathLike, device: torch
     return model
 
 
+def quantized_layout(model: nn.Module, kind: str, group: int | None, emb_kind: str, emb_group: int | None,
+                     where: str = "quantization") -> None:
+    """Swap a meta-device model's linear layers, embedding and head for empty quantized modules, in place.
+
+    What `quantize_model` would make of them, without any weights: the layout a quantized checkpoint
+    of this model holds (its `state_dict()` names, shapes and dtypes), for loading one or writing one
+    tensor by tensor. Quantized modules compute in the dtype of the model's float weights."""
+    text = _language(model)
+    compute = text.model.embedding_norm.weight.dtype
+    for name, linear in list(_quantizable(text)):
+        _set_module(text, name, _meta_linear(linear, kind, group, compute, where, name))
+    backbone = text.model
+    old = backbone.embed_tokens
+    backbone.embed_tokens = QuantEmbedding(old.num_embeddings, old.embedding_dim, emb_kind, emb_group, device="meta")
+    backbone.embed_tokens.dtype = compute
+    if text.config.tie_word_embeddings:
+        text.lm_head = TiedQuantHead(backbone.embed_tokens)
+    else:
+        text.lm_head = _meta_linear(text.lm_head, emb_kind, emb_group, compute, where, "lm_head")
+    _share_head(model, text)
+
+
 def _meta_linear(linear: nn.Linear, kind: str, group: int | None, compute: torch.dtype, where: str,
                  name: str) -> QuantLinear:
     """An empty quantized layer on the meta device in place of `linear`."""
@@ -600,26 +611,26 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: st
                         embedding_kind: str | None = None) -> Path:
     """Quantize a float checkpoint directory into `out` (weights, config and the other files, such as the tokenizer).
 
-    The model is loaded in the checkpoint's own dtype, so its weights stay memory-mapped, and
-    each layer is quantized from them in turn: the memory needed is that of the quantized
-    model. Float tensors that stay float (norms, convolution kernels) keep the file's dtype;
-    the MoE router stays float32. An LFM2-VL checkpoint keeps its vision tower and projector float
-    (`quantize_model`), and its config.json every field it had. The source directory is never
-    modified. What `lfm2 quantize` runs.
+    Streamed (`stream_quantized`): each tensor is read from the source files, quantized and written
+    before the next is read, so memory holds one tensor, never the model (a bfloat16 LFM2-8B-A1B,
+    16.6 GB, quantizes to int4 on a machine with less free memory than its 4.7 GB int4 size). The
+    output is one `model.safetensors`, or Hugging Face shards with an index past `lfm2.shards.SHARD_BYTES`.
+    Float tensors that stay float (norms, convolution kernels) keep the file's dtype; the MoE router
+    stays float32. An LFM2-VL checkpoint keeps its vision tower and projector float (`quantize_model`),
+    and its config.json every field it had. The source directory is never modified. What `lfm2 quantize` runs.
     """
     from lfm2.config import ModelConfig
+    from lfm2.files import atomic_write
     from lfm2.models import build_model, cast_model
     from lfm2.models.lfm2_vl import Lfm2VlForConditionalGeneration, VlConfig, is_vl_config
-    from lfm2.weights import INDEX_FILE, copy_checkpoint_files, load_into, resolve_checkpoint, tensor_table
+    from lfm2.shards import write_sharded
+    from lfm2.weights import copy_checkpoint_files, resolve_checkpoint, tensor_table
 
     check_format(kind, group_size)
     src = resolve_checkpoint(src)
     out = Path(out)
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: the output directory must differ from the source checkpoint")
-    if (out / INDEX_FILE).exists():
-        raise CheckpointError(f"{out}: holds a sharded checkpoint ({INDEX_FILE}), which would shadow the quantized "
-                              "model.safetensors; choose another output directory")
     if read_quantization(src) is not None:
         raise CheckpointError(f"{src}: already quantized ({read_quantization(src)}); quantize the float checkpoint")
     raw = _read_config(src)
@@ -631,11 +642,98 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, kind: st
         raw = None  # written from the parsed config, as before
         model = build_model(ModelConfig.from_json(src / "config.json"), device="meta")
         cast_model(model, _file_dtype(tensor_table(src), src))
-    load_into(model, src, "cpu")
-    quantize_model(model, kind, group_size, embedding_kind)
+    expected, produce = stream_quantized(model, src, kind, group_size, embedding_kind)
     out.mkdir(parents=True, exist_ok=True)
     copy_checkpoint_files(src, out)
-    return save_quantized(model, out, config=raw)
+    write_sharded(out, [(name, tuple(t.shape), t.dtype) for name, t in expected.items()], produce)
+    config = {**(model.config.to_dict() if raw is None else raw), "quantization": quantization_info(model)}
+    atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_quantizing(model: nn.Module, ckpt: str | os.PathLike, kind: str, group_size: int | None = 32,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """Fill a meta-device model from a float checkpoint, quantizing each weight as it is read.
+
+    The same result as `load_into` then `quantize_model`, but memory holds the quantized model and
+    one float tensor (`stream_quantized`), never the float model: what `lfm2.load(ckpt, quantize=...)`
+    does, so that a bfloat16 LFM2-8B-A1B loads as int4 where its float32 copy (33 GB) would not fit."""
+    expected, produce = stream_quantized(model, Path(ckpt), kind, group_size)
+    state = {name: produce(name).to(device) for name in expected}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.quantization = _language(model).quantization = quantization_info(model)
+    return model
+
+
+def stream_quantized(model: nn.Module, ckpt: Path, kind: str, group_size: int | None,
+                     embedding_kind: str | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors of `model` quantized from float checkpoint `ckpt`, made one at a time.
+
+    `model` is on the meta device, in the dtypes its float tensors should have; it is swapped in place
+    to its quantized layout (`quantized_layout`). Returns (the expected tensors as meta tensors, in
+    state-dict order; `produce(name)`, which reads that tensor's source from the files with plain
+    reads, quantizes it in blocks of rows and returns it). Every source tensor is checked (present,
+    of the right shape, none left over) before anything is read. A layer's `scales` are made with its
+    `qweight`, and must be asked for after it, as the state-dict order has them.
+    """
+    from lfm2.shards import read_tensor
+    from lfm2.weights import model_table
+
+    embedding_kind = embedding_kind or ("int8" if kind == "int4" else kind)
+    text = _language(model)
+    check_format(embedding_kind, group_size, text.config.hidden_size, what="the embedding")
+    table = model_table(model, ckpt)
+    quantized_layout(model, kind, group_size, embedding_kind, group_size, where=f"quantizing {ckpt}")
+    expected = dict(model.state_dict(keep_vars=True))
+    sources: dict[str, tuple[str, tuple[int, ...]]] = {}  # our tensor -> (its source tensor, the source's shape)
+    for name, t in expected.items():
+        prefix, _, leaf = name.rpartition(".")
+        layer = model.get_submodule(prefix) if leaf in ("qweight", "scales") else None
+        if isinstance(layer, QuantLinear):
+            sources[name] = (f"{prefix}.weight", (layer.out_features, layer.in_features))
+        else:
+            sources[name] = (name, tuple(t.shape))
+    for source, shape in sources.values():
+        if source not in table:
+            raise CheckpointError(f"{ckpt}: missing tensor {source!r}; the checkpoint does not match config.json")
+        found = tuple(table[source][1]["shape"])
+        if found != shape:
+            raise CheckpointError(f"{table[source][0]}: tensor {source!r} has shape {list(found)}, expected "
+                                  f"{list(shape)} from config.json")
+    used = {source for source, _ in sources.values()}
+    unexpected = [n for n in table if n not in used and not (text.config.tie_word_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        raise CheckpointError(f"{ckpt}: unexpected tensor(s) {', '.join(unexpected[:5])}: the checkpoint is not a "
+                              f"{model.config.model_type} model of this config")
+    pending: dict[str, torch.Tensor] = {}  # a layer's scales, made with its qweight
+
+    def produce(name: str) -> torch.Tensor:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "scales" and prefix in pending:
+            return pending.pop(prefix)
+        source = sources[name][0]
+        path, info = table[source]
+        t = read_tensor(path, info, source)
+        if leaf != "qweight" or source == name:
+            return t.to(expected[name].dtype)
+        layer = model.get_submodule(prefix)
+        qweight, pending[prefix] = quantize_rows(t, layer.kind, layer.group_size)
+        return qweight
+
+    return expected, produce
+
+
+def quantize_rows(w: torch.Tensor, kind: str, group_size: int | None, rows: int = 1024
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_weight` a block of `rows` rows at a time: the same result (rows are quantized
+    independently), with float32 temporaries of one block rather than of the whole matrix."""
+    bits = check_format(kind, group_size, w.shape[-1])
+    N, K = w.shape
+    qweight = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+    scales = torch.empty(N, _groups(K, group_size), dtype=torch.float16)
+    for r in range(0, N, rows):
+        qweight[r : r + rows], scales[r : r + rows] = quantize_weight(w[r : r + rows], kind, group_size)
+    return qweight, scales
 
 
 def _read_config(ckpt: Path) -> dict[str, Any]:

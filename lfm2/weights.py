@@ -301,19 +301,26 @@ def read_state(table: dict[str, tuple[Path, dict]], expected: dict[str, torch.Te
     return {name: t.to(device=device, dtype=expected[name].dtype) for name, t in tensors}
 
 
+def model_table(model: torch.nn.Module, ckpt: Path) -> dict[str, tuple[Path, dict]]:
+    """`tensor_table(ckpt)` under the model's own tensor names: a model whose checkpoints name some tensors
+    otherwise (`Lfm2VlForConditionalGeneration`) maps them with its `sanitize` (None: a tensor it drops)."""
+    table = tensor_table(ckpt)
+    sanitize = getattr(model, "sanitize", None)
+    if sanitize is not None:
+        for name, ours in sanitize(list(table)).items():
+            entry = table.pop(name)
+            if ours is not None:
+                table[ours] = (entry[0], {**entry[1], "stored_name": name})
+    return table
+
+
 def load_into(model: torch.nn.Module, ckpt: Path, device: torch.device | str, huge_pages: bool = True) -> None:
     """Fill a model built on the meta device with the checkpoint's weights, after checking them all.
 
     Each tensor takes the dtype of the meta model's parameter, so whatever `cast_model` decided
     (float32 routers in a bf16 MoE) holds for the loaded weights too.
     """
-    table = tensor_table(ckpt)
-    sanitize = getattr(model, "sanitize", None)
-    if sanitize is not None:  # a model whose checkpoints name some tensors otherwise (`Lfm2VlForConditionalGeneration`)
-        for name, ours in sanitize(list(table)).items():
-            entry = table.pop(name)
-            if ours is not None:
-                table[ours] = (entry[0], {**entry[1], "stored_name": name})
+    table = model_table(model, ckpt)
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
     embedding = getattr(model, "embedding_key", "model.embed_tokens.weight")
