@@ -1,6 +1,8 @@
-"""`lfm2 bench`: lfm2 against transformers and llama.cpp on the same random-weight checkpoint.
+"""`lfm2 bench`: lfm2 against transformers and llama.cpp on the same random-weight checkpoint, or on a GGUF file.
 
     lfm2 bench --preset LFM2-350M [--rounds 2] [--prompt 512] [--new 128] [--threads 2]
+    lfm2 bench --preset LFM2-8B-A1B --precision int4 --no-transformers --llama-bench PATH/llama-bench
+    lfm2 bench --gguf model.gguf [--llama-bench PATH/llama-bench]
 
 Each measurement runs in a fresh process (so peak resident memory is the engine's own), and the
 engines are interleaved round by round (so a noisy machine hurts them alike). Every engine gets
@@ -14,24 +16,46 @@ Rows marked "+compile" decode through `torch.compile` (`lfm2.compile`; `--no-com
 with the compile time printed under the table.
 Precisions are matched: lfm2 float32 and transformers float32 against llama.cpp F32, lfm2 int8
 against Q8_0, lfm2 int4 against Q4_0; "vs lfm2" compares each row with lfm2 at its precision.
-lfm2's int8 / int4 checkpoints are written once by `lfm2 quantize` (group size 32, the layout of
-Q8_0 / Q4_0), llama.cpp's GGUF files by `lfm2 convert`. llama.cpp rows appear when
-`llama-cpp-python` is installed (`pip install -e '.[llama]'`).
+The random checkpoint is written once, in bfloat16 shards as Hugging Face publishes the models
+(`lfm2.random_checkpoint`: tensor by tensor, so an 8B model never sits in memory); a model whose
+bfloat16 files would not fit the disk (or exceed `DIRECT_INT4_BYTES`: LFM2-24B-A2B) is written as
+an int4 checkpoint directly, and only its int4 rows run. lfm2's int8 / int4 checkpoints are written
+once by `lfm2 quantize` (group size 32, the layout of Q8_0 / Q4_0) in a child process whose peak
+memory is reported, llama.cpp's GGUF files by `lfm2 convert`. Rows whose weights would not fit in
+the memory available are skipped, with a note.
+
+llama.cpp runs through `llama-cpp-python` when it is installed (`pip install -e '.[llama]'`), or
+through the `llama-bench` binary given with `--llama-bench`: prefill `-p N -n 0`, decode
+`-p 0 -n M -d N` (decoding after N tokens of context, as the other engines do), one repetition
+each after its warm-up, in two processes run under `/usr/bin/time -v`, whose "maximum resident set
+size" is the row's peak memory (llama.cpp maps the file, so weights count once touched).
+
+`--gguf FILE` benchmarks one GGUF file as a user would run it: `lfm2.load(FILE)` with no options
+(a Q4_0 / Q8_0 file in its own format, other block types as int8, see `lfm2.load`) beside llama.cpp.
+The table is also drawn as a PNG (`--chart`, default `bench-<name>.png` in the bench's folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-WORDS = ("the quick brown fox jumps over a lazy dog while liquid models run fast on small devices and "
-         "numbers like 12345 or 3.14159 appear in text").split()
+from lfm2.errors import ConfigError
+
+# A bfloat16 checkpoint bigger than this is not written: the int4 one is, directly. LFM2-24B-A2B's is
+# 48 GB (its int4 13.5 GB), more than most disks hold next to anything else; LFM2-8B-A1B's is 16.6 GB.
+DIRECT_INT4_BYTES = 40 * 10**9
+BYTES_PER_WEIGHT = {"f32": 4.0, "int8": 34 / 32, "int4": 18 / 32}  # of the blocks (scales included)
+TIME = "/usr/bin/time"
 
 CHILD = r"""
 import json, sys, time
@@ -90,29 +114,70 @@ print(json.dumps({"prefill": prompt_len / ttft, "decode": (len(stamps) - 1) / (s
 """
 
 
-def random_checkpoint(preset_name: str, out: Path) -> Path:
-    """Write (once) a random float32 checkpoint of `preset_name` with a tokenizer covering its vocabulary."""
-    if (out / "model.safetensors").is_file():
-        return out
-    import torch
-    from tokenizers import Tokenizer as HFTokenizer
+QUANTIZE_CHILD = r"""
+import json, sys, time
+from lfm2.quant import quantize_checkpoint
+t = time.perf_counter()
+quantize_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], 32)
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(json.dumps({"seconds": time.perf_counter() - t, "rss": hwm}))
+"""
 
+
+@dataclass
+class Row:
+    """One engine on one file: a row of the table."""
+
+    label: str
+    engine: str  # "lfm2", "lfm2-compile", "transformers", "llama" (llama-cpp-python) or "llama-bench"
+    path: Path
+    precision: str  # rows of one precision are compared with each other
+    bytes_per_token: float  # weight bytes a decode step reads (active experts only)
+
+
+def random_checkpoint(preset_name: str, out: Path, notes: list[str]) -> Path:
+    """Write (once) a random checkpoint of `preset_name` into `out` and return it: bfloat16 shards, or an int4
+    checkpoint (in `out/lfm2-int4`) where bfloat16 files would not fit the disk (a note in `notes` says so)."""
     from lfm2.config import preset
-    from lfm2.files import atomic_write
-    from lfm2.models import build_model
-    from lfm2.train.tokenizer import train_tokenizer
-    from lfm2.weights import save_checkpoint
+    from lfm2.random_checkpoint import is_complete, write_random_checkpoint
 
+    direct = out / "lfm2-int4"
+    if is_complete(out):
+        return out
+    if is_complete(direct):
+        notes.append(f"{preset_name}: the int4 checkpoint in {direct} was written directly (no bfloat16 copy); "
+                     "only lfm2 int4 rows run")
+        return direct
     config = preset(preset_name)
-    print(f"writing a random {preset_name} checkpoint to {out} ...", file=sys.stderr, flush=True)
-    corpus = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) for i in range(200)]
-    train_tokenizer(corpus, vocab_size=1000, out_dir=out)
-    tok = HFTokenizer.from_file(str(out / "tokenizer.json"))
-    tok.add_tokens([f"<t{i}>" for i in range(tok.get_vocab_size(), config.vocab_size)])
-    atomic_write(out / "tokenizer.json", tok.to_str(pretty=True))
-    torch.manual_seed(0)
-    save_checkpoint(build_model(config, device="cpu"), out)
-    return out
+    total, embedding = parameter_counts(config)
+    bf16, int4 = 2 * total, (total - embedding) * BYTES_PER_WEIGHT["int4"] + embedding * BYTES_PER_WEIGHT["int8"]
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    margin = 2 * 10**9
+    if bf16 <= DIRECT_INT4_BYTES and free >= bf16 + int4 + margin:
+        print(f"writing a random {preset_name} checkpoint to {out} ({bf16 / 1e9:.1f} GB of bfloat16) ...",
+              file=sys.stderr, flush=True)
+        return write_random_checkpoint(config, out, verbose=True)
+    if free < int4 + margin:
+        raise ConfigError(f"{out}: a random {preset_name} checkpoint needs {int4 / 1e9:.1f} GB even written as int4, "
+                          f"and the disk holding {where} has {free / 1e9:.1f} GB free; free some space or pass "
+                          "--dir on a disk with more room")
+    why = (f"more than {DIRECT_INT4_BYTES / 1e9:.0f} GB" if bf16 > DIRECT_INT4_BYTES
+           else f"the disk holding {where} has {free / 1e9:.1f} GB free, and the bench needs room for the int4 "
+                "copy too")
+    notes.append(f"{preset_name}: its bfloat16 files would take {bf16 / 1e9:.1f} GB ({why}), so the int4 checkpoint "
+                 f"({int4 / 1e9:.1f} GB, random int4 weights in lfm2's quantized format) was written directly to "
+                 f"{direct}; only lfm2 int4 rows run")
+    print(notes[-1], file=sys.stderr, flush=True)
+    return write_random_checkpoint(config, direct, kind="int4", verbose=True)
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(parameters, of which the embedding) of a config, counted on the meta device."""
+    from lfm2.models import build_model, count_parameters
+
+    model = build_model(config)
+    return count_parameters(model), model.model.embed_tokens.weight.numel()
 
 
 def bandwidth_gbs() -> tuple[float, float]:
@@ -136,7 +201,7 @@ def bandwidth_gbs() -> tuple[float, float]:
 
 
 def weight_bytes_per_token(ckpt: Path, bytes_per_weight: float) -> float:
-    """Bytes of weights one decode step reads: every matrix once (the tied head included)."""
+    """Bytes of weights one decode step reads: every matrix once (the tied head included), active experts only."""
     from lfm2.config import ModelConfig
     from lfm2.models import build_model, count_parameters
 
@@ -144,7 +209,20 @@ def weight_bytes_per_token(ckpt: Path, bytes_per_weight: float) -> float:
     return count_parameters(model, active=True) * bytes_per_weight
 
 
+def gguf_bytes_per_token(path: Path) -> float:
+    """Bytes of a GGUF file's tensors one decode step reads: all of them, experts in the share a token uses."""
+    from lfm2.gguf import GGUFFile, config_from_gguf
+
+    f = GGUFFile(path)
+    config = config_from_gguf(f)
+    share = config.num_experts_per_tok / config.num_experts if config.is_moe else 1.0
+    return sum(info.nbytes * (share if "_exps." in name else 1.0) for name, info in f.tensors.items())
+
+
 def run(engine: str, path: Path, args: argparse.Namespace) -> dict:
+    """One measurement in fresh processes: {"prefill", "decode" (tokens/s), "ttft" (s), "rss" (bytes), ...}."""
+    if engine == "llama-bench":
+        return run_llama_bench(Path(args.llama_bench), path, args)
     out = subprocess.run([sys.executable, "-c", CHILD, engine, str(path), str(args.prompt), str(args.new),
                           str(args.threads)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -152,43 +230,159 @@ def run(engine: str, path: Path, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def engines_for(ckpt: Path, args: argparse.Namespace) -> list[tuple[str, str, Path, float, str]]:
-    """(label, engine, path, bytes per weight, precision) of every row, writing missing files once."""
-    from lfm2.quant import quantize_checkpoint
+def run_llama_bench(binary: Path, path: Path, args: argparse.Namespace) -> dict:
+    """llama.cpp's own benchmark on `path`: prefill and decode, each in a process under `/usr/bin/time -v`."""
+    tests = {"prefill": ["-p", str(args.prompt), "-n", "0"],
+             "decode": ["-p", "0", "-n", str(args.new), "-d", str(args.prompt)]}
+    got: dict = {"tokens": args.new, "compile_s": None, "rss": 0}
+    for test, flags in tests.items():
+        cmd = [TIME, "-v", str(binary), "-m", str(path), *flags, "-t", str(args.threads), "-r", "1", "-o", "json"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"llama-bench on {path} failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
+        got[test] = json.loads(out.stdout)[0]["avg_ts"]
+        peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr)
+        got["rss"] = max(got["rss"], int(peak.group(1)) * 1024 if peak else 0)
+    got["ttft"] = args.prompt / got["prefill"]
+    return got
 
+
+def check_llama_bench(path: str) -> Path:
+    """The `--llama-bench` binary, checked to exist and run, with `/usr/bin/time` to measure it."""
+    binary = Path(path).expanduser()
+    if not binary.is_file():
+        raise ConfigError(f"--llama-bench {path}: no such file; give the path of llama.cpp's llama-bench binary "
+                          "(build/bin/llama-bench in a llama.cpp build)")
+    if not Path(TIME).is_file():
+        raise ConfigError(f"--llama-bench needs {TIME} to measure llama-bench's peak memory; install it "
+                          "(apt-get install time)")
+    return binary
+
+
+def quantize_measured(ckpt: Path, out: Path, kind: str, notes: list[str]) -> None:
+    """`lfm2 quantize` ckpt into out in a child process, noting its time and peak memory against the output's size."""
+    print(f"quantizing {ckpt} to {kind} in {out} ...", file=sys.stderr, flush=True)
+    res = subprocess.run([sys.executable, "-c", QUANTIZE_CHILD, str(ckpt), str(out), kind], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"quantizing {ckpt} to {kind} failed:\n{res.stderr[-2000:]}")
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    notes.append(f"`lfm2 quantize` to {kind}: {got['seconds']:.0f} s, peak resident memory "
+                 f"{got['rss'] / 2**30:.2f} GiB = {got['rss'] / size:.2f}x the {kind} files' {size / 2**30:.2f} GiB "
+                 "(VmHWM of the process)")
+    print(notes[-1], file=sys.stderr, flush=True)
+
+
+def memory_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (what a new process can use without swapping), or 0 if unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def engines_for(ckpt: Path, args: argparse.Namespace, notes: list[str] | None = None) -> list[Row]:
+    """The rows of a preset's bench, writing missing files once; rows whose weights exceed the memory
+    available are left out, with a note."""
+    from lfm2.config import ModelConfig
+    from lfm2.quant import read_quantization
+
+    notes = [] if notes is None else notes
     wanted = set(args.precision.split(",")) if args.precision else {"f32", "int8", "int4"}
-    rows = []
-    if "f32" in wanted:
-        rows.append(("lfm2 float32", "lfm2", ckpt, 4.0, "f32"))
+    config = ModelConfig.from_json(ckpt / "config.json")
+    total, _ = parameter_counts(config)
+    room = memory_available()
+
+    def fits(label: str, precision: str) -> bool:
+        need = total * BYTES_PER_WEIGHT[precision]
+        if room and need > 0.9 * room:
+            notes.append(f"{label} left out: its weights ({need / 2**30:.1f} GiB) exceed the memory available "
+                         f"({room / 2**30:.1f} GiB)")
+            return False
+        return True
+
+    if read_quantization(ckpt) is not None:  # written as int4 directly: nothing else to compare
+        rows = [Row("lfm2 int4", "lfm2", ckpt, "int4", weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT["int4"]))]
         if not args.no_compile:
-            rows.append(("lfm2 float32 +compile", "lfm2-compile", ckpt, 4.0, "f32"))
-    if not args.no_transformers:  # the reference of every precision's prefill target
-        rows.append(("transformers float32", "transformers", ckpt, 4.0, "f32"))
-    for kind, bpw in (("int8", 34 / 32), ("int4", 18 / 32)):
-        if kind not in wanted:
+            rows.append(Row("lfm2 int4 +compile", "lfm2-compile", ckpt, "int4", rows[0].bytes_per_token))
+        return rows
+    rows = []
+    f32 = weight_bytes_per_token(ckpt, 4.0)
+    if "f32" in wanted and fits("lfm2 float32", "f32"):
+        rows.append(Row("lfm2 float32", "lfm2", ckpt, "f32", f32))
+        if not args.no_compile:
+            rows.append(Row("lfm2 float32 +compile", "lfm2-compile", ckpt, "f32", f32))
+    if not args.no_transformers and fits("transformers float32", "f32"):  # every precision's prefill reference
+        rows.append(Row("transformers float32", "transformers", ckpt, "f32", f32))
+    for kind in ("int8", "int4"):
+        if kind not in wanted or not fits(f"lfm2 {kind}", kind):
             continue
         qdir = ckpt / f"lfm2-{kind}"
         if not (qdir / "config.json").is_file():
-            quantize_checkpoint(ckpt, qdir, kind, 32)
-        rows.append((f"lfm2 {kind}", "lfm2", qdir, bpw, kind))
+            quantize_measured(ckpt, qdir, kind, notes)
+        per_token = weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT[kind])
+        rows.append(Row(f"lfm2 {kind}", "lfm2", qdir, kind, per_token))
         if not args.no_compile:
-            rows.append((f"lfm2 {kind} +compile", "lfm2-compile", qdir, bpw, kind))
-    try:
-        import llama_cpp  # noqa: F401
-
-        have_llama = not args.no_llama
-    except ImportError:
-        have_llama = False
-    if have_llama:
+            rows.append(Row(f"lfm2 {kind} +compile", "lfm2-compile", qdir, kind, per_token))
+    llama = llama_engine(args)
+    if llama is not None:
         from lfm2.gguf import export_gguf
 
-        for kind, bpw, precision in (("f32", 4.0, "f32"), ("q8_0", 34 / 32, "int8"), ("q4_0", 18 / 32, "int4")):
-            if precision not in wanted:
+        for kind, precision in (("f32", "f32"), ("q8_0", "int8"), ("q4_0", "int4")):
+            if precision not in wanted or not fits(f"llama.cpp {kind.upper()}", precision):
                 continue
             gguf = ckpt / f"model-{kind}.gguf"
             if not gguf.is_file():
+                print(f"converting {ckpt} to {gguf} ...", file=sys.stderr, flush=True)
                 export_gguf(ckpt, gguf, kind, progress=False)
-            rows.append((f"llama.cpp {kind.upper()}", "llama", gguf, bpw, precision))
+            rows.append(Row(f"llama.cpp {kind.upper()}", llama, gguf, precision,
+                            weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT[precision])))
+    return rows
+
+
+def llama_engine(args: argparse.Namespace) -> str | None:
+    """How llama.cpp runs here: "llama-bench" (`--llama-bench`), "llama" (llama-cpp-python), or None."""
+    if getattr(args, "no_llama", False):
+        return None
+    if getattr(args, "llama_bench", None):
+        check_llama_bench(args.llama_bench)
+        return "llama-bench"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    return "llama"
+
+
+def gguf_rows(path: Path, args: argparse.Namespace, notes: list[str]) -> list[Row]:
+    """The rows of `--gguf`: lfm2 as `lfm2.load(path)` runs the file, and llama.cpp on the same file."""
+    from lfm2.gguf import GGUFFile, config_from_gguf, native_format
+
+    if not path.is_file():
+        raise ConfigError(f"--gguf {path}: no such file; give the path of a .gguf model file (e.g. one written by "
+                          "`lfm2 convert DIR --to gguf --type q4_0 -o model.gguf`)")
+    f = GGUFFile(path)
+    config = config_from_gguf(f)
+    fmt = native_format(f) or "f32"
+    main = max(
+        ((info.type.name, info.nbytes) for name, info in f.tensors.items() if name.startswith("blk.")),
+        key=lambda t: t[1], default=("?", 0))[0]
+    from lfm2.models import build_model, count_parameters
+
+    per_token = count_parameters(build_model(config), active=True) * BYTES_PER_WEIGHT[fmt]
+    rows = [Row(f"lfm2 ({fmt} layers)", "lfm2", path, main, per_token)]
+    if not args.no_compile:
+        rows.append(Row(f"lfm2 ({fmt} layers) +compile", "lfm2-compile", path, main, per_token))
+    llama = llama_engine(args)
+    if llama is None:
+        notes.append("no llama.cpp rows: install llama-cpp-python (pip install -e '.[llama]') or pass "
+                     "--llama-bench PATH/llama-bench")
+    else:
+        rows.append(Row(f"llama.cpp {main}", llama, path, main, gguf_bytes_per_token(path)))
     return rows
 
 
@@ -199,68 +393,106 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--preset", default="LFM2-350M")
-    ap.add_argument("--dir", type=Path, default=None, help="where the random checkpoint and its copies are kept")
+    ap.add_argument("--preset", default="LFM2-350M", help="the model shape to write random weights of "
+                    "(default: LFM2-350M)")
+    ap.add_argument("--gguf", type=Path, default=None, metavar="FILE",
+                    help="benchmark this GGUF file instead: lfm2.load(FILE) beside llama.cpp on the same file")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="where the random checkpoint and its copies are kept (default: TMPDIR/lfm2-serve-PRESET)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--llama-bench", default=None, metavar="PATH",
+                    help="run llama.cpp through this llama-bench binary (default: llama-cpp-python if installed)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the rows with a torch.compile'd decode step")
     ap.add_argument("--precision", default=None, metavar="LIST",
                     help="only these precisions, comma-separated from f32,int8,int4 (default: all); "
                          "transformers float32 stays unless --no-transformers")
+    ap.add_argument("--chart", type=Path, default=None, metavar="PATH",
+                    help="where to draw the table as a PNG (default: bench-<preset or file>.png in the bench's "
+                         "folder, --dir; for --gguf, TMPDIR)")
 
 
 def bench(args: argparse.Namespace) -> None:
     if args.precision and not set(args.precision.split(",")) <= {"f32", "int8", "int4"}:
         raise SystemExit(f"--precision {args.precision!r}: choose from f32, int8, int4 (comma-separated)")
-    ckpt = random_checkpoint(args.preset, args.dir or Path(tempfile.gettempdir()) / f"lfm2-serve-{args.preset}")
-    engines = engines_for(ckpt, args)
-    results: dict[str, list[dict]] = {label: [] for label, *_ in engines}
+    notes: list[str] = []
+    if getattr(args, "gguf", None) is not None:
+        rows = gguf_rows(args.gguf, args, notes)
+        name = args.gguf.name
+        chart = args.chart or Path(tempfile.gettempdir()) / f"bench-{args.gguf.stem}.png"
+    else:
+        folder = args.dir or Path(tempfile.gettempdir()) / f"lfm2-serve-{args.preset}"
+        ckpt = random_checkpoint(args.preset, folder, notes)
+        rows = engines_for(ckpt, args, notes)
+        name = f"{args.preset} (random weights)"
+        chart = getattr(args, "chart", None) or folder / f"bench-{args.preset}.png"
+    if not rows:
+        raise SystemExit("no rows to run: " + "; ".join(notes))
+    results: dict[str, list[dict]] = {row.label: [] for row in rows}
     for r in range(args.rounds):
-        for label, engine, path, _, _ in engines:
-            results[label].append(run(engine, path, args))
-            print(f"round {r + 1}: {label}: {results[label][-1]}", file=sys.stderr, flush=True)
+        for row in rows:
+            results[row.label].append(run(row.engine, row.path, args))
+            print(f"round {r + 1}: {row.label}: {results[row.label][-1]}", file=sys.stderr, flush=True)
     bw_plain, bw = bandwidth_gbs()
     bw = max(bw, bw_plain)
+    title = (f"{name}, prompt {args.prompt} tokens, {args.new} new tokens, {args.threads} threads, median of "
+             f"{args.rounds} interleaved rounds; read bandwidth {bw:.1f} GB/s")
+    bars = report(rows, results, bw, bw_plain, title, notes)
+    from lfm2.bench_chart import write_chart
+
+    print(f"\nchart: {write_chart(chart, bars, title)}")
+
+
+def report(rows: list[Row], results: dict[str, list[dict]], bw: float, bw_plain: float, title: str,
+           notes: list[str]) -> list:
+    """Print the table, the per-round ratios and the notes; return the chart's bars."""
+    from lfm2.bench_chart import Bar
 
     def med(label: str, key: str) -> float:
         return statistics.median(x[key] for x in results[label])
 
     # "vs lfm2": against eager lfm2 at the same precision (or its compiled row, or the row itself)
-    base = {precision: label for label, engine, _, _, precision in engines if not engine.startswith("lfm2")}
-    base.update({precision: label for label, engine, _, _, precision in engines if engine == "lfm2-compile"})
-    base.update({precision: label for label, engine, _, _, precision in engines if engine == "lfm2"})
-    print(f"\n{args.preset} (random weights), prompt {args.prompt} tokens, {args.new} new tokens, "
-          f"{args.threads} threads, median of {args.rounds} interleaved rounds; read bandwidth {bw:.1f} GB/s "
-          f"({bw_plain:.1f} GB/s on 4 KiB pages); "
-          "'vs lfm2' = this row / lfm2 at the same precision\n")
+    base = {row.precision: row.label for row in rows if not row.engine.startswith("lfm2")}
+    base.update({row.precision: row.label for row in rows if row.engine == "lfm2-compile"})
+    base.update({row.precision: row.label for row in rows if row.engine == "lfm2"})
+    print(f"\n{title} ({bw_plain:.1f} GB/s on 4 KiB pages); 'vs lfm2' = this row / lfm2 at the same precision\n")
     print("| engine | prefill tok/s | vs lfm2 | decode tok/s | vs lfm2 | TTFT | peak RSS | decode / bandwidth limit |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, _, _, bpw, precision in engines:
-        pre, dec = med(label, "prefill"), med(label, "decode")
-        ref = base[precision]
-        limit = bw * 1e9 / weight_bytes_per_token(ckpt, bpw)
-        print(f"| {label} | {pre:.1f} | {pre / med(ref, 'prefill'):.2f}x | {dec:.1f} | {dec / med(ref, 'decode'):.2f}x "
-              f"| {med(label, 'ttft') * 1000:.0f} ms | {med(label, 'rss') / 2**30:.2f} GiB | "
-              f"{dec / limit:.0%} of {limit:.0f} tok/s |")
+    bars = []
+    for row in rows:
+        pre, dec = med(row.label, "prefill"), med(row.label, "decode")
+        ref = base[row.precision]
+        limit = bw * 1e9 / row.bytes_per_token
+        print(f"| {row.label} | {pre:.1f} | {pre / med(ref, 'prefill'):.2f}x | {dec:.1f} | "
+              f"{dec / med(ref, 'decode'):.2f}x | {med(row.label, 'ttft') * 1000:.0f} ms | "
+              f"{med(row.label, 'rss') / 2**30:.2f} GiB | {dec / limit:.0%} of {limit:.0f} tok/s |")
+        engine = row.label.split(" ")[0] + (" +compile" if row.engine == "lfm2-compile" else "")
+        bars.append(Bar(row.label, engine, row.precision, pre, dec, limit))
     print("\ndecode per round, lfm2 / the other engine at the same precision (each round runs the engines "
           "one after another, so the machine's slower drift cancels in these ratios better than in the medians):")
-    for label, engine, _, _, precision in engines:
-        if not engine.startswith("lfm2"):
+    for row in rows:
+        if not row.engine.startswith("lfm2"):
             continue
-        for other, other_engine, _, _, other_precision in engines:
-            if other_engine.startswith("lfm2") or other_precision != precision:
+        for other in rows:
+            if other.engine.startswith("lfm2") or other.precision != row.precision:
                 continue
-            ratios = [a["decode"] / b["decode"] for a, b in zip(results[label], results[other], strict=True)]
-            print(f"- {label} / {other}: " + ", ".join(f"{r:.2f}" for r in ratios)
+            ratios = [a["decode"] / b["decode"] for a, b in zip(results[row.label], results[other.label], strict=True)]
+            print(f"- {row.label} / {other.label}: " + ", ".join(f"{r:.2f}" for r in ratios)
                   + f" (median {statistics.median(ratios):.2f}x)")
-    compiled = [(label, med(label, "compile_s")) for label, engine, *_ in engines if engine == "lfm2-compile"]
+    compiled = [(row.label, med(row.label, "compile_s")) for row in rows if row.engine == "lfm2-compile"]
     if compiled:
         print("\ncompile time of the decode step (first call, in the measured process; inductor's on-disk cache "
               "shortens later runs): " + ", ".join(f"{label} {s:.0f} s" for label, s in compiled))
+    if any(row.engine == "llama-bench" for row in rows):
+        print("\nllama.cpp ran as llama-bench (prefill -p N -n 0, decode -p 0 -n M -d N, 1 repetition after its "
+              "warm-up); its peak RSS is /usr/bin/time's maximum resident set size of the larger of the two runs")
+    for note in notes:
+        print(f"\nnote: {note}")
+    return bars
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ def write_sharded(out: Path, specs: list[Spec], produce: Callable[[str], torch.T
         index = {"metadata": {"total_size": sum(_nbytes(s) for s in specs)},
                  "weight_map": {name: file for file, shard in zip(names, shards, strict=True) for name, _, _ in shard}}
         atomic_write(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    keep = {*names, INDEX_FILE} if len(shards) > 1 else {SINGLE_FILE}
     for stale in out.iterdir():
-        if stale.name not in names and (stale.name in (SINGLE_FILE, INDEX_FILE) or _SHARD.fullmatch(stale.name)):
+        if stale.name not in keep and (stale.name in (SINGLE_FILE, INDEX_FILE) or _SHARD.fullmatch(stale.name)):
             stale.unlink()
     return written
 
