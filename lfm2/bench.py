@@ -368,9 +368,7 @@ def gguf_rows(path: Path, args: argparse.Namespace, notes: list[str]) -> list[Ro
     f = GGUFFile(path)
     config = config_from_gguf(f)
     fmt = native_format(f) or "f32"
-    main = max(
-        ((info.type.name, info.nbytes) for name, info in f.tensors.items() if name.startswith("blk.")),
-        key=lambda t: t[1], default=("?", 0))[0]
+    main = file_type(f)
     from lfm2.models import build_model, count_parameters
 
     per_token = count_parameters(build_model(config), active=True) * BYTES_PER_WEIGHT[fmt]
@@ -384,6 +382,21 @@ def gguf_rows(path: Path, args: argparse.Namespace, notes: list[str]) -> list[Ro
     else:
         rows.append(Row(f"llama.cpp {main}", llama, path, main, gguf_bytes_per_token(path)))
     return rows
+
+
+def file_type(f) -> str:
+    """A GGUF file's type as llama.cpp names it ("Q4_K_M", "Q4_0"), from `general.file_type`, else the block
+    type holding most of its layers' bytes (a K-quant mix names itself only in the metadata)."""
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(f.metadata["general.file_type"]).name.removeprefix("MOSTLY_")
+    except (KeyError, ValueError):
+        sizes: dict[str, int] = {}
+        for name, info in f.tensors.items():
+            if name.startswith("blk."):
+                sizes[info.type.name] = sizes.get(info.type.name, 0) + info.nbytes
+        return max(sizes, key=sizes.get) if sizes else "?"
 
 
 def main(argv: list[str] | None = None) -> None:
