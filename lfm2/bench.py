@@ -48,8 +48,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lfm2.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: `lfm2 bench --help` stays quick
+    from lfm2.config import ModelConfig
+    from lfm2.gguf import GGUFFile
 
 # A bfloat16 checkpoint bigger than this is not written: the int4 one is, directly. LFM2-24B-A2B's is
 # 48 GB (its int4 13.5 GB), more than most disks hold next to anything else; LFM2-8B-A1B's is 16.6 GB.
@@ -172,7 +177,7 @@ def random_checkpoint(preset_name: str, out: Path, notes: list[str]) -> Path:
     return write_random_checkpoint(config, direct, kind="int4", verbose=True)
 
 
-def parameter_counts(config) -> tuple[int, int]:
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
     """(parameters, of which the embedding) of a config, counted on the meta device."""
     from lfm2.models import build_model, count_parameters
 
@@ -384,7 +389,7 @@ def gguf_rows(path: Path, args: argparse.Namespace, notes: list[str]) -> list[Ro
     return rows
 
 
-def file_type(f) -> str:
+def file_type(f: GGUFFile) -> str:
     """A GGUF file's type as llama.cpp names it ("Q4_K_M", "Q4_0"), from `general.file_type`, else the block
     type holding most of its layers' bytes (a K-quant mix names itself only in the metadata)."""
     import gguf
@@ -406,20 +411,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--preset", default="LFM2-350M", help="the model shape to write random weights of "
-                    "(default: LFM2-350M)")
+    ap.add_argument("--preset", default="LFM2-350M", help="the model shape to write random weights of")
     ap.add_argument("--gguf", type=Path, default=None, metavar="FILE",
                     help="benchmark this GGUF file instead: lfm2.load(FILE) beside llama.cpp on the same file")
     ap.add_argument("--dir", type=Path, default=None,
                     help="where the random checkpoint and its copies are kept (default: TMPDIR/lfm2-serve-PRESET)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the table shows medians")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=128, help="tokens to decode")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every engine")
+    ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
     ap.add_argument("--llama-bench", default=None, metavar="PATH",
                     help="run llama.cpp through this llama-bench binary (default: llama-cpp-python if installed)")
-    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
     ap.add_argument("--no-compile", action="store_true", help="skip the rows with a torch.compile'd decode step")
     ap.add_argument("--precision", default=None, metavar="LIST",
                     help="only these precisions, comma-separated from f32,int8,int4 (default: all); "

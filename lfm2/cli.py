@@ -11,6 +11,7 @@
     lfm2 merge ...                        fold an adapter into its model, or average checkpoints
     lfm2 quantize SRC -o OUT --type int8|int4   quantized checkpoint (lfm2.quant), loads directly
     lfm2 bench --preset LFM2-350M         lfm2 vs transformers vs llama.cpp at matched precision
+    lfm2 bench --gguf FILE                lfm2.load(FILE) vs llama.cpp on the same GGUF file
 
 Every failure the user can fix (a bad flag, an unreadable model path, a bad sampling value)
 prints one line starting with "lfm2: error:" and exits with status 2; no stack traces.

@@ -167,7 +167,6 @@ def test_streamed_quantization_of_shards_matches_quantizing_the_loaded_model(tmp
 
 def test_rows_that_do_not_fit_in_memory_are_left_out_with_a_note(tmp_path, monkeypatch):
     from lfm2 import bench
-
     from lfm2.quant import quantize_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "m", tiny_config())
@@ -225,7 +224,6 @@ def test_gguf_mode_rows_and_llama_bench_arguments(tmp_path, monkeypatch):
     and decode runs get the flags the docstring states, and its peak memory is /usr/bin/time's."""
     from lfm2 import bench
     from lfm2.gguf import export_gguf
-
     from lfm2.random_checkpoint import write_random_checkpoint
 
     ckpt = write_random_checkpoint(tiny_config(), tmp_path / "m")  # with a tokenizer, which a GGUF file needs
