@@ -484,7 +484,7 @@ def report(rows: list[Row], results: dict[str, list[dict]], bw: float, bw_plain:
         pre, dec = med(row.label, "prefill"), med(row.label, "decode")
         ref = base[row.precision]
         limit = bw * 1e9 / row.bytes_per_token
-        print(f"| {row.label} | {pre:.1f} | {pre / med(ref, 'prefill'):.2f}x | {dec:.1f} | "
+        print(f"| {row.label} | {pre:.1f} | {pre / med(ref, 'prefill'):.2f}x | {dec:.{1 if dec >= 10 else 2}f} | "
               f"{dec / med(ref, 'decode'):.2f}x | {med(row.label, 'ttft') * 1000:.0f} ms | "
               f"{med(row.label, 'rss') / 2**30:.2f} GiB | {dec / limit:.0%} of {limit:.0f} tok/s |")
         engine = row.label.split(" ")[0] + (" +compile" if row.engine == "lfm2-compile" else "")

@@ -49,7 +49,7 @@ def write_chart(path: str | os.PathLike, bars: list[Bar], title: str) -> Path:
             for b in members:
                 value = getattr(b, metric)
                 ax.bar(x, value, width=0.8, color=colours[b.engine], label=b.engine)
-                ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom", fontsize=8)
+                ax.annotate(f"{value:.{1 if value >= 10 else 2}f}", (x, value), ha="center", va="bottom", fontsize=8)
                 if metric == "decode" and b.decode_limit > 0:
                     ax.hlines(b.decode_limit, x - 0.45, x + 0.45, colors="black", linestyles="dashed",
                               label="memory-bandwidth limit")
