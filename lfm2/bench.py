@@ -364,28 +364,30 @@ def llama_engine(args: argparse.Namespace) -> str | None:
 
 
 def gguf_rows(path: Path, args: argparse.Namespace, notes: list[str]) -> list[Row]:
-    """The rows of `--gguf`: lfm2 as `lfm2.load(path)` runs the file, and llama.cpp on the same file."""
+    """The rows of `--gguf`: lfm2 as `lfm2.load(path)` runs the file, and llama.cpp on the same file.
+
+    Weight bytes per token: a quantized file's own, for both engines (lfm2 runs Q4_0 / Q8_0 / K-quant blocks
+    as stored; a block type it has no kernel for is requantized to int8, of about the same size), and for a
+    float file lfm2's float32 against the file's F32 / F16 / BF16."""
     from lfm2.gguf import GGUFFile, config_from_gguf, native_format
+    from lfm2.models import build_model, count_parameters
 
     if not path.is_file():
         raise ConfigError(f"--gguf {path}: no such file; give the path of a .gguf model file (e.g. one written by "
                           "`lfm2 convert DIR --to gguf --type q4_0 -o model.gguf`)")
     f = GGUFFile(path)
-    config = config_from_gguf(f)
-    fmt = native_format(f) or "f32"
-    main = file_type(f)
-    from lfm2.models import build_model, count_parameters
-
-    per_token = count_parameters(build_model(config), active=True) * BYTES_PER_WEIGHT[fmt]
-    rows = [Row(f"lfm2 ({fmt} layers)", "lfm2", path, main, per_token)]
+    kind = file_type(f)
+    per_token = gguf_bytes_per_token(path)
+    ours = per_token if native_format(f) else count_parameters(build_model(config_from_gguf(f)), active=True) * 4.0
+    rows = [Row(f"lfm2 {kind}", "lfm2", path, kind, ours)]
     if not args.no_compile:
-        rows.append(Row(f"lfm2 ({fmt} layers) +compile", "lfm2-compile", path, main, per_token))
+        rows.append(Row(f"lfm2 {kind} +compile", "lfm2-compile", path, kind, ours))
     llama = llama_engine(args)
     if llama is None:
         notes.append("no llama.cpp rows: install llama-cpp-python (pip install -e '.[llama]') or pass "
                      "--llama-bench PATH/llama-bench")
     else:
-        rows.append(Row(f"llama.cpp {main}", llama, path, main, gguf_bytes_per_token(path)))
+        rows.append(Row(f"llama.cpp {kind}", llama, path, kind, per_token))
     return rows
 
 
