@@ -31,7 +31,7 @@ each after its warm-up, in two processes run under `/usr/bin/time -v`, whose "ma
 size" is the row's peak memory (llama.cpp maps the file, so weights count once touched).
 
 `--gguf FILE` benchmarks one GGUF file as a user would run it: `lfm2.load(FILE)` with no options
-(a Q4_0 / Q8_0 file in its own format, other block types as int8, see `lfm2.load`) beside llama.cpp.
+(the file's blocks as stored where lfm2 has kernels for them, see `lfm2.load`) beside llama.cpp.
 The table is also drawn as a PNG (`--chart`, default `bench-<name>.png` in the bench's folder).
 """
 

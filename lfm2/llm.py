@@ -581,8 +581,8 @@ def load(
             merge_lora(_trainable(_with_adapter(llm, adapter)))
             adapter = None
             quantize_model(model, quantize, group_size)  # a vision model: its language model only
-        if device.type == "cpu":
-            move_to_huge_pages(model)
+            if device.type == "cpu":
+                move_to_huge_pages(model)  # (`load_quantizing` reads into huge pages itself)
     return _compiled(_with_adapter(llm, adapter), compile)
 
 

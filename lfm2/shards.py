@@ -116,15 +116,22 @@ def write_safetensors(path: Path, specs: list[Spec], produce: Callable[[str], to
             f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def read_tensor(path: Path, info: dict, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file, from its header entry (`lfm2.weights.read_header`), by plain reads."""
+def read_tensor(path: Path, info: dict, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file, from its header entry (`lfm2.weights.read_header`), by plain reads;
+    with `rows` (start, stop), only those rows of it (its first dimension)."""
     dtype = SAFETENSORS_DTYPES.get(info["dtype"])
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which lfm2 cannot load")
-    out = torch.empty(tuple(info["shape"]), dtype=dtype)
+    shape = tuple(info["shape"])
+    offset = info["file_offset"]
+    if rows is not None:
+        start, stop = rows[0], min(rows[1], shape[0])
+        offset += start * math.prod(shape[1:]) * dtype.itemsize
+        shape = (stop - start, *shape[1:])
+    out = torch.empty(shape, dtype=dtype)
     if out.numel():
         with open(path, "rb", buffering=0) as f:
-            _read_exact(f, info["file_offset"], out, path, name)
+            _read_exact(f, offset, out, path, name)
     return out
 
 
