@@ -55,14 +55,16 @@ def supports(ggml_type: int, in_features: int) -> bool:
     return ggml_type in TYPES.values() and in_features % SUPER_BLOCK == 0
 
 
-def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
-    """Rows of K-quant blocks (N, bytes) as float32 (N, K): the kernel, else `gguf.quants`."""
+def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of K-quant blocks (N, bytes) as float32 (or bfloat16) (N, K): the kernel, else `gguf.quants`."""
     ops = kernels.ops() if blocks.device.type == "cpu" and blocks.shape[0] > 0 else None
     if ops is not None:
-        return ops.kdequantize(blocks.contiguous(), int(ggml_type), in_features)
+        return ops.kdequantize(blocks.contiguous(), int(ggml_type), in_features, dtype == torch.bfloat16)
     raw = blocks.cpu().numpy()
     values = gguf.quants.dequantize(raw.reshape(-1, raw.shape[-1]), GGMLType(ggml_type))
-    return torch.from_numpy(np.ascontiguousarray(values)).reshape(blocks.shape[0], in_features).to(blocks.device)
+    w = torch.from_numpy(np.ascontiguousarray(values)).reshape(blocks.shape[0], in_features).to(blocks.device)
+    return w.to(dtype)
 
 
 class KQuantLinear(nn.Module):
@@ -114,12 +116,12 @@ class KQuantLinear(nn.Module):
     def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W^T, W dequantized a row tile at a time (see lfm2.quant.QuantLinear._tiled_matmul)."""
         compute = torch.bfloat16 if x.is_cpu and kernels.has_amx_bf16() else torch.float32
-        rows = max(1, TILE_BYTES // (4 * self.in_features))
+        rows = max(1, TILE_BYTES // (compute.itemsize * self.in_features))
         x_t = x.to(compute).t()
         out_t = x_t.new_empty(self.out_features, x.shape[0])  # (N, M)
         for n0 in range(0, self.out_features, rows):
-            w = dequantize_blocks(self.blocks[n0 : n0 + rows], self.ggml_type, self.in_features)
-            torch.mm(w.to(compute), x_t, out=out_t[n0 : n0 + rows])
+            w = dequantize_blocks(self.blocks[n0 : n0 + rows], self.ggml_type, self.in_features, compute)
+            torch.mm(w, x_t, out=out_t[n0 : n0 + rows])
         return out_t.t().float()
 
     def _apply(self, fn: Any, recurse: bool = True) -> KQuantLinear:

@@ -133,8 +133,8 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], blocks.shape[0])
 
     @torch.library.register_fake("lfm2_quant::kdequantize")
-    def _(blocks, type, k):
-        return blocks.new_empty(blocks.shape[0], k, dtype=torch.float32)
+    def _(blocks, type, k, bf16=False):
+        return blocks.new_empty(blocks.shape[0], k, dtype=torch.bfloat16 if bf16 else torch.float32)
 
     @torch.library.register_fake("lfm2_quant::short_conv_step")
     def _(bch, state, weight, bias):

@@ -28,6 +28,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -613,18 +614,21 @@ at::Tensor kgemv(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
 
 int64_t kgemv_best_isa() { return best_isa(); }
 
-at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k) {
+// Rows of blocks as float32, or bfloat16 with `bf16` (rounded to nearest even from the float32
+// values: a prefill GEMM in AMX tiles takes them without another pass over the weights).
+at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool bf16) {
   const KMatrix W = check(blocks, type, k, "kdequantize");
-  at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
+  at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
   at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
     int8_t v[kSuper];
-    float scale[16], minv[16];
+    float scale[16], minv[16], tmp[kSuper];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t sb = 0; sb < W.nsb; ++sb) {
         const uint8_t* blk = W.q + n * W.row_bytes + sb * block_bytes(type);
-        float* o = op + n * k + sb * kSuper;
+        float* o = bf16 ? tmp : of + n * k + sb * kSuper;
 #if LFM2_AVX2
         dequantize_simd(type, blk, o);
 #else
@@ -632,6 +636,10 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k) {
         unpack_values(type, blk, v);
         for (int i = 0; i < kSuper; ++i) o[i] = scale[i / 16] * static_cast<float>(v[i]) - minv[i / 16];
 #endif
+        if (bf16) {
+          at::BFloat16* ob_row = ob + n * k + sb * kSuper;
+          for (int i = 0; i < kSuper; ++i) ob_row[i] = at::BFloat16(tmp[i]);
+        }
       }
   });
   return out;
@@ -643,7 +651,7 @@ TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
   m.def("kgemv(Tensor x, Tensor blocks, int type, int k) -> Tensor");
   m.def("kgemv_isa(Tensor x, Tensor blocks, int type, int k, int isa) -> Tensor");
   m.def("kgemv_best_isa() -> int", &kgemv_best_isa);
-  m.def("kdequantize(Tensor blocks, int type, int k) -> Tensor");
+  m.def("kdequantize(Tensor blocks, int type, int k, bool bf16=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
