@@ -44,6 +44,9 @@ def reference(blocks: torch.Tensor, qtype: T, cols: int) -> torch.Tensor:
 def test_dequantize_equals_gguf_py(qtype):
     blocks = random_blocks(37, 512, qtype)
     assert torch.equal(kernels.ops().kdequantize(blocks, int(qtype), 512), reference(blocks, qtype, 512))
+    # bfloat16 (the AMX prefill's tiles): the float values rounded as torch rounds them
+    assert torch.equal(kernels.ops().kdequantize(blocks, int(qtype), 512, True),
+                       reference(blocks, qtype, 512).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
