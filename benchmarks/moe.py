@@ -174,20 +174,13 @@ def write_gguf(model: torch.nn.Module, out: Path) -> Path:
     """The random int4 model as a Q4_0 GGUF file llama.cpp runs, with a byte-level BPE vocabulary
     trained here (as `lfm2.bench.random_checkpoint` makes one). Uses lfm2.gguf's own name table and
     metadata writer, so the file is what `lfm2 convert --type q4_0` would write for these weights."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from lfm2.bench import WORDS
     from lfm2.files import atomic_path
     from lfm2.gguf import GGUF_ARCH, GGMLType, _gguf_shape, _tensor_type, _vocab_metadata, _write_metadata, tensor_plan
-    from lfm2.train.tokenizer import train_tokenizer
+    from lfm2.random_checkpoint import write_tokenizer
 
     config = model.config
     with tempfile.TemporaryDirectory() as tok_dir:
-        corpus = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) for i in range(200)]
-        train_tokenizer(corpus, vocab_size=1000, out_dir=tok_dir)
-        tok = HFTokenizer.from_file(f"{tok_dir}/tokenizer.json")
-        tok.add_tokens([f"<t{i}>" for i in range(tok.get_vocab_size(), config.vocab_size)])
-        tok.save(f"{tok_dir}/tokenizer.json")
+        write_tokenizer(Path(tok_dir), config.vocab_size)
         tokens, types, special = _vocab_metadata(Path(tok_dir), config.vocab_size)
     w = gguf.GGUFWriter(path=None, arch=GGUF_ARCH[config.model_type])
     _write_metadata(w, config, "random-" + config.model_type, GGMLType.Q4_0)

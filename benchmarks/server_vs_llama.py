@@ -39,7 +39,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_load import free_port  # noqa: E402  (benchmarks/ is not a package)
 
-from lfm2.bench import WORDS, random_checkpoint  # noqa: E402
+from lfm2.bench import random_checkpoint  # noqa: E402
+from lfm2.random_checkpoint import WORDS  # noqa: E402
 
 NAME = "bench"
 

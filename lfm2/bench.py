@@ -140,9 +140,16 @@ class Row:
     bytes_per_token: float  # weight bytes a decode step reads (active experts only)
 
 
-def random_checkpoint(preset_name: str, out: Path, notes: list[str]) -> Path:
+def random_checkpoint(preset_name: str, out: Path, notes: list[str] | None = None) -> Path:
     """Write (once) a random checkpoint of `preset_name` into `out` and return it: bfloat16 shards, or an int4
-    checkpoint (in `out/lfm2-int4`) where bfloat16 files would not fit the disk (a note in `notes` says so)."""
+    checkpoint (in `out/lfm2-int4`) where bfloat16 files would not fit the disk (a note in `notes` says so;
+    without `notes`, on stderr)."""
+    if notes is None:
+        said: list[str] = []
+        path = random_checkpoint(preset_name, out, said)
+        for note in said:
+            print(note, file=sys.stderr)
+        return path
     from lfm2.config import preset
     from lfm2.random_checkpoint import is_complete, write_random_checkpoint
 
