@@ -793,12 +793,12 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
               native: bool = False) -> tuple[ModelConfig, torch.nn.Module, Tokenizer | None, GGUFFile]:
     """(config, model, tokenizer or None, the `GGUFFile`) of a GGUF file, every tensor checked first.
     `native` (and no `quantize`): the file's own format where lfm2 has kernels for it (`native_format`)."""
+    from lfm2 import kernels
+
     f = GGUFFile(path)
     config = config_from_gguf(f)
     tokenizer = tokenizer_from_gguf(f)
     own = native_format(f) if quantize is None and native and group_size == 32 else None
-    from lfm2 import kernels
-
     kquants = own is not None and kernels.ops() is not None  # without the kernels, int8 layers decode faster
     try:
         model = load_model(f, config, dtype, device, progress, quantize or own, group_size, kquants)

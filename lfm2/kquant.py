@@ -40,7 +40,7 @@ SUPER_BLOCK = 256
 # dequantized tiles cost a pass over every weight whatever the rows: 16 rows of kgemv took 2-12 ms
 # on a 4608x1024 Q4_K matrix against 50-170 ms tiled (2 threads, on a busy machine).
 KGEMV_MAX_ROWS = 16
-# Float32 bytes of weight dequantized at once on the many-row path (as lfm2.quant.TILE_BYTES).
+# Bytes of dequantized weight (float32 or bfloat16) made at once on the many-row path (as lfm2.quant.TILE_BYTES).
 TILE_BYTES = 4 * 2**20
 
 
@@ -70,8 +70,8 @@ def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int,
 class KQuantLinear(nn.Module):
     """y = x W^T with W held as GGUF K-quant blocks (see the module docstring). No bias (LFM2 has none).
 
-    Like `lfm2.quant.QuantLinear`: any leading shape, the input's dtype out, float32 arithmetic;
-    `.to(dtype)` changes only the compute dtype, never the blocks.
+    Like `lfm2.quant.QuantLinear`: any leading shape, the input's dtype out, float32 results (the
+    prefill GEMM in bfloat16 on AMX CPUs); `.to(dtype)` changes only the compute dtype, never the blocks.
     """
 
     def __init__(self, in_features: int, out_features: int, ggml_type: int,
