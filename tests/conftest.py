@@ -163,3 +163,14 @@ def chat_checkpoint(tmp_path_factory) -> Path:
     vocab = Tokenizer.from_dir(path).vocab_size
     cfg = tiny_config(vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=512)
     return write_checkpoint(path, cfg, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """`torch.ops.lfm2_quant` (the C++ kernels), or a skip saying why they are not here."""
+    from lfm2 import kernels
+
+    loaded = kernels.ops()
+    if loaded is None:
+        pytest.skip(f"the C++ kernels are not available here: {kernels.build_error() or 'disabled'}")
+    return loaded

@@ -6,16 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lfm2 import kernels
-
-
-@pytest.fixture(scope="module")
-def ops():
-    loaded = kernels.ops()
-    if loaded is None:
-        pytest.skip(f"the C++ kernels are not available here: {kernels.build_error() or 'disabled'}")
-    return loaded
-
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("B,KV,G,S,D", [

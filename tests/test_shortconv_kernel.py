@@ -11,14 +11,6 @@ from lfm2.config import ModelConfig
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 
 
-@pytest.fixture(scope="module")
-def ops():
-    loaded = kernels.ops()
-    if loaded is None:
-        pytest.skip(f"the C++ kernels are not available here: {kernels.build_error() or 'disabled'}")
-    return loaded
-
-
 def _tiny(conv_bias: bool) -> Lfm2ForCausalLM:
     torch.manual_seed(3)
     config = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=3,

@@ -81,6 +81,14 @@ LFM2_INLINE void scales_mins(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
   std::memcpy(m + 4, &m1, 4);
 }
 
+// The same 8 scales and 8 mins, each set as the 8 bytes of one integer (what the SIMD code loads).
+LFM2_INLINE void scales_mins_packed(const uint8_t* q, int64_t* sc8, int64_t* mn8) {
+  uint8_t sc[8], m[8];
+  scales_mins(q, sc, m);
+  std::memcpy(sc8, sc, 8);
+  std::memcpy(mn8, m, 8);
+}
+
 // A super-block's factors: w[i] = scale[i / 16] * v[i] - minv[i / 16] for its integer values v.
 void factors(int64_t type, const uint8_t* blk, float scale[16], float minv[16]) {
   if (type == kQ6K) {
@@ -243,11 +251,8 @@ template <bool FIVE>
 inline void superblock_q45(const uint8_t* blk, const int8_t* xq, float xd, const int16_t* bsum, __m256& acc,
                            __m128& accm) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  uint8_t sc[8], mn[8];
-  scales_mins(blk + 4, sc, mn);
   int64_t sc8, mn8;
-  std::memcpy(&sc8, sc, 8);
-  std::memcpy(&mn8, mn, 8);
+  scales_mins_packed(blk + 4, &sc8, &mn8);
   const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc8)));
   const uint8_t* qs = blk + (FIVE ? 48 : 16);
   __m256i qh;
@@ -426,11 +431,8 @@ template <bool FIVE, int MR>
 LFM2_AVX512 inline void superblock_q45_512(const uint8_t* blk, int64_t sb, const RowPtrs (&x)[MR], __m512 (&acc)[MR],
                                            __m128 (&accm)[MR]) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  uint8_t sc[8], mn[8];
-  scales_mins(blk + 4, sc, mn);
   int64_t sc8, mn8;
-  std::memcpy(&sc8, sc, 8);
-  std::memcpy(&mn8, mn, 8);
+  scales_mins_packed(blk + 4, &sc8, &mn8);
   const __m512i sc16 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc8)));
   const __m128i mins16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn8));
   const uint8_t* qs = blk + (FIVE ? 48 : 16);
