@@ -189,6 +189,7 @@ class ShortConv(nn.Module):
             and bch.dtype == torch.float32
             and bch.is_cpu
             and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # a compiled step fuses these operations itself
         ):
             ops = kernels.ops()
             if ops is not None:  # decode: the whole gated conv step in one call (kernels/shortconv.cpp)
