@@ -12,8 +12,10 @@ the same prompt of random token ids and decodes greedily, ignoring end-of-text:
 - decode as a fraction of the memory-bandwidth limit = decode tokens/s x weight bytes read per
   token / the machine's measured read bandwidth (`torch.sum` over 1 GiB on 2 MiB huge pages; the
   4 KiB-page figure is printed beside it).
-Rows marked "+compile" decode through `torch.compile` (`lfm2.compile`; `--no-compile` skips them),
-with the compile time printed under the table.
+lfm2's rows run its default path: on the CPU, a model of LFM2-350M's size or more decodes through
+`torch.compile` (`lfm2.compile`), compiled at the first step, before the measurement; the compile
+time is printed under the table. `--eager` adds rows decoding without it (`compile=False`), and
+`--no-compile` makes lfm2's rows decode eagerly instead (quicker runs).
 Precisions are matched: lfm2 float32 and transformers float32 against llama.cpp F32, lfm2 int8
 against Q8_0, lfm2 int4 against Q4_0; "vs lfm2" compares each row with lfm2 at its precision.
 The random checkpoint is written once, in bfloat16 shards as Hugging Face publishes the models
@@ -73,7 +75,7 @@ stamps = []
 compile_s = None
 if engine.startswith("lfm2"):
     import lfm2
-    llm = lfm2.load(path, compile=engine == "lfm2-compile")
+    llm = lfm2.load(path, compile={"lfm2": None, "lfm2-compile": True, "lfm2-eager": False}[engine])
     llm.prefix_cache.max_bytes = 0  # every run prefills its whole prompt
     params = llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0)
     t = time.perf_counter()
@@ -82,7 +84,7 @@ if engine.startswith("lfm2"):
     if compiled is not None:
         if compiled.failed:
             raise SystemExit(f"compile failed: {compiled.failed}")
-        compile_s = time.perf_counter() - t
+        compile_s = compiled.compile_seconds
     t0 = time.perf_counter()
     for _ in llm.engine(1, prompt_len + new).generate([prompt], params, new, ignore_eos=True):
         stamps.append(time.perf_counter() - t0)
@@ -134,7 +136,8 @@ class Row:
     """One engine on one file: a row of the table."""
 
     label: str
-    engine: str  # "lfm2", "lfm2-compile", "transformers", "llama" (llama-cpp-python) or "llama-bench"
+    engine: str  # "lfm2" (its default path), "lfm2-eager", "lfm2-compile" (compile=True), "transformers",
+    # "llama" (llama-cpp-python) or "llama-bench"
     path: Path
     precision: str  # rows of one precision are compared with each other
     bytes_per_token: float  # weight bytes a decode step reads (active experts only)
@@ -318,16 +321,11 @@ def engines_for(ckpt: Path, args: argparse.Namespace, notes: list[str] | None = 
         return True
 
     if read_quantization(ckpt) is not None:  # written as int4 directly: nothing else to compare
-        rows = [Row("lfm2 int4", "lfm2", ckpt, "int4", weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT["int4"]))]
-        if not args.no_compile:
-            rows.append(Row("lfm2 int4 +compile", "lfm2-compile", ckpt, "int4", rows[0].bytes_per_token))
-        return rows
+        return lfm2_rows("lfm2 int4", ckpt, "int4", weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT["int4"]), args)
     rows = []
     f32 = weight_bytes_per_token(ckpt, 4.0)
     if "f32" in wanted and fits("lfm2 float32", "f32"):
-        rows.append(Row("lfm2 float32", "lfm2", ckpt, "f32", f32))
-        if not args.no_compile:
-            rows.append(Row("lfm2 float32 +compile", "lfm2-compile", ckpt, "f32", f32))
+        rows += lfm2_rows("lfm2 float32", ckpt, "f32", f32, args)
     if not args.no_transformers and fits("transformers float32", "f32"):  # every precision's prefill reference
         rows.append(Row("transformers float32", "transformers", ckpt, "f32", f32))
     for kind in ("int8", "int4"):
@@ -336,10 +334,7 @@ def engines_for(ckpt: Path, args: argparse.Namespace, notes: list[str] | None = 
         qdir = ckpt / f"lfm2-{kind}"
         if not (qdir / "config.json").is_file():
             quantize_measured(ckpt, qdir, kind, notes)
-        per_token = weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT[kind])
-        rows.append(Row(f"lfm2 {kind}", "lfm2", qdir, kind, per_token))
-        if not args.no_compile:
-            rows.append(Row(f"lfm2 {kind} +compile", "lfm2-compile", qdir, kind, per_token))
+        rows += lfm2_rows(f"lfm2 {kind}", qdir, kind, weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT[kind]), args)
     llama = llama_engine(args)
     if llama is not None:
         from lfm2.gguf import export_gguf
@@ -353,6 +348,14 @@ def engines_for(ckpt: Path, args: argparse.Namespace, notes: list[str] | None = 
                 export_gguf(ckpt, gguf, kind, progress=False)
             rows.append(Row(f"llama.cpp {kind.upper()}", llama, gguf, precision,
                             weight_bytes_per_token(ckpt, BYTES_PER_WEIGHT[precision])))
+    return rows
+
+
+def lfm2_rows(label: str, path: Path, precision: str, per_token: float, args: argparse.Namespace) -> list[Row]:
+    """lfm2's default path (eager with `--no-compile`), and with `--eager` the same decoding eagerly."""
+    rows = [Row(label, "lfm2-eager" if args.no_compile else "lfm2", path, precision, per_token)]
+    if getattr(args, "eager", False) and not args.no_compile:
+        rows.append(Row(f"{label} eager", "lfm2-eager", path, precision, per_token))
     return rows
 
 
@@ -386,9 +389,7 @@ def gguf_rows(path: Path, args: argparse.Namespace, notes: list[str]) -> list[Ro
     kind = file_type(f)
     per_token = gguf_bytes_per_token(path)
     ours = per_token if native_format(f) else count_parameters(build_model(config_from_gguf(f)), active=True) * 4.0
-    rows = [Row(f"lfm2 {kind}", "lfm2", path, kind, ours)]
-    if not args.no_compile:
-        rows.append(Row(f"lfm2 {kind} +compile", "lfm2-compile", path, kind, ours))
+    rows = lfm2_rows(f"lfm2 {kind}", path, kind, ours, args)
     llama = llama_engine(args)
     if llama is None:
         notes.append("no llama.cpp rows: install llama-cpp-python (pip install -e '.[llama]') or pass "
@@ -433,7 +434,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--llama-bench", default=None, metavar="PATH",
                     help="run llama.cpp through this llama-bench binary (default: llama-cpp-python if installed)")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
-    ap.add_argument("--no-compile", action="store_true", help="skip the rows with a torch.compile'd decode step")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="lfm2's rows decode without torch.compile (quicker runs; by default real-size models compile)")
+    ap.add_argument("--eager", action="store_true", help="add lfm2 rows decoding without torch.compile")
     ap.add_argument("--precision", default=None, metavar="LIST",
                     help="only these precisions, comma-separated from f32,int8,int4 (default: all); "
                          "transformers float32 stays unless --no-transformers")
@@ -481,10 +484,11 @@ def report(rows: list[Row], results: dict[str, list[dict]], bw: float, bw_plain:
     def med(label: str, key: str) -> float:
         return statistics.median(x[key] for x in results[label])
 
-    # "vs lfm2": against eager lfm2 at the same precision (or its compiled row, or the row itself)
+    # "vs lfm2": against lfm2's default row at the same precision (or its eager row, or the row itself)
     base = {row.precision: row.label for row in rows if not row.engine.startswith("lfm2")}
-    base.update({row.precision: row.label for row in rows if row.engine == "lfm2-compile"})
-    base.update({row.precision: row.label for row in rows if row.engine == "lfm2"})
+    base.update({row.precision: row.label for row in rows if row.engine.startswith("lfm2")})
+    base.update({row.precision: row.label for row in rows if row.engine.startswith("lfm2") and
+                 not row.label.endswith(" eager")})
     print(f"\n{title} ({bw_plain:.1f} GB/s on 4 KiB pages); 'vs lfm2' = this row / lfm2 at the same precision\n")
     print("| engine | prefill tok/s | vs lfm2 | decode tok/s | vs lfm2 | TTFT | peak RSS | decode / bandwidth limit |")
     print("|---|---|---|---|---|---|---|---|")
@@ -496,7 +500,7 @@ def report(rows: list[Row], results: dict[str, list[dict]], bw: float, bw_plain:
         print(f"| {row.label} | {pre:.1f} | {pre / med(ref, 'prefill'):.2f}x | {dec:.{1 if dec >= 10 else 2}f} | "
               f"{dec / med(ref, 'decode'):.2f}x | {med(row.label, 'ttft') * 1000:.0f} ms | "
               f"{med(row.label, 'rss') / 2**30:.2f} GiB | {dec / limit:.0%} of {limit:.0f} tok/s |")
-        engine = row.label.split(" ")[0] + (" +compile" if row.engine == "lfm2-compile" else "")
+        engine = row.label.split(" ")[0] + (" eager" if row.label.endswith(" eager") else "")
         bars.append(Bar(row.label, engine, row.precision, pre, dec, limit))
     print("\ndecode per round, lfm2 / the other engine at the same precision (each round runs the engines "
           "one after another, so the machine's slower drift cancels in these ratios better than in the medians):")
@@ -509,10 +513,12 @@ def report(rows: list[Row], results: dict[str, list[dict]], bw: float, bw_plain:
             ratios = [a["decode"] / b["decode"] for a, b in zip(results[row.label], results[other.label], strict=True)]
             print(f"- {row.label} / {other.label}: " + ", ".join(f"{r:.2f}" for r in ratios)
                   + f" (median {statistics.median(ratios):.2f}x)")
-    compiled = [(row.label, med(row.label, "compile_s")) for row in rows if row.engine == "lfm2-compile"]
+    compiled = [(row.label, [x["compile_s"] for x in results[row.label]]) for row in rows
+                if row.engine.startswith("lfm2") and all(x["compile_s"] is not None for x in results[row.label])]
     if compiled:
-        print("\ncompile time of the decode step (first call, in the measured process; inductor's on-disk cache "
-              "shortens later runs): " + ", ".join(f"{label} {s:.0f} s" for label, s in compiled))
+        print("\ncompile time of the decode step, per round (at the first step, before the measurement; the first "
+              "compile of a model fills inductor's on-disk cache, which later processes read): "
+              + ", ".join(f"{label} " + " / ".join(f"{s:.0f}" for s in secs) + " s" for label, secs in compiled))
     if any(row.engine == "llama-bench" for row in rows):
         print("\nllama.cpp ran as llama-bench (prefill -p N -n 0, decode -p 0 -n M -d N, 1 repetition after its "
               "warm-up); its peak RSS is /usr/bin/time's maximum resident set size of the larger of the two runs")

@@ -20,7 +20,7 @@ from lfm2.files import atomic_path
 class Bar:
     """One row of the bench table, as the chart draws it."""
 
-    label: str  # "lfm2 int4 +compile"
+    label: str  # "lfm2 int4 eager"
     engine: str  # the bar's colour: rows of one engine share it across formats
     group: str  # the format rows are compared within: "int4", "f32", or a GGUF file's type
     prefill: float  # tokens/s

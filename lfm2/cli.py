@@ -100,8 +100,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens a reply may have")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timing (tokens/s) to stderr")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile (faster tokens after a one-time compile)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step before the first token (about a minute the first time, "
+                        "seconds once cached on disk). Default: on the CPU for models of 50M+ weights; --compile: "
+                        "for any model; --no-compile: never")
 
 
 def _add_tool_args(p: argparse.ArgumentParser) -> None:
@@ -427,6 +429,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     output = _output_format(args)
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     quantize=args.quantize, compile=args.compile, mmproj=args.mmproj)
+    from lfm2.compile import warm
+
+    warm(llm.model, 1)  # before the first reply, not in the middle of it
     system = args.system
     history: list[dict[str, Any]] = []
     sampling = {**_sampling(args), **output}

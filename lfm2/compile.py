@@ -1,22 +1,31 @@
 """A compiled decode step: `torch.compile` on the single-token forward pass, with an eager fallback.
 
 At decode, a step of a small model is dozens of matrix-vector products (memory-bound kernels)
-around a thousand tiny element-wise operators (norms, gates, RoPE, residual adds, cache
+around hundreds of tiny element-wise operators (norms, gates, RoPE, residual adds, cache
 writes), each a Python call and a dispatcher round trip. Inductor fuses those into a few
 generated C++ loops and runs the whole step from one wrapper; the matrix-vector products stay
-what they were (our quantized kernels are custom operators with shape-only implementations, so
-they trace as opaque calls). `docs/benchmarks.md` has the measured effect.
+what they were (our kernels are custom operators with shape-only implementations, so they trace
+as opaque calls). `docs/benchmarks.md` has the measured effect.
 
 Only decode steps are compiled: prefill runs eagerly, so its shapes never cause a compile. The
-step is traced with dynamic shapes, so one compile serves every cache length and batch size.
-Compiling costs time once per process (inductor also keeps an on-disk cache, which makes later
-processes faster); the first call reports it. Without a working compiler, or if tracing fails
-for any reason, the first call warns, puts the cache back as it was, and every step runs
-eagerly from then on: the results are the same either way.
+step is traced with dynamic shapes, so one graph serves every cache length; a batch of one row
+and a batch of several are two graphs (PyTorch specializes sizes of 1), compiled separately.
+
+It is the default on the CPU for models of real size (`auto_compile`). A graph compiles in the
+calling thread, on a cache of its own, at the first decode step that needs it; the server
+compiles both at start-up and `lfm2 chat` the one-row graph, before the first request or reply.
+Not in a background thread: tracing patches `nn.Module.__call__` process-wide (a concurrent eager
+step failed with "module is not installed as a submodule") and holds the GIL for seconds (eager
+decode fell from 30 to 2-4 tok/s meanwhile). Inductor keeps compiled code on disk (`cache_dir()`):
+the first compile of a model takes about a minute on 2 cores, later processes about ten seconds.
+A compiled graph never recompiles: a step its guards reject runs eagerly. Without a working
+compiler, or if tracing fails for any reason, the step warns and decodes eagerly from then on:
+the results are the same either way.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import types
@@ -26,63 +35,170 @@ import torch
 
 from lfm2.cache import Cache
 
+ENV = "LFM2_COMPILE"  # "0" turns the default compile off (tests, or a machine without a compiler)
+
+# Models below this many weights (test models, the bundled tiny model) decode eagerly by default: a
+# step of theirs is a millisecond or two, and the compile (a minute of CPU the first time) would
+# take longer to pay back than they are ever run. LFM2-350M, the smallest of the family, has 354M.
+AUTO_MIN_WEIGHTS = 50_000_000
+
 # No guards on the modules' attributes: checking them costs ~0.7 ms per step on LFM2-350M (hundreds
 # of parameters), and a loaded model's modules do not change. Changing the model after compiling
 # (quantizing, adding adapters) therefore needs a new `compile_decode`.
 # `cpp_wrapper`: the step's ~200 kernel and operator calls are made from generated C++ rather than
 # a Python wrapper, and `cpp.threads=1`: the fused element-wise loops, a few thousand values each,
 # run without an OpenMP region per loop (the matrix products keep their threads). Together 3-6%
-# faster decode on LFM2-350M int4 (8.8-9.0 vs 9.3-9.4 ms per token, same process, alternating);
-# the first compile takes longer (about 45 s instead of 10 s; inductor's disk cache serves later ones).
+# faster decode on LFM2-350M int4 (8.8-9.0 vs 9.3-9.4 ms per token, same process, alternating).
 OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True,
            "cpp.threads": 1}
+
+# Sizes of the cache a graph is compiled on: all different from each other and from
+# the model's fixed sizes, since PyTorch ties equal sizes together ("duck sizing") and guards on it.
+WARM_ROWS = {1: 1, 2: 3}  # graph key (1: one row, 2: several) -> rows
+WARM_SLOTS, WARM_FILLED = 45, 29
+
+
+def cache_dir() -> str:
+    """Where inductor keeps compiled code between processes (`$TORCHINDUCTOR_CACHE_DIR`, by default
+    a directory in the system's temporary directory)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    return inductor_cache_dir()
+
+
+def auto_compile(model: torch.nn.Module) -> bool:
+    """Whether `lfm2.load()` compiles `model`'s decode step by default: on the CPU, for models of
+    at least `AUTO_MIN_WEIGHTS` weights, unless `LFM2_COMPILE=0`."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if getattr(model, "device", torch.device("cpu")).type != "cpu":
+        return False  # measured on CPUs only
+    weights = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    return weights >= AUTO_MIN_WEIGHTS
 
 
 def _step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     return model(input_ids, cache)
 
 
-class CompiledDecode:
-    """`step(input_ids (B, 1), cache) -> logits (B, 1, vocab)`, compiled on first use.
+class _Graph:
+    """One compiled copy of the step. Dynamo keeps compiled graphs per code object, and with the
+    modules' guards off (`OPTIONS`) a graph compiled for one model would also be taken for another of
+    the same class (another vocabulary: "expected size 567==512" at run time). So each graph compiles
+    its own copy of `_step`'s code: two models in one process keep their own graphs, and the
+    one-row and many-row graphs of a model do not count as recompiles of each other."""
 
-    Dynamo keeps compiled graphs per code object, and with the modules' guards off (`OPTIONS`) a graph
-    compiled for one model would also be taken for another of the same class (another vocabulary:
-    "expected size 567==512" at run time). So each step compiles its own copy of `_step`'s code, and
-    two models in one process (a server and a test, a target and a draft) keep their own graphs."""
+    def __init__(self, name: str) -> None:
+        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, name)
+        self.fn = torch.compile(step, dynamic=True, options=OPTIONS)
+        self.seconds: float | None = None  # set once compiled
+
+
+class CompiledDecode:
+    """`step(input_ids (B, 1), cache) -> logits (B, 1, vocab)`, through `torch.compile`.
+
+    A graph compiles at the first step that needs it (or at `warm`), in the calling thread, on a
+    cache of its own: a failure leaves the caller's cache untouched and the step decodes eagerly.
+    A ready graph never recompiles: a call its guards reject runs eagerly (`refused` counts them),
+    so no step ever stalls for a minute in the middle of a stream."""
 
     def __init__(self, model: torch.nn.Module, progress: bool = True) -> None:
         self.model = model
         self.progress = progress
-        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
-        self.compiled = torch.compile(step, dynamic=True, options=OPTIONS)
-        self.compile_seconds: float | None = None  # set by the first call
+        self._graphs = {1: _Graph("decode_step"), 2: _Graph("decode_step_batch")}
+        self.compile_seconds: float | None = None  # of the first graph compiled
         self.failed: str | None = None  # why the eager fallback is in use
+        self.refused = 0  # steps a ready graph's guards rejected, run eagerly
+
+    @property
+    def compiled(self):  # noqa: ANN201 - the one-row graph's compiled function (tests replace it)
+        return self._graphs[1].fn
+
+    @compiled.setter
+    def compiled(self, fn) -> None:  # noqa: ANN001
+        self._graphs[1].fn = fn
+
+    def ready(self, rows: int = 1) -> bool:
+        """Whether steps of `rows` rows run compiled."""
+        return self.failed is None and self._graphs[_key(rows)].seconds is not None
 
     def __call__(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-        if self.failed is not None:
-            return self.model(input_ids, cache)
-        if self.compile_seconds is not None:
-            return self.compiled(self.model, input_ids, cache)
-        if self.progress:
-            print("lfm2: compiling the decode step (once per process: seconds to a minute) ...",
-                  file=sys.stderr, flush=True)
-        snapshot = cache.snapshot()
-        t0 = time.perf_counter()
+        rows = input_ids.shape[0]
+        if not self.ready(rows):
+            self.warm(rows)
+            if self.failed is not None:
+                return self.model(input_ids, cache)
         try:
-            out = self.compiled(self.model, input_ids, cache)
-        except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
-            cache.restore(snapshot)
-            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            warnings.warn(f"lfm2: torch.compile failed ({self.failed}); decoding eagerly instead", stacklevel=2)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self._graphs[_key(rows)].fn(self.model, input_ids, cache)
+        except RuntimeError as e:  # raised by the guards, before the step touched the cache
+            if "fail_on_recompile" not in str(e):
+                raise
+            self.refused += 1
             return self.model(input_ids, cache)
-        self.compile_seconds = time.perf_counter() - t0
-        if self.progress:
-            print(f"lfm2: decode step compiled in {self.compile_seconds:.1f} s", file=sys.stderr, flush=True)
-        return out
+
+    def warm(self, *rows: int) -> None:
+        """Compile the graphs for steps of these row counts now (those not compiled yet)."""
+        for key in dict.fromkeys(_key(n) for n in rows):
+            graph = self._graphs[key]
+            if self.failed is not None or graph.seconds is not None:
+                continue
+            if self.progress:
+                print(f"lfm2: compiling the decode step{'' if key == 1 else ' for batches'} (about a minute the "
+                      f"first time, seconds once cached in {cache_dir()}) ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:  # the engine's caches are inference tensors: so is this one (guards check it)
+                with torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
+                    cache = _warm_cache(self.model, WARM_ROWS[key])
+                    ids = torch.zeros(WARM_ROWS[key], 1, dtype=torch.long, device=cache.valid.device)
+                    graph.fn(self.model, ids, cache)
+            except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
+                text = str(e).strip()
+                self.failed = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+                warnings.warn(f"lfm2: torch.compile failed ({self.failed}); decoding eagerly instead", stacklevel=3)
+                return
+            graph.seconds = time.perf_counter() - t0
+            if self.compile_seconds is None:
+                self.compile_seconds = graph.seconds
+            if self.progress:
+                print(f"lfm2: decode step compiled in {graph.seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+def warm(model: torch.nn.Module, *rows: int) -> None:
+    """Compile `model`'s decode step for these row counts now, where it has one: the server and
+    `lfm2 chat` at start-up, so that no request or reply waits for the compiler."""
+    step = getattr(model, "decode_step", None)
+    if isinstance(step, CompiledDecode):
+        step.warm(*rows)
+
+
+def state(model: torch.nn.Module) -> str:
+    """The compiled decode step's state, for health reports: "off", "pending" (compiles at the first
+    step), "ready" or "failed" (decoding eagerly)."""
+    step = getattr(model, "decode_step", None)
+    if not isinstance(step, CompiledDecode):
+        return "off"
+    if step.failed is not None:
+        return "failed"
+    return "ready" if step.ready(1) else "pending"
+
+
+def _key(rows: int) -> int:
+    return 1 if rows == 1 else 2
+
+
+def _warm_cache(model: torch.nn.Module, rows: int) -> Cache:
+    """A cache shaped like the engine's (a view of a larger one, rows packed at the top, masked),
+    with `WARM_FILLED` slots filled, for compiling a graph without touching any real request."""
+    cache = model.make_cache(rows + 2, WARM_SLOTS).narrow(rows)
+    cache.valid[:, :WARM_FILLED] = True
+    cache.positions.fill_(WARM_FILLED)
+    cache.length = WARM_FILLED
+    return cache
 
 
 def compile_decode(model: torch.nn.Module, progress: bool = True) -> CompiledDecode:
-    """Make `model`'s decode steps (in `lfm2.generate`) go through `torch.compile`; returns the step."""
+    """Make `model`'s decode steps (in `lfm2.engine`) go through `torch.compile`; returns the step."""
     step = CompiledDecode(model, progress)
     model.decode_step = step
     return step

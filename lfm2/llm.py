@@ -483,7 +483,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     quantize: str | None = None,
     group_size: int | None = 32,
-    compile: bool = False,
+    compile: bool | None = None,
     mmproj: str | os.PathLike | None = None,
 ) -> LLM:
     """Load an LFM2 / LFM2-MoE / LFM2-VL checkpoint: a Hugging Face-layout directory, a hub id or a `.gguf` file.
@@ -504,9 +504,11 @@ def load(
     each matrix requantized as it is read (`lfm2.gguf.load_model`); `quantize="none"`
     dequantizes them to `dtype` instead.
 
-    `compile=True` runs decode steps through `torch.compile` (`lfm2.compile`): faster tokens after
-    a one-time compile (about 45 s for LFM2-350M on 2 cores, a few seconds once inductor's disk cache
-    holds it), with an eager fallback where compiling fails.
+    Decode steps run through `torch.compile` (`lfm2.compile`) by default on the CPU for models of
+    real size (LFM2-350M and up; `lfm2.compile.auto_compile`), and with `compile=True` for any
+    model: the step compiles at the first decode step (about a minute for LFM2-350M on 2 cores, about
+    ten seconds once inductor's disk cache holds it). `compile=False` (or `LFM2_COMPILE=0` for the
+    default) decodes eagerly. Where compiling fails, decoding stays eager.
 
     `mmproj` is the vision part of an LFM2-VL model as llama.cpp keeps it (an mmproj .gguf file, written
     by `lfm2 convert` or llama.cpp's converter), beside a `.gguf` text model: the LLM then reads images
@@ -618,10 +620,10 @@ def load_vl_model(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-def _compiled(llm: LLM, compile: bool) -> LLM:
-    if compile:
-        from lfm2.compile import compile_decode
+def _compiled(llm: LLM, compile: bool | None) -> LLM:
+    from lfm2.compile import auto_compile, compile_decode
 
+    if compile or (compile is None and auto_compile(llm.model)):
         compile_decode(llm.model)
     return llm
 

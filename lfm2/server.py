@@ -77,6 +77,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, model_validator
 
 from lfm2 import structured
+from lfm2.compile import state as compile_state
+from lfm2.compile import warm
 from lfm2.engine import MAX_LOGPROBS, Engine, Request, Result, TokenLogprob
 from lfm2.errors import GenerationError, LFM2Error, SchedulerBusy
 from lfm2.generate import TextStream, logprob_entries, token_text
@@ -482,6 +484,8 @@ class Health(BaseModel):
     prefill_chunks: int
     prefix_cache: PrefixCacheStats
     image_cache: ImageCacheStats = Field(description="encoded images kept by content (vision models)")
+    compiled_decode: Literal["off", "pending", "ready", "failed"] = Field(
+        description="the torch.compile'd decode step (lfm2.compile); failed: decoding eagerly")
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -1304,7 +1308,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         return {"active": engine.active, "queued": engine.queued, "max_batch": engine.max_batch,
                 "max_queue": engine.max_queue, "max_len": engine.max_len, "decode_steps": engine.steps,
                 "prefill_chunks": engine.prefill_chunks, "prefix_cache": llm.prefix_cache.stats(),
-                "image_cache": llm.image_cache.stats()}
+                "image_cache": llm.image_cache.stats(), "compiled_decode": compile_state(llm.model)}
 
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
@@ -1644,7 +1648,7 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     quantize: str | None = None,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
-    compile: bool = False,
+    compile: bool | None = None,
     responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
     remote_images: int = 0,
     image_options: argparse.Namespace | None = None,
@@ -1669,6 +1673,7 @@ def serve(
             log.warning(warning)
         llm = lfm2.load(model, dtype=dtype, device=device, adapter=adapter, quantize=quantize, compile=compile,
                         mmproj=mmproj)
+        warm(llm.model, 1, min(max_batch, 2))  # the one-row and batched steps, before the first request
         if image_options is not None:
             from lfm2.cli import apply_image_args
 
@@ -1776,8 +1781,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         "read (default: off)")
     p.add_argument("--max-image-bytes", type=_size, default=MAX_IMAGE_BYTES, metavar="N",
                    help="largest remote image fetched, K, M, G suffixes (default: %(default)s, 32 MiB)")
-    p.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile, as lfm2.load(compile=True) (default: off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode steps at start-up (about a minute the first time, seconds once "
+                        "cached on disk). Default: on the CPU for models of 50M+ weights; --compile: for any model; "
+                        "--no-compile: never")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="how much the server logs (default: %(default)s)")
     p.set_defaults(handler=cmd_serve)

@@ -32,29 +32,30 @@ def test_bench_table_and_per_round_ratios(tmp_path, monkeypatch, capsys):
     ckpt = write_checkpoint(tmp_path / "m", tiny_config())
     monkeypatch.setattr(bench, "random_checkpoint", lambda preset, out, notes: ckpt)
     monkeypatch.setattr(bench, "bandwidth_gbs", lambda: (10.0, 20.0))
-    speeds = {"lfm2": [50.0, 40.0], "lfm2-compile": [60.0, 44.0], "transformers": [9.0, 9.0], "llama": [50.0, 50.0]}
+    speeds = {"lfm2-eager": [50.0, 40.0], "lfm2": [60.0, 44.0], "transformers": [9.0, 9.0], "llama": [50.0, 50.0]}
     calls: list[tuple[str, str]] = []
 
     def fake_run(engine, path, args):
         calls.append((engine, path.name))
         decode = speeds[engine][sum(e == engine and p == path.name for e, p in calls) - 1]
         return {"prefill": 100.0, "decode": decode, "ttft": 0.5, "rss": 2**30, "tokens": args.new,
-                "compile_s": 3.0 if engine == "lfm2-compile" else None}
+                "compile_s": 3.0 if engine == "lfm2" else None}
 
     monkeypatch.setattr(bench, "run", fake_run)
     monkeypatch.setattr(bench, "engines_for", lambda ck, args, notes: [
         bench.Row("lfm2 int4", "lfm2", ck / "lfm2-int4", "int4", 1e9),
-        bench.Row("lfm2 int4 +compile", "lfm2-compile", ck / "lfm2-int4", "int4", 1e9),
+        bench.Row("lfm2 int4 eager", "lfm2-eager", ck / "lfm2-int4", "int4", 1e9),
         bench.Row("transformers float32", "transformers", ck, "f32", 4e9),
         bench.Row("llama.cpp Q4_0", "llama", ck / "q4.gguf", "int4", 1e9)])
     chart = tmp_path / "chart.png"
     bench.main(["--rounds", "2", "--precision", "int4", "--chart", str(chart)])
     out = capsys.readouterr().out
-    assert "| lfm2 int4 | 100.0 | 1.00x | 45.0 | 1.00x | 500 ms | 1.00 GiB | 225% of 20 tok/s |" in out
+    assert "| lfm2 int4 | 100.0 | 1.00x | 52.0 | 1.00x | 500 ms | 1.00 GiB | 260% of 20 tok/s |" in out
     assert f"chart: {chart}" in out and chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert "| lfm2 int4 +compile | 100.0 | 1.00x | 52.0 | 1.16x |" in out
-    assert "- lfm2 int4 +compile / llama.cpp Q4_0: 1.20, 0.88 (median 1.04x)" in out
-    assert "- lfm2 int4 / llama.cpp Q4_0: 1.00, 0.80 (median 0.90x)" in out
+    assert "| lfm2 int4 eager | 100.0 | 1.00x | 45.0 | 0.87x |" in out
+    assert "- lfm2 int4 / llama.cpp Q4_0: 1.20, 0.88 (median 1.04x)" in out
+    assert "- lfm2 int4 eager / llama.cpp Q4_0: 1.00, 0.80 (median 0.90x)" in out
+    assert "compile time of the decode step, per round" in out and "lfm2 int4 3 / 3 s" in out
     assert "transformers float32 |" in out and "/ transformers" not in out  # no float32 lfm2 row to pair with
     with pytest.raises(SystemExit, match="choose from f32, int8, int4"):
         bench.main(["--precision", "int3"])
@@ -234,7 +235,7 @@ def test_gguf_mode_rows_and_llama_bench_arguments(tmp_path, monkeypatch):
                               threads=2)
     rows = bench.gguf_rows(gguf, args, [])
     assert [(r.label, r.engine, r.precision) for r in rows] == [
-        ("lfm2 Q4_0", "lfm2", "Q4_0"), ("llama.cpp Q4_0", "llama-bench", "Q4_0")]
+        ("lfm2 Q4_0", "lfm2-eager", "Q4_0"), ("llama.cpp Q4_0", "llama-bench", "Q4_0")]  # --no-compile
     assert rows[0].bytes_per_token == rows[1].bytes_per_token < gguf.stat().st_size
     calls = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import engine_decode, random_model, tiny_config
+from conftest import engine_decode, random_model, tiny_config, write_checkpoint
 
 from lfm2.compile import compile_decode
 from lfm2.quant import quantize_model
@@ -12,10 +12,11 @@ from lfm2.sampling import SamplingParams
 
 
 def _decode_logits(model, step, prompt: list[int], n: int) -> torch.Tensor:
-    """Logits of n teacher-forced decode steps after a prefill, through `step`."""
-    cache = model.make_cache(1, len(prompt) + n + 1)
+    """Logits of n teacher-forced decode steps after a prefill, through `step`, on a cache as the
+    engine passes it (a masked view)."""
     out = []
     with torch.inference_mode():
+        cache = model.make_cache(1, len(prompt) + n + 1).narrow(1)
         model(torch.tensor([prompt]), cache, last_only=True)
         for t in range(n):
             out.append(step(torch.tensor([[prompt[t % len(prompt)]]]), cache)[:, -1])
@@ -37,6 +38,7 @@ def test_compiled_decode_equals_eager(quantize, wide):
     step = compile_decode(model, progress=False)
     compiled = _decode_logits(model, step, prompt, 6)  # lengths 7..12: one dynamic-shape compile serves all
     assert step.failed is None and step.compile_seconds is not None
+    assert step.refused == 0  # the graph compiled on its own cache took every real step
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     # and through generation, where the compiled step is picked up by the engine
     params = SamplingParams(temperature=0.0)
@@ -75,6 +77,27 @@ def test_failed_compile_falls_back_to_eager_with_the_cache_intact():
         fallback = _decode_logits(model, step, prompt, 3)
     assert step.failed and step.compile_seconds is None
     torch.testing.assert_close(fallback, eager, atol=0, rtol=0)
+
+
+def test_load_compiles_real_size_models_by_default(tmp_path, monkeypatch):
+    """`lfm2.load()` compiles decode steps by default for models of LFM2-350M's size (a smaller
+    threshold stands in for it here), never for small ones or with LFM2_COMPILE=0; nothing compiles
+    before the first decode step."""
+    import lfm2
+    from lfm2 import compile as compile_module
+    from lfm2.compile import CompiledDecode, auto_compile
+
+    ckpt = write_checkpoint(tmp_path / "m", tiny_config())
+    monkeypatch.delenv("LFM2_COMPILE", raising=False)
+    assert not hasattr(lfm2.load(ckpt).model, "decode_step")  # far below AUTO_MIN_WEIGHTS
+    monkeypatch.setattr(compile_module, "AUTO_MIN_WEIGHTS", 1000)
+    llm = lfm2.load(ckpt)
+    assert isinstance(llm.model.decode_step, CompiledDecode) and not llm.model.decode_step.ready(1)
+    assert compile_module.state(llm.model) == "pending"
+    assert not hasattr(lfm2.load(ckpt, compile=False).model, "decode_step")
+    monkeypatch.setenv("LFM2_COMPILE", "0")
+    assert not auto_compile(llm.model) and not hasattr(lfm2.load(ckpt).model, "decode_step")
+    assert isinstance(lfm2.load(ckpt, compile=True).model.decode_step, CompiledDecode)
 
 
 def test_wide_float32_layers_decode_through_the_kernel(monkeypatch):
@@ -142,6 +165,7 @@ def test_the_engine_uses_the_compiled_step_at_every_batch_size():
     step_calls = lambda ids, cache: calls.append(ids.shape[0]) or real(ids, cache)  # noqa: E731
     model.decode_step = step_calls
     compiled = run()
-    assert step.failed is None
+    assert step.failed is None and step.ready(1) and step.ready(3)
+    assert step.refused == 0  # the one-row and the batch graphs took every step
     assert compiled == eager
     assert {1, 2, 3} <= set(calls) or len(set(calls)) >= 2, calls

@@ -214,7 +214,7 @@ class Objective:
         if cfg.objective == "distill":
             import lfm2
 
-            self.teacher = lfm2.load(cfg.teacher, device=device).model.eval()
+            self.teacher = lfm2.load(cfg.teacher, device=device, compile=False).model.eval()
             if self.teacher.config.vocab_size != model.config.vocab_size:
                 raise LFM2Error(f"teacher {cfg.teacher} has a vocabulary of {self.teacher.config.vocab_size} tokens, "
                                 f"the student {model.config.vocab_size}: distillation needs a shared tokenizer")
@@ -392,7 +392,7 @@ def _build_model(cfg: TrainConfig, tokenizer, device: torch.device) -> tuple[tor
 
         # float32 weights on every device: on CUDA `lfm2.load` defaults to bfloat16, and AdamW steps on
         # bfloat16 weights round small updates away. Autocast still runs the matmuls in bfloat16.
-        llm = lfm2.load(cfg.init_from, dtype=torch.float32, device=device)
+        llm = lfm2.load(cfg.init_from, dtype=torch.float32, device=device, compile=False)
         model = llm.model if llm.vision is None else llm.vision
         processor = llm.image_processor
     else:
