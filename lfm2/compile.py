@@ -52,6 +52,11 @@ AUTO_MIN_WEIGHTS = 50_000_000
 OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True,
            "cpp.threads": 1}
 
+# Past this many weight tensors, the Python wrapper: the generated C++ one grows by a few lines per input
+# tensor, and gcc compiled LFM2-8B-A1B's (4,516 inputs: its experts' tensors, 22,884 lines) for over 7 minutes
+# at 3 GB without finishing; LFM2-350M's has a few hundred inputs and compiles in under a minute.
+CPP_WRAPPER_MAX_TENSORS = 1000
+
 # Sizes of the cache a graph is compiled on: all different from each other and from
 # the model's fixed sizes, since PyTorch ties equal sizes together ("duck sizing") and guards on it.
 WARM_ROWS = {1: 1, 2: 3}  # graph key (1: one row, 2: several) -> rows
@@ -88,9 +93,9 @@ class _Graph:
     its own copy of `_step`'s code: two models in one process keep their own graphs, and the
     one-row and many-row graphs of a model do not count as recompiles of each other."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, options: dict) -> None:
         step = types.FunctionType(_step.__code__.replace(), _step.__globals__, name)
-        self.fn = torch.compile(step, dynamic=True, options=OPTIONS)
+        self.fn = torch.compile(step, dynamic=True, options=options)
         self.seconds: float | None = None  # set once compiled
 
 
@@ -105,7 +110,9 @@ class CompiledDecode:
     def __init__(self, model: torch.nn.Module, progress: bool = True) -> None:
         self.model = model
         self.progress = progress
-        self._graphs = {1: _Graph("decode_step"), 2: _Graph("decode_step_batch")}
+        tensors = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
+        options = {**OPTIONS, "cpp_wrapper": tensors <= CPP_WRAPPER_MAX_TENSORS}
+        self._graphs = {1: _Graph("decode_step", options), 2: _Graph("decode_step_batch", options)}
         self.compile_seconds: float | None = None  # of the first graph compiled
         self.failed: str | None = None  # why the eager fallback is in use
         self.refused = 0  # steps a ready graph's guards rejected, run eagerly

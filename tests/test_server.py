@@ -148,6 +148,7 @@ def test_models_and_health(live):
     assert live.client.models.retrieve(MODEL).id == MODEL
     health = httpx.get(live.url + "/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 16 and health["active"] == 0
+    assert health["compiled_decode"] == "off"  # a test model is far below lfm2.compile.AUTO_MIN_WEIGHTS
 
 
 def test_chat_non_streamed_and_streamed_with_usage(live, llm):
