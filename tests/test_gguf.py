@@ -691,3 +691,33 @@ def test_a_moe_file_of_other_block_types_runs_its_experts_as_int8(moe_checkpoint
     quantize_model(plain.model, "int8", 32)
     ids = _sequence(default.config.vocab_size - 3, 24)
     assert torch.equal(_logits(default, ids), _logits(plain, ids))
+
+
+def test_released_tensor_pages_read_back_from_the_file(dense_gguf):
+    """`GGUFFile.release` drops a copied-out tensor's pages from memory (the loader's peak): a later read
+    gets the same bytes from the file, and a neighbouring tensor is untouched."""
+    f = GGUFFile(dense_gguf["q8_0"])
+    names = sorted(f.tensors, key=lambda n: f.tensors[n].offset)
+    big = max(names, key=lambda n: f.tensors[n].nbytes)
+    before = {n: np.array(f.raw(n)) for n in names}
+    resident = _mapped_kib(f.path)
+    f.release(big)
+    if resident is not None:  # Linux: the file's resident pages in this process went down by about the tensor
+        assert resident - _mapped_kib(f.path) >= f.tensors[big].nbytes // 1024 - 8
+    for n in names:
+        np.testing.assert_array_equal(np.array(f.raw(n)), before[n])
+
+
+def _mapped_kib(path: Path) -> int | None:
+    """Resident KiB of `path`'s mappings in this process (/proc/self/smaps), None where unavailable."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        if not line[:1].isupper():  # a mapping's header line: address range, permissions, ..., path
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
