@@ -78,7 +78,6 @@ if engine.startswith("lfm2"):
     llm = lfm2.load(path, compile={"lfm2": None, "lfm2-compile": True, "lfm2-eager": False}[engine])
     llm.prefix_cache.max_bytes = 0  # every run prefills its whole prompt
     params = llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0)
-    t = time.perf_counter()
     list(llm.engine(1, 10).generate([prompt[:8]], params, 2, ignore_eos=True))  # first-use costs (kernels, compile)
     compiled = getattr(llm.model, "decode_step", None)
     if compiled is not None:
