@@ -107,19 +107,26 @@ def prompt_ids(tokenizer, seed: int, words: int) -> list[int]:
 
 
 async def level(url: str, prompts: list[list[list[int]]], max_tokens: int) -> dict:
-    """Every client streams its prompts one after the other; all clients at once."""
-    async def client(mine: list[list[int]], http: httpx.AsyncClient) -> list[tuple[float, int]]:
+    """Every client streams its prompts one after the other; all clients at once.
+
+    Each client has a connection of its own, as separate users would. One shared pool handed a
+    client's second request to a connection another client had left idle for longer than both
+    servers' 5 s keep-alive (uvicorn's `timeout_keep_alive`, cpp-httplib's
+    `CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND`): the server had closed it, and httpx failed the request
+    with "Server disconnected without sending a response".
+    """
+    async def client(mine: list[list[int]]) -> list[tuple[float, int]]:
         out = []
-        for ids in mine:
-            body = {"model": NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
-            out.append(await stream_one(http, url, body))
+        async with httpx.AsyncClient(timeout=3600) as http:
+            for ids in mine:
+                body = {"model": NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                out.append(await stream_one(http, url, body))
         return out
 
-    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=len(prompts) + 4)) as http:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(client(p, http) for p in prompts))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    results = await asyncio.gather(*(client(p) for p in prompts))
+    wall = time.perf_counter() - start
     samples = [s for r in results for s in r]
     ttfts = sorted(s[0] for s in samples)
     tokens = sum(s[1] for s in samples)

@@ -8,16 +8,21 @@ quantized experts (it has QuantLinear's int8-activation numerics); the prefill p
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 from torch import nn
 
 from lfm2 import kernels
+from lfm2.kquant import KQuantLinear
 from lfm2.lora import LoraConfig, apply_lora
 from lfm2.models.lfm2_moe import GROUPED_MAX_ROWS, SparseMoeBlock
 from lfm2.quant import QuantLinear, quantize_model
 from lfm2.sampling import SamplingParams
 from tests.conftest import engine_decode, random_model, tiny_config
+from tests.test_kquant import random_blocks
+
+T = gguf.GGMLQuantizationType
 
 FORMATS = [("int8", 32), ("int8", 64), ("int8", None), ("int4", 32), ("int4", 128)]
 
@@ -198,6 +203,57 @@ def test_bad_input_gets_clear_errors():
         ops.moe_experts(x, torch.tensor([[0, 1, 5], [2, 3, 4]]), weights, w1, s1, *args[2:])
     with pytest.raises(RuntimeError, match="same number of experts"):
         ops.moe_experts(x, torch.tensor([[0, 1, 2], [2, 3, 4]]), weights, w1[:4], s1, *args[2:])
+
+
+# -- K-quant experts (a GGUF Q4_K_M / Q5_K_M / Q6_K file's) ---------------------------------------
+
+KTYPES = [(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K, T.Q5_K), (T.Q6_K, T.Q6_K, T.Q4_K)]
+
+
+def _kblock(types: tuple[T, T, T], seed: int = 0) -> SparseMoeBlock:
+    """A random MoE block (d 512, H 768: two and three super-blocks) whose experts are K-quant layers
+    of random blocks, w1 / w3 / w2 in `types` (as one GGUF tensor per matrix kind stores them)."""
+    block = _block(seed=seed, hidden_size=512, moe_intermediate_size=768)
+    for e, expert in enumerate(block.experts):
+        for i, (name, rows, cols) in enumerate((("w1", 768, 512), ("w3", 768, 512), ("w2", 512, 768))):
+            blocks = random_blocks(rows, cols, types[i], seed=100 * seed + 3 * e + i)
+            setattr(expert, name, KQuantLinear.from_blocks(blocks, int(types[i]), cols))
+    return block
+
+
+@pytest.mark.parametrize("types", KTYPES, ids=lambda t: "-".join(x.name for x in t))
+@pytest.mark.parametrize("rows", [1, 3, GROUPED_MAX_ROWS, 40])
+@torch.no_grad()
+def test_kquant_experts_equal_each_kquantlinear(types, rows):
+    """`kmoe_experts` computes what each chosen expert's KQuantLinear (`kgemv`) computes, to float rounding."""
+    ops = _ops()
+    block = _kblock(types)
+    x = _x(rows, d=512)
+    if rows <= GROUPED_MAX_ROWS:
+        args = block._kernel_args(x)
+        assert args[0] is ops.kmoe_experts and args[-3:] == tuple(int(t) for t in types)
+    assert _rel(block(x), loop_reference(block, x)) < 1e-5
+
+
+@torch.no_grad()
+def test_kquant_rows_equal_rows_alone_and_mixed_types_fall_back():
+    ops = _ops()
+    block = _kblock(KTYPES[0], seed=1)
+    a, b = _x(1, d=512, seed=2)[0, 0], _x(1, d=512, seed=3)[0, 0]
+    batch = torch.stack([a, b, a])
+    chosen, weights = block.route(batch)
+    args = block._kernel_args(batch)[1:]
+    out = ops.kmoe_experts(batch, chosen, weights, *args)
+    for r in range(3):
+        assert torch.equal(out[r], ops.kmoe_experts(batch[r : r + 1], chosen[r : r + 1], weights[r : r + 1], *args)[0])
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.kmoe_experts(batch, torch.full_like(chosen, 8), weights, *args)
+    with pytest.raises(RuntimeError, match="rows of K=768"):  # w2 given the type of w1
+        ops.kmoe_experts(batch, chosen, weights, *args[:3], args[3], args[4], args[3])
+    # one expert's w2 in another type than the rest: not one GGUF tensor; the generic path runs it
+    block.experts[2].w2 = KQuantLinear.from_blocks(random_blocks(512, 768, T.Q5_K), int(T.Q5_K), 768)
+    assert block._kernel_args(batch) is None
+    assert _rel(block(batch), loop_reference(block, batch)) < 1e-6
 
 
 # -- whole models ----------------------------------------------------------------------------------

@@ -148,6 +148,10 @@ def _register_fakes() -> None:
     def _(x, chosen, weights, w1, s1, w3, s3, w2, s2, bits, group_size):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("lfm2_quant::kmoe_experts")
+    def _(x, chosen, weights, w1, w3, w2, t1, t3, t2):
+        return x.new_empty(x.shape)
+
     @torch.library.register_fake("lfm2_quant::dequantize")
     def _(qweight, scales, bits, group_size):
         k = qweight.shape[1] * (8 // bits)

@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <c10/util/BFloat16.h>
 
@@ -647,6 +648,103 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The experts of an LFM2-MoE block in K-quants, in one call: moe.cpp's `moe_experts` for files
+// whose expert tensors are Q4_K / Q5_K / Q6_K (a Q4_K_M file has gate/up in Q4_K and down in Q4_K
+// or Q6_K). Same two passes and the same summation order (see lfm2/kernels/moe.cpp); each product
+// is `kgemv`'s, so a row here equals KQuantLinear's result for that token and expert.
+
+// Weight row n of W against activation row m, with the code `isa` (as kgemv_isa).
+LFM2_INLINE float kdot(const KMatrix& W, int64_t n, const KActivations& a, int64_t m, int isa) {
+#if LFM2_AVX2
+  if (isa == 2) {
+    float out;
+    rows_avx512<1>(W, n, a, m, &out);
+    return out;
+  }
+  if (isa == 1) return dot_simd(W, n, a, m);
+#endif
+  return dot_scalar(W, n, a, m);
+}
+
+at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::Tensor& weights, at::TensorList w1,
+                        at::TensorList w3, at::TensorList w2, int64_t t1, int64_t t3, int64_t t2) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "lfm2 kmoe_experts: x must be a contiguous float32 (M, D) CPU tensor");
+  const int64_t M = x.size(0), D = x.size(1), E = static_cast<int64_t>(w1.size());
+  TORCH_CHECK(chosen.dim() == 2 && chosen.size(0) == M && chosen.scalar_type() == at::kLong && chosen.is_contiguous(),
+              "lfm2 kmoe_experts: chosen must be a contiguous int64 (M, k) tensor with M = ", M, " rows");
+  const int64_t K = chosen.size(1);
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == M && weights.size(1) == K &&
+                  weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+              "lfm2 kmoe_experts: weights must be a contiguous float32 (M, k) tensor like chosen");
+  TORCH_CHECK(E > 0 && w3.size() == w1.size() && w2.size() == w1.size(),
+              "lfm2 kmoe_experts: w1, w3, w2 must list the same number of experts (", E, ")");
+  const int64_t H = w1[0].size(0);
+  const int isa = best_isa();
+
+  // The distinct chosen experts in ascending order, and the slots (m * k + j) routed to each.
+  const int64_t* cp = chosen.data_ptr<int64_t>();
+  std::vector<int64_t> count(E, 0), start(E, 0), experts, begin;
+  for (int64_t i = 0; i < M * K; ++i) {
+    TORCH_CHECK(cp[i] >= 0 && cp[i] < E, "lfm2 kmoe_experts: chosen expert ", cp[i], " is out of range [0, ", E, ")");
+    ++count[cp[i]];
+  }
+  int64_t offset = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (!count[e]) continue;
+    experts.push_back(e);
+    begin.push_back(offset);
+    start[e] = offset;
+    offset += count[e];
+  }
+  const int64_t U = static_cast<int64_t>(experts.size());
+  begin.push_back(offset);
+  std::vector<int64_t> slots(M * K);
+  for (int64_t i = 0; i < M * K; ++i) slots[start[cp[i]]++] = i;
+
+  std::vector<KMatrix> W1(U), W3(U), W2(U);
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t e = experts[u];
+    W1[u] = check(w1[e], t1, D, "kmoe_experts (w1)");
+    W3[u] = check(w3[e], t3, D, "kmoe_experts (w3)");
+    W2[u] = check(w2[e], t2, H, "kmoe_experts (w2)");
+    TORCH_CHECK(W1[u].n == H && W3[u].n == H && W2[u].n == D, "lfm2 kmoe_experts: expert ", e,
+                " has w1/w3 of ", W1[u].n, "/", W3[u].n, " rows and w2 of ", W2[u].n, "; expected ", H, " and ", D);
+  }
+
+  // 1. h[slot] = silu(W1 x) * (W3 x), parallel over (expert, row) pairs of every chosen expert.
+  const KActivations xa = quantize_activations_k(x.data_ptr<float>(), M, D, isa == 2);
+  std::vector<float> h(M * K * H);
+  at::parallel_for(0, U * H, std::max<int64_t>(1, (int64_t{1} << 15) / (2 * W1[0].row_bytes)),
+                   [&](int64_t i0, int64_t i1) {
+                     for (int64_t i = i0; i < i1; ++i) {
+                       const int64_t u = i / H, n = i % H;
+                       for (int64_t p = begin[u]; p < begin[u + 1]; ++p) {
+                         const int64_t slot = slots[p], m = slot / K;
+                         const float a = kdot(W1[u], n, xa, m, isa), b = kdot(W3[u], n, xa, m, isa);
+                         h[slot * H + n] = a / (1.f + std::exp(-a)) * b;
+                       }
+                     }
+                   });
+
+  // 2. y[m] = sum over its experts, ascending, of weight * W2 h[slot]; a thread owns a range of columns.
+  const KActivations ha = quantize_activations_k(h.data(), M * K, H, isa == 2);
+  at::Tensor y = at::zeros({M, D}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  at::parallel_for(0, D, std::max<int64_t>(1, (int64_t{1} << 15) / (U * W2[0].row_bytes)),
+                   [&](int64_t n0, int64_t n1) {
+                     for (int64_t u = 0; u < U; ++u)
+                       for (int64_t n = n0; n < n1; ++n)
+                         for (int64_t p = begin[u]; p < begin[u + 1]; ++p) {
+                           const int64_t slot = slots[p];
+                           yp[(slot / K) * D + n] += wp[slot] * kdot(W2[u], n, ha, slot, isa);
+                         }
+                   });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
@@ -654,10 +752,13 @@ TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
   m.def("kgemv_isa(Tensor x, Tensor blocks, int type, int k, int isa) -> Tensor");
   m.def("kgemv_best_isa() -> int", &kgemv_best_isa);
   m.def("kdequantize(Tensor blocks, int type, int k, bool bf16=False) -> Tensor");
+  m.def("kmoe_experts(Tensor x, Tensor chosen, Tensor weights, Tensor[] w1, Tensor[] w3, Tensor[] w2, int t1, "
+        "int t3, int t2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
   m.impl("kgemv", &kgemv);
   m.impl("kgemv_isa", &kgemv_isa);
   m.impl("kdequantize", &kdequantize);
+  m.impl("kmoe_experts", &kmoe_experts);
 }

@@ -15,7 +15,8 @@ How the experts run (issue #30: a Python loop over experts made 8B-A1B decode 0.
 - a few tokens (decode, small batches; up to `GROUPED_MAX_ROWS`): one C++ call for all chosen
   experts of all tokens (`lfm2/kernels/moe.cpp`: w1/w3 with the SwiGLU fused, then w2 with the
   routing weights and the sum over experts), when every expert is a `QuantLinear` of one format
-  or a float32 `Linear` and no gradient is needed. No Python loop, no host sync;
+  or a float32 `Linear` (or, `kmoe_experts` in `lfm2/kernels/kquant.cpp`, a `KQuantLinear` of a
+  GGUF K-quant file) and no gradient is needed. No Python loop, no host sync;
 - otherwise (prefill, training, LoRA-wrapped experts, bf16, no kernels): the token slots sorted
   by expert once, each expert that got tokens runs its own module on its contiguous slice (a
   big matrix product at prefill), and the weighted results are added back with one index_add.
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm2 import kernels, quant  # quant imports lfm2.models.lfm2: use its names at call time
+from lfm2 import kernels, kquant, quant  # quant imports lfm2.models.lfm2: use its names at call time
 from lfm2.config import ModelConfig
 from lfm2.models.lfm2 import MLP, Lfm2ForCausalLM, is_plain_linear
 
@@ -78,8 +79,8 @@ class SparseMoeBlock(nn.Module):
         chosen, weights = self.route(x)
         args = self._kernel_args(x) if x.shape[0] <= GROUPED_MAX_ROWS else None
         if args is not None:
-            ops, *tensors = args
-            y = ops.moe_experts(x.float().contiguous(), chosen, weights, *tensors)
+            op, *tensors = args
+            y = op(x.float().contiguous(), chosen, weights, *tensors)
             return y.to(x.dtype).view(shape)
         return self.grouped(x, chosen, weights).view(shape)
 
@@ -102,11 +103,14 @@ class SparseMoeBlock(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def _kernel_args(self, x: torch.Tensor) -> tuple | None:
-        """(ops, w1, s1, w3, s3, w2, s2, bits, group_size) for `moe_experts`, or None where it cannot run.
+        """(op, *arguments after x, chosen, weights) for one of the grouped kernels, or None.
 
-        It runs experts that are all `QuantLinear` of one format with int8 activations (what
-        `lfm2.quant` makes), or all float32 `Linear`s, without biases, on the CPU, with no gradient
-        wanted. Anything else (LoRA wrappers, bf16 weights, training) takes `grouped`.
+        `moe_experts` (w1, s1, w3, s3, w2, s2, bits, group_size) runs experts that are all
+        `QuantLinear` of one format with int8 activations (what `lfm2.quant` makes, and GGUF Q8_0 /
+        Q4_0 files), or all float32 `Linear`s, without biases; `kmoe_experts` (w1, w3, w2 and their
+        GGML types) runs experts that are all `KQuantLinear` (GGUF K-quant files), a type per
+        matrix. Both on the CPU, with no gradient wanted. Anything else (LoRA wrappers, bf16
+        weights, training) takes `grouped`.
         Built on every call, so that no change to the experts (LoRA, reloading, `.to()`) is ever
         missed; it reads the modules' own dicts, as attribute access through nn.Module's
         `__getattr__` made it 0.55 ms a call for 32 experts against 0.05 ms this way (an 8B-A1B
@@ -117,6 +121,9 @@ class SparseMoeBlock(nn.Module):
         ops = kernels.ops()
         if ops is None:
             return None
+        first = self.experts._modules["0"]._modules["w1"]
+        if type(first) is kquant.KQuantLinear:
+            return self._kquant_args(ops)
         cols: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])  # w1, s1, w3, s3, w2, s2
         fmt = None
         for expert in self.experts._modules.values():
@@ -138,7 +145,23 @@ class SparseMoeBlock(nn.Module):
                     return None
         if fmt is None or not (fmt[2] and fmt[3]) or not cols[0][0].is_cpu:
             return None
-        return ops, *cols, fmt[0], fmt[1] or 0
+        return ops.moe_experts, *cols, fmt[0], fmt[1] or 0
+
+    def _kquant_args(self, ops) -> tuple | None:
+        """`kmoe_experts` and its arguments where every expert matrix is a CPU `KQuantLinear`,
+        each of w1, w3, w2 in one type across the experts (a GGUF file stores each as one tensor)."""
+        cols: tuple[list[torch.Tensor], ...] = ([], [], [])  # w1, w3, w2 blocks
+        types: list[int | None] = [None, None, None]
+        for expert in self.experts._modules.values():
+            for i, name in enumerate(("w1", "w3", "w2")):
+                m = expert._modules[name]
+                if type(m) is not kquant.KQuantLinear or types[i] not in (None, m.ggml_type):
+                    return None
+                types[i] = m.ggml_type
+                cols[i].append(m._buffers["blocks"])
+        if not cols[0][0].is_cpu:
+            return None
+        return ops.kmoe_experts, *cols, *types
 
 
 def moe_feed_forward(config: ModelConfig, layer_idx: int) -> nn.Module:
