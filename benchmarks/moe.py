@@ -25,6 +25,7 @@ engines on the model lfm2 loads from the file. The file is 4.7 GB for 8B-A1B; de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -170,6 +171,10 @@ def gguf_blocks(layer: QuantLinear) -> np.ndarray:
     return torch.cat([scales, layer.qweight.view(torch.uint8).reshape(n, nb, -1)], dim=-1).reshape(n, -1).numpy()
 
 
+def _stacked_blocks(owners: list[QuantLinear]) -> np.ndarray:
+    return np.stack([gguf_blocks(m) for m in owners]) if len(owners) > 1 else gguf_blocks(owners[0])
+
+
 def write_gguf(model: torch.nn.Module, out: Path) -> Path:
     """The random int4 model as a Q4_0 GGUF file llama.cpp runs, with a byte-level BPE vocabulary
     trained here (as `lfm2.bench.random_checkpoint` makes one). Uses lfm2.gguf's own name table and
@@ -198,19 +203,23 @@ def write_gguf(model: torch.nn.Module, out: Path) -> Path:
             ttype = GGMLType.Q4_0 if owners[0].bits == 4 else GGMLType.Q8_0
             if ttype != _tensor_type(gname, shape, GGMLType.Q4_0) or owners[0].group_size != 32:
                 raise SystemExit(f"{gname}: {owners[0].format_repr()} is not what a Q4_0 file holds there")
-            data = np.stack([gguf_blocks(m) for m in owners]) if len(owners) > 1 else gguf_blocks(owners[0])
+            # made when written, not here: the stacked bytes of every tensor at once would be a
+            # second copy of the model (an LFM2-24B-A2B's 13.5 GB, more than this machine has left)
+            data = functools.partial(_stacked_blocks, owners)
+            nbytes = sum(m.qweight.numel() + 2 * m.scales.numel() for m in owners)
         else:
             t = torch.stack([state[n] for n in ours]) if len(ours) > 1 else state[ours[0]]
             t = t.squeeze(1) if gname.endswith(".shortconv.conv.weight") else t  # (d, 1, L) -> (d, L)
             shape, ttype, data = tuple(t.shape), GGMLType.F32, t.float().contiguous().numpy()
-        entries.append((gname, shape, ttype, data))
-        w.add_tensor_info(gname, shape, np.dtype(np.float32), data.nbytes, ttype)
+            nbytes = data.nbytes
+        entries.append(data)
+        w.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, ttype)
     with atomic_path(out) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for *_, data in entries:
-            w.write_tensor_data(data)
+        for data in entries:
+            w.write_tensor_data(data() if callable(data) else data)
         w.close()
     return out
 
