@@ -36,7 +36,7 @@ SOURCE = Path(__file__).with_name("qgemv.cpp")
 SOURCES = tuple(Path(__file__).with_name(f)
                 for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "moe.cpp"))
 # included by the sources: part of the build's key
-HEADERS = (Path(__file__).with_name("simd.h"), Path(__file__).with_name("activations.h"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h", "moe_slots.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
 DIR_ENV = "LFM2_KERNEL_DIR"
 _SIMD_FLAGS = ("avx2", "fma", "f16c")

@@ -43,6 +43,7 @@
 #include "simd.h"
 #endif
 #include "activations.h"
+#include "moe_slots.h"
 
 namespace {
 
@@ -669,39 +670,18 @@ LFM2_INLINE float kdot(const KMatrix& W, int64_t n, const KActivations& a, int64
 
 at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::Tensor& weights, at::TensorList w1,
                         at::TensorList w3, at::TensorList w2, int64_t t1, int64_t t3, int64_t t2) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lfm2 kmoe_experts: x must be a contiguous float32 (M, D) CPU tensor");
-  const int64_t M = x.size(0), D = x.size(1), E = static_cast<int64_t>(w1.size());
-  TORCH_CHECK(chosen.dim() == 2 && chosen.size(0) == M && chosen.scalar_type() == at::kLong && chosen.is_contiguous(),
-              "lfm2 kmoe_experts: chosen must be a contiguous int64 (M, k) tensor with M = ", M, " rows");
-  const int64_t K = chosen.size(1);
-  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == M && weights.size(1) == K &&
-                  weights.scalar_type() == at::kFloat && weights.is_contiguous(),
-              "lfm2 kmoe_experts: weights must be a contiguous float32 (M, k) tensor like chosen");
+  lfm2_moe::check_routing(x, chosen, weights, "kmoe_experts");
+  const int64_t M = x.size(0), D = x.size(1), E = static_cast<int64_t>(w1.size()), K = chosen.size(1);
   TORCH_CHECK(E > 0 && w3.size() == w1.size() && w2.size() == w1.size(),
               "lfm2 kmoe_experts: w1, w3, w2 must list the same number of experts (", E, ")");
   const int64_t H = w1[0].size(0);
   const int isa = best_isa();
 
-  // The distinct chosen experts in ascending order, and the slots (m * k + j) routed to each.
-  const int64_t* cp = chosen.data_ptr<int64_t>();
-  std::vector<int64_t> count(E, 0), start(E, 0), experts, begin;
-  for (int64_t i = 0; i < M * K; ++i) {
-    TORCH_CHECK(cp[i] >= 0 && cp[i] < E, "lfm2 kmoe_experts: chosen expert ", cp[i], " is out of range [0, ", E, ")");
-    ++count[cp[i]];
-  }
-  int64_t offset = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    if (!count[e]) continue;
-    experts.push_back(e);
-    begin.push_back(offset);
-    start[e] = offset;
-    offset += count[e];
-  }
-  const int64_t U = static_cast<int64_t>(experts.size());
-  begin.push_back(offset);
-  std::vector<int64_t> slots(M * K);
-  for (int64_t i = 0; i < M * K; ++i) slots[start[cp[i]]++] = i;
+  const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "kmoe_experts");
+  const int64_t U = g.count();
+  const std::vector<int64_t>& experts = g.experts;
+  const std::vector<int64_t>& begin = g.begin;
+  const std::vector<int64_t>& slots = g.slots;
 
   std::vector<KMatrix> W1(U), W3(U), W2(U);
   for (int64_t u = 0; u < U; ++u) {

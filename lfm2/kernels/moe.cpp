@@ -39,6 +39,7 @@
 #include "simd.h"
 #endif
 #include "activations.h"
+#include "moe_slots.h"
 #define LFM2_MOE_AVX2 LFM2_AVX2
 
 namespace {
@@ -263,15 +264,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
   TORCH_CHECK(group_size == 0 || group_size == 32 || group_size == 64 || group_size == 128,
               "lfm2 moe_experts: group_size must be 32, 64, 128 or 0 (one scale per row), got ", group_size);
   TORCH_CHECK(bits != 4 || group_size != 0, "lfm2 moe_experts: int4 needs a group size");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "lfm2 moe_experts: x must be a contiguous float32 (M, D) CPU tensor");
-  const int64_t M = x.size(0), D = x.size(1), E = static_cast<int64_t>(w1.size());
-  TORCH_CHECK(chosen.dim() == 2 && chosen.size(0) == M && chosen.scalar_type() == at::kLong && chosen.is_contiguous(),
-              "lfm2 moe_experts: chosen must be a contiguous int64 (M, k) tensor with M = ", M, " rows");
-  const int64_t K = chosen.size(1);
-  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == M && weights.size(1) == K &&
-                  weights.scalar_type() == at::kFloat && weights.is_contiguous(),
-              "lfm2 moe_experts: weights must be a contiguous float32 (M, k) tensor like chosen");
+  lfm2_moe::check_routing(x, chosen, weights, "moe_experts");
+  const int64_t M = x.size(0), D = x.size(1), E = static_cast<int64_t>(w1.size()), K = chosen.size(1);
   const size_t scales = bits == 32 ? 0 : static_cast<size_t>(E);
   TORCH_CHECK(E > 0 && w3.size() == w1.size() && w2.size() == w1.size() && s1.size() == scales &&
                   s3.size() == scales && s2.size() == scales,
@@ -284,27 +278,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
   TORCH_CHECK(group_size == 0 || (D % group_size == 0 && H % group_size == 0), "lfm2 moe_experts: group_size ",
               group_size, " does not divide D=", D, " and H=", H);
 
-  // The distinct chosen experts in ascending order, and the slots (m * k + j) routed to each.
-  const int64_t* cp = chosen.data_ptr<int64_t>();
-  std::vector<int64_t> count(E, 0);
-  for (int64_t i = 0; i < M * K; ++i) {
-    TORCH_CHECK(cp[i] >= 0 && cp[i] < E, "lfm2 moe_experts: chosen expert ", cp[i], " is out of range [0, ", E, ")");
-    ++count[cp[i]];
-  }
-  std::vector<int64_t> experts, begin;  // slots[begin[u] .. begin[u + 1]]: those of expert experts[u]
-  std::vector<int64_t> start(E, 0);
-  int64_t offset = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    if (!count[e]) continue;
-    experts.push_back(e);
-    begin.push_back(offset);
-    start[e] = offset;
-    offset += count[e];
-  }
-  const int64_t U = static_cast<int64_t>(experts.size());
-  begin.push_back(offset);
-  std::vector<int64_t> slots(M * K);
-  for (int64_t i = 0; i < M * K; ++i) slots[start[cp[i]]++] = i;  // ascending slots within an expert
+  const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "moe_experts");
+  const int64_t U = g.count();
+  const std::vector<int64_t>& experts = g.experts;
+  const std::vector<int64_t>& begin = g.begin;
+  const std::vector<int64_t>& slots = g.slots;
 
   std::vector<Mat> W1(U), W3(U), W2(U);
   for (int64_t u = 0; u < U; ++u) {
