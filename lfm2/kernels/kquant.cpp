@@ -27,7 +27,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <c10/util/BFloat16.h>
 
@@ -679,13 +678,9 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "kmoe_experts");
   const int64_t U = g.count();
-  const std::vector<int64_t>& experts = g.experts;
-  const std::vector<int64_t>& begin = g.begin;
-  const std::vector<int64_t>& slots = g.slots;
-
   std::vector<KMatrix> W1(U), W3(U), W2(U);
   for (int64_t u = 0; u < U; ++u) {
-    const int64_t e = experts[u];
+    const int64_t e = g.experts[u];
     W1[u] = check(w1[e], t1, D, "kmoe_experts (w1)");
     W3[u] = check(w3[e], t3, D, "kmoe_experts (w3)");
     W2[u] = check(w2[e], t2, H, "kmoe_experts (w2)");
@@ -693,36 +688,14 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
                 " has w1/w3 of ", W1[u].n, "/", W3[u].n, " rows and w2 of ", W2[u].n, "; expected ", H, " and ", D);
   }
 
-  // 1. h[slot] = silu(W1 x) * (W3 x), parallel over (expert, row) pairs of every chosen expert.
   const KActivations xa = quantize_activations_k(x.data_ptr<float>(), M, D, isa == 2);
-  std::vector<float> h(M * K * H);
-  at::parallel_for(0, U * H, std::max<int64_t>(1, (int64_t{1} << 15) / (2 * W1[0].row_bytes)),
-                   [&](int64_t i0, int64_t i1) {
-                     for (int64_t i = i0; i < i1; ++i) {
-                       const int64_t u = i / H, n = i % H;
-                       for (int64_t p = begin[u]; p < begin[u + 1]; ++p) {
-                         const int64_t slot = slots[p], m = slot / K;
-                         const float a = kdot(W1[u], n, xa, m, isa), b = kdot(W3[u], n, xa, m, isa);
-                         h[slot * H + n] = a / (1.f + std::exp(-a)) * b;
-                       }
-                     }
-                   });
-
-  // 2. y[m] = sum over its experts, ascending, of weight * W2 h[slot]; a thread owns a range of columns.
-  const KActivations ha = quantize_activations_k(h.data(), M * K, H, isa == 2);
-  at::Tensor y = at::zeros({M, D}, x.options());
-  float* yp = y.data_ptr<float>();
-  const float* wp = weights.data_ptr<float>();
-  at::parallel_for(0, D, std::max<int64_t>(1, (int64_t{1} << 15) / (U * W2[0].row_bytes)),
-                   [&](int64_t n0, int64_t n1) {
-                     for (int64_t u = 0; u < U; ++u)
-                       for (int64_t n = n0; n < n1; ++n)
-                         for (int64_t p = begin[u]; p < begin[u + 1]; ++p) {
-                           const int64_t slot = slots[p];
-                           yp[(slot / K) * D + n] += wp[slot] * kdot(W2[u], n, ha, slot, isa);
-                         }
-                   });
-  return y;
+  KActivations ha;
+  return lfm2_moe::two_passes(
+      x, weights, g, H, std::max<int64_t>(1, (int64_t{1} << 15) / (2 * W1[0].row_bytes)),
+      std::max<int64_t>(1, (int64_t{1} << 15) / (U * W2[0].row_bytes)),
+      [&](int64_t u, int64_t n, int64_t m) { return std::make_pair(kdot(W1[u], n, xa, m, isa), kdot(W3[u], n, xa, m, isa)); },
+      [&](const std::vector<float>& h) { ha = quantize_activations_k(h.data(), M * K, H, isa == 2); },
+      [&](int64_t u, int64_t n, int64_t slot, const float*) { return kdot(W2[u], n, ha, slot, isa); });
 }
 
 }  // namespace

@@ -6,7 +6,8 @@
 // and the Python around 3 k of them per token (module calls, torch.where, index_add, and a
 // host sync to learn which experts were chosen) cost as much again (issue #30).
 //
-// Two passes, each one parallel region over the output rows of every chosen expert together:
+// Two passes (`lfm2_moe::two_passes`, moe_slots.h), each one parallel region over the output rows of
+// every chosen expert together:
 // 1. gate/up: for each distinct chosen expert e and each of its H rows n, W1_e[n] and W3_e[n] are
 //    read once and dotted with every token routed to e; h[slot, n] = silu(a) * b (SwiGLU fused);
 // 2. down: for each output column n of y, the experts in ascending order: y[m, n] += w * W2_e[n] h.
@@ -24,7 +25,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -280,48 +280,25 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "moe_experts");
   const int64_t U = g.count();
-  const std::vector<int64_t>& experts = g.experts;
-  const std::vector<int64_t>& begin = g.begin;
-  const std::vector<int64_t>& slots = g.slots;
-
   std::vector<Mat> W1(U), W3(U), W2(U);
   for (int64_t u = 0; u < U; ++u) {
-    W1[u] = expert_matrix(w1, s1, experts[u], bits, group_size, H, D, "w1");
-    W3[u] = expert_matrix(w3, s3, experts[u], bits, group_size, H, D, "w3");
-    W2[u] = expert_matrix(w2, s2, experts[u], bits, group_size, D, H, "w2");
+    W1[u] = expert_matrix(w1, s1, g.experts[u], bits, group_size, H, D, "w1");
+    W3[u] = expert_matrix(w3, s3, g.experts[u], bits, group_size, H, D, "w3");
+    W2[u] = expert_matrix(w2, s2, g.experts[u], bits, group_size, D, H, "w2");
   }
 
-  // 1. h[slot] = silu(W1 x) * (W3 x), parallel over (expert, row) pairs of every chosen expert.
   const float* xp = x.data_ptr<float>();
-  QActivations xa;
+  QActivations xa, ha;
   if (bits != 32) xa = quantize_activations(xp, M, D, static_cast<int>(bits));
-  std::vector<float> h(M * K * H);
-  at::parallel_for(0, U * H, grain(2 * W1[0].row_bytes), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t u = i / H, n = i % H;
-      for (int64_t p = begin[u]; p < begin[u + 1]; ++p) {
-        const int64_t slot = slots[p], m = slot / K;
-        const float a = dot(W1[u], n, xa, m, xp), b = dot(W3[u], n, xa, m, xp);
-        h[slot * H + n] = a / (1.f + std::exp(-a)) * b;
-      }
-    }
-  });
-
-  // 2. y[m] = sum over its experts, ascending, of weight * W2 h[slot]; a thread owns a range of columns.
-  QActivations ha;
-  if (bits != 32) ha = quantize_activations(h.data(), M * K, H, static_cast<int>(bits));
-  at::Tensor y = at::zeros({M, D}, x.options());
-  float* yp = y.data_ptr<float>();
-  const float* wp = weights.data_ptr<float>();
-  at::parallel_for(0, D, grain(U * W2[0].row_bytes), [&](int64_t n0, int64_t n1) {
-    for (int64_t u = 0; u < U; ++u)
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t p = begin[u]; p < begin[u + 1]; ++p) {
-          const int64_t slot = slots[p];
-          yp[(slot / K) * D + n] += wp[slot] * dot(W2[u], n, ha, slot, h.data());
-        }
-  });
-  return y;
+  return lfm2_moe::two_passes(
+      x, weights, g, H, grain(2 * W1[0].row_bytes), grain(U * W2[0].row_bytes),
+      [&](int64_t u, int64_t n, int64_t m) {
+        return std::make_pair(dot(W1[u], n, xa, m, xp), dot(W3[u], n, xa, m, xp));
+      },
+      [&](const std::vector<float>& h) {
+        if (bits != 32) ha = quantize_activations(h.data(), M * K, H, static_cast<int>(bits));
+      },
+      [&](int64_t u, int64_t n, int64_t slot, const float* h) { return dot(W2[u], n, ha, slot, h); });
 }
 
 }  // namespace

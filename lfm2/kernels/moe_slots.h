@@ -1,11 +1,16 @@
 // What lfm2's grouped MoE kernels share (moe.cpp's `moe_experts`, kquant.cpp's `kmoe_experts`): the
-// checks of a call's routing arguments, and its token slots grouped by expert. A slot is m * k + j,
-// token m's j-th chosen expert; each kernel reads every chosen expert's weights once for all its slots.
+// checks of a call's routing arguments, its token slots grouped by expert, and the two passes over
+// them, whatever the weights' format. A slot is m * k + j, token m's j-th chosen expert; each pass
+// reads every chosen expert's weights once for all its slots.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 
+#include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace lfm2_moe {
@@ -51,6 +56,41 @@ inline ExpertSlots group_slots(const at::Tensor& chosen, int64_t num_experts, co
   g.slots.resize(n);
   for (int64_t i = 0; i < n; ++i) g.slots[start[cp[i]]++] = i;
   return g;
+}
+
+// y (M, D): for each token m, the sum over its chosen experts (ascending) of weight * W2 (silu(W1 x) * W3 x).
+// 1. h[slot] = silu(a) * b with (a, b) = gate_up(u, n, m), parallel over (expert, row) pairs of every
+//    chosen expert (grain1 pairs a task); then prepare_down(h) (the format's activations of h);
+// 2. y[m, n] += weight[slot] * down(u, n, slot, h), a thread owning a range of columns n (grain2), so no
+//    two threads write one value and each token's sum runs in one order whatever else is in the batch.
+template <typename GateUp, typename PrepareDown, typename Down>
+at::Tensor two_passes(const at::Tensor& x, const at::Tensor& weights, const ExpertSlots& g, int64_t H, int64_t grain1,
+                      int64_t grain2, GateUp gate_up, PrepareDown prepare_down, Down down) {
+  const int64_t M = x.size(0), D = x.size(1), K = weights.size(1), U = g.count();
+  std::vector<float> h(M * K * H);
+  at::parallel_for(0, U * H, grain1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t u = i / H, n = i % H;
+      for (int64_t p = g.begin[u]; p < g.begin[u + 1]; ++p) {
+        const int64_t slot = g.slots[p];
+        const std::pair<float, float> ab = gate_up(u, n, slot / K);
+        h[slot * H + n] = ab.first / (1.f + std::exp(-ab.first)) * ab.second;
+      }
+    }
+  });
+  prepare_down(h);
+  at::Tensor y = at::zeros({M, D}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  at::parallel_for(0, D, grain2, [&](int64_t n0, int64_t n1) {
+    for (int64_t u = 0; u < U; ++u)
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t p = g.begin[u]; p < g.begin[u + 1]; ++p) {
+          const int64_t slot = g.slots[p];
+          yp[(slot / K) * D + n] += wp[slot] * down(u, n, slot, h.data());
+        }
+  });
+  return y;
 }
 
 }  // namespace lfm2_moe
