@@ -651,7 +651,7 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
 // ---------------------------------------------------------------------------------------------
 // The experts of an LFM2-MoE block in K-quants, in one call: moe.cpp's `moe_experts` for files
 // whose expert tensors are Q4_K / Q5_K / Q6_K (a Q4_K_M file has gate/up in Q4_K and down in Q4_K
-// or Q6_K). Same two passes and the same summation order (see lfm2/kernels/moe.cpp); each product
+// or Q6_K). The same two passes and summation order (`lfm2_moe::two_passes`, moe_slots.h); each product
 // is `kgemv`'s, so a row here equals KQuantLinear's result for that token and expert.
 
 // Weight row n of W against activation row m, with the code `isa` (as kgemv_isa).
@@ -691,9 +691,10 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
   const KActivations xa = quantize_activations_k(x.data_ptr<float>(), M, D, isa == 2);
   KActivations ha;
   return lfm2_moe::two_passes(
-      x, weights, g, H, std::max<int64_t>(1, (int64_t{1} << 15) / (2 * W1[0].row_bytes)),
-      std::max<int64_t>(1, (int64_t{1} << 15) / (U * W2[0].row_bytes)),
-      [&](int64_t u, int64_t n, int64_t m) { return std::make_pair(kdot(W1[u], n, xa, m, isa), kdot(W3[u], n, xa, m, isa)); },
+      x, weights, g, H, W1[0].row_bytes, W2[0].row_bytes,
+      [&](int64_t u, int64_t n, int64_t m) {
+        return std::make_pair(kdot(W1[u], n, xa, m, isa), kdot(W3[u], n, xa, m, isa));
+      },
       [&](const std::vector<float>& h) { ha = quantize_activations_k(h.data(), M * K, H, isa == 2); },
       [&](int64_t u, int64_t n, int64_t slot, const float*) { return kdot(W2[u], n, ha, slot, isa); });
 }

@@ -253,9 +253,6 @@ Mat expert_matrix(at::TensorList qs, at::TensorList ss, int64_t e, int64_t bits,
   return W;
 }
 
-// Weight rows per parallel task: enough bytes that waking a thread is worth it.
-int64_t grain(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_bytes)); }
-
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::Tensor& weights, at::TensorList w1,
                        at::TensorList s1, at::TensorList w3, at::TensorList s3, at::TensorList w2,
                        at::TensorList s2, int64_t bits, int64_t group_size) {
@@ -291,7 +288,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
   QActivations xa, ha;
   if (bits != 32) xa = quantize_activations(xp, M, D, static_cast<int>(bits));
   return lfm2_moe::two_passes(
-      x, weights, g, H, grain(2 * W1[0].row_bytes), grain(U * W2[0].row_bytes),
+      x, weights, g, H, W1[0].row_bytes, W2[0].row_bytes,
       [&](int64_t u, int64_t n, int64_t m) {
         return std::make_pair(dot(W1[u], n, xa, m, xp), dot(W3[u], n, xa, m, xp));
       },

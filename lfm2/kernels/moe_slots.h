@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <utility>
@@ -60,15 +61,18 @@ inline ExpertSlots group_slots(const at::Tensor& chosen, int64_t num_experts, co
 
 // y (M, D): for each token m, the sum over its chosen experts (ascending) of weight * W2 (silu(W1 x) * W3 x).
 // 1. h[slot] = silu(a) * b with (a, b) = gate_up(u, n, m), parallel over (expert, row) pairs of every
-//    chosen expert (grain1 pairs a task); then prepare_down(h) (the format's activations of h);
-// 2. y[m, n] += weight[slot] * down(u, n, slot, h), a thread owning a range of columns n (grain2), so no
-//    two threads write one value and each token's sum runs in one order whatever else is in the batch.
+//    chosen expert; then prepare_down(h) (the format's activations of h);
+// 2. y[m, n] += weight[slot] * down(u, n, slot, h), a thread owning a range of columns n, so no two
+//    threads write one value and each token's sum runs in one order whatever else is in the batch.
+// Each task gets about 32 KiB of weights (rows of row_bytes13 bytes of W1 and of W3, then of
+// row_bytes2 bytes of W2 per chosen expert): enough that waking a thread is worth it.
 template <typename GateUp, typename PrepareDown, typename Down>
-at::Tensor two_passes(const at::Tensor& x, const at::Tensor& weights, const ExpertSlots& g, int64_t H, int64_t grain1,
-                      int64_t grain2, GateUp gate_up, PrepareDown prepare_down, Down down) {
+at::Tensor two_passes(const at::Tensor& x, const at::Tensor& weights, const ExpertSlots& g, int64_t H,
+                      int64_t row_bytes13, int64_t row_bytes2, GateUp gate_up, PrepareDown prepare_down, Down down) {
   const int64_t M = x.size(0), D = x.size(1), K = weights.size(1), U = g.count();
+  const auto grain = [](int64_t bytes) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, bytes)); };
   std::vector<float> h(M * K * H);
-  at::parallel_for(0, U * H, grain1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, U * H, grain(2 * row_bytes13), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t u = i / H, n = i % H;
       for (int64_t p = g.begin[u]; p < g.begin[u + 1]; ++p) {
@@ -82,7 +86,7 @@ at::Tensor two_passes(const at::Tensor& x, const at::Tensor& weights, const Expe
   at::Tensor y = at::zeros({M, D}, x.options());
   float* yp = y.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
-  at::parallel_for(0, D, grain2, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, D, grain(U * row_bytes2), [&](int64_t n0, int64_t n1) {
     for (int64_t u = 0; u < U; ++u)
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t p = g.begin[u]; p < g.begin[u + 1]; ++p) {
