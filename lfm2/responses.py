@@ -66,6 +66,7 @@ from lfm2.server import (
     _watch_disconnect,
     image_part,
 )
+from lfm2.threads import released
 
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 
@@ -682,11 +683,13 @@ def add_routes(app, server: _Server, store: ResponseStore) -> None:
             history = ITEMS.validate_json(previous.history)
         items = input_items(body)
         tools, choice, strict = tool_setup(body)
-        messages = await asyncio.to_thread(to_messages, history + items, server.remote_images, len(history))
+        messages = await asyncio.to_thread(released(to_messages), history + items, server.remote_images,
+                                           len(history))
         if body.instructions:
             messages.insert(0, {"role": "system", "content": body.instructions})
         output = text_format(body)
-        prompt = await asyncio.to_thread(build_prompt, server, body, messages, tools, choice, strict, output)
+        prompt = await asyncio.to_thread(released(build_prompt), server, body, messages, tools, choice, strict,
+                                         output)
         budget = server.token_budget(len(prompt.ids), body.max_output_tokens, "max_output_tokens", "input")
         jobs, events = server.submit([prompt.ids], params, [budget], [], body.ignore_eos, prompt.constraint,
                                      checkpoints=llm.turn_ends(prompt.ids), embed=prompt.embed)

@@ -87,6 +87,7 @@ from lfm2.llm import ChatPlan
 from lfm2.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from lfm2.sampling import SamplingParams, choice_params
 from lfm2.structured import StructuredOutputError
+from lfm2.threads import release_openmp_workers, released
 
 log = logging.getLogger("lfm2.server")
 
@@ -791,7 +792,8 @@ class _Server:
         `constraint` (tool calls, see `lfm2.constrain`) is copied fresh for each request;
         `checkpoints`: where the prefix cache keeps states (the ends of chat turns); `embed`: the prompt's
         image embeddings (`lfm2.engine.Request.embed`), for a chat with images. Prompts come in
-        groups of `n` choices, each choice with its own seed (`choice_params`)."""
+        groups of `n` choices, each choice with its own seed (`choice_params`). The event loop's
+        thread then gives back any OpenMP workers that left it (`lfm2.threads`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         sched = self.engine
@@ -814,6 +816,8 @@ class _Server:
         except GenerationError as exc:
             self.cancel(jobs)
             raise APIError(400, str(exc), code="invalid_value") from exc
+        finally:
+            release_openmp_workers()  # a fresh constraint's masks may have run in parallel on the loop's thread
         return jobs, events
 
     def cancel(self, jobs: list[_Job]) -> None:
@@ -1342,7 +1346,7 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         server.check_max_tokens(wanted, max_param)
         output = server.output_format(body)
-        plan = await asyncio.to_thread(server.chat_plan, body, wanted, output)
+        plan = await asyncio.to_thread(released(server.chat_plan), body, wanted, output)
         ids = plan.ids
         budget = server.token_budget(len(ids), wanted, max_param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -1466,9 +1470,9 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
         params, stop = server.validate(body)
         n = server.check_n(body.n)
         server.check_max_tokens(body.max_tokens, "max_tokens")
-        prompts, texts = await asyncio.to_thread(server.completion_prompts, body)
+        prompts, texts = await asyncio.to_thread(released(server.completion_prompts), body)
         output = server.output_format(body)
-        grammar = None if output is None else await asyncio.to_thread(server.grammar, output)
+        grammar = None if output is None else await asyncio.to_thread(released(server.grammar), output)
         budgets = [server.token_budget(len(p), body.max_tokens, "max_tokens", "prompt", COMPLETION_MAX_TOKENS)
                    for p in prompts]
         if len(prompts) * n > engine.max_batch + engine.max_queue:
