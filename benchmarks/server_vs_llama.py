@@ -134,6 +134,15 @@ async def level(url: str, prompts: list[list[list[int]]], max_tokens: int) -> di
             "ttft_p99": ttfts[round(0.99 * (len(ttfts) - 1))]}
 
 
+def run_level(name: str, proc: subprocess.Popen, url: str, prompts: list[list[list[int]]], max_tokens: int) -> dict:
+    """`level`, or an exit that says which server failed and whether its process is still alive."""
+    try:
+        return asyncio.run(level(url, prompts, max_tokens))
+    except httpx.HTTPError as exc:
+        state = "still running" if proc.poll() is None else f"exited with {proc.returncode}"
+        raise SystemExit(f"{name} at {len(prompts)} clients: {exc!r}; its process {state}") from exc
+
+
 async def multi_turn(url: str, tokenizer, first: list[int], cache_prompt: bool) -> tuple[float, float]:
     """(first turn's time to first token, the follow-up's)."""
     async with httpx.AsyncClient(timeout=3600) as http:
@@ -216,7 +225,8 @@ def main() -> None:
             for clients in args.clients:
                 prompts = [[prompt_ids(tokenizer, c * 100 + r, args.prompt_words) for r in range(args.requests)]
                            for c in range(clients)]
-                rows = {name: asyncio.run(level(url, prompts, args.max_tokens)) for name, (_, url) in servers.items()}
+                rows = {name: run_level(name, proc, url, prompts, args.max_tokens)
+                        for name, (proc, url) in servers.items()}
                 for name, row in rows.items():
                     ratio = f"{rows['lfm2']['tok_s'] / rows['llama']['tok_s']:.2f}x" if name == "lfm2" else ""
                     lines.append(f"| {kind} | {name} | {clients} | {row['tok_s']:.1f} | {ratio} | "
