@@ -15,6 +15,11 @@ each step. Three small tensors make rows independent of each other:
 
 `snapshot()` / `restore()` copy the small state (conv states, positions, slot count): enough to
 roll back speculative tokens or reuse a prefix, since KV slots past `length` are simply ignored.
+
+`marks` asks a multi-token forward pass for the conv states after some of its tokens as well as
+after the last (`marked`): a convolution's state after token j of a chunk is its inputs j-L+2..j,
+which the pass has at hand, so the prefix cache can keep states inside a chunk (the end of a chat
+turn a few tokens before the prompt's end) without splitting the chunk into more forward passes.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class Cache:
         # Every filled slot of every row is valid (no padding, no row surgery): a single-token
         # decode step can then attend to all filled slots without building a mask.
         self.dense = True
+        self.marks: tuple[int, ...] = ()  # tokens into the next prefill call after which to keep conv states
+        self.marked: dict[int, list[torch.Tensor]] = {}  # layer -> (B, hidden, L-1) per mark, filled by that call
 
     def reserve(self, mask: torch.Tensor, all_real: bool | None = None) -> tuple[int, torch.Tensor]:
         """Claim the next T slots for a step whose real tokens are `mask` (B, T) bool.
@@ -134,6 +141,7 @@ class Cache:
         view.conv = {i: t[:rows] for i, t in self.conv.items()}
         view.valid, view.positions = self.valid[:rows], self.positions[:rows]
         view.dense = False  # the scheduler moves rows around: always use the mask
+        view.marks, view.marked = (), {}
         return view
 
     def put_row(self, row: int, src: Cache, src_row: int) -> None:

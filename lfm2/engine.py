@@ -452,18 +452,25 @@ class Engine:
 
     # -- prefill --------------------------------------------------------------------------------
 
-    def _cuts(self, row: _Row) -> list[int]:
-        """Where the prompt's chunks end: every PREFILL_CHUNK tokens, its end, and the checkpoints
-        where the prefix cache is on."""
+    def _boundaries(self, row: _Row) -> list[int]:
+        """Prompt lengths past `row.done` whose state goes into the prefix cache: every
+        PREFILL_CHUNK tokens (so long prompts that share a beginning meet at the same lengths),
+        the checkpoints (ends of chat turns) and the prompt's end; only the end without the cache."""
         n = len(row.request.prompt)
-        cuts = {n, *range(PREFILL_CHUNK, n, PREFILL_CHUNK)}
+        cuts = {n}
         if self.prefix_cache is not None and self.prefix_cache.max_bytes:
+            cuts.update(range(PREFILL_CHUNK, n, PREFILL_CHUNK))
             cuts.update(c for c in row.request.checkpoints if isinstance(c, int) and 0 < c < n)
         return sorted(c for c in cuts if c > row.done)
 
     def _prefill_chunk(self, row: _Row, budget: int | None) -> int | None:
         """Read the next chunk of `row`'s prompt (starting with a prefix-cache lookup); returns
-        the budget left. Sets `row.logits` once the whole prompt has been read."""
+        the budget left. Sets `row.logits` once the whole prompt has been read.
+
+        A chunk is up to PREFILL_CHUNK tokens from where the row stands, ending at a boundary;
+        the boundaries inside it are kept from the same forward pass (`Cache.marks`), so a
+        follow-up turn that resumes a few tokens before a turn's end and the prompt's end reads
+        its new tokens in one pass, not one per boundary."""
         request, pc = row.request, self.prefix_cache
         prompt = list(request.prompt)
         key = _cache_key(request)
@@ -479,17 +486,26 @@ class Engine:
                 if row.done == len(prompt):
                     row.logits = entry.logits.to(self.device)[None].clone()
                     return budget
-        cut = self._cuts(row)[0]
+        bounds = [b for b in self._boundaries(row) if b <= row.done + PREFILL_CHUNK]
+        cut = bounds[-1] if bounds else row.done + PREFILL_CHUNK
+        inner = bounds[:-1] if pc is not None and pc.max_bytes else []
         ids = torch.tensor([prompt[row.done : cut]], device=self.device)
         want_prompt = request.prompt_logprobs is not None
         extra = {} if request.embed is None else {"inputs_embeds": request.embed(row.done, cut)}
-        logits = self.model(ids, row.cache, last_only=not want_prompt, **extra)[0]  # (1 or T, V)
+        row.cache.marks = tuple(b - row.done for b in inner)
+        try:
+            logits = self.model(ids, row.cache, last_only=not want_prompt, **extra)[0]  # (1 or T, V)
+        finally:
+            row.cache.marks, marked = (), row.cache.marked
+            row.cache.marked = {}
         self.prefill_chunks += 1
         if want_prompt:
             self._prompt_logprobs(row, logits, prompt, cut)
         last = logits[-1:]
         row.last_logits = last
-        if pc is not None and pc.max_bytes and cut > row.cached:
+        if pc is not None and pc.max_bytes:
+            for j, b in enumerate(inner):
+                pc.store(key[:b], row.cache, end=b, conv={i: states[j][0] for i, states in marked.items()})
             pc.store(key[:cut], row.cache, logits=last[0] if cut == len(prompt) else None)
         row.done = cut
         if cut == len(prompt):

@@ -147,10 +147,12 @@ class PrefixCache:
     # -- store ----------------------------------------------------------------------------------
 
     def store(self, key: Sequence[int], cache: Cache, row: int = 0, end: int | None = None,
-              logits: torch.Tensor | None = None) -> Entry | None:
+              logits: torch.Tensor | None = None, conv: dict[int, torch.Tensor] | None = None) -> Entry | None:
         """Keep the state of `cache` row `row`, which has read `key`, its tokens in slots
-        [end - len(key), end) (`end` defaults to `cache.length`). Returns the entry (None when
-        the cache is off or the entry alone would not fit)."""
+        [end - len(key), end) (`end` defaults to `cache.length`). `conv` (layer -> (hidden, L-1)):
+        the conv states after `key` where the cache has read further (`Cache.marked`); by default
+        the cache's own. Returns the entry (None when the cache is off or the entry alone would
+        not fit)."""
         if self.max_bytes == 0 or not key:
             return None
         key = tuple(key)
@@ -169,7 +171,8 @@ class PrefixCache:
             first = end - len(key)  # the slot of the key's first token
             keys = {i: t[row, :, first + start : end].clone() for i, t in cache.keys.items()}
             values = {i: t[row, :, first + start : end].clone() for i, t in cache.values.items()}
-            conv = {i: t[row].clone() for i, t in cache.conv.items()}
+            conv = {i: t.clone() for i, t in conv.items()} if conv is not None else \
+                {i: t[row].clone() for i, t in cache.conv.items()}
             kept = None if logits is None else logits.detach().reshape(-1).clone()
             entry = Entry(key, parent, keys, values, conv, kept)
             entry.nbytes = _nbytes([*keys.values(), *values.values(), *conv.values()] +

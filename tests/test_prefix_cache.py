@@ -96,6 +96,29 @@ def test_a_follow_up_resumes_after_the_reply(model):
     assert_matches_full(model, follow)
 
 
+def test_boundaries_inside_a_chunk_cost_no_extra_forward_pass(model, monkeypatch):
+    """A follow-up whose new tokens cross turn ends and a PREFILL_CHUNK multiple reads them in one
+    forward pass; the states kept at those boundaries (conv states taken inside the pass,
+    `Cache.marks`) resume exactly, the first one a single token past the resumed prefix."""
+    import lfm2.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 32)
+    pc = PrefixCache()
+    engine = Engine(model, max_batch=1, max_len=200, prefix_cache=pc)
+    base = prompt_of(50, 28)
+    first_token(engine, base)
+    chunks = engine.prefill_chunks
+    prompt = base + prompt_of(51, 12)  # 40 tokens: past the chunk multiple 32
+    follow = first_token(engine, prompt, checkpoints=[29, 35])
+    assert follow.result.cached_tokens == 28
+    assert engine.prefill_chunks == chunks + 1
+    assert_matches_full(model, follow)
+    for n in (29, 32, 35):
+        resumed = first_token(engine, prompt[:n] + prompt_of(60 + n, 4))
+        assert resumed.result.cached_tokens == n
+        assert_matches_full(model, resumed)
+
+
 def test_concurrent_requests_sharing_prefixes_get_their_solo_tokens(model):
     """Requests with a shared system prompt, decoded together in the engine's thread, each get the
     tokens of a solo run (greedy, where the fixture's margins are far above rounding)."""

@@ -835,9 +835,9 @@ def test_n_choices_are_decoded_together_from_one_prefill(live, llm):
     reply = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "n choices"}],
                                                 n=3, max_tokens=6, temperature=1.0, seed=11)
     assert [c.index for c in reply.choices] == [0, 1, 2]
-    # the first choice's prompt: at most two chunks (cut where the user turn ends; fewer where an earlier
-    # request left a state it can resume from); the other two resume from its end and prefill nothing
-    assert live.scheduler.prefill_chunks <= chunks + 2 and llm.prefix_cache.hits >= hits + 2
+    # the first choice's prompt: one forward pass (the state where the user turn ends is kept from inside
+    # it); the other two resume from its end and prefill nothing
+    assert live.scheduler.prefill_chunks == chunks + 1 and llm.prefix_cache.hits >= hits + 2
     assert len({c.message.content for c in reply.choices}) > 1
     again = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "n choices"}],
                                                 n=3, max_tokens=6, temperature=1.0, seed=11)

@@ -216,6 +216,9 @@ class ShortConv(nn.Module):
                 state = ctx.cache.conv[self.layer_idx]
                 u = torch.cat((state, u), dim=-1)
                 state.copy_(u[..., -(self.kernel - 1) :])
+                if ctx.cache.marks:  # the states after chosen tokens too (lfm2/cache.py: `marks`)
+                    L1 = self.kernel - 1
+                    ctx.cache.marked[self.layer_idx] = [u[..., e : e + L1].clone() for e in ctx.cache.marks]
             else:
                 u = F.pad(u, (self.kernel - 1, 0))
             v = F.conv1d(u, self.conv.weight, self.conv.bias, groups=u.shape[1])[..., -T:]
