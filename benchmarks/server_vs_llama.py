@@ -109,15 +109,18 @@ def prompt_ids(tokenizer, seed: int, words: int) -> list[int]:
 async def level(url: str, prompts: list[list[list[int]]], max_tokens: int) -> dict:
     """Every client streams its prompts one after the other; all clients at once.
 
-    Each client has a connection of its own, as separate users would. One shared pool handed a
-    client's second request to a connection another client had left idle for longer than both
+    Each client has a connection of its own, as separate users would, and each request opens a
+    new one (no keep-alive; a localhost connect costs well under a millisecond, the same to both
+    servers). Reused connections failed now and then with "Server disconnected without sending a
+    response": first a shared pool that handed a client's request to a connection idle past both
     servers' 5 s keep-alive (uvicorn's `timeout_keep_alive`, cpp-httplib's
-    `CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND`): the server had closed it, and httpx failed the request
-    with "Server disconnected without sending a response".
+    `CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND`), then, once in each of two runs, a client's own
+    connection, reused right after a streamed response (llama-server at 1 client on 2026-12-04,
+    a server not recorded on 2026-12-03).
     """
     async def client(mine: list[list[int]]) -> list[tuple[float, int]]:
         out = []
-        async with httpx.AsyncClient(timeout=3600) as http:
+        async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_keepalive_connections=0)) as http:
             for ids in mine:
                 body = {"model": NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
                         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -145,7 +148,7 @@ def run_level(name: str, proc: subprocess.Popen, url: str, prompts: list[list[li
 
 async def multi_turn(url: str, tokenizer, first: list[int], cache_prompt: bool) -> tuple[float, float]:
     """(first turn's time to first token, the follow-up's)."""
-    async with httpx.AsyncClient(timeout=3600) as http:
+    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_keepalive_connections=0)) as http:
         body = {"model": NAME, "prompt": first, "max_tokens": 32, "temperature": 0, "ignore_eos": True,
                 "cache_prompt": cache_prompt}
         t = time.perf_counter()

@@ -90,10 +90,39 @@ def test_bad_input_is_refused_clearly():
         KQuantLinear.from_blocks(blocks[:, :100].contiguous(), int(T.Q4_K), 256)
 
 
+def rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rounded to int8 per 256 values as the K-quant kernels round it (kernels/kquant.cpp):
+    scale max|x| / 127, x times its float32 inverse rounded to nearest even."""
+    blocks = x.reshape(x.shape[0], -1, 256)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return ((blocks * inverse).round() * d).reshape(x.shape)
+
+
+@pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(), reason="kgemm needs AVX-512 VNNI")
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gemm_is_rounded_activations_times_the_dequantized_weights(qtype):
+    """`kgemm`'s integer block sums are exact: its result is the int8-rounded activations times the
+    weights gguf-py dequantizes, to float rounding (near the float product, and `kgemv`'s result)."""
+    ops = kernels.ops()
+    blocks = random_blocks(301, 768, qtype, seed=1)  # a last tile of 13 rows
+    x = torch.randn(37, 768, generator=torch.Generator().manual_seed(2))  # 9 passes of 4 rows, then 1
+    x[:, 5] = 9.0
+    w = reference(blocks, qtype, 768)
+    y = ops.kgemm(x, blocks, int(qtype), 768)
+    ref = rounded_activations(x) @ w.T
+    assert (y - ref).norm() <= 1e-6 * ref.norm()
+    exact = x @ w.T
+    assert (y - exact).norm() <= 0.02 * exact.norm()
+    assert torch.equal(y[-1:], ops.kgemm(x[-1:].contiguous(), blocks, int(qtype), 768))
+    gemv = ops.kgemv(x[:7].contiguous(), blocks, int(qtype), 768)
+    assert torch.allclose(y[:7], gemv, rtol=1e-5, atol=1e-5 * gemv.abs().max())
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_layer_paths_agree(qtype, monkeypatch):
-    """The GEMV (few rows), the tiled path (many rows: bfloat16 on AMX CPUs, else float32) and the
-    pure-PyTorch fallback give the product with the dequantized weight."""
+    """The GEMV (few rows), the many-row paths (`kgemm` on VNNI CPUs; else tiles, bfloat16 on AMX
+    CPUs, else float32) and the pure-PyTorch fallback give the product with the dequantized weight."""
     import lfm2.kquant as kquant
 
     blocks = random_blocks(96, 512, qtype, seed=3)
@@ -101,8 +130,13 @@ def test_layer_paths_agree(qtype, monkeypatch):
     w = reference(blocks, qtype, 512)
     x = torch.randn(2, 9, 512, generator=torch.Generator().manual_seed(4))
     exact = x @ w.T
-    many = layer(x)  # 18 rows: the tiled path
+    many = layer(x)  # 18 rows: kgemm, else the tiled path
     assert many.shape == (2, 9, 96) and many.dtype == torch.float32
+    if kernels.has_int8_gemm():
+        assert torch.allclose(many.reshape(18, 96), rounded_activations(x.reshape(18, 512)) @ w.T, rtol=1e-5,
+                              atol=1e-4)
+    monkeypatch.setattr(kernels, "has_int8_gemm", lambda: False)
+    many = layer(x)  # the tiled path
     assert (many - exact).norm() <= (5e-3 if kernels.has_amx_bf16() else 1e-6) * exact.norm()
     monkeypatch.setattr(kernels, "has_amx_bf16", lambda: False)
     assert torch.allclose(layer(x), exact, rtol=1e-5, atol=1e-4)

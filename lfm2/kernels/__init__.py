@@ -132,6 +132,10 @@ def _register_fakes() -> None:
     def _(x, blocks, type, k):
         return x.new_empty(*x.shape[:-1], blocks.shape[0])
 
+    @torch.library.register_fake("lfm2_quant::kgemm")
+    def _(x, blocks, type, k):
+        return x.new_empty(*x.shape[:-1], blocks.shape[0])
+
     @torch.library.register_fake("lfm2_quant::kdequantize")
     def _(blocks, type, k, bf16=False):
         return blocks.new_empty(blocks.shape[0], k, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -189,7 +193,7 @@ def ops() -> Any | None:
 
 
 def has_int8_gemm() -> bool:
-    """Whether `ops().qgemm` runs on this CPU (it needs AVX-512 VNNI); asked once, then cached."""
+    """Whether `ops().qgemm` and `ops().kgemm` run on this CPU (they need AVX-512 VNNI); asked once, then cached."""
     if "vnni" not in _state:
         loaded = ops()
         _state["vnni"] = loaded is not None and bool(loaded.vnni())

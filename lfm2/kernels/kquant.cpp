@@ -649,6 +649,148 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
 }
 
 // ---------------------------------------------------------------------------------------------
+// Prefill GEMM on CPUs with AVX-512 VNNI (`kgemm`): many rows of x against K-quant weights, as
+// qgemv.cpp's `qgemm` does for int8/int4 (the same tile layout), with `kgemv`'s numerics: int8
+// activations with one scale per 256 values, as llama.cpp computes K-quant products at decode and
+// prefill alike (its Q8_K). Tiles of 16 weight rows are unpacked to their integer values once per call,
+// 4 consecutive values of a row per 32-bit lane, so one vpdpbusd of 4 broadcast activation bytes
+// (unsigned: q + 128) accumulates 16 rows' block dot products exactly. Per block of BV values:
+//   y[m][n] += xd[m] (s[n] (isum - 128 vsum[n]) - mn[n] xsum[m])
+// with s, mn the block's scale and minimum: Q4_K / Q5_K blocks of 32 (one 6-bit scale and min per
+// sub-block), Q6_K blocks of 16 (an int8 scale each, no minimum). Since the integer sums are exact,
+// the result is x rounded to those int8 activations times the dequantized weights, to float
+// rounding (a token's prefill logits are its decode logits), with 32 products an instruction where
+// a float GEMM on dequantized tiles does 8.
+
+bool cpu_has_vnni512() {
+#if LFM2_AVX2 && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+constexpr int kTile = 16;  // weight rows per packed tile: one vector of 16 int32 lanes
+
+struct KTile {
+  std::vector<int8_t> q;           // (blocks, BV / 4 groups, 16 rows, 4 values)
+  std::vector<float> scale, minv;  // (blocks, 16)
+  std::vector<int32_t> offset;     // (blocks, 16): 128 x the sum of the row's block values
+};
+
+// Rows n0 .. n0 + rows of W (rows <= 16; the rest of the tile is zero) in blocks of bv values.
+void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t) {
+  const int64_t nblk = W.k / bv, groups = bv / 4, per_sb = kSuper / bv;
+  t.q.assign(nblk * groups * kTile * 4, 0);
+  t.scale.assign(nblk * kTile, 0.f);
+  t.minv.assign(nblk * kTile, 0.f);
+  t.offset.assign(nblk * kTile, 0);
+  alignas(32) int8_t v[kSuper];
+  float scale[16], minv[16];
+  const int64_t bytes = block_bytes(W.type);
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t sb = 0; sb < W.nsb; ++sb) {
+      const uint8_t* blk = W.q + (n0 + j) * W.row_bytes + sb * bytes;
+#if LFM2_AVX2
+      unpack_values_simd(W.type, blk, v);
+#else
+      unpack_values(W.type, blk, v);
+#endif
+      factors(W.type, blk, scale, minv);
+      for (int64_t kb = 0; kb < per_sb; ++kb) {
+        const int64_t b = sb * per_sb + kb;
+        const int8_t* vb = v + kb * bv;
+        int32_t sum = 0;
+        for (int i = 0; i < bv; ++i) sum += vb[i];
+        t.offset[b * kTile + j] = 128 * sum;
+        t.scale[b * kTile + j] = scale[kb * bv / 16];
+        t.minv[b * kTile + j] = minv[kb * bv / 16];
+        for (int64_t g = 0; g < groups; ++g) std::memcpy(&t.q[((b * groups + g) * kTile + j) * 4], vb + 4 * g, 4);
+      }
+    }
+}
+
+#if LFM2_AVX2
+#define LFM2_KVNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+// MR activation rows (unsigned bytes xu, stride kp; scales xd per 256 values, stride nsb; sums xs
+// per 32 values, stride nb32) against one packed tile of blocks of BV values: y[r][0:cols].
+template <int MR, int BV>
+LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nblk, const uint8_t* xu, int64_t kp, const float* xd,
+                           int64_t nsb, const int16_t* xs, int64_t nb32, float* y, int64_t ldy, int64_t cols) {
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m512i isum[MR];
+    for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
+    const int8_t* wq = t.q.data() + b * (BV / 4) * 64;
+    for (int g = 0; g < BV / 4; ++g) {
+      const __m512i w = _mm512_loadu_si512(wq + g * 64);
+      for (int r = 0; r < MR; ++r) {
+        int32_t four;
+        std::memcpy(&four, xu + r * kp + b * BV + 4 * g, 4);
+        isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
+      }
+    }
+    const int64_t sb = b * BV / kSuper;
+    const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTile);
+    const __m512 sc = _mm512_loadu_ps(t.scale.data() + b * kTile);
+    for (int r = 0; r < MR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], off)),
+                               _mm512_mul_ps(sc, _mm512_set1_ps(xd[r * nsb + sb])), acc[r]);
+    if (BV == 32) {  // Q4_K / Q5_K: less each block's minimum times the activations' sum
+      const __m512 mn = _mm512_loadu_ps(t.minv.data() + b * kTile);
+      for (int r = 0; r < MR; ++r)
+        acc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xd[r * nsb + sb] * static_cast<float>(xs[r * nb32 + b])),
+                                  acc[r]);
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
+}
+
+template <int BV>
+void kgemm_rows(const KTile& t, const KMatrix& W, const std::vector<uint8_t>& xu, const KActivations& a,
+                int64_t m_rows, float* y, int64_t n0, int64_t cols) {
+  constexpr int MR = 4;
+  const int64_t nblk = W.k / BV, nb32 = W.k / 32;
+  int64_t m = 0;
+  for (; m + MR <= m_rows; m += MR)
+    kgemm_tile<MR, BV>(t, nblk, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, W.nsb, a.bsum.data() + m * nb32,
+                       nb32, y + m * W.n + n0, W.n, cols);
+  for (; m < m_rows; ++m)
+    kgemm_tile<1, BV>(t, nblk, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, W.nsb, a.bsum.data() + m * nb32,
+                      nb32, y + m * W.n + n0, W.n, cols);
+}
+#endif
+
+at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
+  const KMatrix W = check(blocks, type, k, "kgemm");
+  const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemm");
+  TORCH_CHECK(cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
+  at::Tensor y = lfm2_act::output_for(x, W.n);
+#if LFM2_AVX2
+  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, false);
+  std::vector<uint8_t> xu(a.q.size());
+  for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(a.q[i] ^ 0x80);  // q + 128
+  const int bv = type == kQ6K ? 16 : 32;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (W.n + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+    KTile t;
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
+      pack_ktile(W, n0, cols, bv, t);
+      if (bv == 16) kgemm_rows<16>(t, W, xu, a, m_rows, yp, n0, cols);
+      else kgemm_rows<32>(t, W, xu, a, m_rows, yp, n0, cols);
+    }
+  });
+#endif
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The experts of an LFM2-MoE block in K-quants, in one call: moe.cpp's `moe_experts` for files
 // whose expert tensors are Q4_K / Q5_K / Q6_K (a Q4_K_M file has gate/up in Q4_K and down in Q4_K
 // or Q6_K). The same two passes and summation order (`lfm2_moe::two_passes`, moe_slots.h); each product
@@ -706,6 +848,7 @@ TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
   m.def("kgemv_isa(Tensor x, Tensor blocks, int type, int k, int isa) -> Tensor");
   m.def("kgemv_best_isa() -> int", &kgemv_best_isa);
   m.def("kdequantize(Tensor blocks, int type, int k, bool bf16=False) -> Tensor");
+  m.def("kgemm(Tensor x, Tensor blocks, int type, int k) -> Tensor");
   m.def("kmoe_experts(Tensor x, Tensor chosen, Tensor weights, Tensor[] w1, Tensor[] w3, Tensor[] w2, int t1, "
         "int t3, int t2) -> Tensor");
 }
@@ -714,5 +857,6 @@ TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
   m.impl("kgemv", &kgemv);
   m.impl("kgemv_isa", &kgemv_isa);
   m.impl("kdequantize", &kdequantize);
+  m.impl("kgemm", &kgemm);
   m.impl("kmoe_experts", &kmoe_experts);
 }
