@@ -7,7 +7,8 @@
 Each measurement runs in a fresh process (so peak resident memory is the engine's own), and the
 engines are interleaved round by round (so a noisy machine hurts them alike). Every engine gets
 the same prompt of random token ids and decodes greedily, ignoring end-of-text:
-- prefill tokens/s = prompt tokens / time to first token;
+- prefill tokens/s = prompt tokens / time to first token, after a warm-up run on another prompt of the
+  same length (as llama-bench warms up before it measures);
 - decode tokens/s = (new tokens - 1) / (time after the first token);
 - decode as a fraction of the memory-bandwidth limit = decode tokens/s x weight bytes read per
   token / the machine's measured read bandwidth (`torch.sum` over 1 GiB on 2 MiB huge pages; the
@@ -78,7 +79,10 @@ if engine.startswith("lfm2"):
     llm = lfm2.load(path, compile={"lfm2": None, "lfm2-compile": True, "lfm2-eager": False}[engine])
     llm.prefix_cache.max_bytes = 0  # every run prefills its whole prompt
     params = llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0)
-    list(llm.engine(1, 10).generate([prompt[:8]], params, 2, ignore_eos=True))  # first-use costs (kernels, compile)
+    # First-use costs (kernels, compile, the first pass at the prompt's length), on other tokens: the warm-up
+    # llama-bench runs before it measures.
+    warm = torch.randint(100, 60000, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    list(llm.engine(1, prompt_len + 2).generate([warm], params, 2, ignore_eos=True))
     compiled = getattr(llm.model, "decode_step", None)
     if compiled is not None:
         if compiled.failed:
