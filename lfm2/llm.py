@@ -27,6 +27,7 @@ from lfm2.prefix_cache import PrefixCache
 from lfm2.reasoning import AfterReasoning, ReplyParser, check_budget, parse_reply, prompt_opens_thinking, reasoning_tags
 from lfm2.sampling import SamplingParams, choice_params
 from lfm2.structured import OutputFormat
+from lfm2.threads import release_openmp_workers
 from lfm2.weights import load_into, move_to_huge_pages, resolve_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -536,7 +537,7 @@ def load(
 
         loaded = load_gguf(path_or_hub_id, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
                            native=native and adapter is None, mmproj=mmproj)
-        return _compiled(_with_adapter(LLM.from_loaded(loaded), adapter), compile)
+        return _ready(_with_adapter(LLM.from_loaded(loaded), adapter), compile)
     if mmproj is not None:
         raise ConfigError(f"mmproj={str(mmproj)!r} goes with a .gguf text model; {path_or_hub_id} is a checkpoint "
                           "directory or hub id, which holds its vision part itself (load it without mmproj=)")
@@ -585,7 +586,7 @@ def load(
             quantize_model(model, quantize, group_size)  # a vision model: its language model only
             if device.type == "cpu":
                 move_to_huge_pages(model)  # (`load_quantizing` reads into huge pages itself)
-    return _compiled(_with_adapter(llm, adapter), compile)
+    return _ready(_with_adapter(llm, adapter), compile)
 
 
 def is_vl_checkpoint(ckpt: Path) -> bool:
@@ -620,11 +621,15 @@ def load_vl_model(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-def _compiled(llm: LLM, compile: bool | None) -> LLM:
+def _ready(llm: LLM, compile: bool | None) -> LLM:
+    """The loaded model, its decode step set to compile, and the loading thread's OpenMP workers given
+    back: an application that loads in one thread and generates in another (a worker pool, a web
+    framework's threads) would otherwise decode at a third of the speed (`lfm2.threads`)."""
     from lfm2.compile import auto_compile, compile_decode
 
     if compile or (compile is None and auto_compile(llm.model)):
         compile_decode(llm.model)
+    release_openmp_workers()
     return llm
 
 

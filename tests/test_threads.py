@@ -80,3 +80,14 @@ def test_engine_start_releases_the_starting_threads_workers(chat_checkpoint):
     workers, after = _in_thread(run)
     assert len(workers) >= torch.get_num_threads() - 1
     assert not workers & after  # gone once the engine's own thread took over
+
+
+def test_loading_gives_back_the_loading_threads_workers(chat_checkpoint):
+    """An application that loads in one thread and generates in another gets the speed of one thread."""
+    def run() -> tuple[set[int], set[int]]:
+        workers = _workers_started_by(_parallel_work)  # the application's own work before loading
+        lfm2.load(chat_checkpoint, compile=False)
+        return workers, _threads()
+
+    workers, after = _in_thread(run)
+    assert workers and not workers & after
