@@ -7,10 +7,10 @@ model takes the memory of the file, and computes with kernels of our own
 - up to `KGEMV_MAX_ROWS` rows of input (decode, small batches): `kgemv`, a matrix-vector product
   that streams the blocks once, with int8 activations per 256 values as llama.cpp computes K-quant
   products (exact integer sums inside a super-block);
-- more rows (prefill), on CPUs with AVX-512 VNNI: `kgemm`, integer block products of the weights'
-  values with int8 activations per 32 values (`lfm2.quant`'s qgemm numerics), 32 multiply-adds an
-  instruction. Measured on LFM2-350M's 4608x1024 Q4_K matrix at 512 rows (2 threads, Zen 4, no AMX):
-  see `benchmarks/kquant.py` and docs/benchmarks.md;
+- more rows (prefill), on CPUs with AVX-512 VNNI and no AMX: `kgemm`, exact integer block products of
+  the weights' values with `kgemv`'s int8 activations (so a token's prefill logits are its decode
+  logits), 32 multiply-adds an instruction: 2-3.6x the float32 tiles below on LFM2-350M's matrices
+  (Zen 4, 2 threads; docs/benchmarks.md);
 - more rows elsewhere: row tiles dequantized (`kdequantize`, exact: the values `gguf.quants.dequantize`
   gives) and multiplied by torch's GEMM, like `lfm2.quant`'s tiled path. On CPUs with AMX the tiles
   and activations are rounded to bfloat16 (relative error 2^-9, far below the 4-6 bit weights' own),
@@ -113,7 +113,7 @@ class KQuantLinear(nn.Module):
         ops = kernels.ops() if xf.is_cpu else None
         if ops is not None and xf.numel() <= KGEMV_MAX_ROWS * self.in_features:
             y = ops.kgemv(xf.contiguous(), self.blocks, self.ggml_type, self.in_features)  # (..., K) -> (..., N)
-        elif ops is not None and kernels.has_int8_gemm():
+        elif ops is not None and kernels.has_int8_gemm() and not kernels.has_amx_bf16():
             y = ops.kgemm(xf.contiguous(), self.blocks, self.ggml_type, self.in_features)
         else:  # (..., K) -> (M, K) -> (..., N)
             y = self._tiled_matmul(xf.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)

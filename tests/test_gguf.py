@@ -651,7 +651,7 @@ def test_k_quant_files_run_their_own_blocks_by_default(wide_f32, tmp_path):
         steps = torch.cat([default.model(torch.tensor([[t]]), cache=cache)[0] for t in ids[8:]])
     assert (steps - ref[8:]).abs().max() <= 0.05 * ref.abs().max()
     assert (steps.argmax(-1) == ref[8:].argmax(-1)).float().mean() >= 0.9
-    if kernels.has_int8_gemm():  # prefill by `kgemm`: the GEMV's int8 activations, so the decode steps' logits
+    if kernels.has_int8_gemm() and not kernels.has_amx_bf16():  # prefill by `kgemm`: the GEMV's numerics
         assert (ours[8:] - steps).abs().max() <= 1e-4 * ref.abs().max()
     else:  # dequantized tiles: bfloat16 on AMX CPUs (lfm2.kquant), float32 elsewhere
         assert (ours - ref).abs().max() <= (0.01 if kernels.has_amx_bf16() else 1e-4) * ref.abs().max()
