@@ -53,7 +53,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4", "none"], default=None,
                    help="quantize the weights after loading (lfm2.quant's kernels). Without it a checkpoint "
                         "written by `lfm2 quantize` loads quantized, a Q8_0 / Q4_0 .gguf file keeps its own "
-                        "format, and a K-quant one (Q4_K_M ...) runs as int8; none: dequantize such a file "
+                        "format, and a K-quant one (Q4_K_M ...) runs its Q4_K/Q5_K/Q6_K blocks as they are "
+                        "(lfm2's K-quant kernels; int8 where they did not build); none: dequantize such a file "
                         "(default: the model's own format)")
 
 

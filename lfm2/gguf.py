@@ -831,10 +831,12 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
 
 def native_format(f: GGUFFile) -> str | None:
     """The lfm2 format a quantized file runs in by default: "int4" when most of its weight matrices'
-    bytes are Q4_0 blocks (taken as they are), "int8" when Q8_0 (likewise) or another block type (the
-    K-quants of Q4_K_M / Q5_K_M / Q6_K files, Q4_1, Q5_0, ...: lfm2 has no kernels of their own yet,
-    so each matrix is requantized to int8 as it is read, 8.5 bits a weight instead of float32's 32:
-    their 4-6 bit values fit int8 at a fraction of a step), None for float files (F32/F16/BF16)."""
+    bytes are Q4_0 blocks (taken as they are), "int8" when Q8_0 (likewise) or another block type,
+    None for float files (F32/F16/BF16). In a K-quant file (Q4_K_M / Q5_K_M / Q6_K) "int8" is the
+    format of what is not Q4_K / Q5_K / Q6_K: those blocks stay as they are where the kernels built
+    (`load_model`'s `kquants`). Other block types (Q4_1, Q5_0, ...), and K-quants without the
+    kernels, are requantized to int8 as they are read: 8.5 bits a weight instead of float32's 32,
+    and their 4-6 bit values fit int8 at a fraction of a step."""
     sizes: dict[int, int] = {}
     for name, info in f.tensors.items():
         if name.startswith("blk.") and name.endswith(".weight") and len(info.shape) >= 2:

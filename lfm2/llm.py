@@ -501,9 +501,10 @@ def load(
     is, without float32 weights. A GGUF file's Q8_0 / Q4_0 tensors become int8 / int4 layers
     directly when `quantize` names that format, and by default on the CPU when the file's weight
     matrices are mostly of one of those types (it keeps its own format, as in llama.cpp); a file
-    of other block types (the K-quants of Q4_K_M / Q5_K_M / Q6_K files) runs as int8 layers,
-    each matrix requantized as it is read (`lfm2.gguf.load_model`); `quantize="none"`
-    dequantizes them to `dtype` instead.
+    of K-quants (Q4_K_M / Q5_K_M / Q6_K files) runs its Q4_K / Q5_K / Q6_K blocks as they are
+    (`lfm2.kquant`; int8 layers where the kernels did not build) and requantizes matrices of other
+    block types to int8 as it reads them (`lfm2.gguf.load_model`); `quantize="none"` dequantizes
+    them to `dtype` instead.
 
     Decode steps run through `torch.compile` (`lfm2.compile`) by default on the CPU for models of
     real size (LFM2-350M and up; `lfm2.compile.auto_compile`), and with `compile=True` for any
