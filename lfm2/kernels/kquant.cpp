@@ -715,37 +715,40 @@ void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t) {
 #if LFM2_AVX2
 #define LFM2_KVNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
-// MR activation rows (unsigned bytes xu, stride kp; scales xd per 256 values, stride nsb; sums xs
-// per 32 values, stride nb32) against one packed tile of blocks of BV values: y[r][0:cols].
+// MR activation rows (unsigned bytes xu, stride kp; scales xd per 256 values, stride nsb; block sums
+// xs per 32 values as floats, stride nb32) against one packed tile of blocks of BV values:
+// y[r][0:cols]. A super-block's blocks are summed with the weights' scales first, then scaled by
+// the activations' one scale of the super-block: a block costs its products and two multiply-adds.
 template <int MR, int BV>
-LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nblk, const uint8_t* xu, int64_t kp, const float* xd,
-                           int64_t nsb, const int16_t* xs, int64_t nb32, float* y, int64_t ldy, int64_t cols) {
+LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp, const float* xd,
+                           const float* xs, int64_t nb32, float* y, int64_t ldy, int64_t cols) {
+  constexpr int64_t kPerSuper = kSuper / BV;
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nblk; ++b) {
-    __m512i isum[MR];
-    for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
-    const int8_t* wq = t.q.data() + b * (BV / 4) * 64;
-    for (int g = 0; g < BV / 4; ++g) {
-      const __m512i w = _mm512_loadu_si512(wq + g * 64);
-      for (int r = 0; r < MR; ++r) {
-        int32_t four;
-        std::memcpy(&four, xu + r * kp + b * BV + 4 * g, 4);
-        isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    __m512 part[MR];
+    for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
+    for (int64_t b = sb * kPerSuper; b < (sb + 1) * kPerSuper; ++b) {
+      __m512i isum[MR];
+      for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
+      const int8_t* wq = t.q.data() + b * (BV / 4) * 64;
+      for (int g = 0; g < BV / 4; ++g) {
+        const __m512i w = _mm512_loadu_si512(wq + g * 64);
+        for (int r = 0; r < MR; ++r) {
+          int32_t four;
+          std::memcpy(&four, xu + r * kp + b * BV + 4 * g, 4);
+          isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
+        }
+      }
+      const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTile);
+      const __m512 sc = _mm512_loadu_ps(t.scale.data() + b * kTile);
+      for (int r = 0; r < MR; ++r) part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], off)), sc, part[r]);
+      if (BV == 32) {  // Q4_K / Q5_K: less each block's minimum times the activations' block sum
+        const __m512 mn = _mm512_loadu_ps(t.minv.data() + b * kTile);
+        for (int r = 0; r < MR; ++r) part[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xs[r * nb32 + b]), part[r]);
       }
     }
-    const int64_t sb = b * BV / kSuper;
-    const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTile);
-    const __m512 sc = _mm512_loadu_ps(t.scale.data() + b * kTile);
-    for (int r = 0; r < MR; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], off)),
-                               _mm512_mul_ps(sc, _mm512_set1_ps(xd[r * nsb + sb])), acc[r]);
-    if (BV == 32) {  // Q4_K / Q5_K: less each block's minimum times the activations' sum
-      const __m512 mn = _mm512_loadu_ps(t.minv.data() + b * kTile);
-      for (int r = 0; r < MR; ++r)
-        acc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xd[r * nsb + sb] * static_cast<float>(xs[r * nb32 + b])),
-                                  acc[r]);
-    }
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(xd[r * nsb + sb]), acc[r]);
   }
   const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
@@ -753,16 +756,16 @@ LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nblk, const uint8_t* xu, int6
 
 template <int BV>
 void kgemm_rows(const KTile& t, const KMatrix& W, const std::vector<uint8_t>& xu, const KActivations& a,
-                int64_t m_rows, float* y, int64_t n0, int64_t cols) {
+                const std::vector<float>& xs, int64_t m_rows, float* y, int64_t n0, int64_t cols) {
   constexpr int MR = 4;
-  const int64_t nblk = W.k / BV, nb32 = W.k / 32;
+  const int64_t nb32 = W.k / 32;
   int64_t m = 0;
   for (; m + MR <= m_rows; m += MR)
-    kgemm_tile<MR, BV>(t, nblk, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, W.nsb, a.bsum.data() + m * nb32,
-                       nb32, y + m * W.n + n0, W.n, cols);
+    kgemm_tile<MR, BV>(t, W.nsb, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, xs.data() + m * nb32, nb32,
+                       y + m * W.n + n0, W.n, cols);
   for (; m < m_rows; ++m)
-    kgemm_tile<1, BV>(t, nblk, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, W.nsb, a.bsum.data() + m * nb32,
-                      nb32, y + m * W.n + n0, W.n, cols);
+    kgemm_tile<1, BV>(t, W.nsb, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, xs.data() + m * nb32, nb32,
+                      y + m * W.n + n0, W.n, cols);
 }
 #endif
 
@@ -775,6 +778,7 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
   const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, false);
   std::vector<uint8_t> xu(a.q.size());
   for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(a.q[i] ^ 0x80);  // q + 128
+  const std::vector<float> xs(a.bsum.begin(), a.bsum.end());  // block sums, for the minimums
   const int bv = type == kQ6K ? 16 : 32;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (W.n + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
@@ -782,8 +786,8 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
       pack_ktile(W, n0, cols, bv, t);
-      if (bv == 16) kgemm_rows<16>(t, W, xu, a, m_rows, yp, n0, cols);
-      else kgemm_rows<32>(t, W, xu, a, m_rows, yp, n0, cols);
+      if (bv == 16) kgemm_rows<16>(t, W, xu, a, xs, m_rows, yp, n0, cols);
+      else kgemm_rows<32>(t, W, xu, a, xs, m_rows, yp, n0, cols);
     }
   });
 #endif
