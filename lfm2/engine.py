@@ -504,8 +504,9 @@ class Engine:
         last = logits[-1:]
         row.last_logits = last
         if pc is not None and pc.max_bytes:
-            for j, b in enumerate(inner):
-                pc.store(key[:b], row.cache, end=b, conv={i: states[j][0] for i, states in marked.items()})
+            if marked.keys() == row.cache.conv.keys():  # every conv layer kept its states (else keep none)
+                for j, b in enumerate(inner):
+                    pc.store(key[:b], row.cache, end=b, conv={i: states[j][0] for i, states in marked.items()})
             pc.store(key[:cut], row.cache, logits=last[0] if cut == len(prompt) else None)
         row.done = cut
         if cut == len(prompt):
