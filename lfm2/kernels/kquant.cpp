@@ -680,40 +680,44 @@ struct KTile {
   std::vector<int32_t> offset;     // (blocks, 16): 128 x the sum of the row's block values
 };
 
-// Rows n0 .. n0 + rows of W (rows <= 16; the rest of the tile is zero) in blocks of bv values.
-void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t) {
+#if LFM2_AVX2
+#define LFM2_KVNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+// Rows n0 .. n0 + rows of W (rows <= 16; the rest of the tile is zero) in blocks of bv values. Each
+// row's super-blocks are unpacked with the SIMD code and their 4-byte words laid out 16 rows apart;
+// the offsets then come from vpdpbusd against bytes of 128, 16 rows at a time (as qgemv.cpp's
+// pack_full_tile).
+LFM2_KVNNI void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t) {
   const int64_t nblk = W.k / bv, groups = bv / 4, per_sb = kSuper / bv;
-  t.q.assign(nblk * groups * kTile * 4, 0);
+  if (rows < kTile) t.q.assign(nblk * groups * kTile * 4, 0);
+  else t.q.resize(nblk * groups * kTile * 4);
   t.scale.assign(nblk * kTile, 0.f);
   t.minv.assign(nblk * kTile, 0.f);
-  t.offset.assign(nblk * kTile, 0);
+  t.offset.resize(nblk * kTile);
   alignas(32) int8_t v[kSuper];
   float scale[16], minv[16];
   const int64_t bytes = block_bytes(W.type);
+  int8_t* q = t.q.data();
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t sb = 0; sb < W.nsb; ++sb) {
       const uint8_t* blk = W.q + (n0 + j) * W.row_bytes + sb * bytes;
-#if LFM2_AVX2
       unpack_values_simd(W.type, blk, v);
-#else
-      unpack_values(W.type, blk, v);
-#endif
       factors(W.type, blk, scale, minv);
+      int8_t* dst = q + (sb * per_sb * groups * kTile + j) * 4;  // word w of the super-block: group w of its blocks
+      for (int64_t w = 0; w < kSuper / 4; ++w) std::memcpy(dst + w * kTile * 4, v + 4 * w, 4);
       for (int64_t kb = 0; kb < per_sb; ++kb) {
-        const int64_t b = sb * per_sb + kb;
-        const int8_t* vb = v + kb * bv;
-        int32_t sum = 0;
-        for (int i = 0; i < bv; ++i) sum += vb[i];
-        t.offset[b * kTile + j] = 128 * sum;
-        t.scale[b * kTile + j] = scale[kb * bv / 16];
-        t.minv[b * kTile + j] = minv[kb * bv / 16];
-        for (int64_t g = 0; g < groups; ++g) std::memcpy(&t.q[((b * groups + g) * kTile + j) * 4], vb + 4 * g, 4);
+        t.scale[(sb * per_sb + kb) * kTile + j] = scale[kb * bv / 16];
+        t.minv[(sb * per_sb + kb) * kTile + j] = minv[kb * bv / 16];
       }
     }
+  const __m512i h128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t g = 0; g < groups; ++g)
+      sum = _mm512_dpbusd_epi32(sum, h128, _mm512_loadu_si512(q + (b * groups + g) * 64));
+    _mm512_storeu_si512(t.offset.data() + b * kTile, sum);
+  }
 }
-
-#if LFM2_AVX2
-#define LFM2_KVNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 // MR activation rows (unsigned bytes xu, stride kp; scales xd per 256 values, stride nsb; block sums
 // xs per 32 values as floats, stride nb32) against one packed tile of blocks of BV values:
