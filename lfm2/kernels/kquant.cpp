@@ -734,16 +734,7 @@ LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nsb, const uint8_t* xu, int64
     for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t b = sb * kPerSuper; b < (sb + 1) * kPerSuper; ++b) {
       __m512i isum[MR];
-      for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
-      const int8_t* wq = t.q.data() + b * (BV / 4) * 64;
-      for (int g = 0; g < BV / 4; ++g) {
-        const __m512i w = _mm512_loadu_si512(wq + g * 64);
-        for (int r = 0; r < MR; ++r) {
-          int32_t four;
-          std::memcpy(&four, xu + r * kp + b * BV + 4 * g, 4);
-          isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
-        }
-      }
+      lfm2_simd::vnni_block<MR, BV / 4>(t.q.data() + b * (BV / 4) * 64, xu + b * BV, kp, isum);
       const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTile);
       const __m512 sc = _mm512_loadu_ps(t.scale.data() + b * kTile);
       for (int r = 0; r < MR; ++r) part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], off)), sc, part[r]);

@@ -582,16 +582,7 @@ LFM2_VNNI void gemm_tile(const PackedTile& t, int64_t nb, const uint8_t* xu, int
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i isum[MR];
-    for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
-    const int8_t* wq = t.q.data() + b * 8 * kTileRows * 4;
-    for (int g = 0; g < 8; ++g) {
-      const __m512i w = _mm512_loadu_si512(wq + g * 64);
-      for (int r = 0; r < MR; ++r) {
-        int32_t four;
-        std::memcpy(&four, xu + r * kp + b * kBlock + 4 * g, 4);
-        isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
-      }
-    }
+    lfm2_simd::vnni_block<MR, 8>(t.q.data() + b * 8 * kTileRows * 4, xu + b * kBlock, kp, isum);
     const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTileRows);
     const __m512 sc = _mm512_loadu_ps(t.scale.data() + b * kTileRows);
     for (int r = 0; r < MR; ++r)

@@ -1,8 +1,11 @@
-// Small SIMD helpers shared by lfm2's kernels (qgemv.cpp, attention.cpp).
+// Small SIMD helpers shared by lfm2's kernels (qgemv.cpp, kquant.cpp, attention.cpp, moe.cpp).
 #pragma once
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
 
 namespace lfm2_simd {
 
@@ -12,6 +15,24 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// One block of the VNNI GEMMs (qgemv.cpp's `qgemm`, kquant.cpp's `kgemm`): G groups of 4 values of a
+// packed weight tile (64 bytes a group: 4 values of each of 16 rows) against MR activation rows of
+// unsigned bytes xu (stride kp, at the block's first value). isum[r] gets the 16 rows' exact integer
+// dot products with row r: one broadcast of 4 activation bytes and one vpdpbusd per group and row.
+template <int MR, int G>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"), always_inline)) inline void
+vnni_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m512i isum[MR]) {
+  for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
+  for (int g = 0; g < G; ++g) {
+    const __m512i w = _mm512_loadu_si512(wq + g * 64);
+    for (int r = 0; r < MR; ++r) {
+      int32_t four;
+      std::memcpy(&four, xu + r * kp + 4 * g, 4);
+      isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
+    }
+  }
 }
 
 }  // namespace lfm2_simd
