@@ -38,10 +38,9 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-
-#include "simd.h"
 #endif
 #include "activations.h"
+#include "simd.h"  // its SIMD helpers only where the SIMD code is built
 #include "moe_slots.h"
 
 namespace {
@@ -662,16 +661,6 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
 // rounding (a token's prefill logits are its decode logits), with 32 products an instruction where
 // a float GEMM on dequantized tiles does 8.
 
-bool cpu_has_vnni512() {
-#if LFM2_AVX2 && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
 constexpr int kTile = 16;  // weight rows per packed tile: one vector of 16 int32 lanes
 
 struct KTile {
@@ -767,7 +756,7 @@ void kgemm_rows(const KTile& t, const KMatrix& W, const std::vector<uint8_t>& xu
 at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
   const KMatrix W = check(blocks, type, k, "kgemm");
   const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemm");
-  TORCH_CHECK(cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
+  TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
   const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, false);

@@ -40,10 +40,9 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-
-#include "simd.h"
 #endif
 #include "activations.h"
+#include "simd.h"  // its SIMD helpers only where the SIMD code is built
 
 namespace {
 
@@ -490,15 +489,6 @@ at::Tensor fgemv(const at::Tensor& x, const at::Tensor& weight) {
 constexpr int kTileRows = 16;  // weight rows per packed tile: one vector of 16 int32 lanes
 constexpr int kGemmRows = 4;   // activation rows per pass over a tile
 
-bool cpu_has_vnni() {
-#if LFM2_AVX2 && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
 struct PackedTile {
   std::vector<int8_t> q;        // (nb, 8 groups, 16 rows, 4 values)
   std::vector<float> scale;     // (nb, 16): each row's weight scale for the block
@@ -599,7 +589,7 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
   const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemm");
   TORCH_CHECK(W.k % kBlock == 0, "lfm2 qgemm: K must be a multiple of 32, got ", W.k);
-  TORCH_CHECK(cpu_has_vnni(), "lfm2 qgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
+  TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 qgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
   const QActivations a = quantize_activations(x.data_ptr<float>(), m_rows, W.k, 8);
@@ -624,7 +614,7 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   return y;
 }
 
-bool vnni() { return cpu_has_vnni(); }
+bool vnni() { return lfm2_simd::cpu_has_vnni512(); }
 
 // Whether this build has the SIMD code (for the benchmark's report).
 bool simd() { return LFM2_AVX2; }

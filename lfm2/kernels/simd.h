@@ -37,3 +37,19 @@ vnni_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m512i isum[MR]) {
 
 }  // namespace lfm2_simd
 #endif
+
+namespace lfm2_simd {
+
+// Whether this CPU runs the VNNI GEMMs (qgemv.cpp's `qgemm`, kquant.cpp's `kgemm`): AVX-512 VNNI, and
+// the BW and VL instructions their packing uses. False where the SIMD code is not built.
+inline bool cpu_has_vnni512() {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+}  // namespace lfm2_simd
