@@ -1,11 +1,12 @@
-"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `moe.cpp`), compiled on
-first use and cached.
+"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `norm.cpp`, `moe.cpp`),
+compiled on first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
 run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth, as we measured them on
 2-core AVX2 and AVX-512 machines), so the quantized layers of `lfm2.quant` call a small kernel of our
 own; the model's wide float32 layers use its float32 GEMV at decode (`lfm2.models.lfm2.Linear`),
-and its attention layers a decode attention that reads the KV cache once (`attention.cpp`).
+its attention layers a decode attention that reads the KV cache once (`attention.cpp`), and its
+conv layers and norms one pass each (`shortconv.cpp`, `norm.cpp`) where PyTorch makes several.
 It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)
 into `$LFM2_KERNEL_DIR`, default `~/.cache/lfm2/kernels`, in a directory named after the source,
 the torch version and the compiler flags, so a changed source or a new torch never loads a stale
@@ -34,7 +35,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("qgemv.cpp")
 SOURCES = tuple(Path(__file__).with_name(f)
-                for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "moe.cpp"))
+                for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "norm.cpp", "moe.cpp"))
 # included by the sources: part of the build's key
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h", "moe_slots.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
@@ -140,9 +141,13 @@ def _register_fakes() -> None:
     def _(blocks, type, k, bf16=False):
         return blocks.new_empty(blocks.shape[0], k, dtype=torch.bfloat16 if bf16 else torch.float32)
 
-    @torch.library.register_fake("lfm2_quant::short_conv_step")
+    @torch.library.register_fake("lfm2_quant::short_conv")
     def _(bch, state, weight, bias):
         return bch.new_empty(*bch.shape[:-1], bch.shape[-1] // 3)
+
+    @torch.library.register_fake("lfm2_quant::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("lfm2_quant::decode_attention")
     def _(q, k, v, scale, valid=None):

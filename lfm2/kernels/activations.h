@@ -5,6 +5,7 @@
 // are exact integer sums; only the per-block scaling is float.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -71,6 +73,8 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// With kUnsigned the values are stored as the unsigned bytes q + 128 (what the VNNI GEMMs multiply).
+template <bool kUnsigned = false>
 inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum_out) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 v[4];
@@ -89,13 +93,15 @@ inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum
   *sum_out = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
   // The packs work within 128-bit lanes; the permutation puts the values back in order.
   const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
-                      _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m256i out = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  if (kUnsigned) out = _mm256_xor_si256(out, _mm256_set1_epi8(static_cast<char>(0x80)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), out);
   *d_out = d;
 }
 
 #else
 
+template <bool kUnsigned = false>
 inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum_out) {
   float amax = 0.f;
   for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(x[j]));
@@ -104,7 +110,7 @@ inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum
   int32_t sum = 0;
   for (int64_t j = 0; j < kBlock; ++j) {
     const int32_t v = static_cast<int32_t>(std::nearbyint(x[j] * id));
-    q[j] = static_cast<int8_t>(v);
+    q[j] = static_cast<int8_t>(kUnsigned ? v ^ 0x80 : v);
     sum += v;
   }
   *d_out = d;
@@ -120,10 +126,13 @@ inline QActivations quantize_activations(const float* x, int64_t m_rows, int64_t
   a.q.resize(m_rows * kp);
   a.d.resize(m_rows * a.nb);
   a.sum.resize(m_rows * a.nb);
-  for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t b = 0; b < a.nb; ++b)
-      quantize_block(x + m * k + b * kBlock, a.q.data() + m * kp + b * kBlock, &a.d[m * a.nb + b],
-                     &a.sum[m * a.nb + b]);
+  // Rows in parallel: at a prefill this is the whole (tokens, K) input of every product.
+  at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < a.nb; ++b)
+        quantize_block(x + m * k + b * kBlock, a.q.data() + m * kp + b * kBlock, &a.d[m * a.nb + b],
+                       &a.sum[m * a.nb + b]);
+  });
   if (LFM2_AVX2 && bits == 4) {
     // One 32-byte load of int4 weights holds blocks b and b+1; its low nibbles are values 0..15
     // of both, its high nibbles values 16..31. Lay the activations out to match.
@@ -139,6 +148,27 @@ inline QActivations quantize_activations(const float* x, int64_t m_rows, int64_t
       }
     }
   }
+  return a;
+}
+
+// x (M, K) for the VNNI GEMM (qgemv.cpp's `qgemm`): `quantize_block`'s values as unsigned bytes
+// q + 128 (M, K) and each block's scale (M, K / 32), rows in parallel, straight into buffers that are
+// not zero-filled first (at a prefill they are megabytes, written once).
+struct UActivations {
+  std::unique_ptr<uint8_t[]> xu;
+  std::unique_ptr<float[]> d;
+};
+
+inline UActivations quantize_activations_u8(const float* x, int64_t m_rows, int64_t k) {
+  const int64_t nb = k / kBlock;
+  UActivations a{std::unique_ptr<uint8_t[]>(new uint8_t[m_rows * k]), std::unique_ptr<float[]>(new float[m_rows * nb])};
+  at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+    int32_t sum;
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < nb; ++b)
+        quantize_block<true>(x + m * k + b * kBlock, reinterpret_cast<int8_t*>(a.xu.get()) + m * k + b * kBlock,
+                             &a.d[m * nb + b], &sum);
+  });
   return a;
 }
 

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -149,6 +150,49 @@ struct KActivations {
   std::vector<int16_t> bsum16;
 };
 
+// One super-block of 256 activations to int8 with one scale (returned), as described above, and
+// the sums of each 32 values' q. With kUnsigned the values are stored as unsigned bytes q + 128.
+template <bool kUnsigned = false, typename Sum = int16_t>
+LFM2_INLINE float quantize_superblock(const float* xs, int8_t* q, Sum* bsum) {
+#if LFM2_AVX2
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 vmax = _mm256_setzero_ps();
+  for (int64_t j = 0; j < kSuper; j += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(xs + j), abs_mask));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.f;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  for (int s = 0; s < 8; ++s) {
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + 32 * s + 8 * j), id));
+    bsum[s] = static_cast<Sum>(
+        lfm2_act::hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]))));
+    // the packs work within 128-bit lanes; the permutation puts the values back in order
+    const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    __m256i out = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if (kUnsigned) out = _mm256_xor_si256(out, _mm256_set1_epi8(static_cast<char>(0x80)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * s), out);
+  }
+  return d;
+#else
+  float amax = 0.f;
+  for (int64_t j = 0; j < kSuper; ++j) amax = std::max(amax, std::fabs(xs[j]));
+  const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+  for (int s = 0; s < 8; ++s) {
+    int32_t sum = 0;
+    for (int j = 32 * s; j < 32 * s + 32; ++j) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(xs[j] * id));
+      q[j] = static_cast<int8_t>(kUnsigned ? v ^ 0x80 : v);
+      sum += v;
+    }
+    bsum[s] = static_cast<Sum>(sum);
+  }
+  return d;
+#endif
+}
+
+// All rows' super-blocks, in parallel: at a 512-token prefill this is 0.5-2.4M values a product.
 KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k, bool wide) {
   KActivations a;
   a.q.resize(m_rows * k);
@@ -158,30 +202,22 @@ KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k, b
     a.q_0213.resize(m_rows * k);
     a.bsum16.resize(m_rows * k / 16);
   }
-  for (int64_t i = 0; i < m_rows * k / kSuper; ++i) {
-    const float* xs = x + i * kSuper;
-    float amax = 0.f;
-    for (int64_t j = 0; j < kSuper; ++j) amax = std::max(amax, std::fabs(xs[j]));
-    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-    int8_t* q = a.q.data() + i * kSuper;
-    for (int64_t j = 0; j < kSuper; ++j) q[j] = static_cast<int8_t>(std::nearbyint(xs[j] * id));
-    for (int s = 0; s < 8; ++s) {
-      int32_t sum = 0;
-      for (int j = 0; j < 32; ++j) sum += q[32 * s + j];
-      a.bsum[i * 8 + s] = static_cast<int16_t>(sum);
-    }
-    if (wide) {
-      static constexpr int order[4] = {0, 2, 1, 3};
-      for (int c = 0; c < 8; ++c)  // 32-value chunk c of the super-block goes to position 4 (c / 4) + order[c % 4]
-        std::memcpy(a.q_0213.data() + i * kSuper + 32 * (4 * (c / 4) + order[c % 4]), q + 32 * c, 32);
-      for (int g = 0; g < 16; ++g) {
-        int32_t sum = 0;
-        for (int j = 0; j < 16; ++j) sum += q[16 * g + j];
-        a.bsum16[i * 16 + g] = static_cast<int16_t>(sum);
+  at::parallel_for(0, m_rows * k / kSuper, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int8_t* q = a.q.data() + i * kSuper;
+      a.d[i] = quantize_superblock(x + i * kSuper, q, a.bsum.data() + i * 8);
+      if (wide) {
+        static constexpr int order[4] = {0, 2, 1, 3};
+        for (int c = 0; c < 8; ++c)  // 32-value chunk c of the super-block goes to position 4 (c / 4) + order[c % 4]
+          std::memcpy(a.q_0213.data() + i * kSuper + 32 * (4 * (c / 4) + order[c % 4]), q + 32 * c, 32);
+        for (int g = 0; g < 16; ++g) {
+          int32_t sum = 0;
+          for (int j = 0; j < 16; ++j) sum += q[16 * g + j];
+          a.bsum16[i * 16 + g] = static_cast<int16_t>(sum);
+        }
       }
     }
-    a.d[i] = d;
-  }
+  });
   return a;
 }
 
@@ -739,17 +775,15 @@ LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nsb, const uint8_t* xu, int64
 }
 
 template <int BV>
-void kgemm_rows(const KTile& t, const KMatrix& W, const std::vector<uint8_t>& xu, const KActivations& a,
-                const std::vector<float>& xs, int64_t m_rows, float* y, int64_t n0, int64_t cols) {
+void kgemm_rows(const KTile& t, const KMatrix& W, const uint8_t* xu, const float* xd, const float* xs,
+                int64_t m_rows, float* y, int64_t n0, int64_t cols) {
   constexpr int MR = 4;
   const int64_t nb32 = W.k / 32;
   int64_t m = 0;
   for (; m + MR <= m_rows; m += MR)
-    kgemm_tile<MR, BV>(t, W.nsb, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, xs.data() + m * nb32, nb32,
-                       y + m * W.n + n0, W.n, cols);
+    kgemm_tile<MR, BV>(t, W.nsb, xu + m * W.k, W.k, xd + m * W.nsb, xs + m * nb32, nb32, y + m * W.n + n0, W.n, cols);
   for (; m < m_rows; ++m)
-    kgemm_tile<1, BV>(t, W.nsb, xu.data() + m * W.k, W.k, a.d.data() + m * W.nsb, xs.data() + m * nb32, nb32,
-                      y + m * W.n + n0, W.n, cols);
+    kgemm_tile<1, BV>(t, W.nsb, xu + m * W.k, W.k, xd + m * W.nsb, xs + m * nb32, nb32, y + m * W.n + n0, W.n, cols);
 }
 #endif
 
@@ -759,10 +793,17 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
   TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
-  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, false);
-  std::vector<uint8_t> xu(a.q.size());
-  for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(a.q[i] ^ 0x80);  // q + 128
-  const std::vector<float> xs(a.bsum.begin(), a.bsum.end());  // block sums, for the minimums
+  // kgemv's activations, as unsigned bytes q + 128 with the block sums as floats (for the minimums),
+  // in parallel and straight into buffers that are not zero-filled first (megabytes at a prefill)
+  const int64_t nsb_all = m_rows * W.nsb;
+  const std::unique_ptr<uint8_t[]> xu(new uint8_t[m_rows * k]);
+  const std::unique_ptr<float[]> xd(new float[nsb_all]), xs(new float[nsb_all * 8]);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, nsb_all, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      xd[i] = quantize_superblock<true, float>(xp + i * kSuper, reinterpret_cast<int8_t*>(xu.get()) + i * kSuper,
+                                               xs.get() + i * 8);
+  });
   const int bv = type == kQ6K ? 16 : 32;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (W.n + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
@@ -770,8 +811,8 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
       pack_ktile(W, n0, cols, bv, t);
-      if (bv == 16) kgemm_rows<16>(t, W, xu, a, xs, m_rows, yp, n0, cols);
-      else kgemm_rows<32>(t, W, xu, a, xs, m_rows, yp, n0, cols);
+      if (bv == 16) kgemm_rows<16>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      else kgemm_rows<32>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
     }
   });
 #endif

@@ -592,9 +592,8 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 qgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
-  const QActivations a = quantize_activations(x.data_ptr<float>(), m_rows, W.k, 8);
-  std::vector<uint8_t> xu(a.q.size());
-  for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(a.q[i] ^ 0x80);  // q + 128
+  const lfm2_act::UActivations a = lfm2_act::quantize_activations_u8(x.data_ptr<float>(), m_rows, W.k);
+  const uint8_t* xu = a.xu.get();
   float* yp = y.data_ptr<float>();
   const int64_t tiles = (W.n + kTileRows - 1) / kTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -605,9 +604,9 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
       else pack_tile(W, n0, cols, t);
       int64_t m = 0;
       for (; m + kGemmRows <= m_rows; m += kGemmRows)
-        gemm_tile<kGemmRows>(t, W.nb, xu.data() + m * W.k, W.k, a.d.data() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+        gemm_tile<kGemmRows>(t, W.nb, xu + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
       for (; m < m_rows; ++m)
-        gemm_tile<1>(t, W.nb, xu.data() + m * W.k, W.k, a.d.data() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+        gemm_tile<1>(t, W.nb, xu + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
     }
   });
 #endif

@@ -67,14 +67,24 @@ def is_plain_linear(m: nn.Module) -> bool:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """`kernel`: at inference on a CPU, lfm2's one-pass norm (`kernels/norm.cpp`) where PyTorch makes
+    five or six whole-tensor operations (a 512-token prefill of LFM2-350M: ~40 ms of its norms). Set for
+    models as wide as `Linear`'s kernel threshold, so that the narrow ones never build the kernels."""
+
+    def __init__(self, dim: int, eps: float, kernel: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op: at decode, the norms are many small calls
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            if (self.kernel and x.is_cpu and x.is_contiguous() and not torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()):  # a compiled step fuses the norm itself
+                ops = kernels.ops()
+                if ops is not None:
+                    return ops.rms_norm(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op in a compiled step
         # Float32 statistics even for bf16 activations, as the reference does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -118,8 +128,9 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, self.n_kv * hd, bias=False)
         self.v_proj = Linear(d, self.n_kv * hd, bias=False)
         self.out_proj = Linear(self.n_heads * hd, d, bias=False)
-        self.q_layernorm = RMSNorm(hd, config.norm_eps)
-        self.k_layernorm = RMSNorm(hd, config.norm_eps)
+        wide = d >= FAST_GEMV_MIN_IN
+        self.q_layernorm = RMSNorm(hd, config.norm_eps, kernel=wide)
+        self.k_layernorm = RMSNorm(hd, config.norm_eps, kernel=wide)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -178,12 +189,12 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(d, d, kernel_size=L, groups=d, bias=config.conv_bias, padding=L - 1)
         self.in_proj = Linear(d, 3 * d, bias=config.conv_bias)
         self.out_proj = Linear(d, d, bias=config.conv_bias)
+        self.wide = d >= FAST_GEMV_MIN_IN  # narrow models (the bundled one) prefill in PyTorch
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         bch = self.in_proj(x)
         if (
-            ctx.cache is not None
-            and x.shape[1] == 1
+            (self.wide or (x.shape[1] == 1 and ctx.cache is not None))  # decode steps of any width, as before
             and ctx.token_mask is None
             and ctx.segments is None
             and bch.dtype == torch.float32
@@ -192,9 +203,8 @@ class ShortConv(nn.Module):
             and not torch.compiler.is_compiling()  # a compiled step fuses these operations itself
         ):
             ops = kernels.ops()
-            if ops is not None:  # decode: the whole gated conv step in one call (kernels/shortconv.cpp)
-                y = ops.short_conv_step(bch, ctx.cache.conv[self.layer_idx], self.conv.weight, self.conv.bias)
-                return self.out_proj(y)
+            if ops is not None:  # the whole gated conv in one pass (kernels/shortconv.cpp), decode and prefill
+                return self.out_proj(self._fused(ops, bch.contiguous(), ctx.cache))
         b, c, h = bch.chunk(3, dim=-1)
         u = b * h
         if ctx.token_mask is not None:  # pads must not leak into the row's real tokens
@@ -223,6 +233,24 @@ class ShortConv(nn.Module):
                 u = F.pad(u, (self.kernel - 1, 0))
             v = F.conv1d(u, self.conv.weight, self.conv.bias, groups=u.shape[1])[..., -T:]
         return self.out_proj(c * v.transpose(1, 2))
+
+    def _fused(self, ops, bch: torch.Tensor, cache: Cache | None) -> torch.Tensor:  # noqa: ANN001
+        """`ops.short_conv` on in_proj's output (B, T, 3d), from and into the cache's conv state (a
+        zero state without a cache), keeping the states after the cache's marked tokens as the
+        PyTorch path does (lfm2/cache.py: `marks`)."""
+        L1 = self.kernel - 1
+        if cache is None:
+            state = bch.new_zeros(bch.shape[0], bch.shape[-1] // 3, L1)
+        else:
+            state = cache.conv[self.layer_idx]
+            if cache.marks:  # after token e: the last L1 values of (old state, u_0 .. u_{e-1})
+                old = state.clone()
+                marked = []
+                for e in cache.marks:
+                    b, _, h = bch[:, max(e - L1, 0) : e].chunk(3, dim=-1)
+                    marked.append(torch.cat((old, (b * h).transpose(1, 2)), dim=-1)[..., -L1:].clone())
+                cache.marked[self.layer_idx] = marked
+        return ops.short_conv(bch, state, self.conv.weight, self.conv.bias)
 
     def _packed_conv(self, u: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """The causal depthwise conv of u (B, d, T) where a tap never reaches into another segment.
@@ -264,8 +292,9 @@ class DecoderLayer(nn.Module):
         else:
             self.conv = ShortConv(config, layer_idx)
         self.feed_forward = feed_forward
-        self.operator_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        wide = config.hidden_size >= FAST_GEMV_MIN_IN
+        self.operator_norm = RMSNorm(config.hidden_size, config.norm_eps, kernel=wide)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps, kernel=wide)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         op = self.self_attn if self.is_attention else self.conv
@@ -307,7 +336,8 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, make_feed_forward(config, i)) for i in range(config.num_hidden_layers)
         )
-        self.embedding_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        wide = config.hidden_size >= FAST_GEMV_MIN_IN
+        self.embedding_norm = RMSNorm(config.hidden_size, config.norm_eps, kernel=wide)
 
 
 def dense_feed_forward(config: ModelConfig, layer_idx: int) -> nn.Module:
