@@ -16,7 +16,8 @@ calling thread, on a cache of its own, at the first decode step that needs it; t
 compiles both at start-up and `lfm2 chat` the one-row graph, before the first request or reply.
 Not in a background thread: tracing patches `nn.Module.__call__` process-wide (a concurrent eager
 step failed with "module is not installed as a submodule") and holds the GIL for seconds (eager
-decode fell from 30 to 2-4 tok/s meanwhile). Inductor keeps compiled code on disk (`cache_dir()`):
+decode fell from 30 to 2-4 tok/s meanwhile). Inductor keeps compiled code on disk (`cache_dir()`,
+`~/.cache/lfm2/inductor` by default):
 the first compile of a model takes about a minute on 2 cores, later processes about ten seconds.
 A compiled graph never recompiles: a step its guards reject runs eagerly. Without a working
 compiler, or if tracing fails for any reason, the step warns and decodes eagerly from then on:
@@ -30,6 +31,7 @@ import sys
 import time
 import types
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -63,12 +65,18 @@ WARM_ROWS = {1: 1, 2: 3}  # graph key (1: one row, 2: several) -> rows
 WARM_SLOTS, WARM_FILLED = 45, 29
 
 
-def cache_dir() -> str:
-    """Where inductor keeps compiled code between processes (`$TORCHINDUCTOR_CACHE_DIR`, by default
-    a directory in the system's temporary directory)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
-    return inductor_cache_dir()
+
+def cache_dir() -> str:
+    """Where inductor keeps compiled code between processes: `$TORCHINDUCTOR_CACHE_DIR` where set, else
+    `~/.cache/lfm2/inductor`, beside lfm2's kernels (`lfm2.kernels.cache_dir`). Inductor's own default
+    is in the temporary directory, which a reboot or a tmp cleaner empties: the next start would pay
+    the minute-long first compile again. Setting the variable (only where unset) is how inductor takes
+    a directory; it reads it at each compile."""
+    if not os.environ.get(INDUCTOR_ENV):
+        os.environ[INDUCTOR_ENV] = str(Path.home() / ".cache" / "lfm2" / "inductor")
+    return os.environ[INDUCTOR_ENV]
 
 
 def auto_compile(model: torch.nn.Module) -> bool:
@@ -108,6 +116,7 @@ class CompiledDecode:
     so no step ever stalls for a minute in the middle of a stream."""
 
     def __init__(self, model: torch.nn.Module, progress: bool = True) -> None:
+        cache_dir()  # first: compiled code goes to lfm2's cache directory, not the temporary one
         self.model = model
         self.progress = progress
         tensors = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())

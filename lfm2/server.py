@@ -1514,8 +1514,13 @@ def create_app(llm, model_name: str, max_batch: int = 16, max_queue: int = 64, m
             return out
 
         def prompt_part(i: int) -> dict | None:
-            """The echoed prompt's logprobs (its first token has none)."""
-            return legacy(i, jobs[i].request.prompt_token_logprobs, list(prompts[i]))
+            """The echoed prompt's logprobs (its first token has none), without the BOS that tokenizing a
+            text prompt added: the tokens spell the echoed text, and `text_offset` indexes into it."""
+            items, tokens = jobs[i].request.prompt_token_logprobs, list(prompts[i])
+            bos, bos_text = server.tokenizer.bos_id, server.tokenizer.bos_token
+            if tokens and bos is not None and tokens[0] == bos and not texts[i].startswith(bos_text or "\0"):
+                items, tokens = items[1:], tokens[1:]
+            return legacy(i, items, tokens)
 
         def generated(i: int, lps: list[TokenLogprob]) -> dict | None:
             return legacy(i, list(lps), [x.token for x in lps])

@@ -169,3 +169,17 @@ def test_the_engine_uses_the_compiled_step_at_every_batch_size():
     assert step.refused == 0  # the one-row and the batch graphs took every step
     assert compiled == eager
     assert {1, 2, 3} <= set(calls) or len(set(calls)) >= 2, calls
+
+
+def test_compiled_code_is_kept_in_lfm2s_cache_not_the_temporary_directory(monkeypatch, tmp_path):
+    from lfm2 import compile as lfm2_compile
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    compile_decode(random_model(tiny_config()), progress=False)  # nothing compiles until the first step
+    assert lfm2_compile.cache_dir() == str(tmp_path / ".cache" / "lfm2" / "inductor")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    assert inductor_cache_dir() == str(tmp_path / ".cache" / "lfm2" / "inductor")  # where inductor writes
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert lfm2_compile.cache_dir() == str(tmp_path / "mine")  # a directory the user chose is kept

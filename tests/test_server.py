@@ -892,14 +892,25 @@ def test_completion_logprobs_with_echo(live, llm):
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
     prompt = llm.tokenizer.encode("The cat sat", add_special_tokens=True)
-    assert len(lp["tokens"]) == len(prompt) + 3
-    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
-    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
-    ref = next_token_logprobs(llm, prompt[:1])  # the prompt's second token, given its first
-    assert lp["token_logprobs"][1] == pytest.approx(float(ref[prompt[1]]), abs=1e-4)
-    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
-    assert "".join(lp["tokens"]) == "<|startoftext|>" + choice["text"]  # the echoed prompt's tokens, BOS included
+    assert prompt[0] == llm.tokenizer.bos_id
+    assert len(lp["tokens"]) == len(prompt) - 1 + 3  # the BOS tokenizing added is not part of the echoed text
+    assert all(isinstance(x, float) for x in lp["token_logprobs"])  # the first word's: given the BOS
+    assert all(len(t) <= 2 for t in lp["top_logprobs"])
+    ref = next_token_logprobs(llm, prompt[:1])  # the prompt's first word, given the BOS
+    assert lp["token_logprobs"][0] == pytest.approx(float(ref[prompt[1]]), abs=1e-4)
+    assert "".join(lp["tokens"]) == choice["text"]  # the echoed prompt's tokens, then the completion's
+    assert [choice["text"][o:].startswith(t) for t, o in zip(lp["tokens"], lp["text_offset"], strict=True)] == \
+        [True] * len(lp["tokens"])  # each offset is where its token starts in the text
+
+
+def test_completion_echo_of_token_ids_keeps_every_token(live, llm):
+    ids = llm.tokenizer.encode("The cat sat", add_special_tokens=True)
+    r = live.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 2, "temperature": 0,
+                                           "logprobs": 1, "echo": True, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 2 and lp["token_logprobs"][0] is None  # the ids as sent, BOS included
+    assert "".join(lp["tokens"]) == r.json()["choices"][0]["text"]
 
 
 def test_multi_turn_reuses_the_conversation_and_metrics_show_it(live, llm):

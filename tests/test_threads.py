@@ -38,12 +38,22 @@ def _parallel_work() -> None:
 
 
 def _in_thread(fn) -> object:
-    """fn() in a new thread (whose OpenMP pool is its own, whatever the test process did before)."""
-    out: list = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
+    """fn() in a new thread (whose OpenMP pool is its own, whatever the test process did before); an
+    exception inside the thread is raised here, as itself."""
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread below
+            out["error"] = e
+
+    thread = threading.Thread(target=target)
     thread.start()
     thread.join()
-    return out[0]
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def test_release_ends_the_calling_threads_workers():
