@@ -19,7 +19,9 @@ step failed with "module is not installed as a submodule") and holds the GIL for
 decode fell from 30 to 2-4 tok/s meanwhile). Inductor keeps compiled code on disk (`cache_dir()`,
 `~/.cache/lfm2/inductor` by default):
 the first compile of a model takes about a minute on 2 cores, later processes about ten seconds.
-A compiled graph never recompiles: a step its guards reject runs eagerly. Without a working
+A compiled graph never recompiles: a step its guards reject runs eagerly. (Except a step that cannot be one
+graph, the MoE experts' generic path with its host sync: it compiles in pieces, with the modules' guards
+on, and may recompile, since its earlier pieces have run by then; `_Graph.with_graph_breaks`.) Without a working
 compiler, or if tracing fails for any reason, the step warns and decodes eagerly from then on:
 the results are the same either way.
 """
@@ -68,6 +70,10 @@ WARM_SLOTS, WARM_FILLED = 45, 29
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
+# What tracing a step as one graph (`fullgraph`) raises where the step has a host sync in it.
+_NOT_ONE_GRAPH = (torch._dynamo.exc.Unsupported, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode)
+
+
 def cache_dir() -> str:
     """Where inductor keeps compiled code between processes: `$TORCHINDUCTOR_CACHE_DIR` where set, else
     `~/.cache/lfm2/inductor`, beside lfm2's kernels (`lfm2.kernels.cache_dir`). Inductor's own default
@@ -101,10 +107,20 @@ class _Graph:
     its own copy of `_step`'s code: two models in one process keep their own graphs, and the
     one-row and many-row graphs of a model do not count as recompiles of each other."""
 
-    def __init__(self, name: str, options: dict) -> None:
+    def __init__(self, name: str, options: dict, fullgraph: bool = True) -> None:
         step = types.FunctionType(_step.__code__.replace(), _step.__globals__, name)
-        self.fn = torch.compile(step, dynamic=True, options=options)
+        self.fn = torch.compile(step, dynamic=True, fullgraph=fullgraph, options=options)
+        self.name, self.options, self.fullgraph = name, options, fullgraph
         self.seconds: float | None = None  # set once compiled
+
+    def with_graph_breaks(self) -> _Graph:
+        """This graph for a step that cannot be one graph (a host sync inside: the generic MoE expert
+        path's `tolist`), with the modules' guards on. Past a graph break dynamo compiles each resumed
+        frame on its own (a `DecoderLayer.forward`, say), and without guards on the modules a frame
+        compiled for one layer would run for the next: for an attention layer, the conv layer's code
+        (`KeyError: 'conv'`), for a layer of the same kind its cache index, silently."""
+        options = {k: v for k, v in self.options.items() if k != "guard_filter_fn"}
+        return _Graph(self.name, options, fullgraph=False)
 
 
 class CompiledDecode:
@@ -144,9 +160,12 @@ class CompiledDecode:
             self.warm(rows)
             if self.failed is not None:
                 return self.model(input_ids, cache)
+        graph = self._graphs[_key(rows)]
+        if not graph.fullgraph:  # frames before a break have changed the cache when a later one would
+            return graph.fn(self.model, input_ids, cache)  # recompile: no eager rerun, it may recompile
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                return self._graphs[_key(rows)].fn(self.model, input_ids, cache)
+                return graph.fn(self.model, input_ids, cache)
         except RuntimeError as e:  # raised by the guards, before the step touched the cache
             if "fail_on_recompile" not in str(e):
                 raise
@@ -164,10 +183,11 @@ class CompiledDecode:
                       f"first time, seconds once cached in {cache_dir()}) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:  # the engine's caches are inference tensors: so is this one (guards check it)
-                with torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
-                    cache = _warm_cache(self.model, WARM_ROWS[key])
-                    ids = torch.zeros(WARM_ROWS[key], 1, dtype=torch.long, device=cache.valid.device)
-                    graph.fn(self.model, ids, cache)
+                try:
+                    self._trace(graph, key)
+                except _NOT_ONE_GRAPH:  # a graph break, or a size known only at run time: again, in pieces
+                    graph = self._graphs[key] = graph.with_graph_breaks()
+                    self._trace(graph, key)
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
                 text = str(e).strip()
                 self.failed = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
@@ -178,6 +198,14 @@ class CompiledDecode:
                 self.compile_seconds = graph.seconds
             if self.progress:
                 print(f"lfm2: decode step compiled in {graph.seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+    def _trace(self, graph: _Graph, key: int) -> None:
+        """Compile `graph` by running it once on a cache of its own."""
+        with torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
+            cache = _warm_cache(self.model, WARM_ROWS[key])
+            ids = torch.zeros(WARM_ROWS[key], 1, dtype=torch.long, device=cache.valid.device)
+            graph.fn(self.model, ids, cache)
 
 
 def warm(model: torch.nn.Module, *rows: int) -> None:

@@ -47,6 +47,25 @@ def test_compiled_decode_equals_eager(quantize, wide):
     assert tokens == engine_decode(model, [prompt], params, 8, ignore_eos=True)
 
 
+@pytest.mark.slow  # torch.compile: ~30 s
+def test_moe_experts_without_kernels_compile_with_graph_breaks(monkeypatch):
+    """Experts without lfm2's kernels route through `grouped`, whose host sync breaks the graph. The step
+    then compiles with the modules' guards on: without them a resumed `DecoderLayer.forward` compiled for a
+    conv layer ran for an attention layer (`KeyError: 'conv'`, and an eager fallback)."""
+    from lfm2 import kernels
+
+    monkeypatch.setattr(kernels, "ops", lambda: None)
+    model = random_model(tiny_config(model_type="lfm2_moe", num_experts=6, num_experts_per_tok=2,
+                                     moe_intermediate_size=32, num_dense_layers=1)).eval()
+    prompt = [5, 17, 99, 3, 250, 41]
+    eager = _decode_logits(model, model, prompt, 5)
+    step = compile_decode(model, progress=False)
+    compiled = _decode_logits(model, step, prompt, 5)
+    assert step.failed is None and step.refused == 0
+    assert not step._graphs[1].fullgraph  # it did take the graph-break path
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow  # torch.compile
 def test_two_models_in_one_process_keep_their_own_compiled_steps():
     """With the modules' guards off, one model's compiled graph must not be taken for another of the
