@@ -318,3 +318,67 @@ def test_compiled_decode_traces_the_kernel():
     compiled = decode(step)
     assert step.failed is None
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+# -- experts stacked in one storage (a loaded file's) ----------------------------------------------
+
+
+def _into_one_storage(block: SparseMoeBlock) -> None:
+    """Re-lay the experts' tensors as a file does, expert by expert in one buffer (a GGUF file stores each
+    kind as one tensor), each module's buffers then views of it."""
+    experts = list(block.experts)
+    names = [(n, b) for n in ("w1", "w3", "w2") for b in experts[0]._modules[n]._buffers if
+             experts[0]._modules[n]._buffers[b] is not None]
+    sizes = [experts[0]._modules[n]._buffers[b].numel() * experts[0]._modules[n]._buffers[b].element_size()
+             for n, b in names]
+    per_expert = sum(sizes)
+    arena = torch.empty(per_expert * len(experts), dtype=torch.uint8)
+    for e, expert in enumerate(experts):
+        offset = e * per_expert
+        for (n, b), size in zip(names, sizes, strict=True):
+            old = expert._modules[n]._buffers[b]
+            view = arena[offset : offset + size].view(old.dtype).view(old.shape)
+            view.copy_(old)
+            expert._modules[n]._buffers[b] = view
+            offset += size
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "q4_k_m"])
+@torch.no_grad()
+def test_experts_in_one_storage_run_as_one_tensor_per_kind(kind):
+    """A loaded file's experts go to the kernel as one (E, ...) view per kind (LFM2-8B-A1B's compiled step: 4,516
+    inputs -> ~430), with the same results as one tensor per expert."""
+    ops = _ops()
+    block = _kblock(KTYPES[0]) if kind == "q4_k_m" else _block(kind)
+    x = _x(3, d=512 if kind == "q4_k_m" else 384)
+    assert not block.stack_experts()  # modules made one by one: tensors apart
+    apart = block(x)
+    args = block._kernel_args(x[:, 0])
+    assert len(args[1]) == len(block.experts)
+    _into_one_storage(block)
+    block.__dict__.pop("_stacks", None)  # what a fresh load has: nothing noted yet
+    args = block._kernel_args(x[:, 0])  # notes the views on its first eager call
+    lists = [a for a in args[1:] if isinstance(a, list)]
+    assert lists and all(len(a) == 1 and a[0].shape[0] == len(block.experts) for a in lists)
+    assert args[0] is (ops.kmoe_experts if kind == "q4_k_m" else ops.moe_experts)
+    assert torch.equal(block(x), apart)
+    # replacing an expert's module, or moving the block, drops the views: one tensor per expert again
+    first = block.experts[0].w1
+    block.experts[0].w1 = type(first).from_blocks(first.blocks.clone(), first.ggml_type, first.in_features) \
+        if kind == "q4_k_m" else QuantLinear.from_linear(torch.nn.Linear(384, 256, bias=False), kind, 32)
+    assert len(block._kernel_args(x[:, 0])[1]) == len(block.experts)
+    block.experts[0].w1 = first
+    block.cpu()
+    assert "_stacks" not in block.__dict__
+
+
+@torch.no_grad()
+def test_a_stacked_argument_with_another_expert_count_is_refused():
+    ops = _ops()
+    block = _block("int8")
+    _into_one_storage(block)
+    assert block.stack_experts()
+    x = torch.randn(1, 384)
+    op, w1, s1, w3, s3, w2, s2, bits, group = block._kernel_args(x)
+    with pytest.raises(RuntimeError, match="same number of experts"):
+        ops.moe_experts(x, torch.tensor([[0, 1, 2]]), torch.ones(1, 3), [w1[0][:4]], s1, w3, s3, w2, s2, bits, group)

@@ -841,10 +841,12 @@ LFM2_INLINE float kdot(const KMatrix& W, int64_t n, const KActivations& a, int64
 at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::Tensor& weights, at::TensorList w1,
                         at::TensorList w3, at::TensorList w2, int64_t t1, int64_t t3, int64_t t2) {
   lfm2_moe::check_routing(x, chosen, weights, "kmoe_experts");
-  const int64_t M = x.size(0), D = x.size(1), E = static_cast<int64_t>(w1.size()), K = chosen.size(1);
-  TORCH_CHECK(E > 0 && w3.size() == w1.size() && w2.size() == w1.size(),
-              "lfm2 kmoe_experts: w1, w3, w2 must list the same number of experts (", E, ")");
-  const int64_t H = w1[0].size(0);
+  using lfm2_moe::expert_at;
+  using lfm2_moe::num_experts;
+  const int64_t M = x.size(0), D = x.size(1), E = num_experts(w1), K = chosen.size(1);
+  TORCH_CHECK(E > 0 && num_experts(w3) == E && num_experts(w2) == E,
+              "lfm2 kmoe_experts: w1, w3, w2 must hold the same number of experts (", E, ")");
+  const int64_t H = expert_at(w1, 0).size(0);
   const int isa = best_isa();
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "kmoe_experts");
@@ -852,9 +854,10 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
   std::vector<KMatrix> W1(U), W3(U), W2(U);
   for (int64_t u = 0; u < U; ++u) {
     const int64_t e = g.experts[u];
-    W1[u] = check(w1[e], t1, D, "kmoe_experts (w1)");
-    W3[u] = check(w3[e], t3, D, "kmoe_experts (w3)");
-    W2[u] = check(w2[e], t2, H, "kmoe_experts (w2)");
+    const at::Tensor b1 = expert_at(w1, e), b3 = expert_at(w3, e), b2 = expert_at(w2, e);  // KMatrix points into them
+    W1[u] = check(b1, t1, D, "kmoe_experts (w1)");
+    W3[u] = check(b3, t3, D, "kmoe_experts (w3)");
+    W2[u] = check(b2, t2, H, "kmoe_experts (w2)");
     TORCH_CHECK(W1[u].n == H && W3[u].n == H && W2[u].n == D, "lfm2 kmoe_experts: expert ", e,
                 " has w1/w3 of ", W1[u].n, "/", W3[u].n, " rows and w2 of ", W2[u].n, "; expected ", H, " and ", D);
   }

@@ -225,7 +225,7 @@ inline float dot(const Mat& W, int64_t n, const QActivations& a, int64_t m, cons
 // Expert `e`'s matrix `what` from the lists, checked against the format every expert shares.
 Mat expert_matrix(at::TensorList qs, at::TensorList ss, int64_t e, int64_t bits, int64_t group_size, int64_t n,
                   int64_t k, const char* what) {
-  const at::Tensor& q = qs[e];
+  const at::Tensor q = lfm2_moe::expert_at(qs, e);
   Mat W;
   W.bits = static_cast<int>(bits);
   W.n = n;
@@ -241,7 +241,7 @@ Mat expert_matrix(at::TensorList qs, at::TensorList ss, int64_t e, int64_t bits,
     W.f = q.data_ptr<float>();
     return W;
   }
-  const at::Tensor& s = ss[e];
+  const at::Tensor s = lfm2_moe::expert_at(ss, e);
   W.groups = group_size == 0 ? 1 : k / group_size;
   W.shift = group_size == 0 ? 62 : group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
   TORCH_CHECK(s.device().is_cpu() && s.dim() == 2 && s.is_contiguous() && s.scalar_type() == at::kHalf &&
@@ -262,13 +262,15 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
               "lfm2 moe_experts: group_size must be 32, 64, 128 or 0 (one scale per row), got ", group_size);
   TORCH_CHECK(bits != 4 || group_size != 0, "lfm2 moe_experts: int4 needs a group size");
   lfm2_moe::check_routing(x, chosen, weights, "moe_experts");
-  const int64_t M = x.size(0), D = x.size(1), E = static_cast<int64_t>(w1.size()), K = chosen.size(1);
-  const size_t scales = bits == 32 ? 0 : static_cast<size_t>(E);
-  TORCH_CHECK(E > 0 && w3.size() == w1.size() && w2.size() == w1.size() && s1.size() == scales &&
-                  s3.size() == scales && s2.size() == scales,
-              "lfm2 moe_experts: w1, w3, w2 must list the same number of experts (", E, "), with as many scales ",
+  using lfm2_moe::num_experts;
+  const int64_t M = x.size(0), D = x.size(1), E = num_experts(w1), K = chosen.size(1);
+  const int64_t scales = bits == 32 ? 0 : E;
+  const auto scales_of = [&](at::TensorList s) { return s.empty() ? 0 : num_experts(s); };
+  TORCH_CHECK(E > 0 && num_experts(w3) == E && num_experts(w2) == E && scales_of(s1) == scales &&
+                  scales_of(s3) == scales && scales_of(s2) == scales,
+              "lfm2 moe_experts: w1, w3, w2 must hold the same number of experts (", E, "), with as many scales ",
               "(none for float32)");
-  const int64_t H = w1[0].size(0);
+  const int64_t H = lfm2_moe::expert_at(w1, 0).size(0);
   TORCH_CHECK(D % kBlock == 0 || bits == 32 || group_size == 0, "lfm2 moe_experts: D=", D, " is not a multiple of 32");
   TORCH_CHECK(H % kBlock == 0 || bits == 32 || group_size == 0, "lfm2 moe_experts: H=", H, " is not a multiple of 32");
   TORCH_CHECK(bits != 4 || (D % kBlock == 0 && H % kBlock == 0), "lfm2 moe_experts: int4 rows must be multiples of 32");

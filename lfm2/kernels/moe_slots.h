@@ -28,6 +28,15 @@ inline void check_routing(const at::Tensor& x, const at::Tensor& chosen, const a
               "lfm2 ", op, ": weights must be a contiguous float32 (M, k) tensor like chosen");
 }
 
+// Expert e's tensor from a kernel's list argument: the list holds one tensor per expert, or one (E, ...)
+// tensor whose first dimension is the expert (a view of stacked expert tensors: one graph input
+// instead of E, see lfm2/models/lfm2_moe.py `stack_experts`).
+inline bool stacked(at::TensorList list) { return list.size() == 1 && list[0].dim() == 3; }
+inline int64_t num_experts(at::TensorList list) {
+  return stacked(list) ? list[0].size(0) : static_cast<int64_t>(list.size());
+}
+inline at::Tensor expert_at(at::TensorList list, int64_t e) { return stacked(list) ? list[0].select(0, e) : list[e]; }
+
 // The slots routed to each chosen expert: slots[begin[u] .. begin[u + 1]] (ascending) went to experts[u]
 // (the distinct chosen experts, ascending).
 struct ExpertSlots {
