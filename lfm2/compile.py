@@ -80,7 +80,11 @@ def cache_dir() -> str:
     is in the temporary directory, which a reboot or a tmp cleaner empties: the next start would pay
     the minute-long first compile again. Setting the variable (only where unset) is how inductor takes
     a directory; it reads it at each compile."""
-    if not os.environ.get(INDUCTOR_ENV):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get(INDUCTOR_ENV)
+    # Importing torch._dynamo sets the variable to inductor's default: that is not a user's choice.
+    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ[INDUCTOR_ENV] = str(Path.home() / ".cache" / "lfm2" / "inductor")
     return os.environ[INDUCTOR_ENV]
 
