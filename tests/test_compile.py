@@ -191,9 +191,9 @@ def test_the_engine_uses_the_compiled_step_at_every_batch_size():
 
 
 def test_compiled_code_is_kept_in_lfm2s_cache_not_the_temporary_directory(monkeypatch, tmp_path):
-    from lfm2 import compile as lfm2_compile
-
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from lfm2 import compile as lfm2_compile
 
     # what importing torch._dynamo leaves: inductor's default, in the temporary directory
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
