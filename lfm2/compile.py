@@ -202,7 +202,6 @@ class CompiledDecode:
             if self.progress:
                 print(f"lfm2: decode step compiled in {graph.seconds:.1f} s", file=sys.stderr, flush=True)
 
-
     def _trace(self, graph: _Graph, key: int) -> None:
         """Compile `graph` by running it once on a cache of its own."""
         for module in self.model.modules():  # MoE blocks: their experts' tensors as one input per kind

@@ -581,7 +581,9 @@ class Engine:
         masks = [None if row.request.constraint is None else row.request.constraint.mask() for row in rows]
         plain = [i for i, row in enumerate(rows)
                  if row.request.params.greedy and row.history is None and masks[i] is None]
-        if plain:
+        if len(plain) == 1:  # one greedy row (single-stream decode): no index tensor, no gather
+            out[plain[0]] = int(logits[plain[0]].argmax())
+        elif plain:
             index = torch.tensor(plain, device=logits.device)
             for i, token in zip(plain, logits.index_select(0, index).argmax(dim=-1).tolist(), strict=True):
                 out[i] = token

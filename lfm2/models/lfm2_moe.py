@@ -16,7 +16,8 @@ How the experts run (issue #30: a Python loop over experts made 8B-A1B decode 0.
   experts of all tokens (`lfm2/kernels/moe.cpp`: w1/w3 with the SwiGLU fused, then w2 with the
   routing weights and the sum over experts), when every expert is a `QuantLinear` of one format
   or a float32 `Linear` (or, `kmoe_experts` in `lfm2/kernels/kquant.cpp`, a `KQuantLinear` of a
-  GGUF K-quant file) and no gradient is needed. No Python loop, no host sync;
+  GGUF K-quant file) and no gradient is needed. No Python loop, no host sync. A loaded file's experts
+  go in as one stacked view per tensor kind (`stack_experts`), which keeps a compiled step's inputs few;
 - otherwise (prefill, training, LoRA-wrapped experts, bf16, no kernels): the token slots sorted
   by expert once, each expert that got tokens runs its own module on its contiguous slice (a
   big matrix product at prefill), and the weighted results are added back with one index_add.
@@ -179,7 +180,9 @@ class SparseMoeBlock(nn.Module):
         tensors, and gathering them and passing them on cost ~7 ms a step (a profile: 2 ms before the graph,
         5 ms in its wrapper) against ~30 ms for everything else. Eager only (it reads data pointers): the
         compiled step calls it before tracing, `_kernel_args` on its first eager call. Returns whether every
-        kind stacked. `_apply` (`.to()`, dtype changes) forgets the views; so does replacing the modules."""
+        kind stacked. `_apply` (`.to()`, dtype changes) forgets the views; so does replacing the modules.
+        Assigning new tensors to the experts' modules in place of their own (not copying into them, as
+        `load_state_dict` does) needs another call."""
         self.__dict__["_stacks"] = None
         ops = kernels.ops()
         args = None if ops is None else self._expert_args(ops)
