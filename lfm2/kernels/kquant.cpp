@@ -689,10 +689,12 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
 // activations with one scale per 256 values, as llama.cpp computes K-quant products at decode and
 // prefill alike (its Q8_K). Tiles of 16 weight rows are unpacked to their integer values once per call,
 // 4 consecutive values of a row per 32-bit lane, so one vpdpbusd of 4 broadcast activation bytes
-// (unsigned: q + 128) accumulates 16 rows' block dot products exactly. Per block of BV values:
-//   y[m][n] += xd[m] (s[n] (isum - 128 vsum[n]) - mn[n] xsum[m])
-// with s, mn the block's scale and minimum: Q4_K / Q5_K blocks of 32 (one 6-bit scale and min per
-// sub-block), Q6_K blocks of 16 (an int8 scale each, no minimum). Since the integer sums are exact,
+// accumulates 16 rows' block dot products exactly. Per block of BV values:
+//   Q4_K / Q5_K (blocks of 32, one 6-bit scale and min per sub-block; values 0..31, the unsigned
+//   operand against signed activations): y[m][n] += xd[m] (s[n] isum - mn[n] xsum[m]);
+//   Q6_K (blocks of 16, an int8 scale each; values -32..31, signed, against activations q + 128):
+//   y[m][n] += xd[m] s[n] (isum - 128 vsum[n]).
+// Since the integer sums are exact,
 // the result is x rounded to those int8 activations times the dequantized weights, to float
 // rounding (a token's prefill logits are its decode logits), with 32 products an instruction where
 // a float GEMM on dequantized tiles does 8.
@@ -702,7 +704,7 @@ constexpr int kTile = 16;  // weight rows per packed tile: one vector of 16 int3
 struct KTile {
   std::vector<int8_t> q;           // (blocks, BV / 4 groups, 16 rows, 4 values)
   std::vector<float> scale, minv;  // (blocks, 16)
-  std::vector<int32_t> offset;     // (blocks, 16): 128 x the sum of the row's block values
+  std::vector<int32_t> offset;     // (blocks, 16), Q6_K only: 128 x the sum of the row's block values
 };
 
 #if LFM2_AVX2
@@ -735,6 +737,7 @@ LFM2_KVNNI void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, K
         t.minv[(sb * per_sb + kb) * kTile + j] = minv[kb * bv / 16];
       }
     }
+  if (bv == 32) return;  // Q4_K / Q5_K: unsigned values against signed activations, no offsets (kgemm_tile)
   const __m512i h128 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < nblk; ++b) {
     __m512i sum = _mm512_setzero_si512();
@@ -759,13 +762,20 @@ LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nsb, const uint8_t* xu, int64
     for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t b = sb * kPerSuper; b < (sb + 1) * kPerSuper; ++b) {
       __m512i isum[MR];
-      lfm2_simd::vnni_block<MR, BV / 4>(t.q.data() + b * (BV / 4) * 64, xu + b * BV, kp, isum);
-      const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTile);
       const __m512 sc = _mm512_loadu_ps(t.scale.data() + b * kTile);
-      for (int r = 0; r < MR; ++r) part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], off)), sc, part[r]);
-      if (BV == 32) {  // Q4_K / Q5_K: less each block's minimum times the activations' block sum
+      if (BV == 32) {  // Q4_K / Q5_K: exact sums of the unsigned values and signed activations, less each
+                       // block's minimum times the activations' block sum
+        lfm2_simd::vnni_block<MR, BV / 4, true>(t.q.data() + b * (BV / 4) * 64, xu + b * BV, kp, isum);
         const __m512 mn = _mm512_loadu_ps(t.minv.data() + b * kTile);
-        for (int r = 0; r < MR; ++r) part[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xs[r * nb32 + b]), part[r]);
+        for (int r = 0; r < MR; ++r) {
+          part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), sc, part[r]);
+          part[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xs[r * nb32 + b]), part[r]);
+        }
+      } else {  // Q6_K: signed values against activations + 128, less 128 x the values' sums
+        lfm2_simd::vnni_block<MR, BV / 4>(t.q.data() + b * (BV / 4) * 64, xu + b * BV, kp, isum);
+        const __m512i off = _mm512_loadu_si512(t.offset.data() + b * kTile);
+        for (int r = 0; r < MR; ++r)
+          part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], off)), sc, part[r]);
       }
     }
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(xd[r * nsb + sb]), acc[r]);
@@ -793,18 +803,19 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
   TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
-  // kgemv's activations, as unsigned bytes q + 128 with the block sums as floats (for the minimums),
-  // in parallel and straight into buffers that are not zero-filled first (megabytes at a prefill)
+  // kgemv's activations (for Q6_K as unsigned bytes q + 128) with the block sums as floats (for the
+  // minimums), in parallel and straight into buffers that are not zero-filled first (megabytes at a prefill)
   const int64_t nsb_all = m_rows * W.nsb;
   const std::unique_ptr<uint8_t[]> xu(new uint8_t[m_rows * k]);
   const std::unique_ptr<float[]> xd(new float[nsb_all]), xs(new float[nsb_all * 8]);
   const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, nsb_all, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      xd[i] = quantize_superblock<true, float>(xp + i * kSuper, reinterpret_cast<int8_t*>(xu.get()) + i * kSuper,
-                                               xs.get() + i * 8);
-  });
   const int bv = type == kQ6K ? 16 : 32;
+  at::parallel_for(0, nsb_all, 64, [&](int64_t i0, int64_t i1) {
+    int8_t* q = reinterpret_cast<int8_t*>(xu.get());
+    for (int64_t i = i0; i < i1; ++i)  // unsigned for Q6_K's signed values, signed for Q4_K / Q5_K's unsigned ones
+      xd[i] = bv == 16 ? quantize_superblock<true, float>(xp + i * kSuper, q + i * kSuper, xs.get() + i * 8)
+                       : quantize_superblock<false, float>(xp + i * kSuper, q + i * kSuper, xs.get() + i * 8);
+  });
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (W.n + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
     KTile t;

@@ -19,9 +19,12 @@ inline float hsum(__m256 v) {
 
 // One block of the VNNI GEMMs (qgemv.cpp's `qgemm`, kquant.cpp's `kgemm`): G groups of 4 values of a
 // packed weight tile (64 bytes a group: 4 values of each of 16 rows) against MR activation rows of
-// unsigned bytes xu (stride kp, at the block's first value). isum[r] gets the 16 rows' exact integer
-// dot products with row r: one broadcast of 4 activation bytes and one vpdpbusd per group and row.
-template <int MR, int G>
+// bytes xu (stride kp, at the block's first value). isum[r] gets the 16 rows' exact integer dot
+// products with row r: one broadcast of 4 activation bytes and one vpdpbusd per group and row.
+// vpdpbusd multiplies unsigned by signed bytes: by default the activations are the unsigned ones
+// (q + 128, the caller takes 128 x the weights' sums off); with kUnsignedWeights the weights are
+// (Q4_K / Q5_K values, 0..31) and the activations signed, and the sums need no correction.
+template <int MR, int G, bool kUnsignedWeights = false>
 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"), always_inline)) inline void
 vnni_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m512i isum[MR]) {
   for (int r = 0; r < MR; ++r) isum[r] = _mm512_setzero_si512();
@@ -30,7 +33,8 @@ vnni_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m512i isum[MR]) {
     for (int r = 0; r < MR; ++r) {
       int32_t four;
       std::memcpy(&four, xu + r * kp + 4 * g, 4);
-      isum[r] = _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
+      isum[r] = kUnsignedWeights ? _mm512_dpbusd_epi32(isum[r], w, _mm512_set1_epi32(four))
+                                 : _mm512_dpbusd_epi32(isum[r], _mm512_set1_epi32(four), w);
     }
   }
 }
