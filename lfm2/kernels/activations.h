@@ -73,7 +73,18 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// With kUnsigned the values are stored as the unsigned bytes q + 128 (what the VNNI GEMMs multiply).
+// Four vectors of 8 int32 values (each in int8's range) stored as 32 bytes in order at q, as the
+// unsigned bytes q + 128 with kUnsigned (what the VNNI GEMMs multiply); returns their sum.
+template <bool kUnsigned>
+inline int32_t store_q32(const __m256i i[4], int8_t* q) {
+  // The packs work within 128-bit lanes; the permutation puts the values back in order.
+  const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  __m256i out = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  if (kUnsigned) out = _mm256_xor_si256(out, _mm256_set1_epi8(static_cast<char>(0x80)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), out);
+  return hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
+}
+
 template <bool kUnsigned = false>
 inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum_out) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -90,12 +101,7 @@ inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum
   const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
   __m256i i[4];
   for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // nearest even
-  *sum_out = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
-  // The packs work within 128-bit lanes; the permutation puts the values back in order.
-  const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-  __m256i out = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  if (kUnsigned) out = _mm256_xor_si256(out, _mm256_set1_epi8(static_cast<char>(0x80)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), out);
+  *sum_out = store_q32<kUnsigned>(i, q);
   *d_out = d;
 }
 

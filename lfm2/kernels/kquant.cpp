@@ -166,13 +166,7 @@ LFM2_INLINE float quantize_superblock(const float* xs, int8_t* q, Sum* bsum) {
   for (int s = 0; s < 8; ++s) {
     __m256i i[4];
     for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + 32 * s + 8 * j), id));
-    bsum[s] = static_cast<Sum>(
-        lfm2_act::hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]))));
-    // the packs work within 128-bit lanes; the permutation puts the values back in order
-    const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-    __m256i out = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    if (kUnsigned) out = _mm256_xor_si256(out, _mm256_set1_epi8(static_cast<char>(0x80)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * s), out);
+    bsum[s] = static_cast<Sum>(lfm2_act::store_q32<kUnsigned>(i, q + 32 * s));
   }
   return d;
 #else
