@@ -682,6 +682,7 @@ def _put_kquant(model: torch.nn.Module, name: str, blocks: torch.Tensor, ggml_ty
     module = name.removesuffix(".weight")
     cls = kquant.KQuantEmbedding if module == "model.embed_tokens" else kquant.KQuantLinear
     layer = cls.from_blocks(blocks, ggml_type, in_features)
+    layer.pack_tiles()  # Q4_K into the decode kernel's 16-row tiles where that is faster (in place)
     layer.dtype = dtype
     parent, _, attr = module.rpartition(".")
     setattr(model.get_submodule(parent), attr, layer)

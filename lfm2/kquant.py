@@ -6,7 +6,10 @@ model takes the memory of the file, and computes with kernels of our own
 (`lfm2/kernels/kquant.cpp`, which also documents the layouts):
 - up to `KGEMV_MAX_ROWS` rows of input (decode, small batches): `kgemv`, a matrix-vector product
   that streams the blocks once, with int8 activations per 256 values as llama.cpp computes K-quant
-  products (exact integer sums inside a super-block);
+  products (exact integer sums inside a super-block). On CPUs with AVX-512 VNNI a loaded Q4_K
+  matrix is first rearranged into tiles of 16 rows (`pack_tiles`, the same bytes moved; the kernel
+  file documents the layout), where one instruction multiplies 4 values of 16 rows: 2.4x the
+  per-row code on cached weights, which two Zen 4 cores ran at about the memory's speed and no faster;
 - more rows (prefill), on CPUs with AVX-512 VNNI and no AMX: `kgemm`, exact integer block products of
   the weights' values with `kgemv`'s int8 activations (so a token's prefill logits are its decode
   logits), 32 multiply-adds an instruction: 2-3.6x the float32 tiles below on LFM2-350M's matrices
@@ -39,6 +42,9 @@ GGMLType = gguf.GGMLQuantizationType
 # The K-quant block types with kernels here, by name; each super-block holds 256 values of a row.
 TYPES = {"q4_k": GGMLType.Q4_K, "q5_k": GGMLType.Q5_K, "q6_k": GGMLType.Q6_K}
 SUPER_BLOCK = 256
+# lfm2's own type id for Q4_K in tiles of TILE_ROWS rows (`kernels/kquant.cpp`, "Q4_K in tiles of 16 rows").
+Q4_K_X16 = 112
+TILE_ROWS = 16
 # Input rows up to which `kgemv` is used: a server's decoding batch. Its cost grows with the rows
 # (the AVX-512 code unpacks the weights once per four rows; the AVX2 code once per row), while
 # dequantized tiles cost a pass over every weight whatever the rows: 16 rows of kgemv took 2-12 ms
@@ -65,6 +71,9 @@ def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int,
     ops = kernels.ops() if blocks.device.type == "cpu" and blocks.shape[0] > 0 else None
     if ops is not None:
         return ops.kdequantize(blocks.contiguous(), int(ggml_type), in_features, dtype == torch.bfloat16)
+    if ggml_type == Q4_K_X16:  # only made where the kernels run (`pack_tiles`); they went away since
+        raise CheckpointError("Q4_K blocks in 16-row tiles need lfm2's C++ kernels, which are off or failed to "
+                              "build now; load the model again without LFM2_NO_KERNELS")
     raw = blocks.cpu().numpy()
     values = gguf.quants.dequantize(raw.reshape(-1, raw.shape[-1]), GGMLType(ggml_type))
     w = torch.from_numpy(np.ascontiguousarray(values)).reshape(blocks.shape[0], in_features).to(blocks.device)
@@ -86,6 +95,7 @@ class KQuantLinear(nn.Module):
                                   f"{SUPER_BLOCK} values; got type {ggml_type} and {in_features} values")
         kernels.ops()  # build the kernels now, at load time: never inside a (compiled) forward
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, int(ggml_type)
+        self.kernel_type = self.ggml_type  # the blocks' layout as the kernels name it: Q4_K_X16 after pack_tiles
         self.dtype = torch.float32
         self.register_buffer("blocks", torch.empty(out_features, row_bytes(ggml_type, in_features),
                                                    dtype=torch.uint8, device=device))
@@ -104,17 +114,28 @@ class KQuantLinear(nn.Module):
     def kind(self) -> str:
         return GGMLType(self.ggml_type).name.lower()
 
+    def pack_tiles(self) -> bool:
+        """Rearrange Q4_K blocks into 16-row tiles in place, where that is the faster layout (CPUs with
+        AVX-512 VNNI; see the module docstring); returns whether it did. The tensor keeps its shape and
+        storage, so stacked MoE experts stay one view."""
+        if (self.kernel_type != GGMLType.Q4_K or self.out_features % TILE_ROWS or not self.blocks.is_cpu
+                or not kernels.has_int8_gemm()):
+            return False
+        kernels.ops().kpack_(self.blocks, self.kernel_type, self.in_features)
+        self.kernel_type = Q4_K_X16
+        return True
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out, in)."""
-        return dequantize_blocks(self.blocks, self.ggml_type, self.in_features)
+        return dequantize_blocks(self.blocks, self.kernel_type, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype == torch.float32 else x.float()
         ops = kernels.ops() if xf.is_cpu else None
         if ops is not None and xf.numel() <= KGEMV_MAX_ROWS * self.in_features:
-            y = ops.kgemv(xf.contiguous(), self.blocks, self.ggml_type, self.in_features)  # (..., K) -> (..., N)
+            y = ops.kgemv(xf.contiguous(), self.blocks, self.kernel_type, self.in_features)  # (..., K) -> (..., N)
         elif ops is not None and kernels.has_int8_gemm() and not kernels.has_amx_bf16():
-            y = ops.kgemm(xf.contiguous(), self.blocks, self.ggml_type, self.in_features)
+            y = ops.kgemm(xf.contiguous(), self.blocks, self.kernel_type, self.in_features)
         else:  # (..., K) -> (M, K) -> (..., N)
             y = self._tiled_matmul(xf.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -123,10 +144,11 @@ class KQuantLinear(nn.Module):
         """x (M, K) @ W^T, W dequantized a row tile at a time (see lfm2.quant.QuantLinear._tiled_matmul)."""
         compute = torch.bfloat16 if x.is_cpu and kernels.has_amx_bf16() else torch.float32
         rows = max(1, TILE_BYTES // (compute.itemsize * self.in_features))
+        rows = -(-rows // TILE_ROWS) * TILE_ROWS if self.kernel_type == Q4_K_X16 else rows  # whole tiles
         x_t = x.to(compute).t()
         out_t = x_t.new_empty(self.out_features, x.shape[0])  # (N, M)
         for n0 in range(0, self.out_features, rows):
-            w = dequantize_blocks(self.blocks[n0 : n0 + rows], self.ggml_type, self.in_features, compute)
+            w = dequantize_blocks(self.blocks[n0 : n0 + rows], self.kernel_type, self.in_features, compute)
             torch.mm(w, x_t, out=out_t[n0 : n0 + rows])
         return out_t.t().float()
 
@@ -134,6 +156,9 @@ class KQuantLinear(nn.Module):
         """Move the blocks between devices but never change their dtype; a float dtype becomes the compute dtype."""
         probe = fn(torch.empty(0, dtype=torch.float32, device=self.blocks.device))
         self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
+        if probe.device != self.blocks.device and self.kernel_type == Q4_K_X16:  # the tiles are a CPU kernel's layout
+            self.blocks = kernels.ops().kunpack(self.blocks, self.kernel_type, self.in_features)
+            self.kernel_type = self.ggml_type
         self.blocks = self.blocks.to(probe.device)
         return self
 
@@ -164,6 +189,10 @@ class KQuantEmbedding(KQuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = dequantize_blocks(self.blocks.index_select(0, ids.reshape(-1)), self.ggml_type, self.embedding_dim)
         return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def pack_tiles(self) -> bool:
+        """Never: an embedding's rows are looked up one by one, in the file's layout."""
+        return False
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ E^T: the tied output head."""

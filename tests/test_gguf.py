@@ -638,12 +638,16 @@ def test_k_quant_files_run_their_own_blocks_by_default(wide_f32, tmp_path):
     assert isinstance(default.model.model.embed_tokens, KQuantEmbedding)
     assert isinstance(default.model.lm_head, KQuantLinear) and default.model.lm_head.kind == "q6_k"
     assert len(layers) == len(replaced) and {m.kind for m in layers} == {"q4_k", "q5_k", "q6_k"}
+    from lfm2 import kernels
+    from lfm2.kquant import Q4_K_X16
+
+    # Q4_K matrices of whole 16-row tiles run in the decode kernel's tiles where it has them (VNNI CPUs)
+    tiled = {m.kernel_type == Q4_K_X16 for m in layers if m.kind == "q4_k" and m.out_features % 16 == 0}
+    assert tiled == {kernels.has_int8_gemm()}
     assert not any(t.dtype == torch.float32 and t.dim() == 2 and t.numel() >= 256 * 256
                    for t in [*default.model.parameters(), *default.model.buffers()])
     ids = _sequence(default.config.vocab_size, 64)
     ours, ref = _logits(default, ids), _logits(plain, ids)
-    from lfm2 import kernels
-
     # decode steps through the GEMV, teacher-forced (a random model's near-ties make free greedy runs part)
     cache = default.model.make_cache(1, 64)
     with torch.no_grad():

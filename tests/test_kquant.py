@@ -16,7 +16,7 @@ import torch
 
 from lfm2 import kernels
 from lfm2.errors import CheckpointError
-from lfm2.kquant import KQuantEmbedding, KQuantLinear
+from lfm2.kquant import Q4_K_X16, KQuantEmbedding, KQuantLinear
 
 T = gguf.GGMLQuantizationType
 TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
@@ -148,6 +148,70 @@ def test_layer_paths_agree(qtype, monkeypatch):
     monkeypatch.setenv("LFM2_NO_KERNELS", "1")
     assert torch.allclose(layer(x[0, :2]), exact[0, :2], rtol=1e-5, atol=1e-4)
     assert torch.equal(layer.dequantize(), w)
+
+
+needs_vnni = pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(),
+                                reason="Q4_K tiles and kgemm need AVX-512 VNNI")
+
+
+@needs_vnni
+def test_q4_k_tiles_compute_what_the_file_layout_computes():
+    """Q4_K rearranged into 16-row tiles (the decode kernel's layout) holds the same bytes, dequantizes to
+    the same values, and its products are the file layout's: the same integer sums (kgemv, to float
+    rounding) or the same packed tile (kgemm, exactly)."""
+    ops = kernels.ops()
+    blocks = random_blocks(96, 768, T.Q4_K, seed=6)
+    tiles = blocks.clone()
+    ops.kpack_(tiles, int(T.Q4_K), 768)
+    assert not torch.equal(tiles, blocks)
+    assert torch.equal(ops.kunpack(tiles, Q4_K_X16, 768), blocks)
+    assert torch.equal(ops.kdequantize(tiles, Q4_K_X16, 768), reference(blocks, T.Q4_K, 768))
+    x = torch.randn(37, 768, generator=torch.Generator().manual_seed(7))
+    x[:, 5] = 9.0
+    for rows in (1, 2, 3, 7, 16):  # 4, 2 and 1 rows at a time
+        xs = x[:rows].contiguous()
+        y, ref = ops.kgemv(xs, tiles, Q4_K_X16, 768), ops.kgemv(xs, blocks, int(T.Q4_K), 768)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+        assert torch.equal(y[-1:], ops.kgemv(xs[-1:].contiguous(), tiles, Q4_K_X16, 768))
+    assert torch.equal(ops.kgemm(x, tiles, Q4_K_X16, 768), ops.kgemm(x, blocks, int(T.Q4_K), 768))
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ops.kgemv(x[:1].contiguous(), tiles[:40].contiguous(), Q4_K_X16, 768)
+    with pytest.raises(RuntimeError, match="file's Q4_K layout"):
+        ops.kpack_(tiles, Q4_K_X16, 768)
+    with pytest.raises(RuntimeError, match="16-row tiles"):
+        ops.kunpack(blocks, int(T.Q4_K), 768)
+    with pytest.raises(RuntimeError, match="12 \\(Q4_K\\) or 112"):
+        ops.kpack_(random_blocks(16, 256, T.Q6_K), int(T.Q6_K), 256)
+
+
+@needs_vnni
+def test_layer_tiles_its_q4_k_blocks_in_place(monkeypatch):
+    """`pack_tiles` rearranges a Q4_K layer's blocks in their own storage (stacked experts stay one view);
+    every path of the layer computes what it did before; other types, row counts and embeddings stay."""
+    import lfm2.kquant as kquant
+
+    blocks = random_blocks(96, 512, T.Q4_K, seed=8)
+    layer = KQuantLinear.from_blocks(blocks.clone(), int(T.Q4_K), 512)
+    x = torch.randn(18, 512, generator=torch.Generator().manual_seed(9))
+    few, many = layer(x[:3]), layer(x)
+    storage = layer.blocks.data_ptr()
+    assert layer.pack_tiles() and layer.kernel_type == Q4_K_X16 and layer.blocks.data_ptr() == storage
+    assert not layer.pack_tiles()  # once
+    assert torch.allclose(layer(x[:3]), few, rtol=1e-5, atol=1e-5 * few.abs().max())
+    assert torch.equal(layer(x), many)
+    assert torch.equal(layer.dequantize(), reference(blocks, T.Q4_K, 512))
+    exact = x @ reference(blocks, T.Q4_K, 512).T
+    monkeypatch.setattr(kernels, "has_int8_gemm", lambda: False)
+    monkeypatch.setattr(kernels, "has_amx_bf16", lambda: False)
+    monkeypatch.setattr(kquant, "TILE_BYTES", 4 * 512 * 10)  # 10 rows a tile: rounded up to whole 16-row tiles
+    assert torch.allclose(layer(x), exact, rtol=1e-5, atol=1e-4)
+    monkeypatch.undo()
+    assert layer.format_repr() == "q4_k"
+    layer.to("meta")  # off the CPU: back to the file's layout first
+    assert layer.kernel_type == T.Q4_K and layer.blocks.is_meta
+    assert not KQuantLinear.from_blocks(random_blocks(40, 256, T.Q4_K), int(T.Q4_K), 256).pack_tiles()
+    assert not KQuantLinear.from_blocks(random_blocks(32, 256, T.Q6_K), int(T.Q6_K), 256).pack_tiles()
+    assert not KQuantEmbedding.from_blocks(random_blocks(32, 256, T.Q4_K), int(T.Q4_K), 256).pack_tiles()
 
 
 def test_embedding_rows_and_tied_head():

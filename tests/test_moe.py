@@ -210,14 +210,17 @@ def test_bad_input_gets_clear_errors():
 KTYPES = [(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K, T.Q5_K), (T.Q6_K, T.Q6_K, T.Q4_K)]
 
 
-def _kblock(types: tuple[T, T, T], seed: int = 0) -> SparseMoeBlock:
+def _kblock(types: tuple[T, T, T], seed: int = 0, tiles: str = "") -> SparseMoeBlock:
     """A random MoE block (d 512, H 768: two and three super-blocks) whose experts are K-quant layers
-    of random blocks, w1 / w3 / w2 in `types` (as one GGUF tensor per matrix kind stores them)."""
+    of random blocks, w1 / w3 / w2 in `types` (as one GGUF tensor per matrix kind stores them); the
+    kinds named in `tiles` in 16-row tiles where they are Q4_K (`KQuantLinear.pack_tiles`, as a load does)."""
     block = _block(seed=seed, hidden_size=512, moe_intermediate_size=768)
     for e, expert in enumerate(block.experts):
         for i, (name, rows, cols) in enumerate((("w1", 768, 512), ("w3", 768, 512), ("w2", 512, 768))):
             blocks = random_blocks(rows, cols, types[i], seed=100 * seed + 3 * e + i)
             setattr(expert, name, KQuantLinear.from_blocks(blocks, int(types[i]), cols))
+            if name in tiles:
+                getattr(expert, name).pack_tiles()
     return block
 
 
@@ -233,6 +236,27 @@ def test_kquant_experts_equal_each_kquantlinear(types, rows):
         args = block._kernel_args(x)
         assert args[0] is ops.kmoe_experts and args[-3:] == tuple(int(t) for t in types)
     assert _rel(block(x), loop_reference(block, x)) < 1e-5
+
+
+@pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(), reason="Q4_K tiles need AVX-512 VNNI")
+@pytest.mark.parametrize("tiles", ["w1 w3 w2", "w1", "w2"])
+@pytest.mark.parametrize("rows", [1, 3, GROUPED_MAX_ROWS])
+@torch.no_grad()
+def test_kquant_experts_in_q4_k_tiles_equal_each_kquantlinear(tiles, rows):
+    """Q4_K experts in 16-row tiles: `kmoe_experts` runs them a tile at a time (a tile's rows of a w1 or w3
+    in the file's layout one by one beside it) and computes what each expert's layer computes."""
+    from lfm2.kquant import Q4_K_X16
+
+    ops = _ops()
+    types = (T.Q4_K, T.Q4_K, T.Q4_K)
+    block = _kblock(types, seed=2, tiles=tiles)
+    x = _x(rows, d=512)
+    args = block._kernel_args(x[:, 0])
+    assert args[0] is ops.kmoe_experts
+    assert args[-3:] == tuple(Q4_K_X16 if n in tiles else int(T.Q4_K) for n in ("w1", "w3", "w2"))
+    assert _rel(block(x), loop_reference(block, x)) < 1e-5
+    plain = _kblock(types, seed=2)  # the file's layout: the same integer sums
+    assert _rel(block(x), plain(x)) < 1e-5
 
 
 @torch.no_grad()

@@ -137,6 +137,10 @@ def _register_fakes() -> None:
     def _(x, blocks, type, k):
         return x.new_empty(*x.shape[:-1], blocks.shape[0])
 
+    @torch.library.register_fake("lfm2_quant::kunpack")
+    def _(blocks, type, k):
+        return torch.empty_like(blocks)
+
     @torch.library.register_fake("lfm2_quant::kdequantize")
     def _(blocks, type, k, bf16=False):
         return blocks.new_empty(blocks.shape[0], k, dtype=torch.bfloat16 if bf16 else torch.float32)

@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 #include <c10/util/BFloat16.h>
 
@@ -612,71 +613,6 @@ KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op)
   return W;
 }
 
-at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k, int64_t isa) {
-  const KMatrix W = check(blocks, type, k, "kgemv");
-  const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemv");
-  TORCH_CHECK(isa >= 0 && isa <= best_isa(), "lfm2 kgemv: code ", isa, " does not run here (best: ", best_isa(), ")");
-  at::Tensor y = lfm2_act::output_for(x, W.n);
-  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, isa == 2);
-  float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
-  at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-#if LFM2_AVX2
-      if (isa == 2) {
-        row_avx512(W, n, a, m_rows, yp);
-        continue;
-      }
-#endif
-      for (int64_t m = 0; m < m_rows; ++m) {
-#if LFM2_AVX2
-        if (isa == 1) yp[m * W.n + n] = dot_simd(W, n, a, m);
-        else
-#endif
-          yp[m * W.n + n] = dot_scalar(W, n, a, m);
-      }
-    }
-  });
-  return y;
-}
-
-at::Tensor kgemv(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
-  return kgemv_isa(x, blocks, type, k, best_isa());
-}
-
-int64_t kgemv_best_isa() { return best_isa(); }
-
-// Rows of blocks as float32, or bfloat16 with `bf16` (rounded to nearest even from the float32
-// values: a prefill GEMM in AMX tiles takes them without another pass over the weights).
-at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool bf16) {
-  const KMatrix W = check(blocks, type, k, "kdequantize");
-  at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  float* of = bf16 ? nullptr : out.data_ptr<float>();
-  at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
-  at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
-    int8_t v[kSuper];
-    float scale[16], minv[16], tmp[kSuper];
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t sb = 0; sb < W.nsb; ++sb) {
-        const uint8_t* blk = W.q + n * W.row_bytes + sb * block_bytes(type);
-        float* o = bf16 ? tmp : of + n * k + sb * kSuper;
-#if LFM2_AVX2
-        dequantize_simd(type, blk, o);
-#else
-        factors(type, blk, scale, minv);
-        unpack_values(type, blk, v);
-        for (int i = 0; i < kSuper; ++i) o[i] = scale[i / 16] * static_cast<float>(v[i]) - minv[i / 16];
-#endif
-        if (bf16) {
-          at::BFloat16* ob_row = ob + n * k + sb * kSuper;
-          for (int i = 0; i < kSuper; ++i) ob_row[i] = at::BFloat16(tmp[i]);
-        }
-      }
-  });
-  return out;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Prefill GEMM on CPUs with AVX-512 VNNI (`kgemm`): many rows of x against K-quant weights, as
 // qgemv.cpp's `qgemm` does for int8/int4 (the same tile layout), with `kgemv`'s numerics: int8
@@ -791,8 +727,291 @@ void kgemm_rows(const KTile& t, const KMatrix& W, const uint8_t* xu, const float
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// Q4_K in tiles of 16 rows (lfm2's own type id kQ4KX16; `kpack_` rearranges a matrix in place, `kunpack`
+// restores the file's layout): the layout of the decode product on CPUs with AVX-512 VNNI. Per row, a
+// Q4_K super-block costs ~38 vector operations in `rows_avx512` (nibbles unpacked, scales spread over the
+// lanes, vpmaddubsw + vpmaddwd, the scale epilogue), which two Zen 4 cores run at about the memory's speed
+// and no faster (docs/benchmarks.md). With 16 rows' super-blocks interleaved, one vpdpbusd multiplies four
+// values of 16 rows by four broadcast activations (as `kgemm`'s tiles, and llama.cpp's CPU_REPACK Q4_K
+// 8x8 layout, ggml-cpu/repack.cpp), and the 6-bit scales are vectors of the 16 rows: ~15 operations a
+// row's super-block. A tile's super-block sb is 16 x 144 bytes, the same bytes as in the file, moved:
+//   0: the 16 rows' d (float16); 32: their dmin; 64: the 12 scale bytes, byte i of the 16 rows at 64 + 16 i;
+//   256: 32 chunks of 64 bytes; byte 4 r + l of chunk g holds value 8 g + l of row r in its low nibble and
+//        value 8 g + 4 + l in its high one (l < 4).
+// Tiles follow one another, each its super-blocks in order, so a matrix keeps its (N, K / 256 * 144) shape;
+// N must be a multiple of 16.
+
+constexpr int64_t kQ4KX16 = 112;
+constexpr int64_t kX16Bytes = kTile * 144;  // one tile's super-block
+
+// 16 rows of Q4_K super-blocks (stride row_bytes) into one tile.
+void pack_x16(const uint8_t* rows, int64_t row_bytes, int64_t nsb, uint8_t* tile) {
+  int8_t v[kSuper];
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    uint8_t* t = tile + sb * kX16Bytes;
+    for (int r = 0; r < kTile; ++r) {
+      const uint8_t* blk = rows + r * row_bytes + sb * 144;
+      std::memcpy(t + 2 * r, blk, 2);
+      std::memcpy(t + 32 + 2 * r, blk + 2, 2);
+      for (int i = 0; i < 12; ++i) t[64 + 16 * i + r] = blk[4 + i];
+      unpack_values(kQ4K, blk, v);
+      for (int g = 0; g < 32; ++g)
+        for (int l = 0; l < 4; ++l) t[256 + 64 * g + 4 * r + l] = static_cast<uint8_t>(v[8 * g + l] | v[8 * g + 4 + l] << 4);
+    }
+  }
+}
+
+// One tile back to 16 rows of Q4_K super-blocks (the file's bytes).
+void unpack_x16(const uint8_t* tile, int64_t nsb, uint8_t* rows, int64_t row_bytes) {
+  uint8_t v[kSuper];
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* t = tile + sb * kX16Bytes;
+    for (int r = 0; r < kTile; ++r) {
+      uint8_t* blk = rows + r * row_bytes + sb * 144;
+      std::memcpy(blk, t + 2 * r, 2);
+      std::memcpy(blk + 2, t + 32 + 2 * r, 2);
+      for (int i = 0; i < 12; ++i) blk[4 + i] = t[64 + 16 * i + r];
+      for (int g = 0; g < 32; ++g)
+        for (int l = 0; l < 4; ++l) {
+          v[8 * g + l] = t[256 + 64 * g + 4 * r + l] & 15;
+          v[8 * g + 4 + l] = t[256 + 64 * g + 4 * r + l] >> 4;
+        }
+      for (int i = 0; i < 4; ++i)  // bytes 32i..32i+31: sub-block 2i low, 2i+1 high (see the top of this file)
+        for (int l = 0; l < 32; ++l) blk[16 + 32 * i + l] = static_cast<uint8_t>(v[64 * i + l] | v[64 * i + 32 + l] << 4);
+    }
+  }
+}
+
+KMatrix check_x16(const at::Tensor& blocks, int64_t type, int64_t k, const char* op) {
+  TORCH_CHECK(type == kQ4K || type == kQ4KX16, "lfm2 ", op, ": type must be 12 (Q4_K) or 112 (Q4_K in 16-row tiles), got ",
+              type);
+  KMatrix W = check(blocks, kQ4K, k, op);
+  W.type = type;
+  TORCH_CHECK(W.n % kTile == 0, "lfm2 ", op, ": Q4_K tiles need rows in multiples of 16, the matrix has ", W.n);
+  return W;
+}
+
+// Rearrange a Q4_K matrix into 16-row tiles, in place (a tile at a time through a copy of its rows):
+// stacked experts stay where they are in their storage.
+void kpack_(const at::Tensor& blocks, int64_t type, int64_t k) {
+  const KMatrix W = check_x16(blocks, type, k, "kpack_");
+  TORCH_CHECK(type == kQ4K, "lfm2 kpack_: the blocks must be in the file's Q4_K layout (type 12)");
+  uint8_t* q = blocks.data_ptr<uint8_t>();
+  at::parallel_for(0, W.n / kTile, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> rows(kTile * W.row_bytes);
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      uint8_t* tile = q + ti * kTile * W.row_bytes;
+      std::memcpy(rows.data(), tile, rows.size());
+      pack_x16(rows.data(), W.row_bytes, W.nsb, tile);
+    }
+  });
+}
+
+at::Tensor kunpack(const at::Tensor& blocks, int64_t type, int64_t k) {
+  const KMatrix W = check_x16(blocks, type, k, "kunpack");
+  TORCH_CHECK(type == kQ4KX16, "lfm2 kunpack: the blocks must be Q4_K in 16-row tiles (type 112)");
+  at::Tensor out = at::empty_like(blocks);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, W.n / kTile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti)
+      unpack_x16(W.q + ti * kTile * W.row_bytes, W.nsb, o + ti * kTile * W.row_bytes, W.row_bytes);
+  });
+  return out;
+}
+
+#if LFM2_AVX2
+// A tile super-block's 8 scales and 8 minimums of its 16 rows (bytes in 128-bit vectors), from the 12
+// scale-byte vectors S: the formula of `scales_mins`, 16 rows at a time.
+LFM2_KVNNI LFM2_INLINE void x16_scales(const uint8_t* t, __m128i sc[8], __m128i mn[8]) {
+  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+  __m128i S[12];
+  for (int i = 0; i < 12; ++i) S[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 64 + 16 * i));
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = _mm_and_si128(S[j], m63);
+    mn[j] = _mm_and_si128(S[j + 4], m63);
+    // the two high bits of byte j (or j + 4) above the nibble of byte j + 8 (16-bit shifts, then masks per byte)
+    const __m128i top_sc = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(S[j], 6), m3), 4);
+    const __m128i top_mn = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(S[j + 4], 6), m3), 4);
+    sc[j + 4] = _mm_or_si128(_mm_and_si128(S[j + 8], m15), top_sc);
+    mn[j + 4] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(S[j + 8], 4), m15), top_mn);
+  }
+}
+
+// Activation rows m0 .. m0 + MR - 1 against one tile: y[r * ldy + 0..16). Per sub-block, the low and high
+// nibbles go to separate sums (the high ones as 16 q, so no shift per chunk), each sub-block's sum times
+// its scales exactly in integers; per super-block two float multiply-adds: d xd isum - dmin xd msum.
+template <int MR>
+LFM2_KVNNI void x16_rows(const uint8_t* tile, int64_t nsb, const KActivations& a, int64_t m0, int64_t k,
+                         float* y, int64_t ldy) {
+  const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* t = tile + sb * kX16Bytes;
+    for (int c = 0; c < kX16Bytes / 64; ++c) _mm_prefetch(reinterpret_cast<const char*>(t + 2 * kX16Bytes + 64 * c), _MM_HINT_T0);
+    __m128i sc[8], mn[8];
+    x16_scales(t, sc, mn);
+    __m512i isum[MR], msum[MR];
+    const int8_t* xq[MR];
+    const int16_t* bs[MR];
+    for (int r = 0; r < MR; ++r) {
+      isum[r] = msum[r] = _mm512_setzero_si512();
+      xq[r] = a.q.data() + (m0 + r) * k + sb * kSuper;
+      bs[r] = a.bsum.data() + ((m0 + r) * nsb + sb) * 8;
+    }
+    for (int j = 0; j < 8; ++j) {
+      __m512i lo[MR], hi[MR];
+      for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        const int g = 4 * j + i;
+        const __m512i w = _mm512_loadu_si512(t + 256 + 64 * g);
+        const __m512i wl = _mm512_and_si512(w, lo4), wh = _mm512_and_si512(w, hi4);
+        for (int r = 0; r < MR; ++r) {
+          int32_t x0, x1;
+          std::memcpy(&x0, xq[r] + 8 * g, 4);
+          std::memcpy(&x1, xq[r] + 8 * g + 4, 4);
+          lo[r] = _mm512_dpbusd_epi32(lo[r], wl, _mm512_set1_epi32(x0));
+          hi[r] = _mm512_dpbusd_epi32(hi[r], wh, _mm512_set1_epi32(x1));
+        }
+      }
+      const __m512i scz = _mm512_cvtepu8_epi32(sc[j]), mnz = _mm512_cvtepu8_epi32(mn[j]);
+      for (int r = 0; r < MR; ++r) {
+        const __m512i s = _mm512_add_epi32(lo[r], _mm512_srai_epi32(hi[r], 4));
+        isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(s, scz));
+        msum[r] = _mm512_add_epi32(msum[r], _mm512_mullo_epi32(mnz, _mm512_set1_epi32(bs[r][j])));
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xd = _mm512_set1_ps(a.d[(m0 + r) * nsb + sb]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, xd), acc[r]);
+      acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[r]), _mm512_mul_ps(dmin, xd), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + r * ldy, acc[r]);
+}
+
+// Every activation row against tile ti, four rows at a time (the tile read from cache again per four).
+LFM2_KVNNI void x16_tile(const KMatrix& W, int64_t ti, const KActivations& a, int64_t m_rows, float* y) {
+  const uint8_t* tile = W.q + ti * kTile * W.row_bytes;
+  float* out = y + ti * kTile;
+  int64_t m = 0;
+  for (; m + 4 <= m_rows; m += 4) x16_rows<4>(tile, W.nsb, a, m, W.k, out + m * W.n, W.n);
+  for (; m + 2 <= m_rows; m += 2) x16_rows<2>(tile, W.nsb, a, m, W.k, out + m * W.n, W.n);
+  if (m < m_rows) x16_rows<1>(tile, W.nsb, a, m, W.k, out + m * W.n, W.n);
+}
+
+// `kgemm`'s tile of blocks of 32 values from one tile of this layout: the chunks' nibbles are already
+// 4 values of a row per 32-bit lane, 16 rows apart, in order.
+LFM2_KVNNI void pack_ktile_x16(const uint8_t* tile, int64_t nsb, KTile& kt) {
+  kt.q.resize(nsb * 8 * 8 * 64);
+  kt.scale.resize(nsb * 8 * kTile);
+  kt.minv.resize(nsb * 8 * kTile);
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* t = tile + sb * kX16Bytes;
+    __m128i sc[8], mn[8];
+    x16_scales(t, sc, mn);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
+    for (int j = 0; j < 8; ++j) {
+      const int64_t b = sb * 8 + j;
+      _mm512_storeu_ps(kt.scale.data() + b * kTile, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc[j]))));
+      _mm512_storeu_ps(kt.minv.data() + b * kTile, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn[j]))));
+      for (int i = 0; i < 4; ++i) {
+        const __m512i w = _mm512_loadu_si512(t + 256 + 64 * (4 * j + i));
+        int8_t* dst = kt.q.data() + (b * 8 + 2 * i) * 64;
+        _mm512_storeu_si512(dst, _mm512_and_si512(w, lo4));
+        _mm512_storeu_si512(dst + 64, _mm512_and_si512(_mm512_srli_epi16(w, 4), lo4));
+      }
+    }
+  }
+}
+#endif
+
+at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k, int64_t isa) {
+  const KMatrix W = type == kQ4KX16 ? check_x16(blocks, type, k, "kgemv") : check(blocks, type, k, "kgemv");
+  const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemv");
+  TORCH_CHECK(isa >= 0 && isa <= best_isa(), "lfm2 kgemv: code ", isa, " does not run here (best: ", best_isa(), ")");
+  at::Tensor y = lfm2_act::output_for(x, W.n);
+  if (type == kQ4KX16) {
+    TORCH_CHECK(isa == 2 && lfm2_simd::cpu_has_vnni512(), "lfm2 kgemv: Q4_K in 16-row tiles (type 112) needs "
+                "AVX-512 VNNI; restore the file's layout with kunpack");
+#if LFM2_AVX2
+    const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, false);
+    float* yp = y.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (kTile * W.row_bytes));
+    at::parallel_for(0, W.n / kTile, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t ti = t0; ti < t1; ++ti) x16_tile(W, ti, a, m_rows, yp);
+    });
+#endif
+    return y;
+  }
+  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, isa == 2);
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
+  at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+#if LFM2_AVX2
+      if (isa == 2) {
+        row_avx512(W, n, a, m_rows, yp);
+        continue;
+      }
+#endif
+      for (int64_t m = 0; m < m_rows; ++m) {
+#if LFM2_AVX2
+        if (isa == 1) yp[m * W.n + n] = dot_simd(W, n, a, m);
+        else
+#endif
+          yp[m * W.n + n] = dot_scalar(W, n, a, m);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor kgemv(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
+  return kgemv_isa(x, blocks, type, k, best_isa());
+}
+
+int64_t kgemv_best_isa() { return best_isa(); }
+
+// Rows of blocks as float32, or bfloat16 with `bf16` (rounded to nearest even from the float32
+// values: a prefill GEMM in AMX tiles takes them without another pass over the weights).
+at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool bf16) {
+  if (type == kQ4KX16) return kdequantize(kunpack(blocks, type, k), kQ4K, k, bf16);
+  const KMatrix W = check(blocks, type, k, "kdequantize");
+  at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
+  at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
+    int8_t v[kSuper];
+    float scale[16], minv[16], tmp[kSuper];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t sb = 0; sb < W.nsb; ++sb) {
+        const uint8_t* blk = W.q + n * W.row_bytes + sb * block_bytes(type);
+        float* o = bf16 ? tmp : of + n * k + sb * kSuper;
+#if LFM2_AVX2
+        dequantize_simd(type, blk, o);
+#else
+        factors(type, blk, scale, minv);
+        unpack_values(type, blk, v);
+        for (int i = 0; i < kSuper; ++i) o[i] = scale[i / 16] * static_cast<float>(v[i]) - minv[i / 16];
+#endif
+        if (bf16) {
+          at::BFloat16* ob_row = ob + n * k + sb * kSuper;
+          for (int i = 0; i < kSuper; ++i) ob_row[i] = at::BFloat16(tmp[i]);
+        }
+      }
+  });
+  return out;
+}
+
 at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
-  const KMatrix W = check(blocks, type, k, "kgemm");
+  const KMatrix W = type == kQ4KX16 ? check_x16(blocks, type, k, "kgemm") : check(blocks, type, k, "kgemm");
   const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemm");
   TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
@@ -815,7 +1034,8 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
     KTile t;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
-      pack_ktile(W, n0, cols, bv, t);
+      if (type == kQ4KX16) pack_ktile_x16(W.q + n0 * W.row_bytes, W.nsb, t);
+      else pack_ktile(W, n0, cols, bv, t);
       if (bv == 16) kgemm_rows<16>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
       else kgemm_rows<32>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
     }
@@ -851,6 +1071,14 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
   const int64_t M = x.size(0), D = x.size(1), E = num_experts(w1), K = chosen.size(1);
   TORCH_CHECK(E > 0 && num_experts(w3) == E && num_experts(w2) == E,
               "lfm2 kmoe_experts: w1, w3, w2 must hold the same number of experts (", E, ")");
+  // Q4_K tiles run 16 rows at a time (w1 and w3 together: a tile's rows of the other in another type one by
+  // one), other types a row at a time
+  const bool tiles13 = t1 == kQ4KX16 || t3 == kQ4KX16, tiles2 = t2 == kQ4KX16;
+  TORCH_CHECK(!(tiles13 || tiles2) || (best_isa() == 2 && lfm2_simd::cpu_has_vnni512()),
+              "lfm2 kmoe_experts: Q4_K in 16-row tiles (type 112) needs AVX-512 VNNI");
+  const auto checked = [](const at::Tensor& b, int64_t t, int64_t k, const char* op) {
+    return t == kQ4KX16 ? check_x16(b, t, k, op) : check(b, t, k, op);
+  };
   const int64_t H = expert_at(w1, 0).size(0);
   const int isa = best_isa();
 
@@ -860,22 +1088,39 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
   for (int64_t u = 0; u < U; ++u) {
     const int64_t e = g.experts[u];
     const at::Tensor b1 = expert_at(w1, e), b3 = expert_at(w3, e), b2 = expert_at(w2, e);  // KMatrix points into them
-    W1[u] = check(b1, t1, D, "kmoe_experts (w1)");
-    W3[u] = check(b3, t3, D, "kmoe_experts (w3)");
-    W2[u] = check(b2, t2, H, "kmoe_experts (w2)");
+    W1[u] = checked(b1, t1, D, "kmoe_experts (w1)");
+    W3[u] = checked(b3, t3, D, "kmoe_experts (w3)");
+    W2[u] = checked(b2, t2, H, "kmoe_experts (w2)");
     TORCH_CHECK(W1[u].n == H && W3[u].n == H && W2[u].n == D, "lfm2 kmoe_experts: expert ", e,
                 " has w1/w3 of ", W1[u].n, "/", W3[u].n, " rows and w2 of ", W2[u].n, "; expected ", H, " and ", D);
   }
 
-  const KActivations xa = quantize_activations_k(x.data_ptr<float>(), M, D, isa == 2);
+  // each product is kgemv's (the tiles' code or rows_avx512 / dot_simd / dot_scalar), on kgemv's activations
+  const int64_t unit13 = tiles13 ? kTile : 1;
+  const KActivations xa = quantize_activations_k(x.data_ptr<float>(), M, D, isa == 2 && t1 + t3 != 2 * kQ4KX16);
+  const auto rows13 = [&](const KMatrix& W, int64_t n0, int64_t m, float* out) {
+#if LFM2_AVX2
+    if (W.type == kQ4KX16) return x16_rows<1>(W.q + n0 * W.row_bytes, W.nsb, xa, m, D, out, 0);
+#endif
+    for (int64_t l = 0; l < unit13; ++l) out[l] = kdot(W, n0 + l, xa, m, isa);
+  };
   KActivations ha;
-  return lfm2_moe::two_passes(
-      x, weights, g, H, W1[0].row_bytes, W2[0].row_bytes,
-      [&](int64_t u, int64_t n, int64_t m) {
-        return std::make_pair(kdot(W1[u], n, xa, m, isa), kdot(W3[u], n, xa, m, isa));
+  return lfm2_moe::two_passes_units(
+      x, weights, g, H, unit13, tiles2 ? kTile : 1, W1[0].row_bytes, W2[0].row_bytes,
+      [&](int64_t u, int64_t n0, int64_t m, float* a, float* b) {
+        rows13(W1[u], n0, m, a);
+        rows13(W3[u], n0, m, b);
       },
-      [&](const std::vector<float>& h) { ha = quantize_activations_k(h.data(), M * K, H, isa == 2); },
-      [&](int64_t u, int64_t n, int64_t slot, const float*) { return kdot(W2[u], n, ha, slot, isa); });
+      [&](const std::vector<float>& h) { ha = quantize_activations_k(h.data(), M * K, H, isa == 2 && !tiles2); },
+      [&](int64_t u, int64_t n0, int64_t slot, const float*, float* out) {
+#if LFM2_AVX2
+        if (tiles2) {
+          x16_rows<1>(W2[u].q + n0 * W2[u].row_bytes, W2[u].nsb, ha, slot, H, out, 0);
+          return;
+        }
+#endif
+        out[0] = kdot(W2[u], n0, ha, slot, isa);
+      });
 }
 
 }  // namespace
@@ -885,6 +1130,8 @@ TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
   m.def("kgemv_isa(Tensor x, Tensor blocks, int type, int k, int isa) -> Tensor");
   m.def("kgemv_best_isa() -> int", &kgemv_best_isa);
   m.def("kdequantize(Tensor blocks, int type, int k, bool bf16=False) -> Tensor");
+  m.def("kpack_(Tensor(a!) blocks, int type, int k) -> ()");
+  m.def("kunpack(Tensor blocks, int type, int k) -> Tensor");
   m.def("kgemm(Tensor x, Tensor blocks, int type, int k) -> Tensor");
   m.def("kmoe_experts(Tensor x, Tensor chosen, Tensor weights, Tensor[] w1, Tensor[] w3, Tensor[] w2, int t1, "
         "int t3, int t2) -> Tensor");
@@ -894,6 +1141,8 @@ TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
   m.impl("kgemv", &kgemv);
   m.impl("kgemv_isa", &kgemv_isa);
   m.impl("kdequantize", &kdequantize);
+  m.impl("kpack_", &kpack_);
+  m.impl("kunpack", &kunpack);
   m.impl("kgemm", &kgemm);
   m.impl("kmoe_experts", &kmoe_experts);
 }

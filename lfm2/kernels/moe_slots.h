@@ -69,25 +69,31 @@ inline ExpertSlots group_slots(const at::Tensor& chosen, int64_t num_experts, co
 }
 
 // y (M, D): for each token m, the sum over its chosen experts (ascending) of weight * W2 (silu(W1 x) * W3 x).
-// 1. h[slot] = silu(a) * b with (a, b) = gate_up(u, n, m), parallel over (expert, row) pairs of every
-//    chosen expert; then prepare_down(h) (the format's activations of h);
-// 2. y[m, n] += weight[slot] * down(u, n, slot, h), a thread owning a range of columns n, so no two
-//    threads write one value and each token's sum runs in one order whatever else is in the batch.
-// Each task gets about 32 KiB of weights (rows of row_bytes13 bytes of W1 and of W3, then of
-// row_bytes2 bytes of W2 per chosen expert): enough that waking a thread is worth it.
+// 1. h[slot] = silu(a) * b with rows n0 .. n0 + unit13 of (a, b) from gate_up(u, n0, m, a, b), parallel over
+//    (expert, unit of rows) pairs of every chosen expert; then prepare_down(h) (the format's activations of h);
+// 2. y[m, n] += weight[slot] * out[n - n0] with down(u, n0, slot, h, out) writing unit2 rows, a thread owning
+//    a range of columns n, so no two threads write one value and each token's sum runs in one order
+//    whatever else is in the batch.
+// A unit is one row, or a tile of rows that a format's weights are stored in (kquant.cpp's Q4_K tiles);
+// H must be a multiple of unit13 and D of unit2. Each task gets about 32 KiB of weights (rows of
+// row_bytes13 bytes of W1 and of W3, then of row_bytes2 bytes of W2 per chosen expert): enough that
+// waking a thread is worth it.
 template <typename GateUp, typename PrepareDown, typename Down>
-at::Tensor two_passes(const at::Tensor& x, const at::Tensor& weights, const ExpertSlots& g, int64_t H,
-                      int64_t row_bytes13, int64_t row_bytes2, GateUp gate_up, PrepareDown prepare_down, Down down) {
+at::Tensor two_passes_units(const at::Tensor& x, const at::Tensor& weights, const ExpertSlots& g, int64_t H,
+                            int64_t unit13, int64_t unit2, int64_t row_bytes13, int64_t row_bytes2, GateUp gate_up,
+                            PrepareDown prepare_down, Down down) {
   const int64_t M = x.size(0), D = x.size(1), K = weights.size(1), U = g.count();
   const auto grain = [](int64_t bytes) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, bytes)); };
   std::vector<float> h(M * K * H);
-  at::parallel_for(0, U * H, grain(2 * row_bytes13), [&](int64_t i0, int64_t i1) {
+  const int64_t units13 = H / unit13;
+  at::parallel_for(0, U * units13, grain(2 * row_bytes13 * unit13), [&](int64_t i0, int64_t i1) {
+    std::vector<float> a(unit13), b(unit13);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t u = i / H, n = i % H;
+      const int64_t u = i / units13, n0 = i % units13 * unit13;
       for (int64_t p = g.begin[u]; p < g.begin[u + 1]; ++p) {
         const int64_t slot = g.slots[p];
-        const std::pair<float, float> ab = gate_up(u, n, slot / K);
-        h[slot * H + n] = ab.first / (1.f + std::exp(-ab.first)) * ab.second;
+        gate_up(u, n0, slot / K, a.data(), b.data());
+        for (int64_t l = 0; l < unit13; ++l) h[slot * H + n0 + l] = a[l] / (1.f + std::exp(-a[l])) * b[l];
       }
     }
   });
@@ -95,15 +101,31 @@ at::Tensor two_passes(const at::Tensor& x, const at::Tensor& weights, const Expe
   at::Tensor y = at::zeros({M, D}, x.options());
   float* yp = y.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
-  at::parallel_for(0, D, grain(U * row_bytes2), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, D / unit2, grain(U * row_bytes2 * unit2), [&](int64_t b0, int64_t b1) {
+    std::vector<float> out(unit2);
     for (int64_t u = 0; u < U; ++u)
-      for (int64_t n = n0; n < n1; ++n)
+      for (int64_t nb = b0; nb < b1; ++nb)
         for (int64_t p = g.begin[u]; p < g.begin[u + 1]; ++p) {
           const int64_t slot = g.slots[p];
-          yp[(slot / K) * D + n] += wp[slot] * down(u, n, slot, h.data());
+          down(u, nb * unit2, slot, h.data(), out.data());
+          for (int64_t l = 0; l < unit2; ++l) yp[(slot / K) * D + nb * unit2 + l] += wp[slot] * out[l];
         }
   });
   return y;
+}
+
+// two_passes_units a row at a time: gate_up(u, n, m) returns the pair (a, b), down(u, n, slot, h) the value.
+template <typename GateUp, typename PrepareDown, typename Down>
+at::Tensor two_passes(const at::Tensor& x, const at::Tensor& weights, const ExpertSlots& g, int64_t H,
+                      int64_t row_bytes13, int64_t row_bytes2, GateUp gate_up, PrepareDown prepare_down, Down down) {
+  return two_passes_units(
+      x, weights, g, H, 1, 1, row_bytes13, row_bytes2,
+      [&](int64_t u, int64_t n, int64_t m, float* a, float* b) {
+        const std::pair<float, float> ab = gate_up(u, n, m);
+        a[0] = ab.first;
+        b[0] = ab.second;
+      },
+      prepare_down, [&](int64_t u, int64_t n, int64_t slot, const float* h, float* out) { out[0] = down(u, n, slot, h); });
 }
 
 }  // namespace lfm2_moe

@@ -164,9 +164,9 @@ class SparseMoeBlock(nn.Module):
         for expert in self.experts._modules.values():
             for i, name in enumerate(("w1", "w3", "w2")):
                 m = expert._modules[name]
-                if type(m) is not kquant.KQuantLinear or types[i] not in (None, m.ggml_type):
+                if type(m) is not kquant.KQuantLinear or types[i] not in (None, m.kernel_type):
                     return None
-                types[i] = m.ggml_type
+                types[i] = m.kernel_type
                 cols[i].append(m._buffers["blocks"])
         if not cols[0][0].is_cpu:
             return None
