@@ -33,7 +33,7 @@ from torch import nn
 
 from lfm2 import kernels, kquant, quant  # quant imports lfm2.models.lfm2: use its names at call time
 from lfm2.config import ModelConfig
-from lfm2.models.lfm2 import MLP, Lfm2ForCausalLM, is_plain_linear
+from lfm2.models.lfm2 import MLP, Lfm2ForCausalLM, Linear, is_plain_linear
 
 # Tokens up to which the grouped decode kernel runs the experts (as `lfm2.quant.GEMV_MAX_ROWS`:
 # it streams each chosen expert's weights once for all its tokens, like a GEMV); more tokens are
@@ -41,10 +41,14 @@ from lfm2.models.lfm2 import MLP, Lfm2ForCausalLM, is_plain_linear
 GROUPED_MAX_ROWS = 16
 
 
-class Router(nn.Linear):
-    """The expert router; a Linear that always computes in float32."""
+class Router(Linear):
+    """The expert router; a Linear that always computes in float32. At decode its float32 weight goes
+    through `Linear`'s GEMV kernel: `F.linear` took 38 us a call for LFM2-8B-A1B's 2048 -> 32 router in
+    the compiled step (22 calls a token, 0.8 ms of a 30 ms step)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:
+            return super().forward(x.float())
         return F.linear(x.float(), self.weight.float())
 
 
