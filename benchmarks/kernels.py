@@ -1,6 +1,7 @@
 """The quantized-matmul kernels against float32 PyTorch, on the weight matrices of one decode step.
 
     python benchmarks/kernels.py [--preset LFM2-350M] [--threads 2] [--reps 7] [--rows] [--attention]
+    python benchmarks/kernels.py --kquants [--preset LFM2-350M] [--threads 2]
 
 For each weight shape of the preset (every matrix a token goes through: conv or attention
 projections, the feed-forward, the 65536-row output head; only the chosen experts of an MoE),
@@ -18,6 +19,10 @@ input rows, GEMV against dequantize + GEMM, which sets `lfm2.quant.GEMV_MAX_ROWS
 prefill case (512 rows) against float32. `--attention` times one decode step's attention (every
 attention layer, its query groups against caches of 128 to 4096 filled slots): PyTorch's SDPA
 against lfm2's decode attention kernel (`lfm2/kernels/attention.cpp`), in GB/s of cache read.
+`--kquants` times the step's matrices as GGUF K-quants (`lfm2/kernels/kquant.cpp`, random blocks on
+huge pages, as a loaded file's are): `kgemv` on Q4_K in the file's layout, on Q4_K in 16-row tiles
+(what a load makes of Q4_K matrices on AVX-512 VNNI CPUs) and on Q6_K; then the same on one matrix per
+shape called as often (in cache: the kernels' own speed), and `kgemm` at 512 rows.
 """
 
 from __future__ import annotations
@@ -231,6 +236,79 @@ def bench_attention(name: str, reps: int) -> None:
               f"({gb / med['kernel']:.1f}) | {med['sdpa'] / med['kernel']:.2f}x")
 
 
+def _k_blocks(N: int, K: int, qtype: int, seed: int) -> torch.Tensor:
+    """Random blocks of a GGUF K-quant type (N, bytes per row) with sane float16 super-block scales, on huge pages."""
+    from lfm2.kquant import row_bytes
+    from lfm2.weights import huge_page_buffer
+
+    g = torch.Generator().manual_seed(seed)
+    size = row_bytes(qtype, K) // (K // 256)
+    raw = torch.randint(0, 256, (N * K // 256, size), dtype=torch.uint8, generator=g)
+    scale = torch.tensor([0.002], dtype=torch.float16).view(torch.uint8)
+    for off in ((208,) if qtype == 14 else (0, 2)):  # Q6_K: d at 208; Q4_K: d, dmin at 0, 2
+        raw[:, off : off + 2] = scale
+    out = huge_page_buffer(raw.numel())[: raw.numel()]
+    out.copy_(raw.view(-1))
+    return out.view(N, -1)
+
+
+def bench_kquants(name: str, reps: int) -> None:
+    """kgemv on Q4_K (file layout, 16-row tiles) and Q6_K, over one decode step's matrices; in cache; kgemm."""
+    from lfm2.kquant import Q4_K_X16
+
+    ops = kernels.ops()
+    if ops is None or not kernels.has_int8_gemm():
+        print("(--kquants needs the C++ kernels on a CPU with AVX-512 VNNI: the Q4_K tiles exist only there)")
+        return
+    engines = {"q4_k rows": (12, False), "q4_k tiles": (12, True), "q6_k rows": (14, False)}
+    step_shapes_k = [(label, N, K, count) for label, N, K, count in step_shapes(name) if K % 256 == 0]
+    for cached in (False, True):
+        rows, totals, total_bytes = [], {e: [0.0] * reps for e in engines}, dict.fromkeys(engines, 0)
+        for i, (label, N, K, count) in enumerate(step_shapes_k):
+            mats = {}
+            for e, (qtype, tiles) in engines.items():
+                ms = [_k_blocks(N, K, qtype, seed=100 * i + j) for j in range(1 if cached else count)]
+                for m in ms if tiles else []:
+                    ops.kpack_(m, qtype, K)
+                mats[e] = (ms * count if cached else ms, Q4_K_X16 if tiles else qtype)
+            x = torch.randn(1, K)
+
+            def run(e: str, mats=mats, x=x, K=K) -> float:
+                ms, kind = mats[e]
+                return timed(lambda: [ops.kgemv(x, m, kind, K) for m in ms])
+
+            for e in engines:
+                run(e)
+            times = {e: [] for e in engines}
+            for r in range(reps):
+                for e in engines:
+                    times[e].append(run(e))
+                    totals[e][r] += times[e][-1]
+            cells = []
+            for e in engines:
+                t, nbytes = statistics.median(times[e]), count * mats[e][0][0].numel()
+                cells.append(f"{t / count * 1e6:8.0f} ({nbytes / t / 1e9:4.1f})")
+                total_bytes[e] += nbytes
+            rows.append((f"{label} {N}x{K} x{count}", cells))
+        med = {e: statistics.median(totals[e]) for e in engines}
+        step = [f"{med[e] * 1e3:7.2f}ms ({total_bytes[e] / med[e] / 1e9:4.1f})" for e in engines]
+        where = "one matrix per shape, in cache" if cached else "distinct matrices, from memory"
+        _print_table(f"\n{name}, kgemv, batch 1, {torch.get_num_threads()} thread(s), {where}; us per call "
+                     "(GB/s of blocks)", list(engines), rows, ("whole step", step))
+    print(f"\n{name}, kgemm at 512 rows (prefill), Q4_K: ms per call, file layout / 16-row tiles")
+    for i, (label, N, K, _) in enumerate(step_shapes_k):
+        plain = _k_blocks(N, K, 12, seed=i)
+        tiled = plain.clone()
+        ops.kpack_(tiled, 12, K)
+        x = torch.randn(512, K)
+        ts: dict[str, list[float]] = {"rows": [], "tiles": []}
+        for _ in range(reps):
+            ts["rows"].append(timed(lambda: ops.kgemm(x, plain, 12, K)))  # noqa: B023
+            ts["tiles"].append(timed(lambda: ops.kgemm(x, tiled, Q4_K_X16, K)))  # noqa: B023
+        a, b = statistics.median(ts["rows"]), statistics.median(ts["tiles"])
+        print(f"{label} {N}x{K}: {a * 1e3:.1f} / {b * 1e3:.1f} ({a / b:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="LFM2-350M")
@@ -238,10 +316,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--rows", action="store_true", help="also sweep the number of input rows")
     parser.add_argument("--attention", action="store_true", help="also time the decode attention")
+    parser.add_argument("--kquants", action="store_true", help="only the K-quant kernels (Q4_K rows and tiles, Q6_K)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():
+        if args.kquants:
+            bench_kquants(args.preset, args.reps)
+            return
         bench_step(args.preset, args.reps)
         if args.rows:
             bench_rows(args.reps)
