@@ -166,6 +166,7 @@ def test_q4_k_tiles_compute_what_the_file_layout_computes():
     assert not torch.equal(tiles, blocks)
     assert torch.equal(ops.kunpack(tiles, Q4_K_X16, 768), blocks)
     assert torch.equal(ops.kdequantize(tiles, Q4_K_X16, 768), reference(blocks, T.Q4_K, 768))
+    assert torch.equal(ops.kdequantize(tiles, Q4_K_X16, 768, True), reference(blocks, T.Q4_K, 768).to(torch.bfloat16))
     x = torch.randn(37, 768, generator=torch.Generator().manual_seed(7))
     x[:, 5] = 9.0
     for rows in (1, 2, 3, 7, 16):  # 4, 2 and 1 rows at a time

@@ -905,6 +905,37 @@ LFM2_KVNNI void x16_tile(const KMatrix& W, int64_t ti, const KActivations& a, in
   if (m < m_rows) x16_rows<1>(tile, W.nsb, a, m, W.k, out + m * W.n, W.n);
 }
 
+// One tile super-block dequantized: out[r * ldo + i] = value i of row r's super-block, as
+// `dequantize_simd` computes it from the file's layout (a product, then a difference: gguf-py's rounding).
+// Each chunk's low and high nibbles interleaved per 32-bit word are a row's 8 values in order: rows 4L and
+// 4L + 1 in 128-bit lane L of the low interleave, rows 4L + 2 and 4L + 3 in the high one.
+LFM2_KVNNI void dequantize_x16(const uint8_t* t, float* out, int64_t ldo) {
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  __m128i sc[8], mn[8];
+  x16_scales(t, sc, mn);
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
+  const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
+  alignas(64) float scale[kTile], minv[kTile];
+  alignas(64) uint8_t v[128];
+  for (int j = 0; j < 8; ++j) {
+    _mm512_store_ps(scale, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc[j]))));
+    _mm512_store_ps(minv, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn[j]))));
+    for (int i = 0; i < 4; ++i) {
+      const int g = 4 * j + i;
+      const __m512i w = _mm512_loadu_si512(t + 256 + 64 * g);
+      const __m512i lo = _mm512_and_si512(w, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), lo4);
+      _mm512_store_si512(v, _mm512_unpacklo_epi32(lo, hi));
+      _mm512_store_si512(v + 64, _mm512_unpackhi_epi32(lo, hi));
+      for (int r = 0; r < kTile; ++r) {
+        const uint8_t* q = v + (r & 2) * 32 + (r >> 2) * 16 + (r & 1) * 8;
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+        _mm256_storeu_ps(out + r * ldo + 8 * g,
+                         _mm256_sub_ps(_mm256_mul_ps(f, _mm256_set1_ps(scale[r])), _mm256_set1_ps(minv[r])));
+      }
+    }
+  }
+}
+
 // `kgemm`'s tile of blocks of 32 values from one tile of this layout: the chunks' nibbles are already
 // 4 values of a row per 32-bit lane, 16 rows apart, in order.
 LFM2_KVNNI void pack_ktile_x16(const uint8_t* tile, int64_t nsb, KTile& kt) {
@@ -983,11 +1014,29 @@ int64_t kgemv_best_isa() { return best_isa(); }
 // Rows of blocks as float32, or bfloat16 with `bf16` (rounded to nearest even from the float32
 // values: a prefill GEMM in AMX tiles takes them without another pass over the weights).
 at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool bf16) {
-  if (type == kQ4KX16) return kdequantize(kunpack(blocks, type, k), kQ4K, k, bf16);
-  const KMatrix W = check(blocks, type, k, "kdequantize");
+  const KMatrix W = type == kQ4KX16 ? check_x16(blocks, type, k, "kdequantize") : check(blocks, type, k, "kdequantize");
   at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   float* of = bf16 ? nullptr : out.data_ptr<float>();
   at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  if (type == kQ4KX16) {  // a tile's super-block at a time (the tiles exist only where the AVX-512 code runs)
+#if LFM2_AVX2
+    at::parallel_for(0, W.n / kTile, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> tmp(bf16 ? kTile * kSuper : 0);
+      for (int64_t ti = t0; ti < t1; ++ti)
+        for (int64_t sb = 0; sb < W.nsb; ++sb) {
+          const uint8_t* t = W.q + ti * kTile * W.row_bytes + sb * kX16Bytes;
+          if (!bf16) {
+            dequantize_x16(t, of + ti * kTile * k + sb * kSuper, k);
+            continue;
+          }
+          dequantize_x16(t, tmp.data(), kSuper);
+          for (int r = 0; r < kTile; ++r)
+            for (int i = 0; i < kSuper; ++i) ob[(ti * kTile + r) * k + sb * kSuper + i] = at::BFloat16(tmp[r * kSuper + i]);
+        }
+    });
+#endif
+    return out;
+  }
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
   at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
     int8_t v[kSuper];
