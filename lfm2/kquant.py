@@ -8,8 +8,9 @@ model takes the memory of the file, and computes with kernels of our own
   that streams the blocks once, with int8 activations per 256 values as llama.cpp computes K-quant
   products (exact integer sums inside a super-block). On CPUs with AVX-512 VNNI a loaded Q4_K
   matrix is first rearranged into tiles of 16 rows (`pack_tiles`, the same bytes moved; the kernel
-  file documents the layout), where one instruction multiplies 4 values of 16 rows: 2.4x the
-  per-row code on cached weights, which two Zen 4 cores ran at about the memory's speed and no faster;
+  file documents the layout), where one instruction multiplies 4 values of 16 rows: over LFM2-350M's
+  decode matrices 2.1x the per-row code on weights in cache and 1.2x from memory, where it reads as
+  fast as the memory gives (2 Zen 4 cores, `benchmarks/kernels.py --kquants`, docs/benchmarks.md);
 - more rows (prefill), on CPUs with AVX-512 VNNI and no AMX: `kgemm`, exact integer block products of
   the weights' values with `kgemv`'s int8 activations (so a token's prefill logits are its decode
   logits), 32 multiply-adds an instruction: 2-3.6x the float32 tiles below on LFM2-350M's matrices

@@ -731,8 +731,8 @@ void kgemm_rows(const KTile& t, const KMatrix& W, const uint8_t* xu, const float
 // Q4_K in tiles of 16 rows (lfm2's own type id kQ4KX16; `kpack_` rearranges a matrix in place, `kunpack`
 // restores the file's layout): the layout of the decode product on CPUs with AVX-512 VNNI. Per row, a
 // Q4_K super-block costs ~38 vector operations in `rows_avx512` (nibbles unpacked, scales spread over the
-// lanes, vpmaddubsw + vpmaddwd, the scale epilogue), which two Zen 4 cores run at about the memory's speed
-// and no faster (docs/benchmarks.md). With 16 rows' super-blocks interleaved, one vpdpbusd multiplies four
+// lanes, vpmaddubsw + vpmaddwd, the scale epilogue): on two Zen 4 cores that code streams Q4_K from memory at
+// 29-32 GB/s where the memory gives ~36, and 32 GB/s from cache (docs/benchmarks.md). With 16 rows' super-blocks interleaved, one vpdpbusd multiplies four
 // values of 16 rows by four broadcast activations (as `kgemm`'s tiles, and llama.cpp's CPU_REPACK Q4_K
 // 8x8 layout, ggml-cpu/repack.cpp), and the 6-bit scales are vectors of the 16 rows: ~15 operations a
 // row's super-block. A tile's super-block sb is 16 x 144 bytes, the same bytes as in the file, moved:
@@ -1015,6 +1015,8 @@ int64_t kgemv_best_isa() { return best_isa(); }
 // values: a prefill GEMM in AMX tiles takes them without another pass over the weights).
 at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool bf16) {
   const KMatrix W = type == kQ4KX16 ? check_x16(blocks, type, k, "kdequantize") : check(blocks, type, k, "kdequantize");
+  TORCH_CHECK(type != kQ4KX16 || (best_isa() == 2 && lfm2_simd::cpu_has_vnni512()),
+              "lfm2 kdequantize: Q4_K in 16-row tiles (type 112) needs AVX-512 VNNI");
   at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   float* of = bf16 ? nullptr : out.data_ptr<float>();
   at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
