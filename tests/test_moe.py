@@ -367,14 +367,17 @@ def _into_one_storage(block: SparseMoeBlock) -> None:
             offset += size
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "q4_k_m"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "q4_k_m", "q4_k_m tiles"])
 @torch.no_grad()
 def test_experts_in_one_storage_run_as_one_tensor_per_kind(kind):
     """A loaded file's experts go to the kernel as one (E, ...) view per kind (LFM2-8B-A1B's compiled step: 4,516
     inputs -> ~430), with the same results as one tensor per expert."""
     ops = _ops()
-    block = _kblock(KTYPES[0]) if kind == "q4_k_m" else _block(kind)
-    x = _x(3, d=512 if kind == "q4_k_m" else 384)
+    kquants, tiles = kind.startswith("q4_k_m"), kind.endswith("tiles")
+    if tiles and not kernels.has_int8_gemm():
+        pytest.skip("Q4_K tiles need AVX-512 VNNI")
+    block = _kblock(KTYPES[0], tiles="w1 w3 w2" if tiles else "") if kquants else _block(kind)
+    x = _x(3, d=512 if kquants else 384)
     assert not block.stack_experts()  # modules made one by one: tensors apart
     apart = block(x)
     args = block._kernel_args(x[:, 0])
@@ -384,12 +387,17 @@ def test_experts_in_one_storage_run_as_one_tensor_per_kind(kind):
     args = block._kernel_args(x[:, 0])  # notes the views on its first eager call
     lists = [a for a in args[1:] if isinstance(a, list)]
     assert lists and all(len(a) == 1 and a[0].shape[0] == len(block.experts) for a in lists)
-    assert args[0] is (ops.kmoe_experts if kind == "q4_k_m" else ops.moe_experts)
+    assert args[0] is (ops.kmoe_experts if kquants else ops.moe_experts)
     assert torch.equal(block(x), apart)
     # replacing an expert's module, or moving the block, drops the views: one tensor per expert again
     first = block.experts[0].w1
-    block.experts[0].w1 = type(first).from_blocks(first.blocks.clone(), first.ggml_type, first.in_features) \
-        if kind == "q4_k_m" else QuantLinear.from_linear(torch.nn.Linear(384, 256, bias=False), kind, 32)
+    if kquants:
+        raw = ops.kunpack(first.blocks, first.kernel_type, first.in_features) if tiles else first.blocks.clone()
+        block.experts[0].w1 = type(first).from_blocks(raw, first.ggml_type, first.in_features)
+        if tiles:
+            block.experts[0].w1.pack_tiles()
+    else:
+        block.experts[0].w1 = QuantLinear.from_linear(torch.nn.Linear(384, 256, bias=False), kind, 32)
     assert len(block._kernel_args(x[:, 0])[1]) == len(block.experts)
     block.experts[0].w1 = first
     block.cpu()
