@@ -51,11 +51,13 @@ using lfm2_act::half_to_float;
 
 constexpr int64_t kSuper = 256;           // values per super-block
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead the GEMV asks for weights
-// GGML type ids (ggml.h) and each super-block's bytes.
-constexpr int64_t kQ4K = 12, kQ5K = 13, kQ6K = 14;
+// GGML type ids (ggml.h), lfm2's own id for Q4_K in tiles of kTile rows (see "Q4_K in tiles of 16 rows"),
+// and each super-block's bytes.
+constexpr int64_t kQ4K = 12, kQ5K = 13, kQ6K = 14, kQ4KX16 = 112;
+constexpr int kTile = 16;  // weight rows per packed tile (kgemm's, and Q4_K's): one vector of 16 int32 lanes
 
 int64_t block_bytes(int64_t type) {
-  return type == kQ4K ? 144 : type == kQ5K ? 176 : type == kQ6K ? 210 : 0;
+  return type == kQ4K || type == kQ4KX16 ? 144 : type == kQ5K ? 176 : type == kQ6K ? 210 : 0;
 }
 
 // Small helpers are forced inline: GCC does not inline them into the AVX-512 functions (a different
@@ -595,8 +597,8 @@ int best_isa() {
 }
 
 KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op) {
-  TORCH_CHECK(type == kQ4K || type == kQ5K || type == kQ6K, "lfm2 ", op,
-              ": type must be a GGML K-quant id (12 Q4_K, 13 Q5_K, 14 Q6_K), got ", type);
+  TORCH_CHECK(type == kQ4K || type == kQ5K || type == kQ6K || type == kQ4KX16, "lfm2 ", op,
+              ": type must be a GGML K-quant id (12 Q4_K, 13 Q5_K, 14 Q6_K) or 112 (Q4_K in 16-row tiles), got ", type);
   TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
                   blocks.is_contiguous(),
               "lfm2 ", op, ": blocks must be a contiguous uint8 (N, bytes per row) CPU tensor");
@@ -610,6 +612,8 @@ KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op)
   W.row_bytes = W.nsb * block_bytes(type);
   TORCH_CHECK(blocks.size(1) == W.row_bytes, "lfm2 ", op, ": rows of K=", k, " take ", W.row_bytes,
               " bytes in this type, blocks has ", blocks.size(1));
+  TORCH_CHECK(type != kQ4KX16 || W.n % kTile == 0, "lfm2 ", op, ": Q4_K tiles need rows in multiples of 16, the matrix has ",
+              W.n);
   return W;
 }
 
@@ -629,7 +633,6 @@ KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op)
 // rounding (a token's prefill logits are its decode logits), with 32 products an instruction where
 // a float GEMM on dequantized tiles does 8.
 
-constexpr int kTile = 16;  // weight rows per packed tile: one vector of 16 int32 lanes
 
 struct KTile {
   std::vector<int8_t> q;           // (blocks, BV / 4 groups, 16 rows, 4 values)
@@ -742,7 +745,6 @@ void kgemm_rows(const KTile& t, const KMatrix& W, const uint8_t* xu, const float
 // Tiles follow one another, each its super-blocks in order, so a matrix keeps its (N, K / 256 * 144) shape;
 // N must be a multiple of 16.
 
-constexpr int64_t kQ4KX16 = 112;
 constexpr int64_t kX16Bytes = kTile * 144;  // one tile's super-block
 
 // 16 rows of Q4_K super-blocks (stride row_bytes) into one tile.
@@ -783,11 +785,11 @@ void unpack_x16(const uint8_t* tile, int64_t nsb, uint8_t* rows, int64_t row_byt
   }
 }
 
+// `check` for the two layouts of Q4_K, the file's and the tiles (whose rows come in multiples of 16 either way).
 KMatrix check_x16(const at::Tensor& blocks, int64_t type, int64_t k, const char* op) {
   TORCH_CHECK(type == kQ4K || type == kQ4KX16, "lfm2 ", op, ": type must be 12 (Q4_K) or 112 (Q4_K in 16-row tiles), got ",
               type);
-  KMatrix W = check(blocks, kQ4K, k, op);
-  W.type = type;
+  const KMatrix W = check(blocks, type, k, op);
   TORCH_CHECK(W.n % kTile == 0, "lfm2 ", op, ": Q4_K tiles need rows in multiples of 16, the matrix has ", W.n);
   return W;
 }
@@ -965,7 +967,7 @@ LFM2_KVNNI void pack_ktile_x16(const uint8_t* tile, int64_t nsb, KTile& kt) {
 #endif
 
 at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k, int64_t isa) {
-  const KMatrix W = type == kQ4KX16 ? check_x16(blocks, type, k, "kgemv") : check(blocks, type, k, "kgemv");
+  const KMatrix W = check(blocks, type, k, "kgemv");
   const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemv");
   TORCH_CHECK(isa >= 0 && isa <= best_isa(), "lfm2 kgemv: code ", isa, " does not run here (best: ", best_isa(), ")");
   at::Tensor y = lfm2_act::output_for(x, W.n);
@@ -1014,7 +1016,7 @@ int64_t kgemv_best_isa() { return best_isa(); }
 // Rows of blocks as float32, or bfloat16 with `bf16` (rounded to nearest even from the float32
 // values: a prefill GEMM in AMX tiles takes them without another pass over the weights).
 at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool bf16) {
-  const KMatrix W = type == kQ4KX16 ? check_x16(blocks, type, k, "kdequantize") : check(blocks, type, k, "kdequantize");
+  const KMatrix W = check(blocks, type, k, "kdequantize");
   TORCH_CHECK(type != kQ4KX16 || (best_isa() == 2 && lfm2_simd::cpu_has_vnni512()),
               "lfm2 kdequantize: Q4_K in 16-row tiles (type 112) needs AVX-512 VNNI");
   at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
@@ -1064,7 +1066,7 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
 }
 
 at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
-  const KMatrix W = type == kQ4KX16 ? check_x16(blocks, type, k, "kgemm") : check(blocks, type, k, "kgemm");
+  const KMatrix W = check(blocks, type, k, "kgemm");
   const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemm");
   TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
@@ -1129,9 +1131,6 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
   const bool tiles13 = t1 == kQ4KX16 || t3 == kQ4KX16, tiles2 = t2 == kQ4KX16;
   TORCH_CHECK(!(tiles13 || tiles2) || (best_isa() == 2 && lfm2_simd::cpu_has_vnni512()),
               "lfm2 kmoe_experts: Q4_K in 16-row tiles (type 112) needs AVX-512 VNNI");
-  const auto checked = [](const at::Tensor& b, int64_t t, int64_t k, const char* op) {
-    return t == kQ4KX16 ? check_x16(b, t, k, op) : check(b, t, k, op);
-  };
   const int64_t H = expert_at(w1, 0).size(0);
   const int isa = best_isa();
 
@@ -1141,12 +1140,12 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
   // slices on (every slice has the same shape and strides), so a call makes no tensor per chosen expert (12
   // views a decode step's block, ~1 us each); in a list, checked one by one. KMatrix points into the tensors.
   const auto first = [&](at::TensorList list, int64_t t, int64_t k, const char* op) {
-    return lfm2_moe::stacked(list) ? checked(list[0].select(0, 0), t, k, op) : KMatrix{};
+    return lfm2_moe::stacked(list) ? check(list[0].select(0, 0), t, k, op) : KMatrix{};
   };
   const KMatrix first1 = first(w1, t1, D, "kmoe_experts (w1)"), first3 = first(w3, t3, D, "kmoe_experts (w3)"),
                 first2 = first(w2, t2, H, "kmoe_experts (w2)");
   const auto matrix = [&](at::TensorList list, const KMatrix& W0, int64_t e, int64_t t, int64_t k, const char* op) {
-    if (!lfm2_moe::stacked(list)) return checked(list[e], t, k, op);
+    if (!lfm2_moe::stacked(list)) return check(list[e], t, k, op);
     KMatrix W = W0;
     W.q += e * list[0].stride(0);
     return W;
