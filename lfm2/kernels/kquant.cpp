@@ -1136,26 +1136,19 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "kmoe_experts");
   const int64_t U = g.count();
-  // Expert e's matrix: in a stacked (E, N, bytes) tensor, its first expert's, checked once per call, moved e
-  // slices on (every slice has the same shape and strides), so a call makes no tensor per chosen expert (12
-  // views a decode step's block, ~1 us each); in a list, checked one by one. KMatrix points into the tensors.
-  const auto first = [&](at::TensorList list, int64_t t, int64_t k, const char* op) {
-    return lfm2_moe::stacked(list) ? check(list[0].select(0, 0), t, k, op) : KMatrix{};
+  // KMatrix points into the tensors; a stacked expert's blocks are its slice's (lfm2_moe::expert_matrices)
+  const auto matrices = [&](at::TensorList list, int64_t t, int64_t k, const char* op) {
+    return lfm2_moe::expert_matrices<KMatrix>(
+        g, lfm2_moe::stacked(list), [&](int64_t e) { return check(expert_at(list, e), t, k, op); },
+        [&](KMatrix W, int64_t e) {
+          W.q += e * list[0].stride(0);
+          return W;
+        });
   };
-  const KMatrix first1 = first(w1, t1, D, "kmoe_experts (w1)"), first3 = first(w3, t3, D, "kmoe_experts (w3)"),
-                first2 = first(w2, t2, H, "kmoe_experts (w2)");
-  const auto matrix = [&](at::TensorList list, const KMatrix& W0, int64_t e, int64_t t, int64_t k, const char* op) {
-    if (!lfm2_moe::stacked(list)) return check(list[e], t, k, op);
-    KMatrix W = W0;
-    W.q += e * list[0].stride(0);
-    return W;
-  };
-  std::vector<KMatrix> W1(U), W3(U), W2(U);
+  const std::vector<KMatrix> W1 = matrices(w1, t1, D, "kmoe_experts (w1)"), W3 = matrices(w3, t3, D, "kmoe_experts (w3)"),
+                             W2 = matrices(w2, t2, H, "kmoe_experts (w2)");
   for (int64_t u = 0; u < U; ++u) {
     const int64_t e = g.experts[u];
-    W1[u] = matrix(w1, first1, e, t1, D, "kmoe_experts (w1)");
-    W3[u] = matrix(w3, first3, e, t3, D, "kmoe_experts (w3)");
-    W2[u] = matrix(w2, first2, e, t2, H, "kmoe_experts (w2)");
     TORCH_CHECK(W1[u].n == H && W3[u].n == H && W2[u].n == D, "lfm2 kmoe_experts: expert ", e,
                 " has w1/w3 of ", W1[u].n, "/", W3[u].n, " rows and w2 of ", W2[u].n, "; expected ", H, " and ", D);
   }

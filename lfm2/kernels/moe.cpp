@@ -279,28 +279,20 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "moe_experts");
   const int64_t U = g.count();
-  // Stacked (E, ...) tensors: expert 0's matrix, checked once per call, moved e slices on (all slices share
-  // shape and strides), so a call makes no tensor views per chosen expert (24 a decode step's block, ~1 us
-  // each); lists of tensors: each expert checked on its own.
+  // Mat points into the tensors; a stacked expert's weights and scales are its slices' (lfm2_moe::expert_matrices)
   const auto matrices = [&](at::TensorList qs, at::TensorList ss, int64_t n, int64_t k, const char* what) {
-    std::vector<Mat> W(U);
-    const bool stacked = lfm2_moe::stacked(qs) && (ss.empty() || lfm2_moe::stacked(ss));
-    const Mat first = stacked ? expert_matrix(qs, ss, 0, bits, group_size, n, k, what) : Mat{};
-    for (int64_t u = 0; u < U; ++u) {
-      const int64_t e = g.experts[u];
-      if (!stacked) {
-        W[u] = expert_matrix(qs, ss, e, bits, group_size, n, k, what);
-        continue;
-      }
-      W[u] = first;
-      if (bits == 32) {
-        W[u].f += e * qs[0].stride(0);
-      } else {
-        W[u].q += e * qs[0].stride(0) * qs[0].element_size();
-        W[u].s += e * ss[0].stride(0);
-      }
-    }
-    return W;
+    return lfm2_moe::expert_matrices<Mat>(
+        g, lfm2_moe::stacked(qs) && (ss.empty() || lfm2_moe::stacked(ss)),
+        [&](int64_t e) { return expert_matrix(qs, ss, e, bits, group_size, n, k, what); },
+        [&](Mat W, int64_t e) {
+          if (bits == 32) {
+            W.f += e * qs[0].stride(0);
+          } else {
+            W.q += e * qs[0].stride(0) * qs[0].element_size();
+            W.s += e * ss[0].stride(0);
+          }
+          return W;
+        });
   };
   const std::vector<Mat> W1 = matrices(w1, s1, H, D, "w1"), W3 = matrices(w3, s3, H, D, "w3"),
                          W2 = matrices(w2, s2, D, H, "w2");
