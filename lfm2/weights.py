@@ -90,6 +90,27 @@ class WeightArena:
         return t
 
 
+def return_freed_memory() -> None:
+    """Give the C allocator's free memory back to the system (glibc's `malloc_trim`; elsewhere nothing).
+
+    glibc serves a freed block of up to 32 MiB from its heap the next time (its mmap threshold rises
+    to the largest block freed), and keeps freed heap memory resident: moving a model tensor by tensor
+    left the old copies' pages counted in the process's memory until the heap shrank on its own,
+    +270 MiB at the peak of loading LFM2-350M Q8_0 (992 against 719 MiB after the load)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None  # libc's malloc_trim once looked up, False where there is none
+TRIM_BYTES = 64 * 2**20  # moved (and freed) between two `return_freed_memory` calls
+
+
 def _owns_storage(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
@@ -119,6 +140,7 @@ def move_to_huge_pages(model: torch.nn.Module) -> torch.nn.Module:
                     slots.setdefault(id(t), []).append((table, name))
                     tensors[id(t)] = t
     arena = WeightArena([(tuple(t.shape), t.dtype) for t in tensors.values()])
+    freed = 0
     for key in list(tensors):
         t = tensors.pop(key)  # the last reference here: the old tensor is freed once rebound
         new = arena.take(tuple(t.shape), t.dtype)
@@ -128,6 +150,12 @@ def move_to_huge_pages(model: torch.nn.Module) -> torch.nn.Module:
         else:
             for table, name in slots[key]:
                 table[name] = new
+        freed += new.nbytes
+        del t
+        if freed >= TRIM_BYTES:
+            return_freed_memory()
+            freed = 0
+    return_freed_memory()
     return model
 
 
