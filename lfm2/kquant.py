@@ -11,10 +11,11 @@ model takes the memory of the file, and computes with kernels of our own
   file documents the layout), where one instruction multiplies 4 values of 16 rows: over LFM2-350M's
   decode matrices 2.1x the per-row code on weights in cache and 1.2x from memory, where it reads as
   fast as the memory gives (2 Zen 4 cores, `benchmarks/kernels.py --kquants`, docs/benchmarks.md);
-- more rows (prefill), on CPUs with AVX-512 VNNI and no AMX: `kgemm`, exact integer block products of
-  the weights' values with `kgemv`'s int8 activations (so a token's prefill logits are its decode
-  logits), 32 multiply-adds an instruction: 2-3.6x the float32 tiles below on LFM2-350M's matrices
-  (Zen 4, 2 threads; docs/benchmarks.md);
+- more rows (prefill), on CPUs without AMX: `kgemm`, exact integer block products of the weights'
+  values with `kgemv`'s int8 activations (so a token's prefill logits are its decode logits); with
+  AVX-512 VNNI 32 multiply-adds an instruction, 2-3.6x the float32 tiles below on LFM2-350M's
+  matrices (Zen 4, 2 threads), and 1.6-1.8x with AVX2 alone (`vpmaddubsw` + `vpmaddwd`, measured on
+  the same CPU under `LFM2_KERNEL_ISA=avx2`; docs/benchmarks.md);
 - more rows elsewhere: row tiles dequantized (`kdequantize`, exact: the values `gguf.quants.dequantize`
   gives) and multiplied by torch's GEMM, like `lfm2.quant`'s tiled path. On CPUs with AMX the tiles
   and activations are rounded to bfloat16 (relative error 2^-9, far below the 4-6 bit weights' own),
@@ -120,7 +121,7 @@ class KQuantLinear(nn.Module):
         AVX-512 VNNI; see the module docstring); returns whether it did. The tensor keeps its shape and
         storage, so stacked MoE experts stay one view."""
         if (self.kernel_type != GGMLType.Q4_K or self.out_features % TILE_ROWS or not self.blocks.is_cpu
-                or not kernels.has_int8_gemm()):
+                or not kernels.has_vnni()):
             return False
         kernels.ops().kpack_(self.blocks, self.kernel_type, self.in_features)
         self.kernel_type = Q4_K_X16

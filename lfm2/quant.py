@@ -29,10 +29,11 @@ AMD EPYC, 1 thread, LFM2-350M decode-step shapes):
   float activations, for a relative logit error on the bundled model of 0.75% instead of
   0.4% (int8); for int4 the weight error (~5%) dominates either way. `int8_activations = False`
   on a layer selects the float-activation kernel (weight-only numerics);
-- more rows (prefill), on CPUs with AVX-512 VNNI: the C++ int8 GEMM, with the GEMV's int8-activation
-  numerics (so prefill and decode agree) and `vpdpbusd` integer dot products: 2.5-3x faster than
-  float32 `F.linear` at 512 rows (`benchmarks/kernels.py`);
-- more rows otherwise (AVX2 only, or float activations): the weight is dequantized to float32 in
+- more rows (prefill): the C++ int8 GEMM, with the GEMV's int8-activation numerics (so prefill and
+  decode agree); with AVX-512 VNNI `vpdpbusd` integer dot products, 2.5-3x faster than float32
+  `F.linear` at 512 rows (`benchmarks/kernels.py`); on AVX2-only CPUs `vpmaddubsw` + `vpmaddwd`
+  (`lfm2_simd::avx2_block`), 1.3-1.7x faster than the float32 tiles below (docs/benchmarks.md);
+- more rows otherwise (float activations): the weight is dequantized to float32 in
   tiles of `TILE_BYTES` and multiplied with torch's float GEMM, as fast as float32 `F.linear`;
 - without the kernels (no compiler, `LFM2_NO_KERNELS=1`, or a non-CPU device): pure PyTorch,
   the same tiles dequantized by torch ops, with weight-only numerics. Correct, but slower than
@@ -68,7 +69,7 @@ GROUP_SIZES = (32, 64, 128)
 # 1 row, 1.5x at 16, still 1.1-1.2x at 32, even at 64. 16 leaves margin for CPUs whose float
 # GEMM is faster relative to this AVX2 GEMV (AVX-512).
 GEMV_MAX_ROWS = 16
-# On CPUs with the int8 GEMM (AVX-512 VNNI), input rows from which it takes over from the GEMV.
+# On CPUs with AVX-512 VNNI, input rows from which the int8 GEMM takes over from the GEMV.
 # Kernels alone (benchmarks/kernels.py --rows, 2 threads, 4608x1024 and 1024x4608): at 2 rows the
 # GEMV is 1.4-1.8x faster, at 4 the GEMM 1.1-1.3x (int4 and int8), at 8 1.4-1.7x, at 16 1.5-2.5x.
 # Whole decode steps of a batch (the engine on LFM2-350M Q4_0 / Q8_0 files, aggregate tokens/s,
@@ -263,7 +264,9 @@ class QuantLinear(nn.Module):
         xf = x if x.dtype == torch.float32 else x.float()
         ops = kernels.ops() if xf.is_cpu else None
         m = xf.numel() // self.in_features
-        gemm = ops is not None and m >= QGEMM_MIN_ROWS and self._int8_gemm()
+        # the GEMM from QGEMM_MIN_ROWS rows with VNNI; its AVX2 code (2-2.8x slower) only past the GEMV's rows
+        first = QGEMM_MIN_ROWS if kernels.has_vnni() else GEMV_MAX_ROWS + 1
+        gemm = ops is not None and m >= first and self._int8_gemm()
         if ops is not None and m <= GEMV_MAX_ROWS and not gemm:
             y = ops.qgemv(xf.contiguous(), self.qweight, self.scales, self.bits,
                           self.group_size or self.in_features, self.int8_activations)
@@ -276,7 +279,7 @@ class QuantLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _int8_gemm(self) -> bool:
-        """Whether the int8 GEMM can take this layer's products (AVX-512 VNNI, int8 activations)."""
+        """Whether the int8 GEMM can take this layer's products (the SIMD build, int8 activations)."""
         return self.int8_activations and self.in_features % 32 == 0 and kernels.has_int8_gemm()
 
     def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:

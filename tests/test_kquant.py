@@ -99,7 +99,7 @@ def rounded_activations(x: torch.Tensor) -> torch.Tensor:
     return ((blocks * inverse).round() * d).reshape(x.shape)
 
 
-@pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(), reason="kgemm needs AVX-512 VNNI")
+@pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(), reason="kgemm needs the SIMD build")
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gemm_is_rounded_activations_times_the_dequantized_weights(qtype):
     """`kgemm`'s integer block sums are exact: its result is the int8-rounded activations times the
@@ -150,7 +150,7 @@ def test_layer_paths_agree(qtype, monkeypatch):
     assert torch.equal(layer.dequantize(), w)
 
 
-needs_vnni = pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(),
+needs_vnni = pytest.mark.skipif(kernels.ops() is None or not kernels.has_vnni(),
                                 reason="Q4_K tiles and kgemm need AVX-512 VNNI")
 
 
@@ -227,3 +227,25 @@ def test_embedding_rows_and_tied_head():
     x = torch.randn(1, 256)
     assert (head(x) - x @ w.T).norm() <= 0.02 * (x @ w.T).norm()
     assert emb.to(torch.bfloat16)(ids).dtype == torch.bfloat16 and emb.blocks.dtype == torch.uint8
+
+
+@pytest.mark.skipif(kernels.ops() is None or not kernels.has_vnni(), reason="the AVX2 code already ran above")
+def test_the_avx2_gemms_on_a_vnni_cpu():
+    """On a VNNI CPU the tests above exercise the VNNI GEMMs; `LFM2_KERNEL_ISA=avx2` runs them again on the
+    AVX2 code (`lfm2_simd::avx2_block`: what a CPU with AVX2 only takes), in a process of its own since the
+    kernels read the variable once."""
+    import os
+    import subprocess
+    import sys
+
+    tests = ["tests/test_kquant.py::test_gemm_is_rounded_activations_times_the_dequantized_weights",
+             "tests/test_kquant.py::test_layer_paths_agree",
+             "tests/test_quant.py::test_int8_gemm_matches_the_gemv_numerics"]
+    probe = "from lfm2 import kernels; print(kernels.has_vnni(), kernels.has_int8_gemm())"
+    env = {**os.environ, "LFM2_KERNEL_ISA": "avx2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "skipped" not in run.stdout.splitlines()[-1]

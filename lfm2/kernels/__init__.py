@@ -40,6 +40,9 @@ SOURCES = tuple(Path(__file__).with_name(f)
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h", "moe_slots.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
 DIR_ENV = "LFM2_KERNEL_DIR"
+# "avx2": the kernels run their AVX2 code even on an AVX-512 CPU (no AVX-512, no VNNI GEMMs), to test and
+# measure on one machine what a CPU with AVX2 only runs (read by `simd.h` once per process).
+ISA_ENV = "LFM2_KERNEL_ISA"
 _SIMD_FLAGS = ("avx2", "fma", "f16c")
 
 _lock = threading.Lock()
@@ -202,7 +205,18 @@ def ops() -> Any | None:
 
 
 def has_int8_gemm() -> bool:
-    """Whether `ops().qgemm` and `ops().kgemm` run on this CPU (they need AVX-512 VNNI); asked once, then cached."""
+    """Whether `ops().qgemm` and `ops().kgemm` (the integer GEMMs of prefill) run here: with AVX-512 VNNI, or
+    their AVX2 code (three instructions where VNNI has one, still ahead of dequantizing to float32 for torch's
+    GEMM: docs/benchmarks.md). Asked once, then cached."""
+    if "int8_gemm" not in _state:
+        loaded = ops()
+        _state["int8_gemm"] = loaded is not None and bool(loaded.int8_gemm())
+    return _state["int8_gemm"] and not disabled()
+
+
+def has_vnni() -> bool:
+    """Whether the kernels use AVX-512 VNNI here (the Q4_K tiles of `lfm2.kquant` need it); asked once, then
+    cached. False under `LFM2_KERNEL_ISA=avx2`."""
     if "vnni" not in _state:
         loaded = ops()
         _state["vnni"] = loaded is not None and bool(loaded.vnni())
@@ -214,5 +228,5 @@ def build_error() -> str | None:
     return _state.get("error")
 
 
-__all__ = ["ops", "disabled", "cpu_has_simd", "cpu_flags", "has_amx_bf16", "has_int8_gemm",
+__all__ = ["ops", "disabled", "cpu_has_simd", "cpu_flags", "has_amx_bf16", "has_int8_gemm", "has_vnni",
            "build_error", "cache_dir", "SOURCE", "SOURCES"]

@@ -417,7 +417,7 @@ float dot_simd(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
 bool cpu_has_avx512bw() {
 #if defined(__GNUC__) || defined(__clang__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return !lfm2_simd::capped_at_avx2() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 #else
   return false;
 #endif
@@ -643,11 +643,34 @@ struct KTile {
 #if LFM2_AVX2
 #define LFM2_KVNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
+// Q6_K's offsets (128 x each row's block sums) of a packed tile: vpdpbusd against bytes of 128, 16 rows at
+// a time (as qgemv.cpp's pack_full_tile).
+LFM2_KVNNI void ktile_offsets_vnni(KTile& t, int64_t nblk, int64_t groups) {
+  const __m512i h128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* q = t.q.data();
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t g = 0; g < groups; ++g)
+      sum = _mm512_dpbusd_epi32(sum, h128, _mm512_loadu_si512(q + (b * groups + g) * 64));
+    _mm512_storeu_si512(t.offset.data() + b * kTile, sum);
+  }
+}
+
+// The same offsets without AVX-512.
+void ktile_offsets(KTile& t, int64_t nblk, int64_t groups) {
+  const int8_t* q = t.q.data();
+  for (int64_t b = 0; b < nblk; ++b)
+    for (int64_t j = 0; j < kTile; ++j) {
+      int32_t sum = 0;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int l = 0; l < 4; ++l) sum += q[((b * groups + g) * kTile + j) * 4 + l];
+      t.offset[b * kTile + j] = 128 * sum;
+    }
+}
+
 // Rows n0 .. n0 + rows of W (rows <= 16; the rest of the tile is zero) in blocks of bv values. Each
-// row's super-blocks are unpacked with the SIMD code and their 4-byte words laid out 16 rows apart;
-// the offsets then come from vpdpbusd against bytes of 128, 16 rows at a time (as qgemv.cpp's
-// pack_full_tile).
-LFM2_KVNNI void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t) {
+// row's super-blocks are unpacked with the SIMD code and their 4-byte words laid out 16 rows apart.
+void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t, bool vnni) {
   const int64_t nblk = W.k / bv, groups = bv / 4, per_sb = kSuper / bv;
   if (rows < kTile) t.q.assign(nblk * groups * kTile * 4, 0);
   else t.q.resize(nblk * groups * kTile * 4);
@@ -671,13 +694,8 @@ LFM2_KVNNI void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, K
       }
     }
   if (bv == 32) return;  // Q4_K / Q5_K: unsigned values against signed activations, no offsets (kgemm_tile)
-  const __m512i h128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t b = 0; b < nblk; ++b) {
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t g = 0; g < groups; ++g)
-      sum = _mm512_dpbusd_epi32(sum, h128, _mm512_loadu_si512(q + (b * groups + g) * 64));
-    _mm512_storeu_si512(t.offset.data() + b * kTile, sum);
-  }
+  if (vnni) ktile_offsets_vnni(t, nblk, groups);
+  else ktile_offsets(t, nblk, groups);
 }
 
 // MR activation rows (unsigned bytes xu, stride kp; scales xd per 256 values, stride nsb; block sums
@@ -715,6 +733,60 @@ LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nsb, const uint8_t* xu, int64
   }
   const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
+}
+
+// kgemm_tile for CPUs with AVX2 only: the 16 rows as two 256-bit halves, each group's products by
+// `lfm2_simd::avx2_block` (exact for these values: see there), fewer activation rows a pass.
+template <int MR, int BV>
+void kgemm_tile_avx2(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp, const float* xd,
+                     const float* xs, int64_t nb32, float* y, int64_t ldy, int64_t cols) {
+  constexpr int64_t kPerSuper = kSuper / BV;
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    __m256 part[MR][2];
+    for (int r = 0; r < MR; ++r) part[r][0] = part[r][1] = _mm256_setzero_ps();
+    for (int64_t b = sb * kPerSuper; b < (sb + 1) * kPerSuper; ++b) {
+      __m256i isum[MR][2];
+      lfm2_simd::avx2_block<MR, BV / 4, BV == 32 ? 4 : 2, BV == 32>(t.q.data() + b * (BV / 4) * 64, xu + b * BV, kp, isum);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 sc = _mm256_loadu_ps(t.scale.data() + b * kTile + 8 * h);
+        if (BV == 32) {  // Q4_K / Q5_K: less each block's minimum times the activations' block sum
+          const __m256 mn = _mm256_loadu_ps(t.minv.data() + b * kTile + 8 * h);
+          for (int r = 0; r < MR; ++r) {
+            part[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][h]), sc, part[r][h]);
+            part[r][h] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(xs[r * nb32 + b]), part[r][h]);
+          }
+        } else {  // Q6_K: less 128 x the values' sums
+          const __m256i off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset.data() + b * kTile + 8 * h));
+          for (int r = 0; r < MR; ++r)
+            part[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][h], off)), sc, part[r][h]);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_fmadd_ps(part[r][h], _mm256_set1_ps(xd[r * nsb + sb]), acc[r][h]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    alignas(32) float out[kTile];
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    std::memcpy(y + r * ldy, out, cols * sizeof(float));
+  }
+}
+
+template <int BV>
+void kgemm_rows_avx2(const KTile& t, const KMatrix& W, const uint8_t* xu, const float* xd, const float* xs,
+                     int64_t m_rows, float* y, int64_t n0, int64_t cols) {
+  constexpr int MR = 2;
+  const int64_t nb32 = W.k / 32;
+  int64_t m = 0;
+  for (; m + MR <= m_rows; m += MR)
+    kgemm_tile_avx2<MR, BV>(t, W.nsb, xu + m * W.k, W.k, xd + m * W.nsb, xs + m * nb32, nb32, y + m * W.n + n0, W.n,
+                            cols);
+  for (; m < m_rows; ++m)
+    kgemm_tile_avx2<1, BV>(t, W.nsb, xu + m * W.k, W.k, xd + m * W.nsb, xs + m * nb32, nb32, y + m * W.n + n0, W.n,
+                           cols);
 }
 
 template <int BV>
@@ -1068,7 +1140,7 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
 at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
   const KMatrix W = check(blocks, type, k, "kgemm");
   const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemm");
-  TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 kgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
+  TORCH_CHECK(LFM2_AVX2, "lfm2 kgemm: needs the SIMD build (AVX2; check lfm2_quant.int8_gemm() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
   // kgemv's activations (for Q6_K as unsigned bytes q + 128) with the block sums as floats (for the
@@ -1085,13 +1157,16 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
                        : quantize_superblock<false, float>(xp + i * kSuper, q + i * kSuper, xs.get() + i * 8);
   });
   float* yp = y.data_ptr<float>();
+  const bool vnni = lfm2_simd::cpu_has_vnni512();
   at::parallel_for(0, (W.n + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
     KTile t;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
-      if (type == kQ4KX16) pack_ktile_x16(W.q + n0 * W.row_bytes, W.nsb, t);
-      else pack_ktile(W, n0, cols, bv, t);
-      if (bv == 16) kgemm_rows<16>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      if (type == kQ4KX16) pack_ktile_x16(W.q + n0 * W.row_bytes, W.nsb, t);  // check(): VNNI CPUs only
+      else pack_ktile(W, n0, cols, bv, t, vnni);
+      if (!vnni && bv == 16) kgemm_rows_avx2<16>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      else if (!vnni) kgemm_rows_avx2<32>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      else if (bv == 16) kgemm_rows<16>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
       else kgemm_rows<32>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
     }
   });

@@ -582,6 +582,46 @@ LFM2_VNNI void gemm_tile(const PackedTile& t, int64_t nb, const uint8_t* xu, int
   const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
 }
+
+// gemm_tile for CPUs with AVX2 only: the tile's 16 rows as two 256-bit halves, each group's products by
+// `lfm2_simd::avx2_block` (three instructions where VNNI has one). Q8_0 (kQ8) takes the signed form, whose
+// sums need no offset. Fewer activation rows a pass than the VNNI code: AVX2 has 16 vector registers.
+template <int MR, bool kQ8>
+void gemm_tile_avx2(const PackedTile& t, int64_t nb, const uint8_t* xu, int64_t kp, const float* xd, float* y,
+                    int64_t ldy, int64_t cols) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i isum[MR][2];
+    lfm2_simd::avx2_block<MR, 8, kQ8 ? 1 : 8, false, kQ8>(t.q.data() + b * 8 * kTileRows * 4, xu + b * kBlock, kp, isum);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i off = kQ8 ? _mm256_setzero_si256()
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset.data() + b * kTileRows + 8 * h));
+      const __m256 sc = _mm256_loadu_ps(t.scale.data() + b * kTileRows + 8 * h);
+      for (int r = 0; r < MR; ++r)
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][h], off)),
+                                    _mm256_mul_ps(sc, _mm256_set1_ps(xd[r * nb + b])), acc[r][h]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    alignas(32) float out[kTileRows];
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    std::memcpy(y + r * ldy, out, cols * sizeof(float));
+  }
+}
+
+template <bool kQ8>
+void gemm_rows_avx2(const PackedTile& t, const QMatrix& W, const lfm2_act::UActivations& a, int64_t m_rows, float* yp,
+                    int64_t n0, int64_t cols) {
+  constexpr int MR = 2;
+  const uint8_t* xu = a.xu.get();
+  int64_t m = 0;
+  for (; m + MR <= m_rows; m += MR)
+    gemm_tile_avx2<MR, kQ8>(t, W.nb, xu + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+  for (; m < m_rows; ++m)
+    gemm_tile_avx2<1, kQ8>(t, W.nb, xu + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+}
 #endif
 
 at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
@@ -589,17 +629,24 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
   const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemm");
   TORCH_CHECK(W.k % kBlock == 0, "lfm2 qgemm: K must be a multiple of 32, got ", W.k);
-  TORCH_CHECK(lfm2_simd::cpu_has_vnni512(), "lfm2 qgemm: needs AVX-512 VNNI (check lfm2_quant.vnni() first)");
+  TORCH_CHECK(LFM2_AVX2, "lfm2 qgemm: needs the SIMD build (AVX2; check lfm2_quant.int8_gemm() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
   const lfm2_act::UActivations a = lfm2_act::quantize_activations_u8(x.data_ptr<float>(), m_rows, W.k);
   const uint8_t* xu = a.xu.get();
   float* yp = y.data_ptr<float>();
   const int64_t tiles = (W.n + kTileRows - 1) / kTileRows;
+  const bool vnni = lfm2_simd::cpu_has_vnni512();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     PackedTile t;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTileRows, cols = std::min<int64_t>(kTileRows, W.n - n0);
+      if (!vnni) {
+        pack_tile(W, n0, cols, t);
+        if (W.bits == 8) gemm_rows_avx2<true>(t, W, a, m_rows, yp, n0, cols);
+        else gemm_rows_avx2<false>(t, W, a, m_rows, yp, n0, cols);
+        continue;
+      }
       if (cols == kTileRows) pack_full_tile(W, n0, t);
       else pack_tile(W, n0, cols, t);
       int64_t m = 0;
@@ -615,6 +662,9 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 
 bool vnni() { return lfm2_simd::cpu_has_vnni512(); }
 
+// Whether `qgemm` and `kgemm` run here: with AVX-512 VNNI, or their AVX2 code.
+bool int8_gemm() { return LFM2_AVX2; }
+
 // Whether this build has the SIMD code (for the benchmark's report).
 bool simd() { return LFM2_AVX2; }
 
@@ -626,6 +676,7 @@ TORCH_LIBRARY(lfm2_quant, m) {
   m.def("fgemv(Tensor x, Tensor weight) -> Tensor");
   m.def("simd() -> bool", &simd);
   m.def("vnni() -> bool", &vnni);
+  m.def("int8_gemm() -> bool", &int8_gemm);
   m.def("qgemm(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
 }
 

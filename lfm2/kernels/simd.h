@@ -1,6 +1,9 @@
 // Small SIMD helpers shared by lfm2's kernels (qgemv.cpp, kquant.cpp, attention.cpp, moe.cpp).
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 
@@ -39,17 +42,68 @@ vnni_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m512i isum[MR]) {
   }
 }
 
+// vnni_block's AVX2 form, for CPUs without AVX-512 VNNI: the 16 rows of a group as two 256-bit halves, and
+// vpdpbusd as vpmaddubsw (pairs of unsigned x signed bytes into int16) then vpmaddwd against ones (pairs of
+// int16 into int32), the sequence llama.cpp's AVX2 dot products use (ggml-cpu/arch/x86/quants.c). vpmaddubsw
+// saturates at 32767, so it is exact where 2 x max unsigned x max |signed| fits: Q4_0 (-8..7 against
+// activations + 128: 4,080), Q6_K (-32..31: 16,320), Q4_K / Q5_K (0..31 against activations -127..127:
+// 7,874). S groups' int16 sums are added before one vpmaddwd, as many as stay below 32768 (Q4_0: 8, Q4_K /
+// Q5_K: 4, Q6_K: 2). Q8_0's values (-128..127) do not fit against unsigned activations: with kSigned the
+// activations are taken back to signed (q + 128 xor 128), each carries its weight's sign (vpsignb) and
+// multiplies the weight's magnitude (vpabsb): 2 x 128 x 127 = 32,512 at most (S = 1), and no offset to take off.
+template <int MR, int G, int S, bool kUnsignedWeights = false, bool kSigned = false>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void
+avx2_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m256i isum[MR][2]) {
+  static_assert(G % S == 0 && (!kSigned || S == 1), "avx2_block: S groups per widening must divide G");
+  const __m256i ones = _mm256_set1_epi16(1), h128 = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int r = 0; r < MR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
+  for (int g0 = 0; g0 < G; g0 += S) {
+    __m256i p16[MR][2];
+    for (int g = g0; g < g0 + S; ++g) {
+      __m256i w[2], mag[2];
+      for (int h = 0; h < 2; ++h) {
+        w[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * 64 + 32 * h));
+        if (kSigned) mag[h] = _mm256_abs_epi8(w[h]);
+      }
+      for (int r = 0; r < MR; ++r) {
+        int32_t four;
+        std::memcpy(&four, xu + r * kp + 4 * g, 4);
+        __m256i x = _mm256_set1_epi32(four);
+        if (kSigned) x = _mm256_xor_si256(x, h128);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i p = kUnsignedWeights ? _mm256_maddubs_epi16(w[h], x)
+                            : kSigned        ? _mm256_maddubs_epi16(mag[h], _mm256_sign_epi8(x, w[h]))
+                                             : _mm256_maddubs_epi16(x, w[h]);
+          p16[r][h] = g == g0 ? p : _mm256_add_epi16(p16[r][h], p);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < 2; ++h) isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(p16[r][h], ones));
+  }
+}
+
 }  // namespace lfm2_simd
 #endif
 
 namespace lfm2_simd {
+
+// Whether `LFM2_KERNEL_ISA=avx2` caps the kernels at their AVX2 code: to test and measure, on an AVX-512 CPU,
+// what a CPU with AVX2 only runs (read once; `lfm2.kernels.ISA_ENV` documents it).
+inline bool capped_at_avx2() {
+  static const bool capped = [] {
+    const char* v = std::getenv("LFM2_KERNEL_ISA");
+    return v != nullptr && std::strcmp(v, "avx2") == 0;
+  }();
+  return capped;
+}
 
 // Whether this CPU runs the VNNI GEMMs (qgemv.cpp's `qgemm`, kquant.cpp's `kgemm`): AVX-512 VNNI, and
 // the BW and VL instructions their packing uses. False where the SIMD code is not built.
 inline bool cpu_has_vnni512() {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+  return !capped_at_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
 #else
   return false;
