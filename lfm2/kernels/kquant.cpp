@@ -656,15 +656,19 @@ LFM2_KVNNI void ktile_offsets_vnni(KTile& t, int64_t nblk, int64_t groups) {
   }
 }
 
-// The same offsets without AVX-512.
+// The same offsets with AVX2: each row's 4 values of a group summed in pairs by vpmaddubsw against bytes of 1
+// (a block's 16 values of -32..31 stay far inside int16), then by vpmaddwd against 128s.
 void ktile_offsets(KTile& t, int64_t nblk, int64_t groups) {
+  const __m256i ones8 = _mm256_set1_epi8(1), w128 = _mm256_set1_epi16(128);
   const int8_t* q = t.q.data();
   for (int64_t b = 0; b < nblk; ++b)
-    for (int64_t j = 0; j < kTile; ++j) {
-      int32_t sum = 0;
-      for (int64_t g = 0; g < groups; ++g)
-        for (int l = 0; l < 4; ++l) sum += q[((b * groups + g) * kTile + j) * 4 + l];
-      t.offset[b * kTile + j] = 128 * sum;
+    for (int h = 0; h < 2; ++h) {
+      __m256i pairs = _mm256_setzero_si256();
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (b * groups + g) * 64 + 32 * h));
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(ones8, v));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.offset.data() + b * kTile + 8 * h), _mm256_madd_epi16(pairs, w128));
     }
 }
 

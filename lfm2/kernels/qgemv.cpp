@@ -583,6 +583,49 @@ LFM2_VNNI void gemm_tile(const PackedTile& t, int64_t nb, const uint8_t* xu, int
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
 }
 
+// pack_full_tile for CPUs with AVX2 only: each 64-byte group is two gathers of 8 rows' 4-byte words. Q8_0 needs
+// no offsets (the signed form of avx2_block); Q4_0's come from vpmaddubsw against bytes of 1 (the values,
+// -8..7, summed in pairs) and vpmaddwd against 128s.
+void pack_full_tile_avx2(const QMatrix& W, int64_t n0, PackedTile& t) {
+  t.q.resize(W.nb * 8 * kTileRows * 4);
+  t.scale.resize(W.nb * kTileRows);
+  t.offset.resize(W.nb * kTileRows);
+  const __m256i row_offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                 _mm256_set1_epi32(static_cast<int32_t>(W.row_bytes)));
+  const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8), ones8 = _mm256_set1_epi8(1),
+                w128 = _mm256_set1_epi16(128);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* base = W.q + (n0 + 8 * h) * W.row_bytes;
+    for (int64_t b = 0; b < W.nb; ++b) {
+      int8_t* dst = t.q.data() + b * 8 * kTileRows * 4 + 32 * h;
+      auto gather = [&](int64_t at) {
+        return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base + at), row_offsets, 1);
+      };
+      if (W.bits == 8) {
+        for (int g = 0; g < 8; ++g)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 64), gather(b * kBlock + 4 * g));
+        continue;
+      }
+      __m256i pairs = _mm256_setzero_si256();
+      for (int g = 0; g < 4; ++g) {
+        const __m256i v = gather(b * 16 + 4 * g);
+        const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, low4), eight);
+        const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), eight);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 64), lo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (g + 4) * 64), hi);
+        pairs = _mm256_add_epi16(pairs, _mm256_add_epi16(_mm256_maddubs_epi16(ones8, lo), _mm256_maddubs_epi16(ones8, hi)));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.offset.data() + b * kTileRows + 8 * h),
+                          _mm256_madd_epi16(pairs, w128));
+    }
+  }
+  if (W.bits == 8) std::fill(t.offset.begin(), t.offset.end(), 0);
+  for (int64_t b = 0; b < W.nb; ++b) {
+    const int64_t gi = W.groups == 1 ? 0 : b >> W.shift;
+    for (int j = 0; j < kTileRows; ++j) t.scale[b * kTileRows + j] = half_to_float(W.s[(n0 + j) * W.groups + gi]);
+  }
+}
+
 // gemm_tile for CPUs with AVX2 only: the tile's 16 rows as two 256-bit halves, each group's products by
 // `lfm2_simd::avx2_block` (three instructions where VNNI has one). Q8_0 (kQ8) takes the signed form, whose
 // sums need no offset. Fewer activation rows a pass than the VNNI code: AVX2 has 16 vector registers.
@@ -642,7 +685,8 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTileRows, cols = std::min<int64_t>(kTileRows, W.n - n0);
       if (!vnni) {
-        pack_tile(W, n0, cols, t);
+        if (cols == kTileRows) pack_full_tile_avx2(W, n0, t);
+        else pack_tile(W, n0, cols, t);
         if (W.bits == 8) gemm_rows_avx2<true>(t, W, a, m_rows, yp, n0, cols);
         else gemm_rows_avx2<false>(t, W, a, m_rows, yp, n0, cols);
         continue;
