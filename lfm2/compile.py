@@ -17,7 +17,7 @@ compiles both at start-up and `lfm2 chat` the one-row graph, before the first re
 Not in a background thread: tracing patches `nn.Module.__call__` process-wide (a concurrent eager
 step failed with "module is not installed as a submodule") and holds the GIL for seconds (eager
 decode fell from 30 to 2-4 tok/s meanwhile). Inductor keeps compiled code on disk (`cache_dir()`,
-`~/.cache/lfm2/inductor` by default):
+`~/.cache/lfm2/inductor/<instruction set>` by default):
 the first compile of a model takes about a minute on 2 cores, later processes about ten seconds.
 A compiled graph never recompiles: a step its guards reject runs eagerly. (Except a step that cannot be one
 graph, the MoE experts' generic path with its host sync: it compiles in pieces, with the modules' guards
@@ -79,13 +79,20 @@ def cache_dir() -> str:
     `~/.cache/lfm2/inductor`, beside lfm2's kernels (`lfm2.kernels.cache_dir`). Inductor's own default
     is in the temporary directory, which a reboot or a tmp cleaner empties: the next start would pay
     the minute-long first compile again. Setting the variable (only where unset) is how inductor takes
-    a directory; it reads it at each compile."""
+    a directory; it reads it at each compile.
+
+    One directory per instruction set that ATen dispatches to (`torch.backends.cpu.get_cpu_capability()`,
+    "avx512", "avx2", ...): inductor's cache key leaves it out, and a graph compiled under one, then loaded
+    under another, corrupted the heap (LFM2-350M Q4_0, compiled under `ATEN_CPU_CAPABILITY=avx2` and run
+    without it, torch 2.13). Machines that share a home directory (a cluster's AVX2 and AVX-512 nodes)
+    would do the same."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get(INDUCTOR_ENV)
     # Importing torch._dynamo sets the variable to inductor's default: that is not a user's choice.
     if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ[INDUCTOR_ENV] = str(Path.home() / ".cache" / "lfm2" / "inductor")
+        isa = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ[INDUCTOR_ENV] = str(Path.home() / ".cache" / "lfm2" / "inductor" / isa)
     return os.environ[INDUCTOR_ENV]
 
 

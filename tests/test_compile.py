@@ -199,9 +199,11 @@ def test_compiled_code_is_kept_in_lfm2s_cache_not_the_temporary_directory(monkey
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     monkeypatch.setenv("HOME", str(tmp_path))
     compile_decode(random_model(tiny_config()), progress=False)  # nothing compiles until the first step
-    assert lfm2_compile.cache_dir() == str(tmp_path / ".cache" / "lfm2" / "inductor")
+    # one directory per instruction set: code compiled under one and run under another corrupts the heap
+    ours = tmp_path / ".cache" / "lfm2" / "inductor" / torch.backends.cpu.get_cpu_capability().lower()
+    assert lfm2_compile.cache_dir() == str(ours)
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
-    assert inductor_cache_dir() == str(tmp_path / ".cache" / "lfm2" / "inductor")  # where inductor writes
+    assert inductor_cache_dir() == str(ours)  # where inductor writes
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert lfm2_compile.cache_dir() == str(tmp_path / "mine")  # a directory the user chose is kept

@@ -187,6 +187,10 @@ def ops() -> Any | None:
         return loaded
     with _lock:
         if "ops" not in _state:
+            isa = os.environ.get(ISA_ENV, "")
+            if isa and isa not in ("avx2", "AVX2"):  # as simd.h reads it
+                warnings.warn(f"lfm2: {ISA_ENV}={isa!r} is not a setting the kernels know (only 'avx2', to run "
+                              "their AVX2 code on an AVX-512 CPU); ignored", RuntimeWarning, stacklevel=2)
             try:
                 _state["ops"] = _build()
             except Exception as e:  # a missing compiler or ninja raises anything from OSError to RuntimeError

@@ -93,7 +93,7 @@ namespace lfm2_simd {
 inline bool capped_at_avx2() {
   static const bool capped = [] {
     const char* v = std::getenv("LFM2_KERNEL_ISA");
-    return v != nullptr && std::strcmp(v, "avx2") == 0;
+    return v != nullptr && (std::strcmp(v, "avx2") == 0 || std::strcmp(v, "AVX2") == 0);
   }();
   return capped;
 }
