@@ -618,7 +618,7 @@ KMatrix check(const at::Tensor& blocks, int64_t type, int64_t k, const char* op)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill GEMM on CPUs with AVX-512 VNNI (`kgemm`): many rows of x against K-quant weights, as
+// Prefill GEMM (`kgemm`; AVX-512 VNNI, or the AVX2 form at the end): many rows of x against K-quant weights, as
 // qgemv.cpp's `qgemm` does for int8/int4 (the same tile layout), with `kgemv`'s numerics: int8
 // activations with one scale per 256 values, as llama.cpp computes K-quant products at decode and
 // prefill alike (its Q8_K). Tiles of 16 weight rows are unpacked to their integer values once per call,
