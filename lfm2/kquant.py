@@ -14,7 +14,7 @@ model takes the memory of the file, and computes with kernels of our own
 - more rows (prefill), on CPUs without AMX: `kgemm`, exact integer block products of the weights'
   values with `kgemv`'s int8 activations (so a token's prefill logits are its decode logits); with
   AVX-512 VNNI 32 multiply-adds an instruction, 2-3.6x the float32 tiles below on LFM2-350M's
-  matrices (Zen 4, 2 threads), and 1.6-1.8x with AVX2 alone (`vpmaddubsw` + `vpmaddwd`, measured on
+  matrices (Zen 4, 2 threads), and 1.8-2.2x with AVX2 alone (`vpmaddubsw` + `vpmaddwd`, measured on
   the same CPU under `LFM2_KERNEL_ISA=avx2`; docs/benchmarks.md);
 - more rows elsewhere: row tiles dequantized (`kdequantize`, exact: the values `gguf.quants.dequantize`
   gives) and multiplied by torch's GEMM, like `lfm2.quant`'s tiled path. On CPUs with AMX the tiles

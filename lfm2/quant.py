@@ -32,7 +32,8 @@ AMD EPYC, 1 thread, LFM2-350M decode-step shapes):
 - more rows (prefill): the C++ int8 GEMM, with the GEMV's int8-activation numerics (so prefill and
   decode agree); with AVX-512 VNNI `vpdpbusd` integer dot products, 2.5-3x faster than float32
   `F.linear` at 512 rows (`benchmarks/kernels.py`); on AVX2-only CPUs `vpmaddubsw` + `vpmaddwd`
-  (`lfm2_simd::avx2_block`), 1.3-1.7x faster than the float32 tiles below (docs/benchmarks.md);
+  (`lfm2_simd::avx2_block`), 1.3x (int8) to 1.9x (int4) faster than the float32 tiles below
+  (docs/benchmarks.md);
 - more rows otherwise (float activations): the weight is dequantized to float32 in
   tiles of `TILE_BYTES` and multiplied with torch's float GEMM, as fast as float32 `F.linear`;
 - without the kernels (no compiler, `LFM2_NO_KERNELS=1`, or a non-CPU device): pure PyTorch,
