@@ -295,6 +295,22 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     assert "no compiler here" in kernels.build_error()
 
 
+def test_an_unknown_kernel_isa_setting_is_named(monkeypatch):
+    """`LFM2_KERNEL_ISA` knows one value, "avx2" (the kernels' AVX2 code on an AVX-512 CPU); any other is
+    named in a warning when the kernels load, not ignored silently."""
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", lambda: "ops")
+    monkeypatch.setenv(kernels.ISA_ENV, "avx512")
+    with pytest.warns(RuntimeWarning, match="LFM2_KERNEL_ISA='avx512' is not a setting the kernels know"):
+        assert kernels.ops() == "ops"
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.ops() == "ops"
+
+
 def test_embedding_and_tied_head(path):
     emb = nn.Embedding(100, 64)
     q = QuantEmbedding.from_embedding(emb, "int4", 32)
