@@ -214,7 +214,7 @@ def has_int8_gemm() -> bool:
     GEMM: docs/benchmarks.md). Asked once, then cached."""
     if "int8_gemm" not in _state:
         loaded = ops()
-        _state["int8_gemm"] = loaded is not None and bool(loaded.int8_gemm())
+        _state["int8_gemm"] = loaded is not None and bool(loaded.simd())
     return _state["int8_gemm"] and not disabled()
 
 

@@ -1145,7 +1145,7 @@ at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool b
 at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k) {
   const KMatrix W = check(blocks, type, k, "kgemm");
   const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemm");
-  TORCH_CHECK(LFM2_AVX2, "lfm2 kgemm: needs the SIMD build (AVX2; check lfm2_quant.int8_gemm() first)");
+  TORCH_CHECK(LFM2_AVX2, "lfm2 kgemm: needs the SIMD build (AVX2; check lfm2_quant.simd() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
   // kgemv's activations (for Q6_K as unsigned bytes q + 128) with the block sums as floats (for the

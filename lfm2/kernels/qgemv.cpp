@@ -673,7 +673,7 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
   const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemm");
   TORCH_CHECK(W.k % kBlock == 0, "lfm2 qgemm: K must be a multiple of 32, got ", W.k);
-  TORCH_CHECK(LFM2_AVX2, "lfm2 qgemm: needs the SIMD build (AVX2; check lfm2_quant.int8_gemm() first)");
+  TORCH_CHECK(LFM2_AVX2, "lfm2 qgemm: needs the SIMD build (AVX2; check lfm2_quant.simd() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
   const lfm2_act::UActivations a = lfm2_act::quantize_activations_u8(x.data_ptr<float>(), m_rows, W.k);
@@ -707,10 +707,8 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 
 bool vnni() { return lfm2_simd::cpu_has_vnni512(); }
 
-// Whether `qgemm` and `kgemm` run here: with AVX-512 VNNI, or their AVX2 code.
-bool int8_gemm() { return LFM2_AVX2; }
-
-// Whether this build has the SIMD code (for the benchmark's report).
+// Whether this build has the SIMD code: the AVX2 kernels, `qgemm` and `kgemm` among them (for the
+// benchmark's report, and `lfm2.kernels.has_int8_gemm`).
 bool simd() { return LFM2_AVX2; }
 
 }  // namespace
@@ -721,7 +719,6 @@ TORCH_LIBRARY(lfm2_quant, m) {
   m.def("fgemv(Tensor x, Tensor weight) -> Tensor");
   m.def("simd() -> bool", &simd);
   m.def("vnni() -> bool", &vnni);
-  m.def("int8_gemm() -> bool", &int8_gemm);
   m.def("qgemm(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
 }
 
