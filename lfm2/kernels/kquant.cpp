@@ -772,12 +772,7 @@ void kgemm_tile_avx2(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp,
     for (int r = 0; r < MR; ++r)
       for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_fmadd_ps(part[r][h], _mm256_set1_ps(xd[r * nsb + sb]), acc[r][h]);
   }
-  for (int r = 0; r < MR; ++r) {
-    alignas(32) float out[kTile];
-    _mm256_store_ps(out, acc[r][0]);
-    _mm256_store_ps(out + 8, acc[r][1]);
-    std::memcpy(y + r * ldy, out, cols * sizeof(float));
-  }
+  for (int r = 0; r < MR; ++r) lfm2_simd::store_16(y + r * ldy, acc[r], cols);
 }
 
 template <int BV, int S>

@@ -647,12 +647,7 @@ void gemm_tile_avx2(const PackedTile& t, int64_t nb, const uint8_t* xu, int64_t 
                                     _mm256_mul_ps(sc, _mm256_set1_ps(xd[r * nb + b])), acc[r][h]);
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    alignas(32) float out[kTileRows];
-    _mm256_store_ps(out, acc[r][0]);
-    _mm256_store_ps(out + 8, acc[r][1]);
-    std::memcpy(y + r * ldy, out, cols * sizeof(float));
-  }
+  for (int r = 0; r < MR; ++r) lfm2_simd::store_16(y + r * ldy, acc[r], cols);
 }
 
 template <bool kQ8>

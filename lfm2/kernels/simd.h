@@ -42,6 +42,14 @@ vnni_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m512i isum[MR]) {
   }
 }
 
+// The first `cols` of a tile's 16 float results, held as two 256-bit halves, to y (the AVX2 GEMMs' store).
+inline void store_16(float* y, const __m256 half[2], int64_t cols) {
+  alignas(32) float out[16];
+  _mm256_store_ps(out, half[0]);
+  _mm256_store_ps(out + 8, half[1]);
+  std::memcpy(y, out, cols * sizeof(float));
+}
+
 // vnni_block's AVX2 form, for CPUs without AVX-512 VNNI: the 16 rows of a group as two 256-bit halves, and
 // vpdpbusd as vpmaddubsw (pairs of unsigned x signed bytes into int16) then vpmaddwd against ones (pairs of
 // int16 into int32), the sequence llama.cpp's AVX2 dot products use (ggml-cpu/arch/x86/quants.c). vpmaddubsw
