@@ -8,6 +8,10 @@ The format (one layout for both widths, shared with the C++ kernels in `lfm2/ker
   32 values of a row (16 bytes), byte j holds value j in its low nibble and value j + 16 in its
   high nibble, w = (nibble - 8) * d;
 - `scales` float16 (N, K / group_size).
+On CPUs with AVX-512 VNNI a loaded int4 layer with groups of 32 (GGUF Q4_0) is rearranged in place
+into tiles of 16 rows for the decode GEMV (`QuantLinear.pack_tiles`, the same bytes moved,
+`lfm2/kernels/q4_tiles.h`), read at 1.8-2.3x the per-row code's speed from cache (docs/benchmarks.md);
+`state_dict()`, `dequantize()` and a move to another device see the layout above.
 
 This is GGUF's Q8_0 and Q4_0 at group size 32, byte for byte, so `from_gguf_q8_0` and
 `from_gguf_q4_0` build layers from a file's blocks by splitting off the scales, without
@@ -76,6 +80,8 @@ GEMV_MAX_ROWS = 16
 # Whole decode steps of a batch (the engine on LFM2-350M Q4_0 / Q8_0 files, aggregate tokens/s,
 # 2026-12-03): even at 4 rows, ahead from 6, 1.4x at 8 and 1.2-1.9x at 16 rows (the server's batches).
 QGEMM_MIN_ROWS = 6
+# Rows of an int4 tile (`QuantLinear.pack_tiles`, lfm2/kernels/q4_tiles.h).
+TILE_ROWS = 16
 # Bytes of float32 weight dequantized at once on the many-row path: big enough for an efficient
 # GEMM call, small enough to stay in cache instead of round-tripping through memory. Measured at
 # 512 rows: 4 MiB tiles match or beat float32 F.linear; 16 and 64 MiB tiles are 5-15% slower.
@@ -213,7 +219,8 @@ class QuantLinear(nn.Module):
         kernels.ops()  # build the kernels now, at quantize or load time: never inside a (compiled) forward
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.dtype = torch.float32
-        self.int8_activations = True
+        self.x16 = False  # int4 in 16-row tiles (pack_tiles), else the layout of the module docstring
+        self._int8_activations = True
         row = in_features if self.bits == 8 else in_features // 2
         qdtype = torch.int8 if self.bits == 8 else torch.uint8
         self.register_buffer("qweight", torch.empty(out_features, row, dtype=qdtype, device=device))
@@ -255,9 +262,40 @@ class QuantLinear(nn.Module):
             m.bias = bias.float()
         return m
 
+    @property
+    def int8_activations(self) -> bool:
+        """Whether the kernels quantize activations to int8 (the default); False: float activations,
+        which the 16-row tiles do not take, so setting it restores the file's layout first."""
+        return self._int8_activations
+
+    @int8_activations.setter
+    def int8_activations(self, value: bool) -> None:
+        if not value:
+            self.unpack_tiles()
+        self._int8_activations = value
+
+    def pack_tiles(self) -> bool:
+        """Rearrange int4 weights with groups of 32 (GGUF Q4_0) into 16-row tiles in place, where that is the
+        faster layout (CPUs with AVX-512 VNNI; see the module docstring); returns whether the layer is in
+        tiles. The tensors keep their shapes and storage, so stacked MoE experts stay one view."""
+        if self.x16:
+            return True
+        if (self.bits != 4 or self.group_size != 32 or self.out_features % TILE_ROWS or not self.qweight.is_cpu
+                or not self._int8_activations or not kernels.has_vnni()):
+            return False
+        kernels.ops().qpack_(self.qweight, self.scales)
+        self.x16 = True
+        return True
+
+    def unpack_tiles(self) -> None:
+        """Back to the layout of the module docstring (new tensors), if in tiles."""
+        if self.x16:
+            self.qweight, self.scales = kernels.ops().qunpack(self.qweight, self.scales)
+            self.x16 = False
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out, in)."""
-        return _dequantize(self.qweight, self.scales, self.bits, self.group_size)
+        return _dequantize(self.qweight, self.scales, self.bits, self.group_size, self.x16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept lean: at decode this runs ~80 times per token around a ~50-200 us kernel call, so
@@ -270,9 +308,10 @@ class QuantLinear(nn.Module):
         gemm = ops is not None and m >= first and self._int8_gemm()
         if ops is not None and m <= GEMV_MAX_ROWS and not gemm:
             y = ops.qgemv(xf.contiguous(), self.qweight, self.scales, self.bits,
-                          self.group_size or self.in_features, self.int8_activations)
+                          self.group_size or self.in_features, self._int8_activations, self.x16)
         elif gemm:
-            y = ops.qgemm(xf.contiguous(), self.qweight, self.scales, self.bits, self.group_size or self.in_features)
+            y = ops.qgemm(xf.contiguous(), self.qweight, self.scales, self.bits, self.group_size or self.in_features,
+                          self.x16)
         else:  # (..., K) -> (M, K) -> (..., N)
             y = self._tiled_matmul(xf.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if self.bias is not None:
@@ -281,7 +320,7 @@ class QuantLinear(nn.Module):
 
     def _int8_gemm(self) -> bool:
         """Whether the int8 GEMM can take this layer's products (the SIMD build, int8 activations)."""
-        return self.int8_activations and self.in_features % 32 == 0 and kernels.has_int8_gemm()
+        return self._int8_activations and self.in_features % 32 == 0 and kernels.has_int8_gemm()
 
     def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W^T, dequantizing W in row tiles that stay in cache (with or without the kernels).
@@ -291,13 +330,14 @@ class QuantLinear(nn.Module):
         the allocator a fresh multi-megabyte float matrix (and its page faults) per call.
         """
         rows = max(1, TILE_BYTES // (4 * self.in_features))
+        rows = -(-rows // TILE_ROWS) * TILE_ROWS if self.x16 else rows  # whole 16-row tiles
         if self.out_features <= rows:
             return F.linear(x, self.dequantize())
         out_t = x.new_empty(self.out_features, x.shape[0])  # (N, M)
         x_t = x.t()
         for n0 in range(0, self.out_features, rows):
             q, s = self.qweight[n0 : n0 + rows], self.scales[n0 : n0 + rows]
-            torch.mm(_dequantize(q, s, self.bits, self.group_size), x_t, out=out_t[n0 : n0 + rows])
+            torch.mm(_dequantize(q, s, self.bits, self.group_size, self.x16), x_t, out=out_t[n0 : n0 + rows])
         return out_t.t().contiguous()
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
@@ -307,11 +347,28 @@ class QuantLinear(nn.Module):
         """
         probe = fn(torch.empty(0, dtype=torch.float32, device=self.qweight.device))
         self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
+        if probe.device != self.qweight.device:  # the tiles are a CPU kernel's layout
+            self.unpack_tiles()
         self.qweight = self.qweight.to(probe.device)
         self.scales = self.scales.to(probe.device)
         if self.bias is not None:
             self.bias = self.bias.to(probe.device)
         return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """A layer in tiles saves the layout of the module docstring, which is what checkpoints hold."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.x16:
+            q, s = kernels.ops().qunpack(self.qweight, self.scales)
+            destination[prefix + "qweight"], destination[prefix + "scales"] = q, s
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Loads the layout of the module docstring, into tiles again if the layer was in tiles."""
+        tiled = self.x16
+        self.unpack_tiles()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if tiled:
+            self.pack_tiles()
 
     def format_repr(self) -> str:
         return f"{self.kind}, " + ("per-channel" if self.group_size is None else f"group_size={self.group_size}")
@@ -363,6 +420,10 @@ class QuantEmbedding(QuantLinear):
         """x @ E^T: the tied output head."""
         return QuantLinear.forward(self, x)
 
+    def pack_tiles(self) -> bool:
+        """Never: an embedding's rows are looked up one by one, in the layout of the module docstring."""
+        return False
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.format_repr()}"
 
@@ -386,8 +447,17 @@ class TiedQuantHead(nn.Module):
         return "tied to model.embed_tokens"
 
 
-def _dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+def pack_tiles(model: nn.Module) -> int:
+    """Put the model's int4 layers with groups of 32 into 16-row tiles where that is faster
+    (`QuantLinear.pack_tiles`); returns how many are in tiles. For a loaded model, before it runs."""
+    return sum(1 for m in model.modules() if isinstance(m, QuantLinear) and m.pack_tiles())
+
+
+def _dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None,
+                x16: bool = False) -> torch.Tensor:
     ops = kernels.ops() if qweight.device.type == "cpu" and qweight.shape[0] > 0 else None
+    if x16:  # 16-row tiles (QuantLinear.pack_tiles) exist only where the kernels run
+        qweight, scales = ops.qunpack(qweight, scales)
     if ops is None:
         return dequantize_weight(qweight, scales, bits)
     return ops.dequantize(qweight, scales, bits, group_size or qweight.shape[1] * (8 // bits))

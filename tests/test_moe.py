@@ -97,9 +97,26 @@ def test_quantized_experts_equal_each_quantlinear(kind, group, rows):
     x = _x(rows)
     if rows <= GROUPED_MAX_ROWS:
         _ops()
-        assert block._kernel_args(x)[-2:] == (8 if kind == "int8" else 4, group or 0)
+        assert block._kernel_args(x)[-3:] == (8 if kind == "int8" else 4, group or 0, False)
     ref = loop_reference(block, x)
     assert _rel(block(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 5, GROUPED_MAX_ROWS])
+@torch.no_grad()
+def test_int4_experts_in_tiles_equal_the_rows(rows):
+    """Q4_0 experts in 16-row tiles (`QuantLinear.pack_tiles`): the kernel takes whole tiles of w1/w3 and w2,
+    and computes what it computes on the file's layout, to float rounding."""
+    _ops()
+    if not kernels.has_vnni():
+        pytest.skip("16-row int4 tiles are made on CPUs with AVX-512 VNNI only")
+    block = _block("int4", 32)
+    x = _x(rows)
+    rows_out = block(x)
+    assert all(m.pack_tiles() for m in block.experts.modules() if isinstance(m, QuantLinear))
+    assert block._kernel_args(x)[-3:] == (4, 32, True)
+    assert _rel(block(x), rows_out) < 1e-6
+    assert _rel(block(x), loop_reference(block, x)) < 1e-5
 
 
 @torch.no_grad()
@@ -411,6 +428,7 @@ def test_a_stacked_argument_with_another_expert_count_is_refused():
     _into_one_storage(block)
     assert block.stack_experts()
     x = torch.randn(1, 384)
-    op, w1, s1, w3, s3, w2, s2, bits, group = block._kernel_args(x)
+    op, w1, s1, w3, s3, w2, s2, bits, group, x16 = block._kernel_args(x)
     with pytest.raises(RuntimeError, match="same number of experts"):
-        ops.moe_experts(x, torch.tensor([[0, 1, 2]]), torch.ones(1, 3), [w1[0][:4]], s1, w3, s3, w2, s2, bits, group)
+        ops.moe_experts(x, torch.tensor([[0, 1, 2]]), torch.ones(1, 3), [w1[0][:4]], s1, w3, s3, w2, s2, bits, group,
+                        x16)

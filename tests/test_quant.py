@@ -247,6 +247,73 @@ def test_int8_gemm_matches_the_gemv_numerics(kind, group, M):
         ops.qgemm(torch.randn(3, 40), torch.zeros(4, 40, dtype=torch.int8), torch.ones(4, 1, dtype=torch.half), 8, 40)
 
 
+def _tiled(layer: QuantLinear) -> QuantLinear:
+    """A copy of an int4 layer (groups of 32) in 16-row tiles; skips where the tiles' code does not run."""
+    _ops()
+    if not kernels.has_vnni():
+        pytest.skip("16-row int4 tiles are made on CPUs with AVX-512 VNNI only")
+    tiled = copy.deepcopy(layer)
+    assert tiled.pack_tiles() and tiled.x16
+    assert not torch.equal(tiled.qweight, layer.qweight)  # the bytes moved...
+    assert torch.equal(tiled.qweight.flatten().sort().values, layer.qweight.flatten().sort().values)  # none changed
+    return tiled
+
+
+@pytest.mark.parametrize("M", [1, 3, 5, 16, 17, 70])
+@torch.no_grad()
+def test_int4_tiles_compute_what_the_rows_compute(M):
+    """Q4_0 in the decode kernel's 16-row tiles: the same integer block sums as the file's layout, added in
+    another order (GEMV); the prefill GEMM packs the same tiles from them, so its results are the same bits."""
+    torch.manual_seed(M)
+    layer = QuantLinear.from_linear(nn.Linear(320, 48), "int4", 32)  # 10 blocks: a tile's loop runs past 8
+    tiled = _tiled(layer)
+    x = torch.randn(M, 320)
+    x[:, 7] *= 30
+    rows, tiles = layer(x), tiled(x)
+    if M >= quant.QGEMM_MIN_ROWS:
+        assert torch.equal(tiles, rows)
+    else:
+        torch.testing.assert_close(tiles, rows, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tiles.double(), _a8_reference(x, layer) + layer.bias.double(), rtol=1e-5, atol=1e-4)
+    torch.set_num_threads(2)
+    assert torch.equal(tiled(x), tiles)  # threads split whole tiles
+
+
+@torch.no_grad()
+def test_int4_tiles_save_load_and_move_in_the_file_layout():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(256, 32, bias=False), "int4", 32)
+    tiled = _tiled(layer)
+    x = torch.randn(2, 256)
+    saved = tiled.state_dict()
+    assert torch.equal(saved["qweight"], layer.qweight) and torch.equal(saved["scales"], layer.scales)
+    assert torch.equal(tiled.dequantize(), layer.dequantize())
+    other = QuantLinear.from_linear(nn.Linear(256, 32, bias=False), "int4", 32)
+    assert other.pack_tiles()
+    other.load_state_dict(saved)  # the file's layout in, tiles again
+    assert other.x16 and torch.equal(other(x), tiled(x))
+    assert torch.equal(other.state_dict()["qweight"], layer.qweight)
+    y = tiled(x)
+    tiled.int8_activations = False  # float activations: the file's layout, which that kernel reads
+    assert not tiled.x16 and torch.equal(tiled.qweight, layer.qweight)
+    torch.testing.assert_close(tiled(x), y, rtol=0.02, atol=0.02)
+    moved = copy.deepcopy(other).to("meta")  # another device: the file's layout
+    assert not moved.x16 and moved.qweight.is_meta
+
+
+def test_only_int4_with_groups_of_32_goes_into_tiles():
+    ops = _ops()
+    for kind, group, n in (("int8", 32, 32), ("int4", 64, 32), ("int4", 32, 40)):
+        layer = QuantLinear.from_linear(nn.Linear(256, n), kind, group)
+        assert not layer.pack_tiles() and not layer.x16
+    emb = QuantEmbedding.from_embedding(nn.Embedding(64, 256), "int4", 32)
+    assert not emb.pack_tiles()  # looked up by rows
+    if kernels.has_vnni():
+        q, s = quantize_weight(torch.randn(40, 256), "int4", 32)
+        with pytest.raises(RuntimeError, match="rows in multiples of 16"):
+            ops.qgemv(torch.randn(1, 256), q, s, 4, 32, True, True)
+
+
 @pytest.mark.parametrize("act", [True, False])
 def test_threads_split_rows_identically(act):
     """Rows are split between threads, each output computed whole by one thread: same bits."""

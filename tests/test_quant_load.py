@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lfm2
+from lfm2 import kernels
 from lfm2.errors import ConfigError
 from lfm2.quant import QuantEmbedding, QuantLinear, TiedQuantHead, from_gguf_q4_0, from_gguf_q8_0
 from tests.conftest import tiny_config, write_checkpoint
@@ -100,7 +101,9 @@ def test_gguf_blocks_become_quantized_layers_as_they_are(chat_checkpoint, tmp_pa
     layer = llm.model.model.layers[0].feed_forward.w1
     info = f.tensors["blk.0.ffn_gate.weight"]
     q, s = (from_gguf_q8_0 if kind == "int8" else from_gguf_q4_0)(f.raw(info.name), info.shape)
-    assert isinstance(layer, QuantLinear) and torch.equal(layer.qweight, q) and torch.equal(layer.scales, s)
+    saved = layer.state_dict()  # the file's layout even where the layer runs in 16-row tiles
+    assert isinstance(layer, QuantLinear) and torch.equal(saved["qweight"], q) and torch.equal(saved["scales"], s)
+    assert layer.x16 == (kind == "int4" and kernels.has_vnni())  # Q4_0 in the decode tiles where they are faster
     assert torch.allclose(layer.dequantize(), f.tensor(info.name))  # the file's values, no requantization
     emb = llm.model.model.embed_tokens
     assert isinstance(emb, QuantEmbedding) and emb.kind == "int8"  # token_embd is Q8_0 in both files

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qgemv.cpp")
 SOURCES = tuple(Path(__file__).with_name(f)
                 for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "norm.cpp", "moe.cpp"))
 # included by the sources: part of the build's key
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h", "moe_slots.h"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h", "moe_slots.h", "q4_tiles.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
 DIR_ENV = "LFM2_KERNEL_DIR"
 # "avx2": the kernels run their AVX2 code even on an AVX-512 CPU (no AVX-512, no VNNI GEMMs), to test and
@@ -121,7 +121,7 @@ def _register_fakes() -> None:
     """Shapes of the operators' outputs, for `torch.compile` and meta tensors."""
 
     @torch.library.register_fake("lfm2_quant::qgemv")
-    def _(x, qweight, scales, bits, group_size, int8_activations):
+    def _(x, qweight, scales, bits, group_size, int8_activations, x16=False):
         return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("lfm2_quant::fgemv")
@@ -129,8 +129,12 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @torch.library.register_fake("lfm2_quant::qgemm")
-    def _(x, qweight, scales, bits, group_size):
+    def _(x, qweight, scales, bits, group_size, x16=False):
         return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+    @torch.library.register_fake("lfm2_quant::qunpack")
+    def _(qweight, scales):
+        return torch.empty_like(qweight), torch.empty_like(scales)
 
     @torch.library.register_fake("lfm2_quant::kgemv")
     def _(x, blocks, type, k):
@@ -161,7 +165,7 @@ def _register_fakes() -> None:
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("lfm2_quant::moe_experts")
-    def _(x, chosen, weights, w1, s1, w3, s3, w2, s2, bits, group_size):
+    def _(x, chosen, weights, w1, s1, w3, s3, w2, s2, bits, group_size, x16=False):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("lfm2_quant::kmoe_experts")

@@ -40,6 +40,7 @@
 #endif
 #include "activations.h"
 #include "moe_slots.h"
+#include "q4_tiles.h"
 #define LFM2_MOE_AVX2 LFM2_AVX2
 
 namespace {
@@ -255,12 +256,19 @@ Mat expert_matrix(at::TensorList qs, at::TensorList ss, int64_t e, int64_t bits,
 
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::Tensor& weights, at::TensorList w1,
                        at::TensorList s1, at::TensorList w3, at::TensorList s3, at::TensorList w2,
-                       at::TensorList s2, int64_t bits, int64_t group_size) {
+                       at::TensorList s2, int64_t bits, int64_t group_size, bool x16) {
   TORCH_CHECK(bits == 4 || bits == 8 || bits == 32, "lfm2 moe_experts: bits must be 4, 8 (quantized) or 32 (float), got ",
               bits);
   TORCH_CHECK(group_size == 0 || group_size == 32 || group_size == 64 || group_size == 128,
               "lfm2 moe_experts: group_size must be 32, 64, 128 or 0 (one scale per row), got ", group_size);
   TORCH_CHECK(bits != 4 || group_size != 0, "lfm2 moe_experts: int4 needs a group size");
+#if LFM2_MOE_AVX2
+  const bool tiles_run = lfm2_simd::cpu_has_vnni512();
+#else
+  const bool tiles_run = false;
+#endif
+  TORCH_CHECK(!x16 || (bits == 4 && group_size == 32 && tiles_run),
+              "lfm2 moe_experts: 16-row tiles (x16) hold int4 weights with groups of 32 and need AVX-512 VNNI");
   lfm2_moe::check_routing(x, chosen, weights, "moe_experts");
   using lfm2_moe::num_experts;
   const int64_t M = x.size(0), D = x.size(1), E = num_experts(w1), K = chosen.size(1);
@@ -276,6 +284,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
   TORCH_CHECK(bits != 4 || (D % kBlock == 0 && H % kBlock == 0), "lfm2 moe_experts: int4 rows must be multiples of 32");
   TORCH_CHECK(group_size == 0 || (D % group_size == 0 && H % group_size == 0), "lfm2 moe_experts: group_size ",
               group_size, " does not divide D=", D, " and H=", H);
+  TORCH_CHECK(!x16 || (D % lfm2_q4x16::kRows == 0 && H % lfm2_q4x16::kRows == 0),
+              "lfm2 moe_experts: 16-row tiles need D and H in multiples of 16, got ", D, " and ", H);
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "moe_experts");
   const int64_t U = g.count();
@@ -299,6 +309,23 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
 
   const float* xp = x.data_ptr<float>();
   QActivations xa, ha;
+  if (x16) {  // whole tiles of 16 rows at a time, values in order (no pair layout), as qgemv's tiles
+#if LFM2_MOE_AVX2
+    using lfm2_q4x16::kRows;
+    xa = quantize_activations(xp, M, D, 8);
+    const auto tile = [](const Mat& W, int64_t n0, const QActivations& a, int64_t m, float* out) {
+      lfm2_q4x16::rows<1>(W.q + n0 * W.row_bytes, W.s + n0 * W.groups, W.nb, a, m, out, 0);
+    };
+    return lfm2_moe::two_passes_units(
+        x, weights, g, H, kRows, kRows, W1[0].row_bytes, W2[0].row_bytes,
+        [&](int64_t u, int64_t n0, int64_t m, float* a, float* b) {
+          tile(W1[u], n0, xa, m, a);
+          tile(W3[u], n0, xa, m, b);
+        },
+        [&](const std::vector<float>& h) { ha = quantize_activations(h.data(), M * K, H, 8); },
+        [&](int64_t u, int64_t n0, int64_t slot, const float*, float* out) { tile(W2[u], n0, ha, slot, out); });
+#endif
+  }
   if (bits != 32) xa = quantize_activations(xp, M, D, static_cast<int>(bits));
   return lfm2_moe::two_passes(
       x, weights, g, H, W1[0].row_bytes, W2[0].row_bytes,
@@ -315,7 +342,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
 
 TORCH_LIBRARY_FRAGMENT(lfm2_quant, m) {
   m.def("moe_experts(Tensor x, Tensor chosen, Tensor weights, Tensor[] w1, Tensor[] s1, Tensor[] w3, Tensor[] s3, "
-        "Tensor[] w2, Tensor[] s2, int bits, int group_size) -> Tensor");
+        "Tensor[] w2, Tensor[] s2, int bits, int group_size, bool x16=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) { m.impl("moe_experts", &moe_experts); }

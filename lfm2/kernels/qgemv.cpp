@@ -30,18 +30,21 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #endif
 #include "activations.h"
+#include "q4_tiles.h"
 #include "simd.h"  // its SIMD helpers only where the SIMD code is built
 
 namespace {
@@ -354,13 +357,37 @@ int64_t grain_rows(const QMatrix& W) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, W.row_bytes));
 }
 
+// The checks of a call on int4 weights in 16-row tiles (q4_tiles.h), made only where the VNNI code runs.
+void check_tiles(const QMatrix& W, const char* op) {
+  TORCH_CHECK(W.bits == 4 && W.group_size == 32 && W.n % lfm2_q4x16::kRows == 0, "lfm2 ", op,
+              ": 16-row tiles hold int4 weights with groups of 32 and rows in multiples of 16; got ", W.bits,
+              " bits, group_size ", W.group_size, ", ", W.n, " rows");
+  TORCH_CHECK(LFM2_AVX2 && lfm2_simd::cpu_has_vnni512(), "lfm2 ", op,
+              ": int4 weights in 16-row tiles need AVX-512 VNNI; restore the file's layout with qunpack");
+}
+
 at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
-                 int64_t group_size, bool int8_activations) {
+                 int64_t group_size, bool int8_activations, bool x16) {
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
   const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemv");
   at::Tensor y = lfm2_act::output_for(x, W.n);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (x16) {
+    check_tiles(W, "qgemv");
+    TORCH_CHECK(int8_activations, "lfm2 qgemv: 16-row tiles multiply int8 activations only");
+#if LFM2_AVX2
+    const QActivations a = quantize_activations(xp, m_rows, W.k, 8);  // 8: no pair layout, the tiles take values in order
+    const int64_t tile_bytes = lfm2_q4x16::kRows * W.row_bytes;
+    at::parallel_for(0, W.n / lfm2_q4x16::kRows, std::max<int64_t>(1, (int64_t{1} << 15) / tile_bytes),
+                     [&](int64_t t0, int64_t t1) {
+                       for (int64_t ti = t0; ti < t1; ++ti)
+                         lfm2_q4x16::tile(W.q + ti * tile_bytes, W.s + ti * lfm2_q4x16::kRows * W.groups, W.nb, a,
+                                          m_rows, yp + ti * lfm2_q4x16::kRows, W.n);
+                     });
+#endif
+    return y;
+  }
   QActivations a;
   if (int8_activations) a = quantize_activations(xp, m_rows, W.k, W.bits);
   at::parallel_for(0, W.n, grain_rows(W), [&](int64_t n0, int64_t n1) {
@@ -528,7 +555,8 @@ void pack_tile(const QMatrix& W, int64_t n0, int64_t rows, PackedTile& t) {
 // pack_tile for a whole tile of 16 rows, vectorized: each 64-byte group of the packed layout is
 // one gather of a 4-byte word from each of the 16 rows (int4: one gather serves groups g and
 // g + 4, the low and high nibbles), and the offsets come from vpdpbusd against bytes of 128.
-LFM2_VNNI void pack_full_tile(const QMatrix& W, int64_t n0, PackedTile& t) {
+// From int4 weights in 16-row tiles (x16, q4_tiles.h) each such word group is one load.
+LFM2_VNNI void pack_full_tile(const QMatrix& W, int64_t n0, bool x16, PackedTile& t) {
   t.q.resize(W.nb * 8 * kTileRows * 4);
   t.scale.resize(W.nb * kTileRows);
   t.offset.resize(W.nb * kTileRows);
@@ -548,7 +576,8 @@ LFM2_VNNI void pack_full_tile(const QMatrix& W, int64_t n0, PackedTile& t) {
       }
     } else {
       for (int g = 0; g < 4; ++g) {
-        const __m512i v = _mm512_i32gather_epi32(rows, base + b * 16 + 4 * g, 1);
+        const __m512i v = x16 ? _mm512_loadu_si512(base + b * lfm2_q4x16::kBlockBytes + 64 * g)
+                              : _mm512_i32gather_epi32(rows, base + b * 16 + 4 * g, 1);
         const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, low4), eight);
         const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
         _mm512_storeu_si512(dst + g * 64, lo);
@@ -558,7 +587,8 @@ LFM2_VNNI void pack_full_tile(const QMatrix& W, int64_t n0, PackedTile& t) {
     }
     _mm512_storeu_si512(t.offset.data() + b * kTileRows, sum);
     const int64_t gi = W.groups == 1 ? 0 : b >> W.shift;
-    for (int j = 0; j < kTileRows; ++j) t.scale[b * kTileRows + j] = half_to_float(W.s[(n0 + j) * W.groups + gi]);
+    for (int j = 0; j < kTileRows; ++j)
+      t.scale[b * kTileRows + j] = half_to_float(x16 ? W.s[n0 * W.groups + b * kTileRows + j] : W.s[(n0 + j) * W.groups + gi]);
   }
 }
 
@@ -664,8 +694,9 @@ void gemm_rows_avx2(const PackedTile& t, const QMatrix& W, const lfm2_act::UActi
 #endif
 
 at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
-                 int64_t group_size) {
+                 int64_t group_size, bool x16) {
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
+  if (x16) check_tiles(W, "qgemm");
   const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemm");
   TORCH_CHECK(W.k % kBlock == 0, "lfm2 qgemm: K must be a multiple of 32, got ", W.k);
   TORCH_CHECK(LFM2_AVX2, "lfm2 qgemm: needs the SIMD build (AVX2; check lfm2_quant.simd() first)");
@@ -687,7 +718,7 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
         else gemm_rows_avx2<false>(t, W, a, m_rows, yp, n0, cols);
         continue;
       }
-      if (cols == kTileRows) pack_full_tile(W, n0, t);
+      if (cols == kTileRows) pack_full_tile(W, n0, x16, t);
       else pack_tile(W, n0, cols, t);
       int64_t m = 0;
       for (; m + kGemmRows <= m_rows; m += kGemmRows)
@@ -700,6 +731,41 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   return y;
 }
 
+// Rearrange an int4 matrix (groups of 32) into 16-row tiles in place, a tile at a time through a copy of its
+// rows: stacked MoE experts stay where they are in their storage. Only where the tiles' code runs.
+void qpack_(const at::Tensor& qweight, const at::Tensor& scales) {
+  const QMatrix W = check_matrix(qweight, scales, 4, 32);
+  check_tiles(W, "qpack_");
+  uint8_t* q = static_cast<uint8_t*>(qweight.data_ptr());
+  at::Half* s = scales.data_ptr<at::Half>();
+  const int64_t kR = lfm2_q4x16::kRows;
+  at::parallel_for(0, W.n / kR, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> rows(kR * W.row_bytes);
+    std::vector<at::Half> rs(kR * W.groups);
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      std::memcpy(rows.data(), q + ti * kR * W.row_bytes, rows.size());
+      std::memcpy(rs.data(), s + ti * kR * W.groups, rs.size() * sizeof(at::Half));
+      lfm2_q4x16::pack(rows.data(), rs.data(), W.row_bytes, W.nb, q + ti * kR * W.row_bytes, s + ti * kR * W.groups);
+    }
+  });
+}
+
+// An int4 matrix in 16-row tiles back in the file's layout (new tensors); runs on any CPU.
+std::tuple<at::Tensor, at::Tensor> qunpack(const at::Tensor& qweight, const at::Tensor& scales) {
+  const QMatrix W = check_matrix(qweight, scales, 4, 32);
+  const int64_t kR = lfm2_q4x16::kRows;
+  TORCH_CHECK(W.n % kR == 0, "lfm2 qunpack: 16-row tiles have rows in multiples of 16, the matrix has ", W.n);
+  at::Tensor q = at::empty_like(qweight), s = at::empty_like(scales);
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  at::Half* sp = s.data_ptr<at::Half>();
+  at::parallel_for(0, W.n / kR, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti)
+      lfm2_q4x16::unpack(W.q + ti * kR * W.row_bytes, W.s + ti * kR * W.groups, W.row_bytes, W.nb,
+                         qp + ti * kR * W.row_bytes, sp + ti * kR * W.groups);
+  });
+  return {q, s};
+}
+
 bool vnni() { return lfm2_simd::cpu_has_vnni512(); }
 
 // Whether this build has the SIMD code: the AVX2 kernels, `qgemm` and `kgemm` among them (for the
@@ -709,12 +775,15 @@ bool simd() { return LFM2_AVX2; }
 }  // namespace
 
 TORCH_LIBRARY(lfm2_quant, m) {
-  m.def("qgemv(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size, bool int8_activations) -> Tensor");
+  m.def("qgemv(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size, bool int8_activations, "
+        "bool x16=False) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
   m.def("fgemv(Tensor x, Tensor weight) -> Tensor");
   m.def("simd() -> bool", &simd);
   m.def("vnni() -> bool", &vnni);
-  m.def("qgemm(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
+  m.def("qgemm(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size, bool x16=False) -> Tensor");
+  m.def("qpack_(Tensor(a!) qweight, Tensor(b!) scales) -> ()");
+  m.def("qunpack(Tensor qweight, Tensor scales) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
@@ -722,4 +791,6 @@ TORCH_LIBRARY_IMPL(lfm2_quant, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("fgemv", &fgemv);
   m.impl("qgemm", &qgemm);
+  m.impl("qpack_", &qpack_);
+  m.impl("qunpack", &qunpack);
 }

@@ -110,7 +110,7 @@ class SparseMoeBlock(nn.Module):
     def _kernel_args(self, x: torch.Tensor) -> tuple | None:
         """(op, *arguments after x, chosen, weights) for one of the grouped kernels, or None.
 
-        `moe_experts` (w1, s1, w3, s3, w2, s2, bits, group_size) runs experts that are all
+        `moe_experts` (w1, s1, w3, s3, w2, s2, bits, group_size, x16) runs experts that are all
         `QuantLinear` of one format with int8 activations (what `lfm2.quant` makes, and GGUF Q8_0 /
         Q4_0 files), or all float32 `Linear`s, without biases; `kmoe_experts` (w1, w3, w2 and their
         GGML types) runs experts that are all `KQuantLinear` (GGUF K-quant files), a type per
@@ -143,12 +143,12 @@ class SparseMoeBlock(nn.Module):
             for i, name in enumerate(("w1", "w3", "w2")):
                 m = expert._modules[name]
                 if type(m) is quant.QuantLinear:
-                    f = (m.bits, m.group_size, m.int8_activations, m._buffers["bias"] is None)
+                    f = (m.bits, m.group_size, m._int8_activations, m._buffers["bias"] is None, m.x16)
                     cols[2 * i].append(m._buffers["qweight"])
                     cols[2 * i + 1].append(m._buffers["scales"])
                 elif is_plain_linear(m):
                     w = m._parameters["weight"]
-                    f = (32, None, w.dtype == torch.float32 and w.is_contiguous(), m._parameters["bias"] is None)
+                    f = (32, None, w.dtype == torch.float32 and w.is_contiguous(), m._parameters["bias"] is None, False)
                     cols[2 * i].append(w)
                 else:
                     return None
@@ -158,7 +158,7 @@ class SparseMoeBlock(nn.Module):
                     return None
         if fmt is None or not (fmt[2] and fmt[3]) or not cols[0][0].is_cpu:
             return None
-        return ops.moe_experts, cols, (fmt[0], fmt[1] or 0)
+        return ops.moe_experts, cols, (fmt[0], fmt[1] or 0, fmt[4])
 
     def _kquant_args(self, ops) -> tuple | None:
         """`kmoe_experts` and its arguments where every expert matrix is a CPU `KQuantLinear`,
