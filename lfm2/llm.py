@@ -623,9 +623,10 @@ def load_vl_model(ckpt: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 
 def _ready(llm: LLM, compile: bool | None) -> LLM:
-    """The loaded model, its int4 layers in tiles where faster, its decode step set to compile, and the loading thread's OpenMP workers given
-    back: an application that loads in one thread and generates in another (a worker pool, a web
-    framework's threads) would otherwise decode at a third of the speed (`lfm2.threads`)."""
+    """The loaded model: its int4 layers in tiles where faster, its decode step set to compile, and the
+    loading thread's OpenMP workers given back: an application that loads in one thread and generates in
+    another (a worker pool, a web framework's threads) would otherwise decode at a third of the speed
+    (`lfm2.threads`)."""
     from lfm2.compile import auto_compile, compile_decode
     from lfm2.quant import pack_tiles
 
