@@ -560,6 +560,8 @@ def _resolve_names(f: GGUFFile, config: ModelConfig) -> list[tuple[str, str, lis
 REQUANT_CHUNK_BYTES = 16 * 2**20
 # GGUF block types that are our quantized layouts byte for byte (group size 32), by our format name.
 DIRECT_TYPES = {"int8": GGMLType.Q8_0, "int4": GGMLType.Q4_0}
+# The embedding's and an untied head's format from their block type, whatever the layers' `quantize`.
+DIRECT_KINDS = {t: kind for kind, t in DIRECT_TYPES.items()}
 
 
 def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -570,9 +572,9 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
     Without `quantize`, every weight is dequantized to `dtype`. With `quantize` ("int8" or
     "int4"), tensors stored in the matching GGUF block type (Q8_0 / Q4_0, at group size 32)
     become quantized layers directly from the file's blocks, never passing through float32;
-    the embedding / head likewise when stored as Q8_0 (our int4 models keep it in int8, as
-    llama.cpp's Q4_0 files do). Matrices in other block types (the K-quants of Q4_K_M / Q5_K_M /
-    Q6_K files, Q4_1, Q5_0, ...) are requantized one tensor at a time as they are read (the
+    the embedding / head likewise when stored as Q8_0 or Q4_0, whatever `quantize` (our int4 models
+    keep it in int8, as most Q4_0 files do). Matrices in other block types (the K-quants of Q4_K_M /
+    Q5_K_M / Q6_K files, Q4_1, Q5_0, ...) are requantized one tensor at a time as they are read (the
     embedding and an untied head to int8; a 2-D matrix a few MiB of rows at a time, stacked MoE
     experts tensor by tensor), so no float32 copy of the model is ever in memory; whatever remains
     float (F32/F16/BF16 matrices) is then quantized by `quantize_model`.
@@ -597,8 +599,10 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
             matrix = embedding or ours == ["lm_head.weight"] or all(o in linear for o in ours)
             if kquants and matrix and kquant.supports(ttype, f.tensors[src].shape[-1]):
                 kept.add(src)
-            elif group_size == 32 and embedding and ttype == GGMLType.Q8_0:
-                direct[src] = "int8"
+            elif group_size == 32 and (embedding or ours == ["lm_head.weight"]) and ttype in DIRECT_KINDS:
+                # as the file stores them: requantizing Q4_0 values to int8 moved them (teacher-forced top-1 against
+                # llama.cpp on its own Q4_0 file, 1,024 positions: 95.0% -> 96.7%; docs/benchmarks.md)
+                direct[src] = DIRECT_KINDS[ttype]
             elif group_size == 32 and all(o in linear for o in ours) and ttype == DIRECT_TYPES[quantize]:
                 direct[src] = quantize
             elif ttype in QUANT_TYPES and matrix:
