@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py [--preset LFM2-350M] [--threads 2] [--reps 7] [--rows] [--attention]
     python benchmarks/kernels.py --kquants [--preset LFM2-350M] [--threads 2]
+    python benchmarks/kernels.py --q4-tiles [--preset LFM2-8B-A1B] [--threads 2]
 
 For each weight shape of the preset (every matrix a token goes through: conv or attention
 projections, the feed-forward, the 65536-row output head; only the chosen experts of an MoE),
@@ -22,7 +23,9 @@ against lfm2's decode attention kernel (`lfm2/kernels/attention.cpp`), in GB/s o
 `--kquants` times the step's matrices as GGUF K-quants (`lfm2/kernels/kquant.cpp`, random blocks on
 huge pages, as a loaded file's are): `kgemv` on Q4_K in the file's layout, on Q4_K in 16-row tiles
 (what a load makes of Q4_K matrices on AVX-512 VNNI CPUs) and on Q6_K; then the same on one matrix per
-shape called as often (in cache: the kernels' own speed), and `kgemm` at 512 rows.
+shape called as often (in cache: the kernels' own speed), and `kgemm` at 512 rows. `--q4-tiles` does the
+same for int4 / Q4_0 (`qgemv`, `qgemm`): the file's layout against the 16-row tiles a load makes of it on
+AVX-512 VNNI CPUs (`lfm2/kernels/q4_tiles.h`).
 """
 
 from __future__ import annotations
@@ -252,30 +255,21 @@ def _k_blocks(N: int, K: int, qtype: int, seed: int) -> torch.Tensor:
     return out.view(N, -1)
 
 
-def bench_kquants(name: str, reps: int) -> None:
-    """kgemv on Q4_K (file layout, 16-row tiles) and Q6_K, over one decode step's matrices; in cache; kgemm."""
-    from lfm2.kquant import Q4_K_X16
-
-    ops = kernels.ops()
-    if ops is None or not kernels.has_int8_gemm():
-        print("(--kquants needs the C++ kernels on a CPU with AVX-512 VNNI: the Q4_K tiles exist only there)")
-        return
-    engines = {"q4_k rows": (12, False), "q4_k tiles": (12, True), "q6_k rows": (14, False)}
-    step_shapes_k = [(label, N, K, count) for label, N, K, count in step_shapes(name) if K % 256 == 0]
+def _step_tables(name: str, reps: int, what: str, shapes: list[tuple[str, int, int, int]], engines: list[str],
+                 make: Callable[[str, int, int, int], tuple],
+                 gemv: Callable[[str, torch.Tensor, tuple], object]) -> None:
+    """One decode step's matrices through each engine's GEMV, batch 1: distinct matrices (from memory), then one
+    matrix per shape called as often (in cache). make(engine, N, K, seed) builds a matrix (a tuple of tensors),
+    gemv(engine, x, matrix) multiplies; GB/s counts the matrix's bytes."""
     for cached in (False, True):
         rows, totals, total_bytes = [], {e: [0.0] * reps for e in engines}, dict.fromkeys(engines, 0)
-        for i, (label, N, K, count) in enumerate(step_shapes_k):
-            mats = {}
-            for e, (qtype, tiles) in engines.items():
-                ms = [_k_blocks(N, K, qtype, seed=100 * i + j) for j in range(1 if cached else count)]
-                for m in ms if tiles else []:
-                    ops.kpack_(m, qtype, K)
-                mats[e] = (ms * count if cached else ms, Q4_K_X16 if tiles else qtype)
+        for i, (label, N, K, count) in enumerate(shapes):
+            mats = {e: [make(e, N, K, 100 * i + j) for j in range(1 if cached else count)] for e in engines}
+            mats = {e: ms * count if cached else ms for e, ms in mats.items()}
             x = torch.randn(1, K)
 
-            def run(e: str, mats=mats, x=x, K=K) -> float:
-                ms, kind = mats[e]
-                return timed(lambda: [ops.kgemv(x, m, kind, K) for m in ms])
+            def run(e: str, mats=mats, x=x) -> float:
+                return timed(lambda: [gemv(e, x, m) for m in mats[e]])
 
             for e in engines:
                 run(e)
@@ -286,27 +280,100 @@ def bench_kquants(name: str, reps: int) -> None:
                     totals[e][r] += times[e][-1]
             cells = []
             for e in engines:
-                t, nbytes = statistics.median(times[e]), count * mats[e][0][0].numel()
+                t, nbytes = statistics.median(times[e]), count * sum(m.nbytes for m in mats[e][0])
                 cells.append(f"{t / count * 1e6:8.0f} ({nbytes / t / 1e9:4.1f})")
                 total_bytes[e] += nbytes
             rows.append((f"{label} {N}x{K} x{count}", cells))
         med = {e: statistics.median(totals[e]) for e in engines}
         step = [f"{med[e] * 1e3:7.2f}ms ({total_bytes[e] / med[e] / 1e9:4.1f})" for e in engines]
         where = "one matrix per shape, in cache" if cached else "distinct matrices, from memory"
-        _print_table(f"\n{name}, kgemv, batch 1, {torch.get_num_threads()} thread(s), {where}; us per call "
-                     "(GB/s of blocks)", list(engines), rows, ("whole step", step))
-    print(f"\n{name}, kgemm at 512 rows (prefill), Q4_K: ms per call, file layout / 16-row tiles")
-    for i, (label, N, K, _) in enumerate(step_shapes_k):
-        plain = _k_blocks(N, K, 12, seed=i)
-        tiled = plain.clone()
-        ops.kpack_(tiled, 12, K)
+        _print_table(f"\n{name}, {what}, batch 1, {torch.get_num_threads()} thread(s), {where}; us per call "
+                     "(GB/s of weight bytes)", engines, rows, ("whole step", step))
+
+
+def _prefill_table(name: str, reps: int, what: str, shapes: list[tuple[str, int, int, int]],
+                   make: Callable[[int, int, int], tuple[tuple, tuple]],
+                   gemm: Callable[[torch.Tensor, tuple, bool], object]) -> None:
+    """The prefill product at 512 rows on each shape: make(N, K, seed) -> (file layout, 16-row tiles)."""
+    print(f"\n{name}, {what} at 512 rows (prefill): ms per call, file layout / 16-row tiles")
+    for i, (label, N, K, _) in enumerate(shapes):
+        plain, tiled = make(N, K, i)
         x = torch.randn(512, K)
         ts: dict[str, list[float]] = {"rows": [], "tiles": []}
         for _ in range(reps):
-            ts["rows"].append(timed(lambda: ops.kgemm(x, plain, 12, K)))  # noqa: B023
-            ts["tiles"].append(timed(lambda: ops.kgemm(x, tiled, Q4_K_X16, K)))  # noqa: B023
+            ts["rows"].append(timed(lambda: gemm(x, plain, False)))  # noqa: B023
+            ts["tiles"].append(timed(lambda: gemm(x, tiled, True)))  # noqa: B023
         a, b = statistics.median(ts["rows"]), statistics.median(ts["tiles"])
         print(f"{label} {N}x{K}: {a * 1e3:.1f} / {b * 1e3:.1f} ({a / b:.2f}x)")
+
+
+def bench_kquants(name: str, reps: int) -> None:
+    """kgemv on Q4_K (file layout, 16-row tiles) and Q6_K, over one decode step's matrices; in cache; kgemm."""
+    from lfm2.kquant import Q4_K_X16
+
+    ops = kernels.ops()
+    if ops is None or not kernels.has_vnni():
+        print("(--kquants needs the C++ kernels on a CPU with AVX-512 VNNI: the Q4_K tiles exist only there)")
+        return
+    types = {"q4_k rows": (12, 12), "q4_k tiles": (12, Q4_K_X16), "q6_k rows": (14, 14)}  # (file type, kernel's)
+
+    def make(e: str, N: int, K: int, seed: int) -> tuple:
+        blocks = _k_blocks(N, K, types[e][0], seed)
+        if types[e][1] == Q4_K_X16:
+            ops.kpack_(blocks, 12, K)
+        return (blocks,)
+
+    shapes = [(label, N, K, count) for label, N, K, count in step_shapes(name) if K % 256 == 0]
+    _step_tables(name, reps, "kgemv", shapes, list(types), make,
+                 lambda e, x, m: ops.kgemv(x, m[0], types[e][1], x.shape[-1]))
+
+    def make_pair(N: int, K: int, seed: int) -> tuple[tuple, tuple]:
+        plain = _k_blocks(N, K, 12, seed)
+        tiled = plain.clone()
+        ops.kpack_(tiled, 12, K)
+        return (plain,), (tiled,)
+
+    _prefill_table(name, reps, "kgemm, Q4_K", shapes, make_pair,
+                   lambda x, m, tiles: ops.kgemm(x, m[0], Q4_K_X16 if tiles else 12, x.shape[-1]))
+
+
+def _q4_matrix(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int4 values (groups of 32) with float16 scales, on huge pages as a loaded file's are."""
+    from lfm2.weights import huge_page_buffer
+
+    g = torch.Generator().manual_seed(seed)
+    q = huge_page_buffer(N * K // 2)[: N * K // 2].view(N, K // 2)
+    q.copy_(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g))
+    return q, (torch.rand(N, K // 32, generator=g) * 0.01).half()
+
+
+def bench_q4_tiles(name: str, reps: int) -> None:
+    """qgemv on int4 / Q4_0 in the file's layout and in 16-row tiles, over one decode step's matrices (an MoE's
+    chosen experts among them); in cache; qgemm at 512 rows from either layout."""
+    ops = kernels.ops()
+    if ops is None or not kernels.has_vnni():
+        print("(--q4-tiles needs the C++ kernels on a CPU with AVX-512 VNNI: the int4 tiles exist only there)")
+        return
+
+    def make(e: str, N: int, K: int, seed: int) -> tuple:
+        q, s = _q4_matrix(N, K, seed)
+        if e == "q4_0 tiles":
+            ops.qpack_(q, s)
+        return q, s
+
+    shapes = [(label, N, K, count) for label, N, K, count in step_shapes(name) if label != "lm_head"]
+    _step_tables(name, reps, "qgemv, int4 (the head is int8 in Q4_0 files: left out)", shapes,
+                 ["q4_0 rows", "q4_0 tiles"], make,
+                 lambda e, x, m: ops.qgemv(x, m[0], m[1], 4, 32, True, e == "q4_0 tiles"))
+
+    def make_pair(N: int, K: int, seed: int) -> tuple[tuple, tuple]:
+        q, s = _q4_matrix(N, K, seed)
+        tq, ts = q.clone(), s.clone()
+        ops.qpack_(tq, ts)
+        return (q, s), (tq, ts)
+
+    _prefill_table(name, reps, "qgemm, Q4_0", shapes, make_pair,
+                   lambda x, m, tiles: ops.qgemm(x, m[0], m[1], 4, 32, tiles))
 
 
 def main() -> None:
@@ -317,12 +384,16 @@ def main() -> None:
     parser.add_argument("--rows", action="store_true", help="also sweep the number of input rows")
     parser.add_argument("--attention", action="store_true", help="also time the decode attention")
     parser.add_argument("--kquants", action="store_true", help="only the K-quant kernels (Q4_K rows and tiles, Q6_K)")
+    parser.add_argument("--q4-tiles", action="store_true", help="only the int4 / Q4_0 kernels (rows and 16-row tiles)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():
         if args.kquants:
             bench_kquants(args.preset, args.reps)
+            return
+        if args.q4_tiles:
+            bench_q4_tiles(args.preset, args.reps)
             return
         bench_step(args.preset, args.reps)
         if args.rows:
