@@ -10,8 +10,9 @@ The format (one layout for both widths, shared with the C++ kernels in `lfm2/ker
 - `scales` float16 (N, K / group_size).
 On CPUs with AVX-512 VNNI a loaded int4 layer with groups of 32 (GGUF Q4_0) is rearranged in place
 into tiles of 16 rows for the decode GEMV (`QuantLinear.pack_tiles`, the same bytes moved,
-`lfm2/kernels/q4_tiles.h`), read at 1.8-2.3x the per-row code's speed from cache (docs/benchmarks.md);
-`state_dict()`, `dequantize()` and a move to another device see the layout above.
+`lfm2/kernels/q4_tiles.h`): over LFM2-8B-A1B's decode matrices 1.85x the per-row code's speed on weights
+in cache and 1.27x from memory (`benchmarks/kernels.py --q4-tiles`, docs/benchmarks.md). `state_dict()`,
+`dequantize()` and a move to another device see the layout above.
 
 This is GGUF's Q8_0 and Q4_0 at group size 32, byte for byte, so `from_gguf_q8_0` and
 `from_gguf_q4_0` build layers from a file's blocks by splitting off the scales, without
