@@ -96,6 +96,22 @@ def cache_dir() -> str:
     return os.environ[INDUCTOR_ENV]
 
 
+def tag_cache_key() -> str:
+    """Add lfm2's kernel build (`lfm2.kernels.build_key`) to inductor's cache key
+    (`torch.compiler.config.cache_key_tag`, beside any tag of the user's); returns the tag.
+
+    Inductor's key has the graph and the custom operators' names, not their schemas: after an upgrade
+    that gave `moe_experts` one more argument, a graph cached by the older version called it with one
+    too few from its C++ wrapper and crashed the process (segmentation fault, torch 2.13)."""
+    from lfm2 import kernels
+
+    ours = f"lfm2-kernels-{kernels.build_key()}"
+    tag = torch.compiler.config.cache_key_tag
+    if ours not in tag.split():
+        torch.compiler.config.cache_key_tag = f"{tag} {ours}".strip()
+    return torch.compiler.config.cache_key_tag
+
+
 def auto_compile(model: torch.nn.Module) -> bool:
     """Whether `lfm2.load()` compiles `model`'s decode step by default: on the CPU, for models of
     at least `AUTO_MIN_WEIGHTS` weights, unless `LFM2_COMPILE=0`."""
@@ -144,6 +160,7 @@ class CompiledDecode:
 
     def __init__(self, model: torch.nn.Module, progress: bool = True) -> None:
         cache_dir()  # first: compiled code goes to lfm2's cache directory, not the temporary one
+        tag_cache_key()  # and under a key of this build of the kernels
         self.model = model
         self.progress = progress
         options = {**OPTIONS, "cpp_wrapper": _inputs(model) <= CPP_WRAPPER_MAX_TENSORS}

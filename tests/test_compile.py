@@ -207,3 +207,18 @@ def test_compiled_code_is_kept_in_lfm2s_cache_not_the_temporary_directory(monkey
     assert inductor_cache_dir() == str(ours)  # where inductor writes
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert lfm2_compile.cache_dir() == str(tmp_path / "mine")  # a directory the user chose is kept
+
+
+def test_inductor_cache_is_keyed_by_the_kernel_build(monkeypatch):
+    """A graph cached against other kernels (an older lfm2) is not loaded: it may call them with arguments
+    they no longer take, which crashed the process. The build's key joins the user's own tag, once."""
+    from lfm2 import compile as lfm2_compile
+    from lfm2 import kernels
+
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    compile_decode(random_model(tiny_config()), progress=False)
+    ours = f"lfm2-kernels-{kernels.build_key()}"
+    assert torch.compiler.config.cache_key_tag == f"mine {ours}"
+    assert lfm2_compile.tag_cache_key() == f"mine {ours}"  # not added twice
+    monkeypatch.setattr(kernels, "_state", {**kernels._state, "key": "0123456789ab"})
+    assert lfm2_compile.tag_cache_key().endswith("lfm2-kernels-0123456789ab")  # another build, another key

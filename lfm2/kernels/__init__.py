@@ -97,14 +97,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "lfm2" / "kernels").expanduser()
 
 
+def build_key() -> str:
+    """The kernels' build, named by their sources, the torch version and the compiler flags: a changed source
+    builds into a new directory, and `lfm2.compile` keys inductor's cache by it (a graph compiled against
+    other kernels may call them with arguments they no longer take)."""
+    if "key" not in _state:
+        cflags, _ = build_flags(cpu_has_simd())
+        code = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
+        _state["key"] = hashlib.sha256(code + f"{torch.__version__} {cflags}".encode()).hexdigest()[:12]
+    return _state["key"]
+
+
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
     simd = cpu_has_simd()
     cflags, ldflags = build_flags(simd)
-    code = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
-    key = hashlib.sha256(code + f"{torch.__version__} {cflags}".encode()).hexdigest()[:12]
-    name = f"lfm2_quant_{'avx2' if simd else 'generic'}_{key}"
+    name = f"lfm2_quant_{'avx2' if simd else 'generic'}_{build_key()}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{name}.so").is_file():
