@@ -20,7 +20,8 @@
 // activations.h), exact integer block dot products. The row dot products below are copies of
 // qgemv.cpp's (which keeps its own in an anonymous namespace); tests/test_moe.py holds this kernel
 // equal to QuantLinear expert by expert.
-// Or float32 weights (bits = 32): float dot products, as the float GEMV `fgemv`.
+// int4 experts with groups of 32 may be in qgemv's 16-row tiles (x16, q4_tiles.h), taken a whole tile of
+// rows at a time. Or float32 weights (bits = 32): float dot products, as the float GEMV `fgemv`.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -19,6 +19,9 @@
 //   block of 32 weights, and software prefetch ahead of the hardware's;
 // - float activations: weights are widened to float32 in registers and multiplied with the
 //   exact activations (FMA). No activation rounding, about twice the instructions.
+// On CPUs with AVX-512 VNNI, int4 matrices with groups of 32 may instead be in 16-row tiles (x16,
+// q4_tiles.h: `qpack_` makes them in place, `qunpack` restores this layout), which `qgemv` and `qgemm`
+// take with x16 = true.
 // `qgemm` is the many-row (prefill) product on CPUs with AVX-512 VNNI: the same int8-activation
 // numerics, integer block dot products by vpdpbusd on weight tiles repacked per call (see below).
 // Elsewhere, `dequantize` widens rows to float32 for a float GEMM on dequantized tiles, which
@@ -377,7 +380,8 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
     check_tiles(W, "qgemv");
     TORCH_CHECK(int8_activations, "lfm2 qgemv: 16-row tiles multiply int8 activations only");
 #if LFM2_AVX2
-    const QActivations a = quantize_activations(xp, m_rows, W.k, 8);  // 8: no pair layout, the tiles take values in order
+    // bits 8: no pair layout, the tiles take the values in order
+    const QActivations a = quantize_activations(xp, m_rows, W.k, 8);
     const int64_t tile_bytes = lfm2_q4x16::kRows * W.row_bytes;
     at::parallel_for(0, W.n / lfm2_q4x16::kRows, std::max<int64_t>(1, (int64_t{1} << 15) / tile_bytes),
                      [&](int64_t t0, int64_t t1) {
@@ -588,7 +592,8 @@ LFM2_VNNI void pack_full_tile(const QMatrix& W, int64_t n0, bool x16, PackedTile
     _mm512_storeu_si512(t.offset.data() + b * kTileRows, sum);
     const int64_t gi = W.groups == 1 ? 0 : b >> W.shift;
     for (int j = 0; j < kTileRows; ++j)
-      t.scale[b * kTileRows + j] = half_to_float(x16 ? W.s[n0 * W.groups + b * kTileRows + j] : W.s[(n0 + j) * W.groups + gi]);
+      t.scale[b * kTileRows + j] =
+          half_to_float(x16 ? W.s[n0 * W.groups + b * kTileRows + j] : W.s[(n0 + j) * W.groups + gi]);
   }
 }
 
