@@ -215,10 +215,13 @@ def test_inductor_cache_is_keyed_by_the_kernel_build(monkeypatch):
     from lfm2 import compile as lfm2_compile
     from lfm2 import kernels
 
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    compile_decode(random_model(tiny_config()), progress=False)
-    ours = f"lfm2-kernels-{kernels.build_key()}"
-    assert torch.compiler.config.cache_key_tag == f"mine {ours}"
-    assert lfm2_compile.tag_cache_key() == f"mine {ours}"  # not added twice
-    monkeypatch.setattr(kernels, "_state", {**kernels._state, "key": "0123456789ab"})
-    assert lfm2_compile.tag_cache_key().endswith("lfm2-kernels-0123456789ab")  # another build, another key
+    # (config.patch, not monkeypatch: undoing monkeypatch.setattr deletes a torch config entry for good)
+    before = torch.compiler.config.cache_key_tag
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        compile_decode(random_model(tiny_config()), progress=False)
+        ours = f"lfm2-kernels-{kernels.build_key()}"
+        assert torch.compiler.config.cache_key_tag == f"mine {ours}"
+        assert lfm2_compile.tag_cache_key() == f"mine {ours}"  # not added twice
+        monkeypatch.setattr(kernels, "_state", {**kernels._state, "key": "0123456789ab"})
+        assert lfm2_compile.tag_cache_key().endswith("lfm2-kernels-0123456789ab")  # another build, another key
+    assert torch.compiler.config.cache_key_tag == before
