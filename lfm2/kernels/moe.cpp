@@ -263,13 +263,6 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
   TORCH_CHECK(group_size == 0 || group_size == 32 || group_size == 64 || group_size == 128,
               "lfm2 moe_experts: group_size must be 32, 64, 128 or 0 (one scale per row), got ", group_size);
   TORCH_CHECK(bits != 4 || group_size != 0, "lfm2 moe_experts: int4 needs a group size");
-#if LFM2_MOE_AVX2
-  const bool tiles_run = lfm2_simd::cpu_has_vnni512();
-#else
-  const bool tiles_run = false;
-#endif
-  TORCH_CHECK(!x16 || (bits == 4 && group_size == 32 && tiles_run),
-              "lfm2 moe_experts: 16-row tiles (x16) hold int4 weights with groups of 32 and need AVX-512 VNNI");
   lfm2_moe::check_routing(x, chosen, weights, "moe_experts");
   using lfm2_moe::num_experts;
   const int64_t M = x.size(0), D = x.size(1), E = num_experts(w1), K = chosen.size(1);
@@ -285,8 +278,10 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& chosen, const at::
   TORCH_CHECK(bits != 4 || (D % kBlock == 0 && H % kBlock == 0), "lfm2 moe_experts: int4 rows must be multiples of 32");
   TORCH_CHECK(group_size == 0 || (D % group_size == 0 && H % group_size == 0), "lfm2 moe_experts: group_size ",
               group_size, " does not divide D=", D, " and H=", H);
-  TORCH_CHECK(!x16 || (D % lfm2_q4x16::kRows == 0 && H % lfm2_q4x16::kRows == 0),
-              "lfm2 moe_experts: 16-row tiles need D and H in multiples of 16, got ", D, " and ", H);
+  if (x16) {  // w1 / w3 have H rows, w2 D
+    lfm2_q4x16::check(bits, group_size, H, "moe_experts");
+    lfm2_q4x16::check(bits, group_size, D, "moe_experts");
+  }
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "moe_experts");
   const int64_t U = g.count();

@@ -25,11 +25,22 @@
 #include <cstring>
 
 #include "activations.h"
+#include "simd.h"
 
 namespace lfm2_q4x16 {
 
 constexpr int64_t kRows = 16;         // rows of a tile
 constexpr int64_t kBlockBytes = 256;  // a tile's block: 16 rows x 16 bytes
+
+// The checks of an operator's call on matrices in tiles: int4 with groups of 32, `rows` in whole tiles, and a
+// CPU that runs the tiles' code.
+inline void check(int64_t bits, int64_t group_size, int64_t rows, const char* op) {
+  TORCH_CHECK(bits == 4 && group_size == 32 && rows % kRows == 0, "lfm2 ", op,
+              ": 16-row tiles hold int4 weights with groups of 32 and rows in multiples of 16; got ", bits,
+              " bits, group_size ", group_size, ", ", rows, " rows");
+  TORCH_CHECK(LFM2_AVX2 && lfm2_simd::cpu_has_vnni512(), "lfm2 ", op,
+              ": int4 weights in 16-row tiles need AVX-512 VNNI; restore the file's layout with qunpack");
+}
 
 // 16 rows of int4 blocks (stride row_bytes, nb blocks) and their scales (stride nb) into one tile.
 inline void pack(const uint8_t* rows, const at::Half* scales, int64_t row_bytes, int64_t nb, uint8_t* tile,

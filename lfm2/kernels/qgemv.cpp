@@ -360,15 +360,6 @@ int64_t grain_rows(const QMatrix& W) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, W.row_bytes));
 }
 
-// The checks of a call on int4 weights in 16-row tiles (q4_tiles.h), made only where the VNNI code runs.
-void check_tiles(const QMatrix& W, const char* op) {
-  TORCH_CHECK(W.bits == 4 && W.group_size == 32 && W.n % lfm2_q4x16::kRows == 0, "lfm2 ", op,
-              ": 16-row tiles hold int4 weights with groups of 32 and rows in multiples of 16; got ", W.bits,
-              " bits, group_size ", W.group_size, ", ", W.n, " rows");
-  TORCH_CHECK(LFM2_AVX2 && lfm2_simd::cpu_has_vnni512(), "lfm2 ", op,
-              ": int4 weights in 16-row tiles need AVX-512 VNNI; restore the file's layout with qunpack");
-}
-
 at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
                  int64_t group_size, bool int8_activations, bool x16) {
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
@@ -377,7 +368,7 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (x16) {
-    check_tiles(W, "qgemv");
+    lfm2_q4x16::check(W.bits, W.group_size, W.n, "qgemv");
     TORCH_CHECK(int8_activations, "lfm2 qgemv: 16-row tiles multiply int8 activations only");
 #if LFM2_AVX2
     // bits 8: no pair layout, the tiles take the values in order
@@ -701,7 +692,7 @@ void gemm_rows_avx2(const PackedTile& t, const QMatrix& W, const lfm2_act::UActi
 at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
                  int64_t group_size, bool x16) {
   const QMatrix W = check_matrix(qweight, scales, bits, group_size);
-  if (x16) check_tiles(W, "qgemm");
+  if (x16) lfm2_q4x16::check(W.bits, W.group_size, W.n, "qgemm");
   const int64_t m_rows = lfm2_act::input_rows(x, W.k, "qgemm");
   TORCH_CHECK(W.k % kBlock == 0, "lfm2 qgemm: K must be a multiple of 32, got ", W.k);
   TORCH_CHECK(LFM2_AVX2, "lfm2 qgemm: needs the SIMD build (AVX2; check lfm2_quant.simd() first)");
@@ -740,7 +731,7 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 // rows: stacked MoE experts stay where they are in their storage. Only where the tiles' code runs.
 void qpack_(const at::Tensor& qweight, const at::Tensor& scales) {
   const QMatrix W = check_matrix(qweight, scales, 4, 32);
-  check_tiles(W, "qpack_");
+  lfm2_q4x16::check(W.bits, W.group_size, W.n, "qpack_");
   uint8_t* q = static_cast<uint8_t*>(qweight.data_ptr());
   at::Half* s = scales.data_ptr<at::Half>();
   const int64_t kR = lfm2_q4x16::kRows;
