@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from lfm2.errors import ToolError
-from lfm2.sampling import SamplingParams, apply_temperature, min_p_filter, top_k_filter, top_p_filter
+from lfm2.sampling import SamplingParams, apply_temperature, draw, min_p_filter, top_k_filter, top_p_filter
 from lfm2.tools import TOOL_CALL_END, TOOL_CALL_START, tool_schema
 
 State = tuple  # ("kind", ...): see ToolCallGrammar.step
@@ -531,10 +531,7 @@ def _pick(scores: torch.Tensor, params: SamplingParams, generator: torch.Generat
         return int(scores.argmax())
     logits = apply_temperature(scores, params.temperature)
     logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
-    probs = logits.softmax(dim=-1)
-    if generator is not None:
-        probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(draw(logits.softmax(dim=-1), generator))
 
 
 def wants_constraint(tools: Sequence[Any], tool_choice: Any, strict_tools: bool | None) -> bool:

@@ -188,8 +188,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     multiplied by it if negative (so a penalty > 1 always makes them less likely)."""
     if penalty == 1.0:
         return logits
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
+    # Only the seen entries change: a few hundred of 65,536, so index them rather than rewrite the row
+    # twice (two full `torch.where` passes were a fifth of a sampled token's cost).
+    rows, cols = seen.nonzero(as_tuple=True)
+    values = logits[rows, cols]
+    out = logits.clone()
+    out[rows, cols] = torch.where(values < 0, values * penalty, values / penalty)
+    return out
 
 
 def apply_presence_frequency_penalty(
@@ -295,8 +300,35 @@ def sample_next(
     """
     if logits.dim() != 2:
         raise GenerationError(f"sample_next: logits should have shape (B, V), found {tuple(logits.shape)}")
-    logits = process_logits(logits, params, history)
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    if params.greedy or params.min_p <= 0.0:
+        logits = process_logits(logits, params, history)
+        return logits.argmax(dim=-1) if params.greedy else draw(logits.softmax(dim=-1), generator)
+    # min-p last (`process_logits`), without a second softmax: the kept probabilities, unnormalized, are
+    # what `draw` needs.
+    probs = process_logits(logits, dataclasses.replace(params, min_p=0.0), history).softmax(dim=-1)
+    return draw(probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of `probs` (B, V), each drawn with its row's probabilities; returns (B,) int64.
+
+    Inverse transform sampling: one uniform per row against the running sum of the row's nonzero
+    entries. Why not `torch.multinomial`: for one sample it draws an exponential for every entry,
+    65,536 per token, which measured 1.35 ms on this project's 2-core machine, more than the rest of
+    the model card's sampling (penalty, temperature, min-p, softmax) together. After min-p a few
+    entries are left, and the sum and the search over them take microseconds. The sum is in float64
+    and u stays below the row's total, so an entry of probability 0 is never drawn.
+    """
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for b, row in enumerate(probs):
+        index = row.nonzero().squeeze(1)
+        values = row[index]
+        cumulative = values.double().cumsum(dim=0)
+        total = cumulative[-1:]
+        if not index.numel() or not bool(torch.isfinite(total).all() and (values >= 0).all()):
+            raise GenerationError("probability tensor contains either `inf`, `nan` or element < 0, or sums to 0")
+        u = torch.rand(1, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else row.device).to(row.device) * total
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+        out[b] = index[torch.searchsorted(cumulative, u, right=True)]
+    return out

@@ -18,6 +18,7 @@ from lfm2.sampling import (
     apply_presence_frequency_penalty,
     apply_repetition_penalty,
     apply_temperature,
+    draw,
     make_generator,
     min_p_filter,
     process_logits,
@@ -336,3 +337,39 @@ def test_tiny_temperature_is_greedy_not_nan() -> None:
     params = SamplingParams(temperature=1e-300)
     assert params.greedy
     assert sample_next(logits, params, make_generator(0)).tolist() == [1, 0]
+
+
+# -- the draw -------------------------------------------------------------------------------------
+
+
+def test_draw_follows_the_probabilities_and_never_takes_a_zero() -> None:
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])  # row 1 unnormalized
+    generator = make_generator(7)
+    n = 20_000
+    draws = torch.stack([draw(probs, generator) for _ in range(n)], dim=1)  # (2, n)
+    counts = torch.stack([torch.bincount(row, minlength=5) for row in draws]).double()
+    assert counts[0, 1] == counts[0, 4] == 0 and counts[1].tolist() == [0, 0, 0, 0, n]
+    expected = probs[0].double() * n
+    sigma = (expected * (1 - probs[0].double())).sqrt()
+    assert ((counts[0] - expected).abs() <= 5 * sigma + 1e-9).all(), counts[0].tolist()
+
+
+def test_draw_refuses_nan_negative_or_empty_rows() -> None:
+    for bad in ([[0.5, math.nan]], [[0.0, 0.0]], [[-0.5, 1.0]], [[math.inf, 1.0]]):
+        with pytest.raises(GenerationError, match="probability tensor"):
+            draw(torch.tensor(bad), make_generator(0))
+
+
+def test_model_card_sampling_draws_as_the_pipeline_says() -> None:
+    """sample_next skips min-p's second softmax on its fast path: its draws still follow
+    softmax(process_logits(...)) row by row."""
+    logits = random_logits(21, scale=1.0)
+    history = TokenHistory(random_ids(22), V)
+    params = SamplingParams(temperature=1.0, min_p=0.1, repetition_penalty=1.05)
+    probs = process_logits(logits, params, history).softmax(dim=-1).double()
+    generator, n = make_generator(3), 4000
+    draws = torch.stack([sample_next(logits, params, generator, history) for _ in range(n)], dim=1)
+    for row, p in zip(draws, probs, strict=True):
+        counts = torch.bincount(row, minlength=V).double()
+        assert (counts[p == 0] == 0).all()
+        assert ((counts - p * n).abs() <= 5 * (p * n * (1 - p)).sqrt() + 1e-9).all()

