@@ -3,15 +3,16 @@
     python benchmarks/sampling.py [--gguf FILE] [--tokens 48] [--rounds 3]
 
 Part 1, no model: `lfm2.sampling.sample_next` on one row of LFM2's 65,536 logits (random, scale 3) with a
-300-token history, for greedy, the model card's settings (temperature 0.3, min_p 0.15,
-repetition_penalty 1.05) and a wider filter; and the draw alone, `lfm2.sampling.draw` against
-`torch.multinomial` on the same probabilities (what sample_next drew with before).
+300-token history: greedy; the model card's settings (temperature 0.3, min_p 0.15, repetition_penalty
+1.05); those with top_p 0.95, as OpenAI clients often send; and with top_k 50 and top_p 0.9. Then the draw
+alone, `lfm2.sampling.draw` against `torch.multinomial` (what sample_next drew with before) on the same
+probabilities.
 
 Part 2, with `--gguf`: `lfm2.load(FILE)` (the default path: the compiled decode step), then the engine
-generating `--tokens` tokens after a 16-token prompt, greedy and with the model card's sampling, in
-alternation; the time a token takes in all, and the part of it spent in the model's step. The rest is the
-engine around the step, sampling included: what `lfm2 chat` and `lfm2 serve` pay on top of `lfm2 bench`,
-which decodes greedily as llama-bench does.
+generating `--tokens` tokens after a 16-token prompt, greedy, with the model card's sampling and with top_p
+0.95 added, in alternation: the time a token takes in all, and the part spent in the model's step. The
+rest is the engine around the step, sampling included: what `lfm2 chat` and `lfm2 serve` pay on top of
+`lfm2 bench`, which decodes greedily as llama-bench does.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def sampling_table() -> None:
     logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
     history = TokenHistory(torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1)), VOCAB)
     generator = make_generator(0)
-    settings = {"greedy": {"temperature": 0.0}, "model card": CARD,
+    settings = {"greedy": {"temperature": 0.0}, "model card": CARD, "card + top_p 0.95": {**CARD, "top_p": 0.95},
                 "card + top_k 50 + top_p 0.9": {**CARD, "top_k": 50, "top_p": 0.9}}
     print(f"torch threads {torch.get_num_threads()}, vocabulary {VOCAB}")
     print("| sample_next | us per token |\n|---|---|")
@@ -69,7 +70,8 @@ def engine_table(path: str, tokens: int, rounds: int) -> None:
     llm.model.decode_step = timed
     prompt = torch.randint(100, 60_000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     modes = {"greedy": llm.sampling_params(temperature=0, repetition_penalty=1.0, min_p=0.0),
-             "model card": llm.sampling_params(**CARD, seed=0)}
+             "model card": llm.sampling_params(**CARD, seed=0),
+             "card + top_p 0.95": llm.sampling_params(**CARD, top_p=0.95, seed=0)}
 
     def run(params, n: int) -> tuple[float, float]:
         spent[0] = 0.0

@@ -161,6 +161,29 @@ def test_top_p_keeps_the_top_token_even_when_tiny_p() -> None:
     assert top_p_filter(logits, 1.0) is logits
 
 
+def test_top_p_over_the_largest_tokens_keeps_what_the_sorted_rule_keeps() -> None:
+    """On a full vocabulary top_p_filter looks only at the largest tokens (no sort of 65,536). It keeps
+    the tokens the definition over the sorted row keeps, up to float rounding: a token on which the two
+    differ has an ascending sum within 1e-5 of 1 - p."""
+    from lfm2.sampling import _top_p_sorted
+
+    checked = 0
+    for seed, scale in enumerate([1.0, 3.0, 6.0, 12.0, 30.0]):
+        logits = torch.randn(2, 65_536, generator=torch.Generator().manual_seed(seed)) * scale
+        for p in (0.5, 0.9, 0.95):
+            fast, sorted_rule = kept(top_p_filter(logits, p)), kept(_top_p_sorted(logits, p))
+            assert fast.any(dim=-1).all()
+            probs = logits.double().softmax(dim=-1)
+            for row in range(2):
+                # the exact ascending sum up to each token: the mass of tokens no more likely than it
+                order = probs[row].argsort()
+                ascending = torch.empty_like(probs[row]).scatter_(0, order, probs[row][order].cumsum(0))
+                differ = fast[row] != sorted_rule[row]
+                assert ((ascending[differ] - (1 - p)).abs() < 1e-5).all()
+                checked += int(sorted_rule[row].sum())
+    assert checked > 10_000  # flat rows included: the largest-first path and the fallback both ran
+
+
 @pytest.mark.parametrize("min_p", [0.01, 0.15, 0.5, 1.0])
 def test_min_p_definition_and_transformers(min_p: float) -> None:
     logits = random_logits(9)
