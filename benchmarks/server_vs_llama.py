@@ -11,7 +11,8 @@ on). Both run at once, idle in turn: each level runs on lfm2, then on llama-serv
 of the machine hit both. Requests go through the official `openai` client's wire format (streamed
 `/v1/completions`, `ignore_eos` so every request generates exactly `--max-tokens`), the same token
 ids to both servers. Reported per level: aggregate generated tokens/s over the level's wall time,
-and time to first token p50 / p99 as the clients measure it.
+and time to first token p50 / p99 as the clients measure it. Requests decode greedily, or with
+`--sampling card` the LFM2 model card's settings (what `lfm2 chat` uses), the same fields to both.
 
 Multi-turn: a prompt of `--turn-tokens` token ids (a long conversation so far), a reply of 32
 tokens, then the prompt plus the reply (as our tokenizer reads its text) plus a short new turn. The
@@ -106,7 +107,14 @@ def prompt_ids(tokenizer, seed: int, words: int) -> list[int]:
     return tokenizer.encode(f"Request {seed}: {text}", add_special_tokens=True)
 
 
-async def level(url: str, prompts: list[list[list[int]]], max_tokens: int) -> dict:
+# `--sampling`: the request's sampling fields, the same to both servers (each ignores the other's spelling
+# of the repetition penalty). "card" is the LFM2 model card's settings, what `lfm2 chat` uses; each server
+# fills the fields a request leaves out with its own defaults (llama-server: top_k 40, top_p 0.95).
+SAMPLING = {"greedy": {"temperature": 0},
+            "card": {"temperature": 0.3, "min_p": 0.15, "repetition_penalty": 1.05, "repeat_penalty": 1.05}}
+
+
+async def level(url: str, prompts: list[list[list[int]]], max_tokens: int, sampling: str = "greedy") -> dict:
     """Every client streams its prompts one after the other; all clients at once.
 
     Each client has a connection of its own, as separate users would, and each request opens a
@@ -122,7 +130,7 @@ async def level(url: str, prompts: list[list[list[int]]], max_tokens: int) -> di
         out = []
         async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_keepalive_connections=0)) as http:
             for ids in mine:
-                body = {"model": NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                body = {"model": NAME, "prompt": ids, "max_tokens": max_tokens, **SAMPLING[sampling],
                         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
                 out.append(await stream_one(http, url, body))
         return out
@@ -137,10 +145,11 @@ async def level(url: str, prompts: list[list[list[int]]], max_tokens: int) -> di
             "ttft_p99": ttfts[round(0.99 * (len(ttfts) - 1))]}
 
 
-def run_level(name: str, proc: subprocess.Popen, url: str, prompts: list[list[list[int]]], max_tokens: int) -> dict:
+def run_level(name: str, proc: subprocess.Popen, url: str, prompts: list[list[list[int]]], max_tokens: int,
+              sampling: str = "greedy") -> dict:
     """`level`, or an exit that says which server failed and whether its process is still alive."""
     try:
-        return asyncio.run(level(url, prompts, max_tokens))
+        return asyncio.run(level(url, prompts, max_tokens, sampling))
     except httpx.HTTPError as exc:
         state = "still running" if proc.poll() is None else f"exited with {proc.returncode}"
         raise SystemExit(f"{name} at {len(prompts)} clients: {exc!r}; its process {state}") from exc
@@ -163,13 +172,13 @@ async def multi_turn(url: str, tokenizer, first: list[int], cache_prompt: bool) 
         return ttft1, time.perf_counter() - t
 
 
-def library_row(gguf: Path, prompts: list[list[int]], max_tokens: int) -> dict:
+def library_row(gguf: Path, prompts: list[list[int]], max_tokens: int, sampling: str = "greedy") -> dict:
     """`LLM.generate`-equivalent (the engine, one request at a time) on the same file, in this process."""
     import lfm2
 
     llm = lfm2.load(str(gguf))
     llm.prefix_cache.max_bytes = 0
-    params = llm.sampling_params(temperature=0)
+    params = llm.sampling_params(**{k: v for k, v in SAMPLING[sampling].items() if k != "repeat_penalty"})
     engine = llm.engine(1, max(map(len, prompts)) + max_tokens)
     list(engine.generate([prompts[0][:8]], params, 2, ignore_eos=True))
     ttfts, tokens, start = [], 0, time.perf_counter()
@@ -197,6 +206,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2304, help="slots per request (both servers)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dir", type=Path, default=Path("/tmp"))
+    ap.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy",
+                    help="greedy, or the model card's temperature 0.3, min_p 0.15, repetition penalty 1.05")
+    ap.add_argument("--no-turns", action="store_true", help="skip the multi-turn prefix-reuse rows")
     args = ap.parse_args()
 
     from lfm2.tokenizer import Tokenizer
@@ -205,7 +217,8 @@ def main() -> None:
     tokenizer = Tokenizer.from_dir(ckpt)
     slots = max(args.clients)
     lines = [f"{args.preset} (random weights), {args.prompt_words}-word prompts, {args.max_tokens} new tokens, "
-             f"{args.requests} requests per client; {platform.processor() or platform.machine()}, "
+             f"{args.requests} requests per client, sampling {args.sampling}; "
+             f"{platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores; llama-server -np {slots} -t {args.threads}", "",
              "| file | engine | clients | aggregate tok/s | lfm2 / llama | TTFT p50 | TTFT p99 |",
              "|---|---|---|---|---|---|---|"]
@@ -217,7 +230,7 @@ def main() -> None:
             subprocess.run(["lfm2", "convert", str(ckpt), "--to", "gguf", "--type", kind, "-o", str(gguf), "-q"],
                            check=True)
         lib = library_row(gguf, [prompt_ids(tokenizer, r, args.prompt_words) for r in range(args.requests)],
-                          args.max_tokens)
+                          args.max_tokens, args.sampling)
         lines.append(f"| {kind} | LLM.generate | 1 | {lib['tok_s']:.1f} | | {lib['ttft_p50'] * 1000:.0f} ms | "
                      f"{lib['ttft_p99'] * 1000:.0f} ms |")
         servers = {"lfm2": start_lfm2(gguf, slots, args.ctx),
@@ -228,13 +241,15 @@ def main() -> None:
             for clients in args.clients:
                 prompts = [[prompt_ids(tokenizer, c * 100 + r, args.prompt_words) for r in range(args.requests)]
                            for c in range(clients)]
-                rows = {name: run_level(name, proc, url, prompts, args.max_tokens)
+                rows = {name: run_level(name, proc, url, prompts, args.max_tokens, args.sampling)
                         for name, (proc, url) in servers.items()}
                 for name, row in rows.items():
                     ratio = f"{rows['lfm2']['tok_s'] / rows['llama']['tok_s']:.2f}x" if name == "lfm2" else ""
                     lines.append(f"| {kind} | {name} | {clients} | {row['tok_s']:.1f} | {ratio} | "
                                  f"{row['ttft_p50'] * 1000:.0f} ms | {row['ttft_p99'] * 1000:.0f} ms |")
                 print("\n".join(lines), flush=True)
+            if args.no_turns:
+                continue
             first = tokenizer.encode(" ".join(WORDS[(j * 13) % len(WORDS)] for j in range(args.turn_tokens)),
                                      add_special_tokens=True)[: args.turn_tokens]
             for name, (_, url) in servers.items():

@@ -228,6 +228,12 @@ class CompiledDecode:
 
     def _trace(self, graph: _Graph, key: int) -> None:
         """Compile `graph` by running it once on a cache of its own."""
+        from lfm2 import kernels
+
+        # The kernels loaded (built if need be) and their capabilities asked before the trace: in it, the
+        # loader's lock and an operator that returns a bool each break the graph into per-layer pieces
+        # (a float model's first step in `lfm2 serve` decoded that way).
+        kernels.ops()
         for module in self.model.modules():  # MoE blocks: their experts' tensors as one input per kind
             stack = getattr(module, "stack_experts", None)
             if stack is not None:

@@ -225,3 +225,36 @@ def test_inductor_cache_is_keyed_by_the_kernel_build(monkeypatch):
         monkeypatch.setattr(kernels, "_state", {**kernels._state, "key": "0123456789ab"})
         assert lfm2_compile.tag_cache_key().endswith("lfm2-kernels-0123456789ab")  # another build, another key
     assert torch.compiler.config.cache_key_tag == before
+
+
+@pytest.mark.slow  # torch.compile in processes of their own: ~10-60 s
+@pytest.mark.parametrize("model", ["int8", "wide float32"])
+def test_a_fresh_process_compiles_the_step_as_one_graph(model):
+    """`lfm2 serve` compiles the step before any eager forward, so the trace was where the kernels were first
+    asked for: the loader's lock (a float model: the kernels not loaded yet) or a first `kernels.has_vnni()` (a
+    bool from an operator; an int8 model) broke the step into per-layer pieces, 13.7 ms a token against 10 on a
+    Q8_0 file. Each case in a fresh process, so that nothing has asked before."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lfm2 import kernels
+
+    if kernels.ops() is None:
+        pytest.skip("needs lfm2's kernels")
+    make = ("model = random_model(tiny_config()).eval(); quantize_model(model, 'int8', 32)" if model == "int8" else
+            "model = random_model(tiny_config(hidden_size=1024, intermediate_size=1024, num_attention_heads=8, "
+            "num_key_value_heads=2)).eval()")
+    code = (
+        "from conftest import random_model, tiny_config\n"
+        "from lfm2.compile import compile_decode\n"
+        "from lfm2.quant import quantize_model\n"
+        f"{make}\n"
+        "step = compile_decode(model, progress=False)\n"
+        "step.warm(1)\n"
+        "print('failed', step.failed, 'one graph', step._graphs[1].fullgraph)\n"
+    )
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "failed None one graph True" in out.stdout, out.stdout + out.stderr[-2000:]

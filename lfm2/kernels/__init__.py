@@ -205,7 +205,12 @@ def ops() -> Any | None:
                 warnings.warn(f"lfm2: {ISA_ENV}={isa!r} is not a setting the kernels know (only 'avx2', to run "
                               "their AVX2 code on an AVX-512 CPU); ignored", RuntimeWarning, stacklevel=2)
             try:
-                _state["ops"] = _build()
+                loaded = _build()
+                # Asked here, outside any trace: `torch.compile` cannot call an operator that returns a bool,
+                # and a first `has_vnni()` inside the traced decode step broke its graph in pieces (the
+                # server's warm-up on a Q8_0 file, where nothing asked before: 13.7 ms a token against 10).
+                _state["vnni"], _state["int8_gemm"] = bool(loaded.vnni()), bool(loaded.simd())
+                _state["ops"] = loaded
             except Exception as e:  # a missing compiler or ninja raises anything from OSError to RuntimeError
                 detail = " ".join(str(e).split())[-600:]
                 _state["ops"], _state["error"] = None, f"{type(e).__name__}: {detail}"
