@@ -392,6 +392,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise LFM2Error("--max-reasoning-tokens needs --chat (the thinking block is part of a chat reply)")
     llm = lfm2.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
                     quantize=args.quantize, compile=args.compile, mmproj=args.mmproj)
+    from lfm2.compile import warm
+
+    warm(llm.model, 1)  # here, so that --verbose's prefill and first-token figures leave the compiler out
     apply_image_args(llm, args)
     sampling = {**_sampling(args), **output}
     if args.chat:

@@ -304,6 +304,21 @@ def test_an_engine_failure_ends_the_batch_and_the_scheduler_keeps_serving(llm):
     assert c.tokens[1] == alone(llm, prompts_for(llm, 1)[0], max_new_tokens=5)
 
 
+def test_the_compiled_step_is_built_before_a_first_token(llm, monkeypatch):
+    """A decode step still to compile is compiled before the prompt's first token, not between the first and
+    the second (where it stopped the stream for seconds, a minute the first time, and counted as decode time)."""
+    import lfm2.engine as engine_module
+
+    events = []
+    monkeypatch.setattr(engine_module, "warm", lambda model, *rows: events.append(("warm", rows)))
+    with Engine(llm.model, max_batch=2) as sched:
+        c = Collector(sched)
+        c.submit(prompts_for(llm, 1)[0], SamplingParams(temperature=0.0), max_new_tokens=3)
+        c.wait()
+    assert events and events[0] == ("warm", (1,))
+    assert c.tokens[0] and len(events) == 1  # asked while prompts wait, not at every step
+
+
 def test_a_row_whose_sampling_fails_ends_alone(llm, monkeypatch):
     import lfm2.engine as scheduler_module
 
