@@ -51,9 +51,11 @@ wait queue is full, which a server turns into HTTP 429.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +67,7 @@ from lfm2.compile import warm
 from lfm2.errors import GenerationError, SchedulerBusy
 from lfm2.models.lfm2 import Lfm2ForCausalLM
 from lfm2.prefix_cache import PrefixCache
-from lfm2.sampling import SamplingParams, TokenHistory, make_generator, sample_next
+from lfm2.sampling import SamplingParams, TokenHistory, draw, filtered_probs, make_generator, process_logits
 from lfm2.threads import release_openmp_workers
 
 log = logging.getLogger("lfm2.engine")
@@ -594,17 +596,39 @@ class Engine:
             for i, token in zip(plain, logits.index_select(0, index).argmax(dim=-1).tolist(), strict=True):
                 out[i] = token
         plain_set = set(plain)
+        # The other rows in groups that share their parameters (seeds aside) and have no mask: each group
+        # filtered in one call (16 rows with the model card's settings: one pass over (16, V) instead of 16),
+        # then each row drawn with its own generator.
+        groups: dict[Any, list[int]] = {}
         for i, row in enumerate(rows):
-            if i in plain_set:
-                continue
+            if i not in plain_set:
+                key = dataclasses.replace(row.request.params, seed=None) if masks[i] is None else i
+                groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            params = rows[members[0]].request.params
             try:
-                row_logits = logits[i : i + 1]
-                if masks[i] is not None:
-                    row_logits = _apply_mask(row_logits, masks[i])
-                out[i] = int(sample_next(row_logits, row.request.params, row.generator, row.history))
+                if len(members) == 1:
+                    block, history = logits[members[0] : members[0] + 1], rows[members[0]].history
+                    if masks[members[0]] is not None:
+                        block = _apply_mask(block, masks[members[0]])
+                else:
+                    block = logits.index_select(0, torch.tensor(members, device=logits.device))
+                    history = _stack_histories([rows[i].history for i in members], params)
+                if params.greedy:
+                    tokens = process_logits(block, params, history).argmax(dim=-1).tolist()
+                else:
+                    probs = filtered_probs(block, params, history)
             except Exception as exc:
-                log.warning("sampling failed for one request (%s: %s); ending it", type(exc).__name__, exc)
-                row.finish, row.error, out[i] = "error", f"sampling failed: {type(exc).__name__}: {exc}", None
+                for i in members:
+                    self._sampling_failed(rows[i], exc)
+                    out[i] = None
+                continue
+            for j, i in enumerate(members):
+                try:
+                    out[i] = tokens[j] if params.greedy else int(draw(probs[j : j + 1], rows[i].generator))
+                except Exception as exc:
+                    self._sampling_failed(rows[i], exc)
+                    out[i] = None
         for i, (token, row) in enumerate(zip(out, rows, strict=True)):
             if token is None:
                 continue
@@ -614,6 +638,11 @@ class Engine:
                 target = torch.tensor([token], device=logits.device)
                 row.request.token_logprobs.extend(_logprobs(logits[i : i + 1], target, row.request.logprobs))
         return out
+
+    @staticmethod
+    def _sampling_failed(row: _Row, exc: Exception) -> None:
+        log.warning("sampling failed for one request (%s: %s); ending it", type(exc).__name__, exc)
+        row.finish, row.error = "error", f"sampling failed: {type(exc).__name__}: {exc}"
 
     def _deliver(self, indices: range, tokens: list[int | None]) -> None:
         """Hand each row its token, note which rows finished, and retire them."""
@@ -711,6 +740,16 @@ def run_look_ahead(model: Lfm2ForCausalLM, cache: Cache, logits: torch.Tensor, p
             groups.setdefault(type(p).look_ahead, [None] * len(processors))[i] = p
     for look_ahead, rows in groups.items():
         look_ahead(model, cache, logits, rows, params, generators)
+
+
+def _stack_histories(histories: list[TokenHistory | None], params: SamplingParams) -> Any:
+    """The penalty histories of rows filtered together, as one (n, V) history: only what `params` reads."""
+    if not params.needs_history:
+        return None
+    penalties = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    return types.SimpleNamespace(
+        seen=torch.cat([h.seen for h in histories]) if params.repetition_penalty != 1.0 else None,
+        counts=torch.cat([h.counts for h in histories]) if penalties else None)
 
 
 def _apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -324,13 +324,20 @@ def sample_next(
     """
     if logits.dim() != 2:
         raise GenerationError(f"sample_next: logits should have shape (B, V), found {tuple(logits.shape)}")
-    if params.greedy or params.min_p <= 0.0:
-        logits = process_logits(logits, params, history)
-        return logits.argmax(dim=-1) if params.greedy else draw(logits.softmax(dim=-1), generator)
-    # min-p last (`process_logits`), without a second softmax: the kept probabilities, unnormalized, are
-    # what `draw` needs.
+    if params.greedy:
+        return process_logits(logits, params, history).argmax(dim=-1)
+    return draw(filtered_probs(logits, params, history), generator)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams, history: TokenHistory | None = None) -> torch.Tensor:
+    """What `sample_next` draws from when it samples: (B, V) probabilities, zero outside each row's kept
+    tokens, each row's sum not necessarily 1 (`draw` does not need it). Rows are independent, so rows
+    that share parameters can be filtered in one call and drawn each with its own generator."""
+    if params.min_p <= 0.0:
+        return process_logits(logits, params, history).softmax(dim=-1)
+    # min-p last (`process_logits`), without a second softmax
     probs = process_logits(logits, dataclasses.replace(params, min_p=0.0), history).softmax(dim=-1)
-    return draw(probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0), generator)
+    return probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

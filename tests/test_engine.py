@@ -206,6 +206,32 @@ def test_per_row_sampling_params_and_seeds(llm):
     assert c.tokens[0] != alone(llm, p[0], SamplingParams(temperature=1.5, top_k=50, top_p=0.95, seed=8))
 
 
+def test_rows_that_share_parameters_are_filtered_together_and_equal_alone(llm, monkeypatch):
+    """Rows whose parameters differ only in their seed are filtered in one call, penalty histories stacked,
+    then drawn each with its own generator: batched equals alone, seed for seed."""
+    import lfm2.engine as engine_module
+
+    calls = []
+    real = engine_module.filtered_probs
+    monkeypatch.setattr(engine_module, "filtered_probs",
+                        lambda logits, *a: calls.append(len(logits)) or real(logits, *a))
+    p = prompts_for(llm, 4)
+    card = [SamplingParams(temperature=0.8, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5, seed=s)
+            for s in (1, 2, 3)]
+    with Engine(llm.model, max_batch=4) as sched:
+        c = Collector(sched)
+        for prompt, params in zip(p, card, strict=False):
+            c.submit(prompt, params, max_new_tokens=12)
+        c.submit(p[3], SamplingParams(temperature=0.8, seed=4), max_new_tokens=12)
+        c.wait()
+    assert max(calls) == 3  # the three rows of one kind, together
+    monkeypatch.setattr(engine_module, "filtered_probs", real)
+    assert c.tokens == [*(alone(llm, prompt, params, max_new_tokens=12) for prompt, params in zip(p, card,
+                                                                                                 strict=False)),
+                        alone(llm, p[3], SamplingParams(temperature=0.8, seed=4), max_new_tokens=12)]
+    assert len({tuple(t) for t in c.tokens}) == 4
+
+
 def test_stop_ids_on_token_stop_and_ignore_eos(llm):
     p = prompts_for(llm, 1)[0]
     ref = alone(llm, p, max_new_tokens=10)
@@ -322,14 +348,14 @@ def test_the_compiled_step_is_built_before_a_first_token(llm, monkeypatch):
 def test_a_row_whose_sampling_fails_ends_alone(llm, monkeypatch):
     import lfm2.engine as scheduler_module
 
-    real = scheduler_module.sample_next
+    real = scheduler_module.draw
 
-    def sample_next(logits, params, generator=None, history=None):
-        if params.seed == 666:
+    def draw(probs, generator=None):  # the two rows share their parameters: filtered together, drawn apart
+        if generator.initial_seed() == 666:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return real(logits, params, generator, history)
+        return real(probs, generator)
 
-    monkeypatch.setattr(scheduler_module, "sample_next", sample_next)
+    monkeypatch.setattr(scheduler_module, "draw", draw)
     p = prompts_for(llm, 2)
     with Engine(llm.model, max_batch=2) as sched:
         c = Collector(sched)
