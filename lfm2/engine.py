@@ -19,7 +19,8 @@ Requests are token ids plus callbacks. Each `step()`:
    packed at the top of the cache (a retiring row is replaced by the last one), so a step costs
    the active rows only, and a lone request runs at batch-1 speed. The step is the model's
    compiled one where `lfm2.compile` installed it;
-4. samples each row with its own parameters, generator, penalty history and logits processor,
+4. samples each row with its own parameters, generator, penalty history and logits processor
+   (rows whose parameters differ only in their seed are filtered in one call, then drawn apart),
    hands each token to its request's `on_token`, and retires the rows that finished (a stop id,
    `on_token` asking to stop, `max_new_tokens`), storing the state a finished row reached so a
    follow-up turn resumes from it.
