@@ -229,11 +229,13 @@ def test_embedding_rows_and_tied_head():
     assert emb.to(torch.bfloat16)(ids).dtype == torch.bfloat16 and emb.blocks.dtype == torch.uint8
 
 
-@pytest.mark.skipif(kernels.ops() is None or not kernels.has_vnni(), reason="the AVX2 code already ran above")
-def test_the_avx2_gemms_on_a_vnni_cpu():
-    """On a VNNI CPU the tests above exercise the VNNI GEMMs; `LFM2_KERNEL_ISA=avx2` runs them again on the
-    AVX2 code (`lfm2_simd::avx2_block`: what a CPU with AVX2 only takes), in a process of its own since the
-    kernels read the variable once."""
+@pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(), reason="no SIMD kernels here")
+@pytest.mark.parametrize("isa", ["avx2", "avx2-128"])
+def test_the_avx2_gemms_whatever_the_cpu(isa):
+    """On a VNNI CPU the tests above exercise the VNNI GEMMs, and on an AVX2 CPU one of the AVX2 GEMMs' two
+    shapes (`lfm2_simd::avx2_halved`: fewer rows a pass where 256-bit operations run as two halves, as on
+    Zen 1). `LFM2_KERNEL_ISA` runs them again on each AVX2 shape, in a process of its own since the kernels
+    read the variable once."""
     import os
     import subprocess
     import sys
@@ -242,7 +244,7 @@ def test_the_avx2_gemms_on_a_vnni_cpu():
              "tests/test_kquant.py::test_layer_paths_agree",
              "tests/test_quant.py::test_int8_gemm_matches_the_gemv_numerics"]
     probe = "from lfm2 import kernels; print(kernels.has_vnni(), kernels.has_int8_gemm())"
-    env = {**os.environ, "LFM2_KERNEL_ISA": "avx2"}
+    env = {**os.environ, "LFM2_KERNEL_ISA": isa}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,

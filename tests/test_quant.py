@@ -364,8 +364,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 
 
 def test_an_unknown_kernel_isa_setting_is_named(monkeypatch):
-    """`LFM2_KERNEL_ISA` knows one value, "avx2" (the kernels' AVX2 code on an AVX-512 CPU); any other is
-    named in a warning when the kernels load, not ignored silently."""
+    """`LFM2_KERNEL_ISA` knows two values, "avx2" and "avx2-128" (the kernels' AVX2 code on an AVX-512 CPU);
+    any other is named in a warning when the kernels load, not ignored silently."""
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
     monkeypatch.setattr(kernels, "_state", {})
     built = types.SimpleNamespace(vnni=lambda: False, simd=lambda: True)  # what a load asks of the kernels
@@ -374,10 +374,12 @@ def test_an_unknown_kernel_isa_setting_is_named(monkeypatch):
     with pytest.warns(RuntimeWarning, match="LFM2_KERNEL_ISA='avx512' is not a setting the kernels know"):
         assert kernels.ops() is built
     monkeypatch.setattr(kernels, "_state", {})
-    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert kernels.ops() is built
+    for known in ("avx2", "avx2-128"):
+        monkeypatch.setattr(kernels, "_state", {})
+        monkeypatch.setenv(kernels.ISA_ENV, known)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert kernels.ops() is built
 
 
 def test_embedding_and_tied_head(path):

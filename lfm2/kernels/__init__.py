@@ -41,7 +41,9 @@ HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h",
 DISABLE_ENV = "LFM2_NO_KERNELS"
 DIR_ENV = "LFM2_KERNEL_DIR"
 # "avx2": the kernels run their AVX2 code even on an AVX-512 CPU (no AVX-512, no VNNI GEMMs), to test and
-# measure on one machine what a CPU with AVX2 only runs (read by `simd.h` once per process).
+# measure on one machine what a CPU with AVX2 only runs; "avx2-128": the same, with the choices made for CPUs
+# that run 256-bit operations as two 128-bit halves (AMD Zen 1, detected: `simd.h`'s avx2_halved). Read by
+# `simd.h` once per process.
 ISA_ENV = "LFM2_KERNEL_ISA"
 _SIMD_FLAGS = ("avx2", "fma", "f16c")
 
@@ -201,9 +203,10 @@ def ops() -> Any | None:
     with _lock:
         if "ops" not in _state:
             isa = os.environ.get(ISA_ENV, "")
-            if isa and isa not in ("avx2", "AVX2"):  # as simd.h reads it
-                warnings.warn(f"lfm2: {ISA_ENV}={isa!r} is not a setting the kernels know (only 'avx2', to run "
-                              "their AVX2 code on an AVX-512 CPU); ignored", RuntimeWarning, stacklevel=2)
+            if isa and isa not in ("avx2", "AVX2", "avx2-128", "AVX2-128"):  # as simd.h reads it
+                warnings.warn(f"lfm2: {ISA_ENV}={isa!r} is not a setting the kernels know (only 'avx2' or "
+                              "'avx2-128', to run their AVX2 code on an AVX-512 CPU); ignored", RuntimeWarning,
+                              stacklevel=2)
             try:
                 loaded = _build()
                 # Asked here, outside any trace: `torch.compile` cannot call an operator that returns a bool,

@@ -741,7 +741,7 @@ LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nsb, const uint8_t* xu, int64
 
 // kgemm_tile for CPUs with AVX2 only: the 16 rows as two 256-bit halves, each group's products by
 // `lfm2_simd::avx2_block` (exact for these values: see there), with S groups summed in int16: 4 for Q4_K and
-// Q5_K (Q4_K's values, 0..15, would allow 8: measured 1.6x slower at 4 rows a pass), 2 for Q6_K.
+// Q5_K (8 for Q4_K, whose values 0..15 allow it, where `avx2_halved`: see kgemm_rows_avx2), 2 for Q6_K.
 template <int MR, int BV, int S>
 void kgemm_tile_avx2(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp, const float* xd,
                      const float* xs, int64_t nb32, float* y, int64_t ldy, int64_t cols) {
@@ -775,10 +775,13 @@ void kgemm_tile_avx2(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp,
   for (int r = 0; r < MR; ++r) lfm2_simd::store_16(y + r * ldy, acc[r], cols);
 }
 
-template <int BV, int S>
+// MR activation rows a pass. Zen 4 capped at AVX2: 11.5 ms for 512 rows x Q4_K 4608x1024 with 4 rows (S = 4),
+// against 15.0 with 3 and 15.4 with 2; 4 rows with S = 8 1.6x slower. Zen 1 (`avx2_halved`), best of 12
+// interleaved: Q4_K 4 rows S = 4 54.3 ms, 2 rows S = 4 49.6, 2 rows S = 8 46.6; Q5_K 4 rows 59.6, 2 rows 49.9;
+// Q6_K 61.0 against 59.8 (kept at 4).
+template <int BV, int S, int MR>
 void kgemm_rows_avx2(const KTile& t, const KMatrix& W, const uint8_t* xu, const float* xd, const float* xs,
                      int64_t m_rows, float* y, int64_t n0, int64_t cols) {
-  constexpr int MR = 4;  // 11.5 ms for 512 rows x Q4_K 4608x1024, against 15.0 with 3 rows and 15.4 with 2
   const int64_t nb32 = W.k / 32;
   int64_t m = 0;
   for (; m + MR <= m_rows; m += MR)
@@ -1157,15 +1160,18 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
                        : quantize_superblock<false, float>(xp + i * kSuper, q + i * kSuper, xs.get() + i * 8);
   });
   float* yp = y.data_ptr<float>();
-  const bool vnni = lfm2_simd::cpu_has_vnni512();
+  const bool vnni = lfm2_simd::cpu_has_vnni512(), halved = lfm2_simd::avx2_halved();
   at::parallel_for(0, (W.n + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
     KTile t;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
       if (type == kQ4KX16) pack_ktile_x16(W.q + n0 * W.row_bytes, W.nsb, t);  // check(): VNNI CPUs only
       else pack_ktile(W, n0, cols, bv, t, vnni);
-      if (!vnni && bv == 16) kgemm_rows_avx2<16, 2>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
-      else if (!vnni) kgemm_rows_avx2<32, 4>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      if (!vnni && bv == 16) kgemm_rows_avx2<16, 2, 4>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      else if (!vnni && halved && type == kQ4K)
+        kgemm_rows_avx2<32, 8, 2>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      else if (!vnni && halved) kgemm_rows_avx2<32, 4, 2>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      else if (!vnni) kgemm_rows_avx2<32, 4, 4>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
       else if (bv == 16) kgemm_rows<16>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
       else kgemm_rows<32>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
     }

@@ -67,6 +67,7 @@ avx2_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m256i isum[MR][2])
   for (int r = 0; r < MR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
   for (int g0 = 0; g0 < G; g0 += S) {
     __m256i p16[MR][2];
+#pragma GCC unroll 8  // S = 8 left as a loop kept p16 in memory: 2x slower (Q4_K, 2 rows, Zen 1)
     for (int g = g0; g < g0 + S; ++g) {
       __m256i w[2], mag[2];
       for (int h = 0; h < 2; ++h) {
@@ -96,14 +97,36 @@ avx2_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m256i isum[MR][2])
 
 namespace lfm2_simd {
 
-// Whether `LFM2_KERNEL_ISA=avx2` caps the kernels at their AVX2 code: to test and measure, on an AVX-512 CPU,
-// what a CPU with AVX2 only runs (read once; `lfm2.kernels.ISA_ENV` documents it).
-inline bool capped_at_avx2() {
-  static const bool capped = [] {
+// `LFM2_KERNEL_ISA` (read once; `lfm2.kernels.ISA_ENV` documents it): 0 unset, 1 "avx2", 2 "avx2-128".
+inline int isa_setting() {
+  static const int setting = [] {
     const char* v = std::getenv("LFM2_KERNEL_ISA");
-    return v != nullptr && (std::strcmp(v, "avx2") == 0 || std::strcmp(v, "AVX2") == 0);
+    if (v == nullptr) return 0;
+    if (std::strcmp(v, "avx2") == 0 || std::strcmp(v, "AVX2") == 0) return 1;
+    return std::strcmp(v, "avx2-128") == 0 || std::strcmp(v, "AVX2-128") == 0 ? 2 : 0;
   }();
-  return capped;
+  return setting;
+}
+
+// Whether the kernels are capped at their AVX2 code: to test and measure, on an AVX-512 CPU, what a CPU with
+// AVX2 only runs.
+inline bool capped_at_avx2() { return isa_setting() != 0; }
+
+// Whether this CPU runs 256-bit vector operations as two 128-bit halves (AMD Zen 1 / Zen+), or
+// `LFM2_KERNEL_ISA=avx2-128` says to act as if. There the one vector pipe that multiplies integers is the
+// bound of the AVX2 GEMMs, and fewer activation rows a pass with more int16 sums before each vpmaddwd
+// won (`kquant.cpp`'s kgemm); on Zen 4 capped at AVX2 the other way round (docs/benchmarks.md).
+inline bool avx2_halved() {
+  static const bool halved = [] {
+    if (isa_setting() != 0) return isa_setting() == 2;
+#if defined(__AVX2__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_is("znver1") != 0;
+#else
+    return false;
+#endif
+  }();
+  return halved;
 }
 
 // Whether this CPU runs the VNNI GEMMs (qgemv.cpp's `qgemm`, kquant.cpp's `kgemm`): AVX-512 VNNI, and
