@@ -234,7 +234,7 @@ def test_embedding_rows_and_tied_head():
 def test_the_avx2_gemms_whatever_the_cpu(isa):
     """On a VNNI CPU the tests above exercise the VNNI GEMMs, and on an AVX2 CPU one of the AVX2 GEMMs' two
     shapes (`lfm2_simd::avx2_halved`: fewer rows a pass where 256-bit operations run as two halves, as on
-    Zen 1). `LFM2_KERNEL_ISA` runs them again on each AVX2 shape, in a process of its own since the kernels
+    Zen 1, and Q8_0 widened to int16). `LFM2_KERNEL_ISA` runs them again on each AVX2 shape, in a process of its own since the kernels
     read the variable once."""
     import os
     import subprocess

@@ -500,7 +500,8 @@ at::Tensor fgemv(const at::Tensor& x, const at::Tensor& weight) {
 // block dot products by vpdpbusd (four u8 x s8 products summed into each int32 lane, no
 // saturation, one instruction). A float GEMM on dequantized tiles does 8 multiply-adds per
 // instruction; vpdpbusd does 32. CPUs with AVX2 only run the same tiles through vpmaddubsw + vpmaddwd
-// (`gemm_tile_avx2`, `lfm2_simd::avx2_block`): about half the VNNI code's speed, 1.3-2x the float GEMM's.
+// (`gemm_tile_avx2`, `lfm2_simd::avx2_block`): about half the VNNI code's speed, 1.3-2x the float GEMM's;
+// where 256-bit operations are split in halves, Q8_0 goes as int16 through vpmaddwd (`gemm_tile16`).
 //
 // Layout: vpdpbusd wants 4 consecutive bytes of one weight row in each 32-bit lane, so tiles of
 // 16 weight rows are repacked per call (cheap next to the M x 16 x K products each tile does):
@@ -676,6 +677,103 @@ void gemm_tile_avx2(const PackedTile& t, int64_t nb, const uint8_t* xu, int64_t 
   for (int r = 0; r < MR; ++r) lfm2_simd::store_16(y + r * ldy, acc[r], cols);
 }
 
+// Q8_0 where 256-bit operations run as two halves (`lfm2_simd::avx2_halved`, Zen 1): weights and activations
+// widened to int16 and multiplied by vpmaddwd alone (16 multiply-adds an instruction, the rate of vpmaddubsw +
+// vpmaddwd on bytes) without the signed form's vpsignb, vpabsb and xor, which compete with the multiplies for
+// Zen 1's vector pipes. 512 rows x 4608x1024, 1024x4608 and 2048x2048, 2 threads: 29.3-29.5 -> 32.4-32.6
+// GMAC/s (docs/benchmarks.md). Each block of 32 values holds 16 pairs; pair p of the tile is 64 bytes: rows
+// 0..7, then rows 8..15, each row's two values as one 32-bit lane.
+struct Tile16 {
+  std::vector<int16_t> q;   // (nb, 16 pairs, 16 rows, 2 values)
+  std::vector<float> scale;  // (nb, 16)
+};
+
+void pack_tile16(const QMatrix& W, int64_t n0, int64_t rows, Tile16& t) {
+  t.scale.assign(W.nb * kTileRows, 0.f);
+  if (rows == kTileRows) {
+    t.q.resize(W.nb * 16 * kTileRows * 2);
+    // Per 4-value group of 8 rows: one gather of 4-byte words, widened (rows 0-3, rows 4-7), then the
+    // even 32-bit lanes (values 0-1 of each row) and the odd ones (values 2-3) gathered into a pair each.
+    const __m256i row_offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                   _mm256_set1_epi32(static_cast<int32_t>(W.row_bytes)));
+    const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* base = W.q + (n0 + 8 * h) * W.row_bytes;
+      for (int64_t b = 0; b < W.nb; ++b)
+        for (int g = 0; g < 8; ++g) {
+          const __m256i v = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base + b * kBlock + 4 * g), row_offsets, 1);
+          const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)), even_odd);
+          const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)), even_odd);
+          int16_t* dst = t.q.data() + (b * 16 + 2 * g) * kTileRows * 2 + 16 * h;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(lo, hi, 0x20));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kTileRows * 2), _mm256_permute2x128_si256(lo, hi, 0x31));
+        }
+    }
+  } else {
+    t.q.assign(W.nb * 16 * kTileRows * 2, 0);
+    for (int64_t j = 0; j < rows; ++j) {
+      const int8_t* w = reinterpret_cast<const int8_t*>(W.q + (n0 + j) * W.row_bytes);
+      for (int64_t b = 0; b < W.nb; ++b)
+        for (int p = 0; p < 16; ++p) {
+          int16_t* dst = t.q.data() + ((b * 16 + p) * kTileRows + j) * 2;
+          dst[0] = w[b * kBlock + 2 * p];
+          dst[1] = w[b * kBlock + 2 * p + 1];
+        }
+    }
+  }
+  for (int64_t b = 0; b < W.nb; ++b) {
+    const int64_t gi = W.groups == 1 ? 0 : b >> W.shift;
+    for (int64_t j = 0; j < rows; ++j) t.scale[b * kTileRows + j] = half_to_float(W.s[(n0 + j) * W.groups + gi]);
+  }
+}
+
+// MR activation rows (int16, stride kp) against one Tile16. The float sums live in memory, updated once a
+// block, so the MR x 2 int32 sums, two weight vectors and a broadcast fit AVX2's 16 registers at MR = 3.
+// Fully unrolling the 16 pairs made gcc spill the products to the stack (1.2x slower); by 4 it does not.
+template <int MR>
+void gemm_tile16(const Tile16& t, int64_t nb, const int16_t* x, int64_t kp, const float* xd, float* y, int64_t ldy,
+                 int64_t cols) {
+  alignas(32) float acc[MR][16] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i isum[MR][2];
+    for (int r = 0; r < MR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
+    const int16_t* wb = t.q.data() + b * 16 * kTileRows * 2;
+#pragma GCC unroll 4
+    for (int p = 0; p < 16; ++p) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + p * kTileRows * 2));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + p * kTileRows * 2 + 16));
+      for (int r = 0; r < MR; ++r) {
+        int32_t two;
+        std::memcpy(&two, x + r * kp + b * kBlock + 2 * p, 4);
+        const __m256i xv = _mm256_set1_epi32(two);
+        isum[r][0] = _mm256_add_epi32(isum[r][0], _mm256_madd_epi16(xv, w0));
+        isum[r][1] = _mm256_add_epi32(isum[r][1], _mm256_madd_epi16(xv, w1));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sc = _mm256_loadu_ps(t.scale.data() + b * kTileRows + 8 * h);
+      for (int r = 0; r < MR; ++r)
+        _mm256_store_ps(acc[r] + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][h]),
+                                                        _mm256_mul_ps(sc, _mm256_set1_ps(xd[r * nb + b])),
+                                                        _mm256_load_ps(acc[r] + 8 * h)));
+    }
+  }
+  for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, acc[r], cols * sizeof(float));
+}
+
+// The activations' int8 values (stored + 128 by quantize_activations_u8) as int16, for gemm_tile16.
+std::unique_ptr<int16_t[]> widen_activations(const uint8_t* xu, int64_t m_rows, int64_t k) {
+  std::unique_ptr<int16_t[]> x(new int16_t[m_rows * k]);
+  const __m256i h128 = _mm256_set1_epi16(128);
+  at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t i = m0 * k; i < m1 * k; i += 16) {  // k is a multiple of 32
+      const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xu + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.get() + i), _mm256_sub_epi16(_mm256_cvtepu8_epi16(u), h128));
+    }
+  });
+  return x;
+}
+
 template <bool kQ8>
 void gemm_rows_avx2(const PackedTile& t, const QMatrix& W, const lfm2_act::UActivations& a, int64_t m_rows, float* yp,
                     int64_t n0, int64_t cols) {
@@ -703,10 +801,23 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   float* yp = y.data_ptr<float>();
   const int64_t tiles = (W.n + kTileRows - 1) / kTileRows;
   const bool vnni = lfm2_simd::cpu_has_vnni512();
+  const bool wide16 = !vnni && W.bits == 8 && lfm2_simd::avx2_halved();
+  const std::unique_ptr<int16_t[]> xw = wide16 ? widen_activations(xu, m_rows, W.k) : nullptr;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     PackedTile t;
+    Tile16 t16;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTileRows, cols = std::min<int64_t>(kTileRows, W.n - n0);
+      if (wide16) {
+        pack_tile16(W, n0, cols, t16);
+        constexpr int MR = 3;  // 17.5 GMAC/s a core against 15.2 with 1 row and 14.9 with 2 (Zen 1, K = 1024)
+        int64_t m = 0;
+        for (; m + MR <= m_rows; m += MR)
+          gemm_tile16<MR>(t16, W.nb, xw.get() + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+        for (; m < m_rows; ++m)
+          gemm_tile16<1>(t16, W.nb, xw.get() + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+        continue;
+      }
       if (!vnni) {
         if (cols == kTileRows) pack_full_tile_avx2(W, n0, t);
         else pack_tile(W, n0, cols, t);
