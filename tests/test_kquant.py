@@ -234,8 +234,8 @@ def test_embedding_rows_and_tied_head():
 def test_the_avx2_gemms_whatever_the_cpu(isa):
     """On a VNNI CPU the tests above exercise the VNNI GEMMs, and on an AVX2 CPU one of the AVX2 GEMMs' two
     shapes (`lfm2_simd::avx2_halved`: fewer rows a pass where 256-bit operations run as two halves, as on
-    Zen 1, and Q8_0 widened to int16). `LFM2_KERNEL_ISA` runs them again on each AVX2 shape, in a process of its own since the kernels
-    read the variable once."""
+    Zen 1, and Q8_0 widened to int16). `LFM2_KERNEL_ISA` runs them again on each AVX2 shape, in a process of
+    its own since the kernels read the variable once."""
     import os
     import subprocess
     import sys
@@ -251,3 +251,45 @@ def test_the_avx2_gemms_whatever_the_cpu(isa):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "skipped" not in run.stdout.splitlines()[-1]
+
+
+@pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(), reason="no SIMD kernels here")
+def test_the_two_avx2_shapes_give_the_same_bits(tmp_path):
+    """Where 256-bit operations are split (`avx2-128`), Q8_0's prefill GEMM multiplies int16 values instead of
+    signed bytes, and the K-quant GEMMs sum longer in int16: exact integer block sums either way, then the same
+    float steps, so the outputs are the same bits (a ragged tile and a row count that 2 and 3 do not divide)."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from lfm2 import kernels
+import gguf
+sys.path.insert(0, "tests")
+from test_kquant import random_blocks
+T = gguf.GGMLQuantizationType
+ops = kernels.ops()
+g = torch.Generator().manual_seed(0)
+out = []
+for bits in (8, 4):
+    x = torch.randn(37, 320, generator=g)
+    q = torch.randint(-127, 128, (50, 320), dtype=torch.int8, generator=g)
+    if bits == 4:
+        q = torch.randint(0, 256, (50, 160), dtype=torch.uint8, generator=g)
+    s = (torch.rand(50, 10, generator=g) * 0.01).half()
+    out.append(ops.qgemm(x, q, s, bits, 32))
+for t in (T.Q4_K, T.Q6_K):
+    x = torch.randn(37, 512, generator=g)
+    out.append(ops.kgemm(x, random_blocks(50, 512, t, seed=3), int(t), 512))
+torch.save(out, sys.argv[1])
+"""
+    results = []
+    for isa in ("avx2", "avx2-128"):
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", script, str(path)], env={**os.environ, "LFM2_KERNEL_ISA": isa},
+                       check=True, capture_output=True)
+        results.append(torch.load(path))
+    assert len(results[0]) == 4
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
