@@ -1,4 +1,5 @@
-"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `norm.cpp`, `moe.cpp`),
+"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `norm.cpp`, `swiglu.cpp`,
+`moe.cpp`),
 compiled on first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
@@ -6,7 +7,8 @@ run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth, as we meas
 2-core AVX2 and AVX-512 machines), so the quantized layers of `lfm2.quant` call a small kernel of our
 own; the model's wide float32 layers use its float32 GEMV at decode (`lfm2.models.lfm2.Linear`),
 its attention layers a decode attention that reads the KV cache once (`attention.cpp`), and its
-conv layers and norms one pass each (`shortconv.cpp`, `norm.cpp`) where PyTorch makes several.
+conv layers, norms and SwiGLU gates one pass each (`shortconv.cpp`, `norm.cpp`, `swiglu.cpp`) where
+PyTorch makes several.
 It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute)
 into `$LFM2_KERNEL_DIR`, default `~/.cache/lfm2/kernels`, in a directory named after the source,
 the torch version and the compiler flags, so a changed source or a new torch never loads a stale
@@ -35,7 +37,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("qgemv.cpp")
 SOURCES = tuple(Path(__file__).with_name(f)
-                for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "norm.cpp", "moe.cpp"))
+                for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "norm.cpp", "swiglu.cpp",
+                          "moe.cpp"))
 # included by the sources: part of the build's key
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h", "moe_slots.h", "q4_tiles.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
@@ -170,6 +173,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lfm2_quant::rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("lfm2_quant::swiglu_")
+    def _(gate, up):
+        return gate
 
     @torch.library.register_fake("lfm2_quant::decode_attention")
     def _(q, k, v, scale, valid=None):
