@@ -261,12 +261,13 @@ def test_the_two_avx2_shapes_give_the_same_bits(tmp_path):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     script = """
 import sys, torch
 from lfm2 import kernels
 import gguf
-sys.path.insert(0, "tests")
+sys.path.insert(0, sys.argv[2])
 from test_kquant import random_blocks
 T = gguf.GGMLQuantizationType
 ops = kernels.ops()
@@ -287,8 +288,8 @@ torch.save(out, sys.argv[1])
     results = []
     for isa in ("avx2", "avx2-128"):
         path = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, "-c", script, str(path)], env={**os.environ, "LFM2_KERNEL_ISA": isa},
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", script, str(path), str(Path(__file__).parent)],
+                       env={**os.environ, "LFM2_KERNEL_ISA": isa}, check=True, capture_output=True)
         results.append(torch.load(path))
     assert len(results[0]) == 4
     for a, b in zip(*results, strict=True):

@@ -1,6 +1,5 @@
-"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `norm.cpp`, `swiglu.cpp`,
-`moe.cpp`),
-compiled on first use and cached.
+"""lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `norm.cpp`,
+`swiglu.cpp`, `moe.cpp`), compiled on first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
 run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth, as we measured them on
