@@ -205,11 +205,13 @@ class CompiledDecode:
             graph = self._graphs[key]
             if self.failed is not None or graph.seconds is not None:
                 continue
-            if self.progress:  # first compiles on 2 cores: dense ~70 s; LFM2-8B-A1B 200-220 s on Zen 1
+            if self.progress:  # first compiles on 2 Zen 1 cores: dense ~70 s; LFM2-8B-A1B 210 s (45 s from the
+                # cache), LFM2-24B-A2B 592 s (docs/benchmarks.md)
                 moe = any(hasattr(m, "stack_experts") for m in self.model.modules())
+                took = ("several minutes the first time (up to ten for the largest on 2 cores), under a minute"
+                        if moe else "about a minute the first time, seconds")
                 print(f"lfm2: compiling the decode step{'' if key == 1 else ' for batches'} "
-                      f"({'a few minutes' if moe else 'about a minute'} the first time, seconds once cached in "
-                      f"{cache_dir()}) ...", file=sys.stderr, flush=True)
+                      f"({took} once cached in {cache_dir()}) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:  # the engine's caches are inference tensors: so is this one (guards check it)
                 try:

@@ -509,8 +509,9 @@ def load(
     Decode steps run through `torch.compile` (`lfm2.compile`) by default on the CPU for models of
     real size (LFM2-350M and up; `lfm2.compile.auto_compile`), and with `compile=True` for any
     model: the step compiles at the first decode step (about a minute for LFM2-350M on 2 cores, about
-    ten seconds once inductor's disk cache holds it). `compile=False` (or `LFM2_COMPILE=0` for the
-    default) decodes eagerly. Where compiling fails, decoding stays eager.
+    ten seconds once inductor's disk cache holds it; MoE models several minutes, under a minute cached).
+    `compile=False` (or `LFM2_COMPILE=0` for the default) decodes eagerly. Where compiling fails, decoding
+    stays eager.
 
     `mmproj` is the vision part of an LFM2-VL model as llama.cpp keeps it (an mmproj .gguf file, written
     by `lfm2 convert` or llama.cpp's converter), beside a `.gguf` text model: the LLM then reads images
