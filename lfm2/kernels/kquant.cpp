@@ -638,6 +638,12 @@ struct KTile {
   std::vector<int8_t> q;           // (blocks, BV / 4 groups, 16 rows, 4 values)
   std::vector<float> scale, minv;  // (blocks, 16)
   std::vector<int32_t> offset;     // (blocks, 16), Q6_K only: 128 x the sum of the row's block values
+  // The AVX2 code's integer factors (kgemm_tile_avx2): each row's block scale as an int16 pair (blocks, 16 x 2);
+  // Q4_K / Q5_K: the mins of blocks 2i and 2i + 1 as a pair (blocks / 2, 16 x 2); the super-blocks' float
+  // factors d and dmin (super-blocks, 16); Q6_K: 128 x the scaled sums of the row's values (super-blocks, 16).
+  std::vector<int16_t> scale16, min16;
+  std::vector<float> d, dmin;
+  std::vector<int32_t> offset_sb;
 };
 
 #if LFM2_AVX2
@@ -672,6 +678,39 @@ void ktile_offsets(KTile& t, int64_t nblk, int64_t groups) {
     }
 }
 
+// The integer block scales (and Q4_K / Q5_K mins) and the super-blocks' float factors of a tile's rows, for
+// kgemm_tile_avx2. Rows past `rows` keep zeros.
+void pack_ktile_factors(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t) {
+  const int64_t per_sb = kSuper / bv, nblk = W.nsb * per_sb, bytes = block_bytes(W.type);
+  t.scale16.assign(nblk * kTile * 2, 0);
+  t.min16.assign(nblk * kTile, 0);
+  t.d.assign(W.nsb * kTile, 0.f);
+  t.dmin.assign(W.nsb * kTile, 0.f);
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t sb = 0; sb < W.nsb; ++sb) {
+      const uint8_t* blk = W.q + (n0 + j) * W.row_bytes + sb * bytes;
+      int16_t sc[16], mn[8];
+      if (W.type == kQ6K) {
+        for (int kb = 0; kb < 16; ++kb) sc[kb] = reinterpret_cast<const int8_t*>(blk + 192)[kb];
+        t.d[sb * kTile + j] = f16_at(blk + 208);
+      } else {
+        uint8_t s6[8], m6[8];
+        scales_mins(blk + 4, s6, m6);
+        for (int kb = 0; kb < 8; ++kb) {
+          sc[kb] = s6[kb];
+          mn[kb] = m6[kb];
+        }
+        t.d[sb * kTile + j] = f16_at(blk);
+        t.dmin[sb * kTile + j] = f16_at(blk + 2);
+      }
+      for (int64_t kb = 0; kb < per_sb; ++kb) {
+        const int64_t b = sb * per_sb + kb;
+        t.scale16[(b * kTile + j) * 2] = t.scale16[(b * kTile + j) * 2 + 1] = sc[kb];
+        if (W.type != kQ6K) t.min16[((b / 2) * kTile + j) * 2 + b % 2] = mn[kb];
+      }
+    }
+}
+
 // Rows n0 .. n0 + rows of W (rows <= 16; the rest of the tile is zero) in blocks of bv values. Each
 // row's super-blocks are unpacked with the SIMD code and their 4-byte words laid out 16 rows apart.
 void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t, bool vnni) {
@@ -697,9 +736,15 @@ void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t, bo
         t.minv[(sb * per_sb + kb) * kTile + j] = minv[kb * bv / 16];
       }
     }
+  if (!vnni) pack_ktile_factors(W, n0, rows, bv, t);
   if (bv == 32) return;  // Q4_K / Q5_K: unsigned values against signed activations, no offsets (kgemm_tile)
-  if (vnni) ktile_offsets_vnni(t, nblk, groups);
-  else ktile_offsets(t, nblk, groups);
+  if (vnni) return ktile_offsets_vnni(t, nblk, groups);
+  ktile_offsets(t, nblk, groups);
+  t.offset_sb.assign(W.nsb * kTile, 0);
+  for (int64_t sb = 0; sb < W.nsb; ++sb)  // at most 16 x 127 x 128 x 16 x 32: far inside int32
+    for (int64_t kb = 0; kb < per_sb; ++kb)
+      for (int64_t j = 0; j < kTile; ++j)
+        t.offset_sb[sb * kTile + j] += t.scale16[((sb * per_sb + kb) * kTile + j) * 2] * t.offset[(sb * per_sb + kb) * kTile + j];
 }
 
 // MR activation rows (unsigned bytes xu, stride kp; scales xd per 256 values, stride nsb; block sums
@@ -741,36 +786,50 @@ LFM2_KVNNI void kgemm_tile(const KTile& t, int64_t nsb, const uint8_t* xu, int64
 
 // kgemm_tile for CPUs with AVX2 only: the 16 rows as two 256-bit halves, each group's products by
 // `lfm2_simd::avx2_block` (exact for these values: see there), with S groups summed in int16: 4 for Q4_K and
-// Q5_K (8 for Q4_K, whose values 0..15 allow it, where `avx2_halved`: see kgemm_rows_avx2), 2 for Q6_K.
+// Q5_K (8 for Q4_K, whose values 0..15 allow it, where `avx2_halved`: see kgemm_rows_avx2), 2 for Q6_K. The
+// int16 sums are widened by vpmaddwd against each row's integer block scale, so a super-block's products sum
+// exactly in int32 as `kgemv` sums them (`dot_scalar`): y[m][n] += xd[m] (d[n] isum - dmin[n] msum) with
+// msum = sum over blocks of min x the activations' block sum (vpmaddwd of two blocks' pairs), for Q6_K
+// y[m][n] += xd[m] d[n] (isum - offset). Scaling each block in float instead cost Zen 1 a fifth more time.
 template <int MR, int BV, int S>
 void kgemm_tile_avx2(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp, const float* xd,
-                     const float* xs, int64_t nb32, float* y, int64_t ldy, int64_t cols) {
+                     const int16_t* xs, int64_t nb32, float* y, int64_t ldy, int64_t cols) {
   constexpr int64_t kPerSuper = kSuper / BV;
   __m256 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    __m256 part[MR][2];
-    for (int r = 0; r < MR; ++r) part[r][0] = part[r][1] = _mm256_setzero_ps();
+    __m256i isum[MR][2], msum[MR][2];
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < 2; ++h) isum[r][h] = msum[r][h] = _mm256_setzero_si256();
     for (int64_t b = sb * kPerSuper; b < (sb + 1) * kPerSuper; ++b) {
-      __m256i isum[MR][2];
-      lfm2_simd::avx2_block<MR, BV / 4, S, BV == 32>(t.q.data() + b * (BV / 4) * 64, xu + b * BV, kp, isum);
-      for (int h = 0; h < 2; ++h) {
-        const __m256 sc = _mm256_loadu_ps(t.scale.data() + b * kTile + 8 * h);
-        if (BV == 32) {  // Q4_K / Q5_K: less each block's minimum times the activations' block sum
-          const __m256 mn = _mm256_loadu_ps(t.minv.data() + b * kTile + 8 * h);
+      const __m256i* scale = reinterpret_cast<const __m256i*>(t.scale16.data() + b * kTile * 2);
+      const __m256i sc[2] = {_mm256_loadu_si256(scale), _mm256_loadu_si256(scale + 1)};
+      lfm2_simd::avx2_block<MR, BV / 4, S, BV == 32, false, true>(t.q.data() + b * (BV / 4) * 64, xu + b * BV, kp,
+                                                                   isum, sc);
+      if (BV == 32 && b % 2 == 1) {  // Q4_K / Q5_K: the mins of this block and the one before times their sums
+        const __m256i* mins = reinterpret_cast<const __m256i*>(t.min16.data() + (b / 2) * kTile * 2);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i mn = _mm256_loadu_si256(mins + h);
           for (int r = 0; r < MR; ++r) {
-            part[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][h]), sc, part[r][h]);
-            part[r][h] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(xs[r * nb32 + b]), part[r][h]);
+            int32_t two;  // the activations' sums of blocks b - 1 and b, at most 32 x 127 each
+            std::memcpy(&two, xs + r * nb32 + b - 1, 4);
+            msum[r][h] = _mm256_add_epi32(msum[r][h], _mm256_madd_epi16(mn, _mm256_set1_epi32(two)));
           }
-        } else {  // Q6_K: less 128 x the values' sums
-          const __m256i off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset.data() + b * kTile + 8 * h));
-          for (int r = 0; r < MR; ++r)
-            part[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][h], off)), sc, part[r][h]);
         }
       }
     }
-    for (int r = 0; r < MR; ++r)
-      for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_fmadd_ps(part[r][h], _mm256_set1_ps(xd[r * nsb + sb]), acc[r][h]);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_loadu_ps(t.d.data() + sb * kTile + 8 * h);
+      const __m256 dmin = _mm256_loadu_ps(t.dmin.data() + sb * kTile + 8 * h);
+      const __m256i off = BV == 32 ? _mm256_setzero_si256()
+                                   : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset_sb.data() + sb * kTile + 8 * h));
+      for (int r = 0; r < MR; ++r) {
+        const __m256 v = BV == 32 ? _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[r][h]), dmin,
+                                                     _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r][h]), d))
+                                  : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][h], off)), d);
+        acc[r][h] = _mm256_fmadd_ps(v, _mm256_set1_ps(xd[r * nsb + sb]), acc[r][h]);
+      }
+    }
   }
   for (int r = 0; r < MR; ++r) lfm2_simd::store_16(y + r * ldy, acc[r], cols);
 }
@@ -778,9 +837,10 @@ void kgemm_tile_avx2(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp,
 // MR activation rows a pass. Zen 4 capped at AVX2: 11.5 ms for 512 rows x Q4_K 4608x1024 with 4 rows (S = 4),
 // against 15.0 with 3 and 15.4 with 2; 4 rows with S = 8 1.6x slower. Zen 1 (`avx2_halved`), best of 12
 // interleaved: Q4_K 4 rows S = 4 54.3 ms, 2 rows S = 4 49.6, 2 rows S = 8 46.6; Q5_K 4 rows 59.6, 2 rows 49.9;
-// Q6_K 61.0 against 59.8 (kept at 4).
+// Q6_K 61.0 against 59.8 (kept at 4). With the blocks' integer scales (kgemm_tile_avx2, 2026-12-06, Zen 1, two
+// rounds): Q4_K 1 / 2 / 3 rows 47.7-49.5 / 45.4-46.7 / 48.0-65.1 ms; Q6_K 1-4 rows within 51-52 ms.
 template <int BV, int S, int MR>
-void kgemm_rows_avx2(const KTile& t, const KMatrix& W, const uint8_t* xu, const float* xd, const float* xs,
+void kgemm_rows_avx2(const KTile& t, const KMatrix& W, const uint8_t* xu, const float* xd, const int16_t* xs,
                      int64_t m_rows, float* y, int64_t n0, int64_t cols) {
   const int64_t nb32 = W.k / 32;
   int64_t m = 0;
@@ -1146,34 +1206,42 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
   TORCH_CHECK(LFM2_AVX2, "lfm2 kgemm: needs the SIMD build (AVX2; check lfm2_quant.simd() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
-  // kgemv's activations (for Q6_K as unsigned bytes q + 128) with the block sums as floats (for the
-  // minimums), in parallel and straight into buffers that are not zero-filled first (megabytes at a prefill)
+  // kgemv's activations (for Q6_K as unsigned bytes q + 128) with the block sums (for the minimums: floats
+  // for the VNNI code, int16 for the AVX2 code), in parallel and straight into buffers that are not zero-filled
+  // first (megabytes at a prefill)
+  const bool vnni = lfm2_simd::cpu_has_vnni512(), halved = lfm2_simd::avx2_halved();
   const int64_t nsb_all = m_rows * W.nsb;
   const std::unique_ptr<uint8_t[]> xu(new uint8_t[m_rows * k]);
-  const std::unique_ptr<float[]> xd(new float[nsb_all]), xs(new float[nsb_all * 8]);
+  const std::unique_ptr<float[]> xd(new float[nsb_all]), xs(new float[vnni ? nsb_all * 8 : 0]);
+  const std::unique_ptr<int16_t[]> xs16(new int16_t[vnni ? 0 : nsb_all * 8]);
   const float* xp = x.data_ptr<float>();
   const int bv = type == kQ6K ? 16 : 32;
   at::parallel_for(0, nsb_all, 64, [&](int64_t i0, int64_t i1) {
     int8_t* q = reinterpret_cast<int8_t*>(xu.get());
-    for (int64_t i = i0; i < i1; ++i)  // unsigned for Q6_K's signed values, signed for Q4_K / Q5_K's unsigned ones
-      xd[i] = bv == 16 ? quantize_superblock<true, float>(xp + i * kSuper, q + i * kSuper, xs.get() + i * 8)
-                       : quantize_superblock<false, float>(xp + i * kSuper, q + i * kSuper, xs.get() + i * 8);
+    for (int64_t i = i0; i < i1; ++i) {  // unsigned for Q6_K's signed values, signed for Q4_K / Q5_K's unsigned ones
+      const float* from = xp + i * kSuper;
+      if (vnni) xd[i] = bv == 16 ? quantize_superblock<true, float>(from, q + i * kSuper, xs.get() + i * 8)
+                                 : quantize_superblock<false, float>(from, q + i * kSuper, xs.get() + i * 8);
+      else xd[i] = bv == 16 ? quantize_superblock<true>(from, q + i * kSuper, xs16.get() + i * 8)
+                            : quantize_superblock<false>(from, q + i * kSuper, xs16.get() + i * 8);
+    }
   });
   float* yp = y.data_ptr<float>();
-  const bool vnni = lfm2_simd::cpu_has_vnni512(), halved = lfm2_simd::avx2_halved();
   at::parallel_for(0, (W.n + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
     KTile t;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
       if (type == kQ4KX16) pack_ktile_x16(W.q + n0 * W.row_bytes, W.nsb, t);  // check(): VNNI CPUs only
       else pack_ktile(W, n0, cols, bv, t, vnni);
-      if (!vnni && bv == 16) kgemm_rows_avx2<16, 2, 4>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
-      else if (!vnni && halved && type == kQ4K)
-        kgemm_rows_avx2<32, 8, 2>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
-      else if (!vnni && halved) kgemm_rows_avx2<32, 4, 2>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
-      else if (!vnni) kgemm_rows_avx2<32, 4, 4>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
-      else if (bv == 16) kgemm_rows<16>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
-      else kgemm_rows<32>(t, W, xu.get(), xd.get(), xs.get(), m_rows, yp, n0, cols);
+      const uint8_t* u = xu.get();
+      const float* d = xd.get();
+      const int16_t* s16 = xs16.get();
+      if (vnni && bv == 16) kgemm_rows<16>(t, W, u, d, xs.get(), m_rows, yp, n0, cols);
+      else if (vnni) kgemm_rows<32>(t, W, u, d, xs.get(), m_rows, yp, n0, cols);
+      else if (bv == 16) kgemm_rows_avx2<16, 2, 4>(t, W, u, d, s16, m_rows, yp, n0, cols);
+      else if (halved && type == kQ4K) kgemm_rows_avx2<32, 8, 2>(t, W, u, d, s16, m_rows, yp, n0, cols);
+      else if (halved) kgemm_rows_avx2<32, 4, 2>(t, W, u, d, s16, m_rows, yp, n0, cols);
+      else kgemm_rows_avx2<32, 4, 4>(t, W, u, d, s16, m_rows, yp, n0, cols);
     }
   });
 #endif

@@ -59,12 +59,17 @@ inline void store_16(float* y, const __m256 half[2], int64_t cols) {
 // Q5_K: 4, Q6_K: 2). Q8_0's values (-128..127) do not fit against unsigned activations: with kSigned the
 // activations are taken back to signed (q + 128 xor 128), each carries its weight's sign (vpsignb) and
 // multiplies the weight's magnitude (vpabsb): 2 x 128 x 127 = 32,512 at most (S = 1), and no offset to take off.
-template <int MR, int G, int S, bool kUnsignedWeights = false, bool kSigned = false>
+// With kScaled the widening vpmaddwd multiplies by `scale` (per half: each row's int16 block scale in both of
+// its lanes) instead of ones, and isum is added to, not set: the K-quant GEMM sums a super-block's blocks,
+// each times its integer scale, exactly in int32 (kquant.cpp's kgemm_tile_avx2), as llama.cpp's AVX2 Q4_K dot
+// product does (ggml-cpu/arch/x86/quants.c), for the same vpmaddwd count.
+template <int MR, int G, int S, bool kUnsignedWeights = false, bool kSigned = false, bool kScaled = false>
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline void
-avx2_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m256i isum[MR][2]) {
+avx2_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m256i isum[MR][2], const __m256i* scale = nullptr) {
   static_assert(G % S == 0 && (!kSigned || S == 1), "avx2_block: S groups per widening must divide G");
   const __m256i ones = _mm256_set1_epi16(1), h128 = _mm256_set1_epi8(static_cast<char>(0x80));
-  for (int r = 0; r < MR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
+  if (!kScaled)
+    for (int r = 0; r < MR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
   for (int g0 = 0; g0 < G; g0 += S) {
     __m256i p16[MR][2];
 #pragma GCC unroll 8  // S = 8 left as a loop kept p16 in memory: 2x slower (Q4_K, 2 rows, Zen 1)
@@ -88,7 +93,8 @@ avx2_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m256i isum[MR][2])
       }
     }
     for (int r = 0; r < MR; ++r)
-      for (int h = 0; h < 2; ++h) isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(p16[r][h], ones));
+      for (int h = 0; h < 2; ++h)
+        isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(p16[r][h], kScaled ? scale[h] : ones));
   }
 }
 
