@@ -85,8 +85,8 @@ inline int32_t store_q32(const __m256i i[4], int8_t* q) {
   return hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
 }
 
-template <bool kUnsigned = false>
-inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum_out) {
+// A block's 32 values rounded to integers of int8's range, as four vectors of 8 int32; returns its scale.
+inline float block_values(const float* x, __m256i i[4]) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -99,10 +99,15 @@ inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   const float d = _mm_cvtss_f32(m) / 127.f;
   const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  __m256i i[4];
   for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // nearest even
+  return d;
+}
+
+template <bool kUnsigned = false>
+inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* sum_out) {
+  __m256i i[4];
+  *d_out = block_values(x, i);
   *sum_out = store_q32<kUnsigned>(i, q);
-  *d_out = d;
 }
 
 #else
@@ -177,5 +182,31 @@ inline UActivations quantize_activations_u8(const float* x, int64_t m_rows, int6
   });
   return a;
 }
+
+#if LFM2_AVX2
+// x (M, K) as `quantize_block`'s values in int16 (M, K) and each block's scale (M, K / 32): what qgemv.cpp's
+// int16 Q8_0 GEMM (`gemm_tile16`) multiplies, in one pass rather than bytes widened afterwards.
+struct WideActivations {
+  std::unique_ptr<int16_t[]> x;
+  std::unique_ptr<float[]> d;
+};
+
+inline WideActivations quantize_activations_i16(const float* x, int64_t m_rows, int64_t k) {
+  const int64_t nb = k / kBlock;
+  WideActivations a{std::unique_ptr<int16_t[]>(new int16_t[m_rows * k]), std::unique_ptr<float[]>(new float[m_rows * nb])};
+  at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i i[4];
+        a.d[m * nb + b] = block_values(x + m * k + b * kBlock, i);
+        int16_t* q = a.x.get() + m * k + b * kBlock;
+        for (int h = 0; h < 2; ++h)  // packs works within 128-bit lanes: its 64-bit quarters 0, 2, 1, 3 are in order
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * h),
+                              _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2 * h], i[2 * h + 1]), 0xD8));
+      }
+  });
+  return a;
+}
+#endif
 
 }  // namespace lfm2_act

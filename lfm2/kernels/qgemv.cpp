@@ -764,19 +764,6 @@ void gemm_tile16(const Tile16& t, int64_t nb, const int16_t* x, int64_t kp, cons
   for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, acc[r], cols * sizeof(float));
 }
 
-// The activations' int8 values (stored + 128 by quantize_activations_u8) as int16, for gemm_tile16.
-std::unique_ptr<int16_t[]> widen_activations(const uint8_t* xu, int64_t m_rows, int64_t k) {
-  std::unique_ptr<int16_t[]> x(new int16_t[m_rows * k]);
-  const __m256i h128 = _mm256_set1_epi16(128);
-  at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t i = m0 * k; i < m1 * k; i += 16) {  // k is a multiple of 32
-      const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xu + i));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.get() + i), _mm256_sub_epi16(_mm256_cvtepu8_epi16(u), h128));
-    }
-  });
-  return x;
-}
-
 template <bool kQ8>
 void gemm_rows_avx2(const PackedTile& t, const QMatrix& W, const lfm2_act::UActivations& a, int64_t m_rows, float* yp,
                     int64_t n0, int64_t cols) {
@@ -799,13 +786,16 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   TORCH_CHECK(LFM2_AVX2, "lfm2 qgemm: needs the SIMD build (AVX2; check lfm2_quant.simd() first)");
   at::Tensor y = lfm2_act::output_for(x, W.n);
 #if LFM2_AVX2
-  const lfm2_act::UActivations a = lfm2_act::quantize_activations_u8(x.data_ptr<float>(), m_rows, W.k);
+  const bool vnni = lfm2_simd::cpu_has_vnni512();
+  const bool wide16 = !vnni && W.bits == 8 && lfm2_simd::avx2_halved();
+  // Bytes q + 128 for the VNNI and byte AVX2 tiles; int16 for gemm_tile16
+  lfm2_act::UActivations a;
+  lfm2_act::WideActivations xw;
+  if (wide16) xw = lfm2_act::quantize_activations_i16(x.data_ptr<float>(), m_rows, W.k);
+  else a = lfm2_act::quantize_activations_u8(x.data_ptr<float>(), m_rows, W.k);
   const uint8_t* xu = a.xu.get();
   float* yp = y.data_ptr<float>();
   const int64_t tiles = (W.n + kTileRows - 1) / kTileRows;
-  const bool vnni = lfm2_simd::cpu_has_vnni512();
-  const bool wide16 = !vnni && W.bits == 8 && lfm2_simd::avx2_halved();
-  const std::unique_ptr<int16_t[]> xw = wide16 ? widen_activations(xu, m_rows, W.k) : nullptr;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     PackedTile t;
     Tile16 t16;
@@ -816,9 +806,9 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
         constexpr int MR = 3;  // a standalone loop on Zen 1, K = 1024: 17.6 GMAC/s a core, 1 row 16.9, 2 rows 14.9
         int64_t m = 0;
         for (; m + MR <= m_rows; m += MR)
-          gemm_tile16<MR>(t16, W.nb, xw.get() + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+          gemm_tile16<MR>(t16, W.nb, xw.x.get() + m * W.k, W.k, xw.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
         for (; m < m_rows; ++m)
-          gemm_tile16<1>(t16, W.nb, xw.get() + m * W.k, W.k, a.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
+          gemm_tile16<1>(t16, W.nb, xw.x.get() + m * W.k, W.k, xw.d.get() + m * W.nb, yp + m * W.n + n0, W.n, cols);
         continue;
       }
       if (!vnni) {
