@@ -717,25 +717,44 @@ void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t, bo
   const int64_t nblk = W.k / bv, groups = bv / 4, per_sb = kSuper / bv;
   if (rows < kTile) t.q.assign(nblk * groups * kTile * 4, 0);
   else t.q.resize(nblk * groups * kTile * 4);
-  t.scale.assign(nblk * kTile, 0.f);
-  t.minv.assign(nblk * kTile, 0.f);
   t.offset.resize(nblk * kTile);
-  alignas(32) int8_t v[kSuper];
-  float scale[16], minv[16];
+  alignas(32) int8_t v[4][kSuper];
   const int64_t bytes = block_bytes(W.type);
   int8_t* q = t.q.data();
-  for (int64_t j = 0; j < rows; ++j)
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4)  // 4 rows at a time: their words w .. w + 3 by a 4 x 4 transpose of 32-bit lanes
     for (int64_t sb = 0; sb < W.nsb; ++sb) {
-      const uint8_t* blk = W.q + (n0 + j) * W.row_bytes + sb * bytes;
-      unpack_values_simd(W.type, blk, v);
-      factors(W.type, blk, scale, minv);
+      for (int i = 0; i < 4; ++i) unpack_values_simd(W.type, W.q + (n0 + j + i) * W.row_bytes + sb * bytes, v[i]);
       int8_t* dst = q + (sb * per_sb * groups * kTile + j) * 4;  // word w of the super-block: group w of its blocks
-      for (int64_t w = 0; w < kSuper / 4; ++w) std::memcpy(dst + w * kTile * 4, v + 4 * w, 4);
-      for (int64_t kb = 0; kb < per_sb; ++kb) {
-        t.scale[(sb * per_sb + kb) * kTile + j] = scale[kb * bv / 16];
-        t.minv[(sb * per_sb + kb) * kTile + j] = minv[kb * bv / 16];
+      for (int64_t w = 0; w < kSuper / 4; w += 4) {
+        __m128i r[4];
+        for (int i = 0; i < 4; ++i) r[i] = _mm_load_si128(reinterpret_cast<const __m128i*>(v[i] + 4 * w));
+        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+        const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+        const __m128i out[4] = {_mm_unpacklo_epi64(t0, t2), _mm_unpackhi_epi64(t0, t2), _mm_unpacklo_epi64(t1, t3),
+                                _mm_unpackhi_epi64(t1, t3)};
+        for (int k = 0; k < 4; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + k) * kTile * 4), out[k]);
       }
     }
+  for (; j < rows; ++j)
+    for (int64_t sb = 0; sb < W.nsb; ++sb) {
+      unpack_values_simd(W.type, W.q + (n0 + j) * W.row_bytes + sb * bytes, v[0]);
+      int8_t* dst = q + (sb * per_sb * groups * kTile + j) * 4;
+      for (int64_t w = 0; w < kSuper / 4; ++w) std::memcpy(dst + w * kTile * 4, v[0] + 4 * w, 4);
+    }
+  if (vnni) {  // the VNNI code's float factors of each block
+    t.scale.assign(nblk * kTile, 0.f);
+    t.minv.assign(nblk * kTile, 0.f);
+    float scale[16], minv[16];
+    for (int64_t jj = 0; jj < rows; ++jj)
+      for (int64_t sb = 0; sb < W.nsb; ++sb) {
+        factors(W.type, W.q + (n0 + jj) * W.row_bytes + sb * bytes, scale, minv);
+        for (int64_t kb = 0; kb < per_sb; ++kb) {
+          t.scale[(sb * per_sb + kb) * kTile + jj] = scale[kb * bv / 16];
+          t.minv[(sb * per_sb + kb) * kTile + jj] = minv[kb * bv / 16];
+        }
+      }
+  }
   if (!vnni) pack_ktile_factors(W, n0, rows, bv, t);
   if (bv == 32) return;  // Q4_K / Q5_K: unsigned values against signed activations, no offsets (kgemm_tile)
   if (vnni) return ktile_offsets_vnni(t, nblk, groups);
