@@ -39,24 +39,13 @@ namespace {
 
 using lfm2_simd::hsum;
 
-// exp(x) for x <= 0 (max-subtracted scores), 8 at a time: Cephes' expf, 2^n times a degree-5
-// polynomial on [-ln2/2, ln2/2]; relative error about 1e-7. Below -87 it returns about 1e-38
-// (those weights are far below float32 resolution next to the maximum's 1).
+// exp(x) for x <= 0 (max-subtracted scores), 8 at a time: Cephes' expf (`lfm2_simd::exp_reduced`);
+// relative error about 1e-7. Below -87 it returns about 1e-38 (those weights are far below float32
+// resolution next to the maximum's 1).
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  __m256i n;
+  const __m256 e = lfm2_simd::exp_reduced(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), &n);
+  return _mm256_mul_ps(e, lfm2_simd::pow2(n));
 }
 
 #endif

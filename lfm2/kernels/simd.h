@@ -42,6 +42,29 @@ vnni_block(const int8_t* wq, const uint8_t* xu, int64_t kp, __m512i isum[MR]) {
   }
 }
 
+// The core of Cephes' single-precision expf, 8 at a time: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts),
+// exp(r) by its degree-5 polynomial. Returns exp(r) and sets n; the caller clamps x first and scales by 2^n
+// (attention.cpp's softmax in one factor, swiglu.cpp's gate in two, where n reaches 128).
+inline __m256 exp_reduced(__m256 x, __m256i* n) {
+  const __m256 fn = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  *n = _mm256_cvtps_epi32(fn);
+  return _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+}
+
+// 2^n as floats, for n in float32's normal exponents (-126..127).
+inline __m256 pow2(__m256i n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+}
+
 // The first `cols` of a tile's 16 float results, held as two 256-bit halves, to y (the AVX2 GEMMs' store).
 inline void store_16(float* y, const __m256 half[2], int64_t cols) {
   alignas(32) float out[16];

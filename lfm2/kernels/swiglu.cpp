@@ -16,6 +16,8 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+
+#include "simd.h"
 #define LFM2_SWIGLU_AVX2 1
 #else
 #define LFM2_SWIGLU_AVX2 0
@@ -24,31 +26,17 @@
 namespace {
 
 #if LFM2_SWIGLU_AVX2
-// exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' polynomial, times 2^n. Inputs are
-// clamped to [-87.3, 88.7]: below, the result would be denormal (exp(-87.3) is about FLT_MIN), and silu
-// then gives x * 1 / (1 + huge) = -0.0 either way; above, exp overflows to inf, as std::exp does.
+// exp(x) for 8 floats (`lfm2_simd::exp_reduced`, times 2^n). Inputs are clamped to [-87.3, 88.7]: below, the
+// result would be denormal (exp(-87.3) is about FLT_MIN), and silu then gives x * 1 / (1 + huge) = -0.0 either
+// way; above, exp overflows to inf, as std::exp does.
 inline __m256 exp8(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.7228391f), lo = _mm256_set1_ps(-87.3365479f);
   const __m256 inf_mask = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i n;
+  const __m256 p = lfm2_simd::exp_reduced(_mm256_max_ps(_mm256_min_ps(x, hi), lo), &n);
   // 2^n in two factors: n reaches 128 at the top of the range, one past the largest exponent.
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i half = _mm256_srai_epi32(ni, 1);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
-  const __m256 e = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  const __m256i half = _mm256_srai_epi32(n, 1);
+  const __m256 e = _mm256_mul_ps(_mm256_mul_ps(p, lfm2_simd::pow2(half)), lfm2_simd::pow2(_mm256_sub_epi32(n, half)));
   return _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY), inf_mask);
 }
 #endif
