@@ -193,7 +193,8 @@ struct WideActivations {
 
 inline WideActivations quantize_activations_i16(const float* x, int64_t m_rows, int64_t k) {
   const int64_t nb = k / kBlock;
-  WideActivations a{std::unique_ptr<int16_t[]>(new int16_t[m_rows * k]), std::unique_ptr<float[]>(new float[m_rows * nb])};
+  WideActivations a{std::unique_ptr<int16_t[]>(new int16_t[m_rows * k]),
+                    std::unique_ptr<float[]>(new float[m_rows * nb])};
   at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < nb; ++b) {

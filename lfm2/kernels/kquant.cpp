@@ -683,7 +683,7 @@ void ktile_offsets(KTile& t, int64_t nblk, int64_t groups) {
 void pack_ktile_factors(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t) {
   const int64_t per_sb = kSuper / bv, nblk = W.nsb * per_sb, bytes = block_bytes(W.type);
   t.scale16.assign(nblk * kTile * 2, 0);
-  t.min16.assign(nblk * kTile, 0);
+  t.min16.assign(W.type == kQ6K ? 0 : nblk * kTile, 0);
   t.d.assign(W.nsb * kTile, 0.f);
   t.dmin.assign(W.nsb * kTile, 0.f);
   for (int64_t j = 0; j < rows; ++j)
@@ -746,24 +746,27 @@ void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t, bo
     t.scale.assign(nblk * kTile, 0.f);
     t.minv.assign(nblk * kTile, 0.f);
     float scale[16], minv[16];
-    for (int64_t jj = 0; jj < rows; ++jj)
+    for (int64_t r = 0; r < rows; ++r)
       for (int64_t sb = 0; sb < W.nsb; ++sb) {
-        factors(W.type, W.q + (n0 + jj) * W.row_bytes + sb * bytes, scale, minv);
+        factors(W.type, W.q + (n0 + r) * W.row_bytes + sb * bytes, scale, minv);
         for (int64_t kb = 0; kb < per_sb; ++kb) {
-          t.scale[(sb * per_sb + kb) * kTile + jj] = scale[kb * bv / 16];
-          t.minv[(sb * per_sb + kb) * kTile + jj] = minv[kb * bv / 16];
+          t.scale[(sb * per_sb + kb) * kTile + r] = scale[kb * bv / 16];
+          t.minv[(sb * per_sb + kb) * kTile + r] = minv[kb * bv / 16];
         }
       }
+  } else {
+    pack_ktile_factors(W, n0, rows, bv, t);
   }
-  if (!vnni) pack_ktile_factors(W, n0, rows, bv, t);
   if (bv == 32) return;  // Q4_K / Q5_K: unsigned values against signed activations, no offsets (kgemm_tile)
   if (vnni) return ktile_offsets_vnni(t, nblk, groups);
   ktile_offsets(t, nblk, groups);
   t.offset_sb.assign(W.nsb * kTile, 0);
-  for (int64_t sb = 0; sb < W.nsb; ++sb)  // at most 16 x 127 x 128 x 16 x 32: far inside int32
-    for (int64_t kb = 0; kb < per_sb; ++kb)
-      for (int64_t j = 0; j < kTile; ++j)
-        t.offset_sb[sb * kTile + j] += t.scale16[((sb * per_sb + kb) * kTile + j) * 2] * t.offset[(sb * per_sb + kb) * kTile + j];
+  for (int64_t sb = 0; sb < W.nsb; ++sb)  // at most 16 x 128 x 128 x 16 x 32 (134M): far inside int32
+    for (int64_t kb = 0; kb < per_sb; ++kb) {
+      const int64_t b = sb * per_sb + kb;
+      for (int64_t r = 0; r < kTile; ++r)
+        t.offset_sb[sb * kTile + r] += t.scale16[(b * kTile + r) * 2] * t.offset[b * kTile + r];
+    }
 }
 
 // MR activation rows (unsigned bytes xu, stride kp; scales xd per 256 values, stride nsb; block sums
@@ -843,8 +846,8 @@ void kgemm_tile_avx2(const KTile& t, int64_t nsb, const uint8_t* xu, int64_t kp,
     for (int h = 0; h < 2; ++h) {
       const __m256 d = _mm256_loadu_ps(t.d.data() + sb * kTile + 8 * h);
       const __m256 dmin = _mm256_loadu_ps(t.dmin.data() + sb * kTile + 8 * h);
-      const __m256i off = BV == 32 ? _mm256_setzero_si256()
-                                   : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset_sb.data() + sb * kTile + 8 * h));
+      __m256i off = _mm256_setzero_si256();  // Q6_K's (t.offset_sb is empty for Q4_K / Q5_K)
+      if (BV != 32) off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.offset_sb.data() + sb * kTile) + h);
       for (int r = 0; r < MR; ++r) {
         const __m256 v = BV == 32 ? _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[r][h]), dmin,
                                                      _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r][h]), d))

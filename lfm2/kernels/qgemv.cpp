@@ -694,7 +694,7 @@ void pack_tile16(const QMatrix& W, int64_t n0, int64_t rows, Tile16& t) {
     t.q.resize(W.nb * 16 * kTileRows * 2);
     // Per block, 4 rows x 4 pairs at a time: 8 values of each row widened to int16 (4 pairs as 32-bit lanes),
     // then a 4 x 4 transpose of the lanes gives each pair's 4 rows. In 128-bit operations: Zen 1 splits 256-bit
-    // ones anyway, and 8 gathers a block (the first form) cost ~1.2 ms of a 512-row 4608x1024 call.
+    // ones anyway, and 8 gathers a block (the form before) cost ~1.2 ms of a 512-row 4608x1024 call.
     for (int64_t b = 0; b < W.nb; ++b)
       for (int c = 0; c < 4; ++c) {
         const uint8_t* base = W.q + (n0 + 4 * c) * W.row_bytes + b * kBlock;
