@@ -729,10 +729,8 @@ void pack_ktile(const KMatrix& W, int64_t n0, int64_t rows, int bv, KTile& t, bo
       for (int64_t w = 0; w < kSuper / 4; w += 4) {
         __m128i r[4];
         for (int i = 0; i < 4; ++i) r[i] = _mm_load_si128(reinterpret_cast<const __m128i*>(v[i] + 4 * w));
-        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
-        const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
-        const __m128i out[4] = {_mm_unpacklo_epi64(t0, t2), _mm_unpackhi_epi64(t0, t2), _mm_unpacklo_epi64(t1, t3),
-                                _mm_unpackhi_epi64(t1, t3)};
+        __m128i out[4];
+        lfm2_simd::transpose4_epi32(r, out);
         for (int k = 0; k < 4; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + k) * kTile * 4), out[k]);
       }
     }

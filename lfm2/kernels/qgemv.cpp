@@ -702,10 +702,8 @@ void pack_tile16(const QMatrix& W, int64_t n0, int64_t rows, Tile16& t) {
           __m128i r[4];
           for (int i = 0; i < 4; ++i)
             r[i] = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + i * W.row_bytes + 8 * q)));
-          const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
-          const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
-          const __m128i out[4] = {_mm_unpacklo_epi64(t0, t2), _mm_unpackhi_epi64(t0, t2), _mm_unpacklo_epi64(t1, t3),
-                                  _mm_unpackhi_epi64(t1, t3)};
+          __m128i out[4];
+          lfm2_simd::transpose4_epi32(r, out);
           for (int k = 0; k < 4; ++k)  // pair 4q + k, rows 4c .. 4c + 3
             _mm_storeu_si128(reinterpret_cast<__m128i*>(t.q.data() + (b * 16 + 4 * q + k) * kTileRows * 2 + 8 * c),
                              out[k]);

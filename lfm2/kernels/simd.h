@@ -65,6 +65,17 @@ inline __m256 pow2(__m256i n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
 }
 
+// A 4 x 4 transpose of 32-bit lanes: out[k] = lane k of r[0], r[1], r[2], r[3] (the GEMMs' tile packing:
+// qgemv.cpp's pack_tile16, kquant.cpp's pack_ktile).
+inline void transpose4_epi32(const __m128i r[4], __m128i out[4]) {
+  const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+  const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+  out[0] = _mm_unpacklo_epi64(t0, t2);
+  out[1] = _mm_unpackhi_epi64(t0, t2);
+  out[2] = _mm_unpacklo_epi64(t1, t3);
+  out[3] = _mm_unpackhi_epi64(t1, t3);
+}
+
 // The first `cols` of a tile's 16 float results, held as two 256-bit halves, to y (the AVX2 GEMMs' store).
 inline void store_16(float* y, const __m256 half[2], int64_t cols) {
   alignas(32) float out[16];
