@@ -22,7 +22,7 @@ attention layer, its query groups against caches of 128 to 4096 filled slots): P
 against lfm2's decode attention kernel (`lfm2/kernels/attention.cpp`), in GB/s of cache read.
 `--kquants` times the step's matrices as GGUF K-quants (`lfm2/kernels/kquant.cpp`, random blocks on
 huge pages, as a loaded file's are): `kgemv` on Q4_K in the file's layout, on Q4_K in 16-row tiles
-(what a load makes of Q4_K matrices on AVX-512 VNNI CPUs) and on Q6_K; then the same on one matrix per
+(what a load makes of Q4_K matrices wherever the SIMD code runs) and on Q6_K; then the same on one matrix per
 shape called as often (in cache: the kernels' own speed), and `kgemm` at 512 rows. `--q4-tiles` does the
 same for int4 / Q4_0 (`qgemv`, `qgemm`): the file's layout against the 16-row tiles a load makes of it on
 AVX-512 VNNI CPUs (`lfm2/kernels/q4_tiles.h`).
@@ -312,8 +312,8 @@ def bench_kquants(name: str, reps: int) -> None:
     from lfm2.kquant import Q4_K_X16
 
     ops = kernels.ops()
-    if ops is None or not kernels.has_vnni():
-        print("(--kquants needs the C++ kernels on a CPU with AVX-512 VNNI: the Q4_K tiles exist only there)")
+    if ops is None or not kernels.has_int8_gemm():
+        print("(--kquants needs the C++ kernels' SIMD code (AVX2): the Q4_K tiles exist only there)")
         return
     types = {"q4_k rows": (12, 12), "q4_k tiles": (12, Q4_K_X16), "q6_k rows": (14, 14)}  # (file type, kernel's)
 

@@ -6,11 +6,12 @@ model takes the memory of the file, and computes with kernels of our own
 (`lfm2/kernels/kquant.cpp`, which also documents the layouts):
 - up to `KGEMV_MAX_ROWS` rows of input (decode, small batches): `kgemv`, a matrix-vector product
   that streams the blocks once, with int8 activations per 256 values as llama.cpp computes K-quant
-  products (exact integer sums inside a super-block). On CPUs with AVX-512 VNNI a loaded Q4_K
-  matrix is first rearranged into tiles of 16 rows (`pack_tiles`, the same bytes moved; the kernel
-  file documents the layout), where one instruction multiplies 4 values of 16 rows: over LFM2-350M's
-  decode matrices 2.1x the per-row code on weights in cache and 1.2x from memory, where it reads as
-  fast as the memory gives (2 Zen 4 cores, `benchmarks/kernels.py --kquants`, docs/benchmarks.md);
+  products (exact integer sums inside a super-block). A loaded Q4_K matrix is first rearranged into
+  tiles of 16 rows (`pack_tiles`, the same bytes moved; the kernel file documents the layout), where
+  one instruction multiplies 4 values of 16 rows (VNNI) or 8 rows (AVX2): with AVX-512 VNNI over
+  LFM2-350M's decode matrices 2.1x the per-row code on weights in cache and 1.2x from memory, where it
+  reads as fast as the memory gives (2 Zen 4 cores, `benchmarks/kernels.py --kquants`); with AVX2 alone
+  1.8x in cache and 1.56x from memory (2 Zen 1 cores; docs/benchmarks.md);
 - more rows (prefill), on CPUs without AMX: `kgemm`, exact integer block products of the weights'
   values with `kgemv`'s int8 activations (so a token's prefill logits are its decode logits); with
   AVX-512 VNNI 32 multiply-adds an instruction, 2-3.6x the float32 tiles below on LFM2-350M's
@@ -67,6 +68,14 @@ def supports(ggml_type: int, in_features: int) -> bool:
     return ggml_type in TYPES.values() and in_features % SUPER_BLOCK == 0
 
 
+def tiles_faster() -> bool:
+    """Whether Q4_K runs faster in 16-row tiles here: with AVX-512 VNNI, or with AVX2 alone (the AVX2 code
+    of the tiles against the file layout's: docs/benchmarks.md). Not on AVX-512 CPUs without VNNI, whose
+    per-row code (`rows_avx512`) was not measured against the AVX2 tiles."""
+    ops = kernels.ops()
+    return ops is not None and (kernels.has_vnni() or ops.kgemv_best_isa() == 1)
+
+
 def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows of K-quant blocks (N, bytes) as float32 (or bfloat16) (N, K): the kernel, else `gguf.quants`."""
@@ -117,11 +126,11 @@ class KQuantLinear(nn.Module):
         return GGMLType(self.ggml_type).name.lower()
 
     def pack_tiles(self) -> bool:
-        """Rearrange Q4_K blocks into 16-row tiles in place, where that is the faster layout (CPUs with
-        AVX-512 VNNI; see the module docstring); returns whether it did. The tensor keeps its shape and
+        """Rearrange Q4_K blocks into 16-row tiles in place, where that is the faster layout (`tiles_faster`;
+        see the module docstring); returns whether it did. The tensor keeps its shape and
         storage, so stacked MoE experts stay one view."""
         if (self.kernel_type != GGMLType.Q4_K or self.out_features % TILE_ROWS or not self.blocks.is_cpu
-                or not kernels.has_vnni()):
+                or not tiles_faster()):
             return False
         kernels.ops().kpack_(self.blocks, self.kernel_type, self.in_features)
         self.kernel_type = Q4_K_X16

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lfm2 import kernels
+from lfm2 import kquant as kquant_module
 from lfm2.errors import CheckpointError
 from lfm2.kquant import Q4_K_X16, KQuantEmbedding, KQuantLinear
 
@@ -150,15 +151,16 @@ def test_layer_paths_agree(qtype, monkeypatch):
     assert torch.equal(layer.dequantize(), w)
 
 
-needs_vnni = pytest.mark.skipif(kernels.ops() is None or not kernels.has_vnni(),
-                                reason="Q4_K tiles and kgemm need AVX-512 VNNI")
+needs_tiles = pytest.mark.skipif(kernels.ops() is None or not kernels.has_int8_gemm(),
+                                 reason="Q4_K tiles and kgemm need the SIMD kernels (AVX2)")
 
 
-@needs_vnni
+@needs_tiles
 def test_q4_k_tiles_compute_what_the_file_layout_computes():
     """Q4_K rearranged into 16-row tiles (the decode kernel's layout) holds the same bytes, dequantizes to
     the same values, and its products are the file layout's: the same integer sums (kgemv, to float
-    rounding) or the same packed tile (kgemm, exactly)."""
+    rounding) or the same packed tile (kgemm, exactly). The tiles' AVX2 code (any CPU with the SIMD
+    kernels: `kgemv_isa` 1) gives the VNNI code's bits where that runs."""
     ops = kernels.ops()
     blocks = random_blocks(96, 768, T.Q4_K, seed=6)
     tiles = blocks.clone()
@@ -174,6 +176,8 @@ def test_q4_k_tiles_compute_what_the_file_layout_computes():
         y, ref = ops.kgemv(xs, tiles, Q4_K_X16, 768), ops.kgemv(xs, blocks, int(T.Q4_K), 768)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
         assert torch.equal(y[-1:], ops.kgemv(xs[-1:].contiguous(), tiles, Q4_K_X16, 768))
+        assert torch.equal(ops.kgemv_isa(xs, tiles, Q4_K_X16, 768, 1), y if not kernels.has_vnni() else
+                           ops.kgemv_isa(xs, tiles, Q4_K_X16, 768, 2))
     assert torch.equal(ops.kgemm(x, tiles, Q4_K_X16, 768), ops.kgemm(x, blocks, int(T.Q4_K), 768))
     with pytest.raises(RuntimeError, match="multiples of 16"):
         ops.kgemv(x[:1].contiguous(), tiles[:40].contiguous(), Q4_K_X16, 768)
@@ -185,7 +189,8 @@ def test_q4_k_tiles_compute_what_the_file_layout_computes():
         ops.kpack_(random_blocks(16, 256, T.Q6_K), int(T.Q6_K), 256)
 
 
-@needs_vnni
+@pytest.mark.skipif(kernels.ops() is None or not kquant_module.tiles_faster(),
+                    reason="Q4_K stays in the file's layout on this CPU")
 def test_layer_tiles_its_q4_k_blocks_in_place(monkeypatch):
     """`pack_tiles` rearranges a Q4_K layer's blocks in their own storage (stacked experts stay one view);
     every path of the layer computes what it did before; other types, row counts and embeddings stay."""
@@ -242,6 +247,8 @@ def test_the_avx2_gemms_whatever_the_cpu(isa):
 
     tests = ["tests/test_kquant.py::test_gemm_is_rounded_activations_times_the_dequantized_weights",
              "tests/test_kquant.py::test_layer_paths_agree",
+             "tests/test_kquant.py::test_q4_k_tiles_compute_what_the_file_layout_computes",
+             "tests/test_kquant.py::test_layer_tiles_its_q4_k_blocks_in_place",
              "tests/test_quant.py::test_int8_gemm_matches_the_gemv_numerics"]
     probe = "from lfm2 import kernels; print(kernels.has_vnni(), kernels.has_int8_gemm())"
     env = {**os.environ, "LFM2_KERNEL_ISA": isa}

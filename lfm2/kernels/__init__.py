@@ -246,7 +246,7 @@ def has_int8_gemm() -> bool:
 
 
 def has_vnni() -> bool:
-    """Whether the kernels use AVX-512 VNNI here (the 16-row Q4_K and int4 tiles need it); asked once, then
+    """Whether the kernels use AVX-512 VNNI here (the 16-row int4 tiles need it); asked once, then
     cached. False under `LFM2_KERNEL_ISA=avx2`."""
     if "vnni" not in _state:
         loaded = ops()

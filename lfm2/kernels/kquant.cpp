@@ -189,16 +189,16 @@ LFM2_INLINE float quantize_superblock(const float* xs, int8_t* q, Sum* bsum) {
 #endif
 }
 
-// All rows' super-blocks, in parallel: at a 512-token prefill this is 0.5-2.4M values a product.
-KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k, bool wide) {
+// All rows' super-blocks, in parallel: at a 512-token prefill this is 0.5-2.4M values a product. `wide`: also
+// what the AVX-512 code reads; `sums16`: the sums of each 16 values (Q6_K's products, AVX2 and AVX-512).
+KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k, bool wide, bool sums16) {
   KActivations a;
   a.q.resize(m_rows * k);
   a.d.resize(m_rows * k / kSuper);
   a.bsum.resize(m_rows * k / 32);
-  if (wide) {
-    a.q_0213.resize(m_rows * k);
-    a.bsum16.resize(m_rows * k / 16);
-  }
+  sums16 = sums16 || wide;
+  if (wide) a.q_0213.resize(m_rows * k);
+  if (sums16) a.bsum16.resize(m_rows * k / 16);
   at::parallel_for(0, m_rows * k / kSuper, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       int8_t* q = a.q.data() + i * kSuper;
@@ -207,12 +207,13 @@ KActivations quantize_activations_k(const float* x, int64_t m_rows, int64_t k, b
         static constexpr int order[4] = {0, 2, 1, 3};
         for (int c = 0; c < 8; ++c)  // 32-value chunk c of the super-block goes to position 4 (c / 4) + order[c % 4]
           std::memcpy(a.q_0213.data() + i * kSuper + 32 * (4 * (c / 4) + order[c % 4]), q + 32 * c, 32);
+      }
+      if (sums16)
         for (int g = 0; g < 16; ++g) {
           int32_t sum = 0;
           for (int j = 0; j < 16; ++j) sum += q[16 * g + j];
           a.bsum16[i * 16 + g] = static_cast<int16_t>(sum);
         }
-      }
     }
   });
   return a;
@@ -314,9 +315,12 @@ inline void superblock_q45(const uint8_t* blk, const int8_t* xq, float xd, const
   accm = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(xd * f16_at(blk + 2)), accm);
 }
 
-// Q6_K: one super-block against 256 activations xq (scale xd).
-inline __m256 superblock_q6(const uint8_t* blk, const int8_t* xq, float xd, __m256 acc) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+// Q6_K: one super-block against 256 activations xq (scale xd, the sums of each 16 in bsum16). The values
+// enter unsigned (0..63: int16 pairs below 2 x 63 x 127) and the -32 comes off once, as 32 sum_g sc_g xsum_g
+// (as in superblock_q6_512): three operations fewer per 32 values than signed values through vpsignb. Zen 1,
+// 2 threads, 65536x1024: 5.0 -> 3.95 ms (11.0 -> 13.9 GB/s).
+inline __m256 superblock_q6(const uint8_t* blk, const int8_t* xq, float xd, const int16_t* bsum16, __m256 acc) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
   const uint8_t* sc = blk + 192;
   __m256i sumi = _mm256_setzero_si256();
   for (int h = 0; h < 2; ++h) {
@@ -331,14 +335,14 @@ inline __m256 superblock_q6(const uint8_t* blk, const int8_t* xq, float xd, __m2
     q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2));
     for (int j = 0; j < 4; ++j) {
-      // w - 32 in -32..31: vpmaddubsw takes |w - 32| and x with w - 32's sign; pairs below 2 * 32 * 127.
-      const __m256i w = _mm256_sub_epi8(q[j], bias);
-      const __m256i x = load256(xq + 128 * h + 32 * j);
-      const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+      const __m256i p16 = _mm256_maddubs_epi16(q[j], load256(xq + 128 * h + 32 * j));
       // Each 128-bit half is one 16-value sub-block: its int8 scale goes into vpmaddwd.
       sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_shuffle_epi8(sc16, spread16(2 * j, 2 * j + 1))));
     }
   }
+  // 32 sum_g sc_g xsum_g: at most 32 x 16 x 128 x 16 x 127 (133M); the products at most 256 x 63 x 127 x 128 (262M)
+  const __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+  sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(_mm256_madd_epi16(scales, load256(bsum16)), 5));
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(xd * f16_at(blk + 208)), acc);
 }
 
@@ -403,7 +407,7 @@ float dot_simd(const KMatrix& W, int64_t n, const KActivations& a, int64_t m) {
     prefetch_block(blk, bytes);
     if (W.type == kQ4K) superblock_q45<false>(blk, xq + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
     else if (W.type == kQ5K) superblock_q45<true>(blk, xq + sb * kSuper, xd[sb], bsum + 8 * sb, acc, accm);
-    else acc = superblock_q6(blk, xq + sb * kSuper, xd[sb], acc);
+    else acc = superblock_q6(blk, xq + sb * kSuper, xd[sb], a.bsum16.data() + (m * W.nsb + sb) * 16, acc);
   }
   return lfm2_simd::hsum(acc) - hsum128(accm);
 }
@@ -890,7 +894,8 @@ void kgemm_rows(const KTile& t, const KMatrix& W, const uint8_t* xu, const float
 
 // ---------------------------------------------------------------------------------------------
 // Q4_K in tiles of 16 rows (lfm2's own type id kQ4KX16; `kpack_` rearranges a matrix in place, `kunpack`
-// restores the file's layout): the layout of the decode product on CPUs with AVX-512 VNNI. Per row, a
+// restores the file's layout): the layout of the decode product on CPUs with AVX-512 VNNI, and with AVX2 alone
+// (`x16_rows_avx2`, below). Per row, a
 // Q4_K super-block costs ~38 vector operations in `rows_avx512` (nibbles unpacked, scales spread over the
 // lanes, vpmaddubsw + vpmaddwd, the scale epilogue): on two Zen 4 cores that code streams Q4_K from memory at
 // 29-32 GB/s where the memory gives ~36, and 32 GB/s from cache (docs/benchmarks.md). With 16 rows' super-blocks interleaved, one vpdpbusd multiplies four
@@ -982,8 +987,8 @@ at::Tensor kunpack(const at::Tensor& blocks, int64_t type, int64_t k) {
 
 #if LFM2_AVX2
 // A tile super-block's 8 scales and 8 minimums of its 16 rows (bytes in 128-bit vectors), from the 12
-// scale-byte vectors S: the formula of `scales_mins`, 16 rows at a time.
-LFM2_KVNNI LFM2_INLINE void x16_scales(const uint8_t* t, __m128i sc[8], __m128i mn[8]) {
+// scale-byte vectors S: the formula of `scales_mins`, 16 rows at a time (SSE2, for the AVX2 and VNNI code).
+LFM2_INLINE void x16_scales(const uint8_t* t, __m128i sc[8], __m128i mn[8]) {
   const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
   __m128i S[12];
   for (int i = 0; i < 12; ++i) S[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 64 + 16 * i));
@@ -1122,27 +1127,196 @@ LFM2_KVNNI void pack_ktile_x16(const uint8_t* tile, int64_t nsb, KTile& kt) {
     }
   }
 }
+
+// The AVX2 forms of the tile code, for CPUs without AVX-512 VNNI. A chunk's 64 bytes are two 256-bit halves,
+// rows 0-7 and 8-15, each 32-bit lane one row's 4 + 4 values. vpmaddubsw multiplies a row's 4 low-nibble
+// values by 4 broadcast activation bytes into two int16 pair sums (at most 2 x 15 x 127 = 3810 each), and a
+// sub-block's 8 of them (4 chunks, low and high nibbles) stay inside int16 (30480); one vpmaddwd against the
+// row's scale then sums the pairs into int32, exactly as `x16_rows` sums them, and the same two float
+// multiply-adds a super-block follow, so the results are the VNNI code's bits. Per 32 multiply-adds of a row
+// that is one vpmaddubsw and a quarter vpmaddwd, against one of each in the file layout's `dot_simd`. Zen 1,
+// 2 threads, one activation row: 4608x1024 in cache 0.235 -> 0.133 ms (1.8x), 65536x1024 from memory 3.3 ->
+// 2.1 ms (11.5 -> 17.8 GB/s; 2-4 rows 2.1x). Unlike the VNNI code this one asks for the next super-block as it
+// goes: without that it read 12.4-13.5 GB/s from memory (the bandwidth is ~23, one core's ~13).
+
+// Half h (rows 8h .. 8h + 7) of two tile vectors of 16 row bytes as int16 pairs: row r's byte of a and of b
+// side by side in its 32-bit lane (a = b: a block scale against a row's pair sums; two blocks' mins).
+LFM2_INLINE __m256i row_pairs(__m128i a, __m128i b, int h) {
+  return _mm256_cvtepu8_epi16(h == 0 ? _mm_unpacklo_epi8(a, b) : _mm_unpackhi_epi8(a, b));
+}
+
+template <int MR>
+void x16_rows_avx2(const uint8_t* tile, int64_t nsb, const KActivations& a, int64_t m0, int64_t k, float* y,
+                   int64_t ldy) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* t = tile + sb * kX16Bytes;
+    __m128i sc[8], mn[8];
+    x16_scales(t, sc, mn);
+    __m256i isum[MR][2], msum[MR][2];
+    const int8_t* xq[MR];
+    const int16_t* bs[MR];
+    for (int r = 0; r < MR; ++r) {
+      isum[r][0] = isum[r][1] = msum[r][0] = msum[r][1] = _mm256_setzero_si256();
+      xq[r] = a.q.data() + (m0 + r) * k + sb * kSuper;
+      bs[r] = a.bsum.data() + ((m0 + r) * nsb + sb) * 8;
+    }
+    for (int j = 0; j < 8; ++j) {
+      __m256i s16[MR][2];
+      for (int r = 0; r < MR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        const int g = 4 * j + i;
+        _mm_prefetch(reinterpret_cast<const char*>(t + kX16Bytes + 72 * g), _MM_HINT_T0);  // the next super-block
+        __m256i x0[MR], x1[MR];
+        for (int r = 0; r < MR; ++r) {
+          int32_t v0, v1;
+          std::memcpy(&v0, xq[r] + 8 * g, 4);
+          std::memcpy(&v1, xq[r] + 8 * g + 4, 4);
+          x0[r] = _mm256_set1_epi32(v0);
+          x1[r] = _mm256_set1_epi32(v1);
+        }
+        for (int h = 0; h < 2; ++h) {
+          const __m256i w = load256(t + 256 + 64 * g + 32 * h);
+          const __m256i wl = _mm256_and_si256(w, lo4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4);
+          for (int r = 0; r < MR; ++r)
+            s16[r][h] = _mm256_add_epi16(s16[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(wl, x0[r]),
+                                                                     _mm256_maddubs_epi16(wh, x1[r])));
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256i scale = row_pairs(sc[j], sc[j], h);
+        for (int r = 0; r < MR; ++r) isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(s16[r][h], scale));
+        if (j % 2 == 0) continue;
+        const __m256i mins = row_pairs(mn[j - 1], mn[j], h);  // times the activations' sums of sub-blocks j - 1, j
+        for (int r = 0; r < MR; ++r) {
+          int32_t two;
+          std::memcpy(&two, bs[r] + j - 1, 4);
+          msum[r][h] = _mm256_add_epi32(msum[r][h], _mm256_madd_epi16(mins, _mm256_set1_epi32(two)));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16 * h)));
+      const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 + 16 * h)));
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xd = _mm256_set1_ps(a.d[(m0 + r) * nsb + sb]);
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][h]), _mm256_mul_ps(d, xd), acc[r][h]);
+        acc[r][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[r][h]), _mm256_mul_ps(dmin, xd), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(y + r * ldy, acc[r][0]);
+    _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+  }
+}
+
+// Every activation row against tile ti, two rows at a time.
+void x16_tile_avx2(const KMatrix& W, int64_t ti, const KActivations& a, int64_t m_rows, float* y) {
+  const uint8_t* tile = W.q + ti * kTile * W.row_bytes;
+  float* out = y + ti * kTile;
+  int64_t m = 0;
+  for (; m + 2 <= m_rows; m += 2) x16_rows_avx2<2>(tile, W.nsb, a, m, W.k, out + m * W.n, W.n);
+  if (m < m_rows) x16_rows_avx2<1>(tile, W.nsb, a, m, W.k, out + m * W.n, W.n);
+}
+
+// `dequantize_x16` with AVX2: the same factors and the same product-then-difference per value.
+void dequantize_x16_avx2(const uint8_t* t, float* out, int64_t ldo) {
+  const __m128i lo4 = _mm_set1_epi8(0x0F);
+  __m128i sc[8], mn[8];
+  x16_scales(t, sc, mn);
+  alignas(16) uint8_t s[8][16], m[8][16];
+  for (int j = 0; j < 8; ++j) {
+    _mm_store_si128(reinterpret_cast<__m128i*>(s[j]), sc[j]);
+    _mm_store_si128(reinterpret_cast<__m128i*>(m[j]), mn[j]);
+  }
+  for (int r = 0; r < kTile; ++r) {
+    const float d = f16_at(t + 2 * r), dmin = f16_at(t + 32 + 2 * r);
+    for (int j = 0; j < 8; ++j) {
+      const __m256 scale = _mm256_set1_ps(d * static_cast<float>(s[j][r]));
+      const __m256 minv = _mm256_set1_ps(dmin * static_cast<float>(m[j][r]));
+      for (int g = 4 * j; g < 4 * j + 4; ++g) {
+        int32_t word;  // the row's 4 bytes of chunk g: values 8g .. 8g + 3 low, 8g + 4 .. 8g + 7 high
+        std::memcpy(&word, t + 256 + 64 * g + 4 * r, 4);
+        const __m128i w = _mm_cvtsi32_si128(word);
+        const __m128i v = _mm_unpacklo_epi32(_mm_and_si128(w, lo4), _mm_and_si128(_mm_srli_epi16(w, 4), lo4));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        _mm256_storeu_ps(out + r * ldo + 8 * g, _mm256_sub_ps(_mm256_mul_ps(f, scale), minv));
+      }
+    }
+  }
+}
+
+// `pack_ktile_x16` for kgemm_tile_avx2: the same values, and `pack_ktile_factors`'s integer factors.
+void pack_ktile_x16_avx2(const uint8_t* tile, int64_t nsb, KTile& kt) {
+  kt.q.resize(nsb * 8 * 8 * 64);
+  kt.scale16.resize(nsb * 8 * kTile * 2);
+  kt.min16.resize(nsb * 8 * kTile);
+  kt.d.resize(nsb * kTile);
+  kt.dmin.resize(nsb * kTile);
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* t = tile + sb * kX16Bytes;
+    __m128i sc[8], mn[8];
+    x16_scales(t, sc, mn);
+    for (int h = 0; h < 2; ++h) {
+      _mm256_storeu_ps(kt.d.data() + sb * kTile + 8 * h,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16 * h))));
+      _mm256_storeu_ps(kt.dmin.data() + sb * kTile + 8 * h,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 + 16 * h))));
+    }
+    for (int j = 0; j < 8; ++j) {
+      const int64_t b = sb * 8 + j;
+      for (int h = 0; h < 2; ++h) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(kt.scale16.data() + (b * kTile + 8 * h) * 2),
+                            row_pairs(sc[j], sc[j], h));
+        if (j % 2 == 1)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(kt.min16.data() + ((b / 2) * kTile + 8 * h) * 2),
+                              row_pairs(mn[j - 1], mn[j], h));
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i w = load256(t + 256 + 64 * (4 * j + i) + 32 * h);
+          int8_t* dst = kt.q.data() + (b * 8 + 2 * i) * 64 + 32 * h;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(w, lo4));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64), _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4));
+        }
+    }
+  }
+}
 #endif
+
+// Which code runs Q4_K in 16-row tiles: 2 the VNNI code, 1 the AVX2 code, 0 none (no SIMD build).
+int x16_code() {
+  if (lfm2_simd::cpu_has_vnni512()) return 2;
+  return best_isa() >= 1 ? 1 : 0;
+}
 
 at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k, int64_t isa) {
   const KMatrix W = check(blocks, type, k, "kgemv");
   const int64_t m_rows = lfm2_act::input_rows(x, k, "kgemv");
   TORCH_CHECK(isa >= 0 && isa <= best_isa(), "lfm2 kgemv: code ", isa, " does not run here (best: ", best_isa(), ")");
   at::Tensor y = lfm2_act::output_for(x, W.n);
-  if (type == kQ4KX16) {
-    TORCH_CHECK(isa == 2 && lfm2_simd::cpu_has_vnni512(), "lfm2 kgemv: Q4_K in 16-row tiles (type 112) needs "
-                "AVX-512 VNNI; restore the file's layout with kunpack");
+  if (type == kQ4KX16) {  // the VNNI code where asked for and there, else the AVX2 code
+    TORCH_CHECK(isa >= 1 && x16_code() >= 1, "lfm2 kgemv: Q4_K in 16-row tiles (type 112) needs the AVX2 code; "
+                "restore the file's layout with kunpack");
 #if LFM2_AVX2
-    const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, false);
+    const bool vnni = isa == 2 && x16_code() == 2;
+    const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, false, false);
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (kTile * W.row_bytes));
     at::parallel_for(0, W.n / kTile, grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t ti = t0; ti < t1; ++ti) x16_tile(W, ti, a, m_rows, yp);
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        if (vnni) x16_tile(W, ti, a, m_rows, yp);
+        else x16_tile_avx2(W, ti, a, m_rows, yp);
+      }
     });
 #endif
     return y;
   }
-  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, isa == 2);
+  const KActivations a = quantize_activations_k(x.data_ptr<float>(), m_rows, k, isa == 2, type == kQ6K);
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / W.row_bytes);
   at::parallel_for(0, W.n, grain, [&](int64_t n0, int64_t n1) {
@@ -1175,23 +1349,28 @@ int64_t kgemv_best_isa() { return best_isa(); }
 // values: a prefill GEMM in AMX tiles takes them without another pass over the weights).
 at::Tensor kdequantize(const at::Tensor& blocks, int64_t type, int64_t k, bool bf16) {
   const KMatrix W = check(blocks, type, k, "kdequantize");
-  TORCH_CHECK(type != kQ4KX16 || (best_isa() == 2 && lfm2_simd::cpu_has_vnni512()),
-              "lfm2 kdequantize: Q4_K in 16-row tiles (type 112) needs AVX-512 VNNI");
+  TORCH_CHECK(type != kQ4KX16 || x16_code() >= 1, "lfm2 kdequantize: Q4_K in 16-row tiles (type 112) needs the "
+              "AVX2 code");
   at::Tensor out = at::empty({W.n, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   float* of = bf16 ? nullptr : out.data_ptr<float>();
   at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  if (type == kQ4KX16) {  // a tile's super-block at a time (the tiles exist only where the AVX-512 code runs)
+  if (type == kQ4KX16) {  // a tile's super-block at a time (the tiles exist only where the SIMD code runs)
 #if LFM2_AVX2
+    const bool vnni = x16_code() == 2;
+    const auto dequantize = [vnni](const uint8_t* t, float* out, int64_t ldo) {
+      if (vnni) dequantize_x16(t, out, ldo);
+      else dequantize_x16_avx2(t, out, ldo);
+    };
     at::parallel_for(0, W.n / kTile, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> tmp(bf16 ? kTile * kSuper : 0);
       for (int64_t ti = t0; ti < t1; ++ti)
         for (int64_t sb = 0; sb < W.nsb; ++sb) {
           const uint8_t* t = W.q + ti * kTile * W.row_bytes + sb * kX16Bytes;
           if (!bf16) {
-            dequantize_x16(t, of + ti * kTile * k + sb * kSuper, k);
+            dequantize(t, of + ti * kTile * k + sb * kSuper, k);
             continue;
           }
-          dequantize_x16(t, tmp.data(), kSuper);
+          dequantize(t, tmp.data(), kSuper);
           for (int r = 0; r < kTile; ++r)
             for (int i = 0; i < kSuper; ++i) ob[(ti * kTile + r) * k + sb * kSuper + i] = at::BFloat16(tmp[r * kSuper + i]);
         }
@@ -1254,7 +1433,8 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
     KTile t;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t n0 = ti * kTile, cols = std::min<int64_t>(kTile, W.n - n0);
-      if (type == kQ4KX16) pack_ktile_x16(W.q + n0 * W.row_bytes, W.nsb, t);  // check(): VNNI CPUs only
+      if (type == kQ4KX16 && vnni) pack_ktile_x16(W.q + n0 * W.row_bytes, W.nsb, t);
+      else if (type == kQ4KX16) pack_ktile_x16_avx2(W.q + n0 * W.row_bytes, W.nsb, t);
       else pack_ktile(W, n0, cols, bv, t, vnni);
       const uint8_t* u = xu.get();
       const float* d = xd.get();
@@ -1262,7 +1442,7 @@ at::Tensor kgemm(const at::Tensor& x, const at::Tensor& blocks, int64_t type, in
       if (vnni && bv == 16) kgemm_rows<16>(t, W, u, d, xs.get(), m_rows, yp, n0, cols);
       else if (vnni) kgemm_rows<32>(t, W, u, d, xs.get(), m_rows, yp, n0, cols);
       else if (bv == 16) kgemm_rows_avx2<16, 2, 4>(t, W, u, d, s16, m_rows, yp, n0, cols);
-      else if (halved && type == kQ4K) kgemm_rows_avx2<32, 8, 2>(t, W, u, d, s16, m_rows, yp, n0, cols);
+      else if (halved && (type == kQ4K || type == kQ4KX16)) kgemm_rows_avx2<32, 8, 2>(t, W, u, d, s16, m_rows, yp, n0, cols);
       else if (halved) kgemm_rows_avx2<32, 4, 2>(t, W, u, d, s16, m_rows, yp, n0, cols);
       else kgemm_rows_avx2<32, 4, 4>(t, W, u, d, s16, m_rows, yp, n0, cols);
     }
@@ -1301,10 +1481,11 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
   // Q4_K tiles run 16 rows at a time (w1 and w3 together: a tile's rows of the other in another type one by
   // one), other types a row at a time
   const bool tiles13 = t1 == kQ4KX16 || t3 == kQ4KX16, tiles2 = t2 == kQ4KX16;
-  TORCH_CHECK(!(tiles13 || tiles2) || (best_isa() == 2 && lfm2_simd::cpu_has_vnni512()),
-              "lfm2 kmoe_experts: Q4_K in 16-row tiles (type 112) needs AVX-512 VNNI");
+  TORCH_CHECK(!(tiles13 || tiles2) || x16_code() >= 1,
+              "lfm2 kmoe_experts: Q4_K in 16-row tiles (type 112) needs the AVX2 code");
   const int64_t H = expert_at(w1, 0).size(0);
   const int isa = best_isa();
+  [[maybe_unused]] const int x16 = x16_code();
 
   const lfm2_moe::ExpertSlots g = lfm2_moe::group_slots(chosen, E, "kmoe_experts");
   const int64_t U = g.count();
@@ -1327,10 +1508,12 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
 
   // each product is kgemv's (the tiles' code or rows_avx512 / dot_simd / dot_scalar), on kgemv's activations
   const int64_t unit13 = tiles13 ? kTile : 1;
-  const KActivations xa = quantize_activations_k(x.data_ptr<float>(), M, D, isa == 2 && t1 + t3 != 2 * kQ4KX16);
+  const KActivations xa = quantize_activations_k(x.data_ptr<float>(), M, D, isa == 2 && t1 + t3 != 2 * kQ4KX16,
+                                                  t1 == kQ6K || t3 == kQ6K);
   const auto rows13 = [&](const KMatrix& W, int64_t n0, int64_t m, float* out) {
 #if LFM2_AVX2
-    if (W.type == kQ4KX16) return x16_rows<1>(W.q + n0 * W.row_bytes, W.nsb, xa, m, D, out, 0);
+    if (W.type == kQ4KX16 && x16 == 2) return x16_rows<1>(W.q + n0 * W.row_bytes, W.nsb, xa, m, D, out, 0);
+    if (W.type == kQ4KX16) return x16_rows_avx2<1>(W.q + n0 * W.row_bytes, W.nsb, xa, m, D, out, 0);
 #endif
     for (int64_t l = 0; l < unit13; ++l) out[l] = kdot(W, n0 + l, xa, m, isa);
   };
@@ -1341,13 +1524,13 @@ at::Tensor kmoe_experts(const at::Tensor& x, const at::Tensor& chosen, const at:
         rows13(W1[u], n0, m, a);
         rows13(W3[u], n0, m, b);
       },
-      [&](const std::vector<float>& h) { ha = quantize_activations_k(h.data(), M * K, H, isa == 2 && !tiles2); },
+      [&](const std::vector<float>& h) {
+        ha = quantize_activations_k(h.data(), M * K, H, isa == 2 && !tiles2, t2 == kQ6K);
+      },
       [&](int64_t u, int64_t n0, int64_t slot, const float*, float* out) {
 #if LFM2_AVX2
-        if (tiles2) {
-          x16_rows<1>(W2[u].q + n0 * W2[u].row_bytes, W2[u].nsb, ha, slot, H, out, 0);
-          return;
-        }
+        if (tiles2 && x16 == 2) return x16_rows<1>(W2[u].q + n0 * W2[u].row_bytes, W2[u].nsb, ha, slot, H, out, 0);
+        if (tiles2) return x16_rows_avx2<1>(W2[u].q + n0 * W2[u].row_bytes, W2[u].nsb, ha, slot, H, out, 0);
 #endif
         out[0] = kdot(W2[u], n0, ha, slot, isa);
       });
