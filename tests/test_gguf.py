@@ -585,10 +585,11 @@ def _decode_logits(llm, ids: list[int]) -> torch.Tensor:
 def test_llama_cpp_files_agree_with_our_native_kernels(llama_cpp, wide_f32, tmp_path, ftype):
     """Files as llama-quantize makes them for users (its own mixture of types: the Q4_0 file's embedding is Q4_0,
     its head Q6_K), loaded by default: natively, in lfm2's int8 / int4 / K-quant kernels (int4 in 16-row tiles
-    on AVX-512 VNNI CPUs, Q4_K in them wherever the SIMD code runs). Teacher-forced top-1 against llama.cpp on the same file, at prefill (one forward)
-    and at decode (a token at a time), over 512 positions: at least 95%, and as high as the same file dequantized
-    to float32, to within near-ties (issue #30). Measured (2 x 512 positions, docs/benchmarks.md): native 96.1-97.7%,
-    dequantized 95.7-97.5%; Q4_0 native was 95.0% while its embedding was requantized to int8."""
+    on AVX-512 VNNI CPUs, Q4_K in them wherever the SIMD code runs). Teacher-forced top-1 against llama.cpp on
+    the same file, at prefill (one forward) and at decode (a token at a time), over 512 positions: at least 95%,
+    and as high as the same file dequantized to float32, to within near-ties (issue #30). Measured (2 x 512
+    positions, docs/benchmarks.md): native 96.1-97.7%, dequantized 95.7-97.5%; Q4_0 native was 95.0% while its
+    embedding was requantized to int8."""
     out = tmp_path / f"{ftype}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
