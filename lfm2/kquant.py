@@ -48,10 +48,11 @@ SUPER_BLOCK = 256
 # lfm2's own type id for Q4_K in tiles of TILE_ROWS rows (`kernels/kquant.cpp`, "Q4_K in tiles of 16 rows").
 Q4_K_X16 = 112
 TILE_ROWS = 16
-# Input rows up to which `kgemv` is used: a server's decoding batch. Its cost grows with the rows
-# (the AVX-512 code unpacks the weights once per four rows; the AVX2 code once per row), while
-# dequantized tiles cost a pass over every weight whatever the rows: 16 rows of kgemv took 2-12 ms
-# on a 4608x1024 Q4_K matrix against 50-170 ms tiled (2 threads, on a busy machine).
+# Input rows up to which `kgemv` is used: a server's decoding batch. Its cost grows with the rows (the
+# AVX-512 code and the VNNI tiles unpack the weights once per four rows, the AVX2 tiles once per two, the
+# AVX2 per-row code once per row), while dequantized tiles cost a pass over every weight whatever the
+# rows: 16 rows of kgemv took 2-12 ms on a 4608x1024 Q4_K matrix against 50-170 ms tiled (2 threads, on a
+# busy machine).
 KGEMV_MAX_ROWS = 16
 # Bytes of dequantized weight (float32 or bfloat16) made at once on the many-row path (as lfm2.quant.TILE_BYTES).
 TILE_BYTES = 4 * 2**20

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from lfm2 import kernels
-from lfm2 import kquant as kquant_module
 from lfm2.errors import CheckpointError
-from lfm2.kquant import Q4_K_X16, KQuantEmbedding, KQuantLinear
+from lfm2.kquant import Q4_K_X16, KQuantEmbedding, KQuantLinear, tiles_faster
 
 T = gguf.GGMLQuantizationType
 TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
@@ -189,7 +188,7 @@ def test_q4_k_tiles_compute_what_the_file_layout_computes():
         ops.kpack_(random_blocks(16, 256, T.Q6_K), int(T.Q6_K), 256)
 
 
-@pytest.mark.skipif(kernels.ops() is None or not kquant_module.tiles_faster(),
+@pytest.mark.skipif(kernels.ops() is None or not tiles_faster(),
                     reason="Q4_K stays in the file's layout on this CPU")
 def test_layer_tiles_its_q4_k_blocks_in_place(monkeypatch):
     """`pack_tiles` rearranges a Q4_K layer's blocks in their own storage (stacked experts stay one view);

@@ -1296,10 +1296,11 @@ __attribute__((noinline)) void pack_tile(const KMatrix& W, int64_t n0, int64_t r
 }
 #endif
 
-// Which code runs Q4_K in 16-row tiles: 2 the VNNI code, 1 the AVX2 code, 0 none (no SIMD build).
+// Which code runs Q4_K in 16-row tiles: 2 the VNNI code, 1 the AVX2 code, 0 none (no SIMD build). Asked once,
+// as `best_isa`: every `kgemv` of a tile matrix asks.
 int x16_code() {
-  if (lfm2_simd::cpu_has_vnni512()) return 2;
-  return best_isa() >= 1 ? 1 : 0;
+  static const int code = lfm2_simd::cpu_has_vnni512() ? 2 : best_isa() >= 1 ? 1 : 0;
+  return code;
 }
 
 at::Tensor kgemv_isa(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t k, int64_t isa) {
