@@ -70,8 +70,14 @@ WARM_SLOTS, WARM_FILLED = 45, 29
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-# What tracing a step as one graph (`fullgraph`) raises where the step has a host sync in it.
-_NOT_ONE_GRAPH = (torch._dynamo.exc.Unsupported, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode)
+def _not_one_graph() -> tuple[type[BaseException], ...]:
+    """What tracing a step as one graph (`fullgraph`) raises where the step has a host sync in it. Looked up
+    when a step compiles: `torch._dynamo` is ~70 MiB of modules that a process which never compiles (the
+    fused step's, `lfm2.step`) should not import."""
+    import torch._dynamo
+    import torch.fx.experimental.symbolic_shapes
+
+    return torch._dynamo.exc.Unsupported, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode
 
 
 def cache_dir() -> str:
@@ -216,7 +222,7 @@ class CompiledDecode:
             try:  # the engine's caches are inference tensors: so is this one (guards check it)
                 try:
                     self._trace(graph, key)
-                except _NOT_ONE_GRAPH:  # a graph break, or a size known only at run time: again, in pieces
+                except _not_one_graph():  # a graph break, or a size known only at run time: again, in pieces
                     graph = self._graphs[key] = graph.with_graph_breaks()
                     self._trace(graph, key)
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
@@ -263,11 +269,12 @@ def warm(model: torch.nn.Module, *rows: int) -> None:
 
 
 def state(model: torch.nn.Module) -> str:
-    """The compiled decode step's state, for health reports: "off", "pending" (compiles at the first
-    step), "ready" or "failed" (decoding eagerly)."""
+    """The decode step's state, for health reports: "fused" (`lfm2.step`, nothing to compile), "off"
+    (eager), or the compiled step's: "pending" (compiles at the first step), "ready" or "failed"
+    (decoding eagerly)."""
     step = getattr(model, "decode_step", None)
     if not isinstance(step, CompiledDecode):
-        return "off"
+        return "fused" if type(step).__name__ == "FusedDecode" else "off"
     if step.failed is not None:
         return "failed"
     return "ready" if step.ready(1) else "pending"

@@ -630,9 +630,10 @@ def _ready(llm: LLM, compile: bool | None) -> LLM:
     (`lfm2.threads`)."""
     from lfm2.compile import auto_compile, compile_decode
     from lfm2.quant import pack_tiles
+    from lfm2.step import fuse_decode
 
     pack_tiles(llm.model)  # int4 into the decode kernel's 16-row tiles, on CPUs where they are faster
-    if compile or (compile is None and auto_compile(llm.model)):
+    if compile or (compile is None and fuse_decode(llm.model) is None and auto_compile(llm.model)):
         compile_decode(llm.model)
     release_openmp_workers()
     return llm

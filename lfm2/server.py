@@ -485,8 +485,9 @@ class Health(BaseModel):
     prefill_chunks: int
     prefix_cache: PrefixCacheStats
     image_cache: ImageCacheStats = Field(description="encoded images kept by content (vision models)")
-    compiled_decode: Literal["off", "pending", "ready", "failed"] = Field(
-        description="the torch.compile'd decode step (lfm2.compile); failed: decoding eagerly")
+    compiled_decode: Literal["off", "fused", "pending", "ready", "failed"] = Field(
+        description="the decode step: fused (lfm2.step, one C++ call), off (eager), or torch.compile's "
+                    "(lfm2.compile): pending, ready, or failed (decoding eagerly)")
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """lfm2's C++ kernels (`qgemv.cpp`, `kquant.cpp`, `attention.cpp`, `shortconv.cpp`, `norm.cpp`,
-`swiglu.cpp`, `moe.cpp`), compiled on first use and cached.
+`swiglu.cpp`, `moe.cpp`, and `step.cpp`, a decode step through them all), compiled on first use and cached.
 
 PyTorch has no fast weight-only int8/int4 matrix-vector product on AVX2 CPUs (its built-in ones
 run at 0.4-1.2 GB/s of weights, against 20+ GB/s of memory bandwidth, as we measured them on
@@ -37,7 +37,7 @@ import torch
 SOURCE = Path(__file__).with_name("qgemv.cpp")
 SOURCES = tuple(Path(__file__).with_name(f)
                 for f in ("qgemv.cpp", "kquant.cpp", "attention.cpp", "shortconv.cpp", "norm.cpp", "swiglu.cpp",
-                          "moe.cpp"))
+                          "moe.cpp", "step.cpp"))
 # included by the sources: part of the build's key
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("simd.h", "activations.h", "moe_slots.h", "q4_tiles.h"))
 DISABLE_ENV = "LFM2_NO_KERNELS"
