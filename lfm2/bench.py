@@ -13,10 +13,12 @@ the same prompt of random token ids and decodes greedily, ignoring end-of-text:
 - decode as a fraction of the memory-bandwidth limit = decode tokens/s x weight bytes read per
   token / the machine's measured read bandwidth (`torch.sum` over 1 GiB on 2 MiB huge pages; the
   4 KiB-page figure is printed beside it).
-lfm2's rows run its default path: on the CPU, a model of LFM2-350M's size or more decodes through
-`torch.compile` (`lfm2.compile`), compiled at the first step, before the measurement; the compile
-time is printed under the table. `--eager` adds rows decoding without it (`compile=False`), and
-`--no-compile` makes lfm2's rows decode eagerly instead (quicker runs).
+lfm2's rows run its default path: on the CPU, the fused decode step (`lfm2.step`: every block in one
+C++ call) where it fits the model, else for a model of LFM2-350M's size or more `torch.compile`
+(`lfm2.compile`), compiled at the first step, before the measurement; a compile time is printed
+under the table. `--compiled` adds rows decoding through `torch.compile` (`compile=True`), `--eager`
+rows decoding eagerly in Python (`compile=False`), and `--no-compile` makes lfm2's rows decode
+eagerly instead.
 Precisions are matched: lfm2 float32 and transformers float32 against llama.cpp F32, lfm2 int8
 against Q8_0, lfm2 int4 against Q4_0; "vs lfm2" compares each row with lfm2 at its precision.
 The random checkpoint is written once, in bfloat16 shards as Hugging Face publishes the models
@@ -355,8 +357,11 @@ def engines_for(ckpt: Path, args: argparse.Namespace, notes: list[str] | None = 
 
 
 def lfm2_rows(label: str, path: Path, precision: str, per_token: float, args: argparse.Namespace) -> list[Row]:
-    """lfm2's default path (eager with `--no-compile`), and with `--eager` the same decoding eagerly."""
+    """lfm2's default path (eager with `--no-compile`), with `--compiled` the same through torch.compile, and with
+    `--eager` the same decoding eagerly."""
     rows = [Row(label, "lfm2-eager" if args.no_compile else "lfm2", path, precision, per_token)]
+    if getattr(args, "compiled", False) and not args.no_compile:
+        rows.append(Row(f"{label} compiled", "lfm2-compile", path, precision, per_token))
     if getattr(args, "eager", False) and not args.no_compile:
         rows.append(Row(f"{label} eager", "lfm2-eager", path, precision, per_token))
     return rows
@@ -438,8 +443,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="run llama.cpp through this llama-bench binary (default: llama-cpp-python if installed)")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
     ap.add_argument("--no-compile", action="store_true",
-                    help="lfm2's rows decode without torch.compile (quicker runs; by default real-size models compile)")
-    ap.add_argument("--eager", action="store_true", help="add lfm2 rows decoding without torch.compile")
+                    help="lfm2's rows decode eagerly in Python (by default: the fused step where it fits, else "
+                         "torch.compile for real-size models)")
+    ap.add_argument("--compiled", action="store_true", help="add lfm2 rows decoding through torch.compile")
+    ap.add_argument("--eager", action="store_true", help="add lfm2 rows decoding eagerly in Python")
     ap.add_argument("--precision", default=None, metavar="LIST",
                     help="only these precisions, comma-separated from f32,int8,int4 (default: all); "
                          "transformers float32 stays unless --no-transformers")

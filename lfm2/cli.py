@@ -103,8 +103,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="print timing (tokens/s) to stderr")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step before the first token (about a minute the first time, "
-                        "seconds once cached on disk). Default: on the CPU for models of 50M+ weights; --compile: "
-                        "for any model; --no-compile: never")
+                        "seconds once cached on disk). Default: the fused decode step (lfm2.step, nothing to compile) "
+                        "where it fits the model, else compiled on the CPU for models of 50M+ weights; --compile: "
+                        "for any model; --no-compile: never, and no fused step (eager Python)")
 
 
 def _add_tool_args(p: argparse.ArgumentParser) -> None:

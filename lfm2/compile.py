@@ -11,8 +11,9 @@ Only decode steps are compiled: prefill runs eagerly, so its shapes never cause 
 step is traced with dynamic shapes, so one graph serves every cache length; a batch of one row
 and a batch of several are two graphs (PyTorch specializes sizes of 1), compiled separately.
 
-It is the default on the CPU for models of real size (`auto_compile`). A graph compiles in the
-calling thread, on a cache of its own, at the first decode step that needs it; the server
+It is the default on the CPU only for models of real size (`auto_compile`) that the fused step (`lfm2.step`,
+every block in one C++ call, no compiler) does not take; `compile=True` asks for it on any model. A graph
+compiles in the calling thread, on a cache of its own, at the first decode step that needs it; the server
 compiles both at start-up and `lfm2 chat` the one-row graph, before the first request or reply.
 Not in a background thread: tracing patches `nn.Module.__call__` process-wide (a concurrent eager
 step failed with "module is not installed as a submodule") and holds the GIL for seconds (eager

@@ -506,12 +506,15 @@ def load(
     block types to int8 as it reads them (`lfm2.gguf.load_model`); `quantize="none"` dequantizes
     them to `dtype` instead.
 
-    Decode steps run through `torch.compile` (`lfm2.compile`) by default on the CPU for models of
-    real size (LFM2-350M and up; `lfm2.compile.auto_compile`), and with `compile=True` for any
-    model: the step compiles at the first decode step (about a minute for LFM2-350M on 2 cores, about
-    ten seconds once inductor's disk cache holds it; MoE models several minutes, under a minute cached).
-    `compile=False` (or `LFM2_COMPILE=0` for the default) decodes eagerly. Where compiling fails, decoding
-    stays eager.
+    Decode steps run fused by default (`lfm2.step`: every block of a step in one C++ call through lfm2's
+    kernels, the eager model's results, nothing to compile) where that fits the model: float32 on the
+    CPU with the kernels built, layers as wide as LFM2-350M's, no unmerged adapters. Models it does not
+    fit decode through `torch.compile` (`lfm2.compile`) on the CPU if they are of real size (LFM2-350M
+    and up; `lfm2.compile.auto_compile`); `compile=True` compiles for any model: the step compiles at
+    the first decode step (about a minute for LFM2-350M on 2 cores, about ten seconds once inductor's
+    disk cache holds it; MoE models several minutes, under a minute cached). `compile=False` decodes
+    eagerly, module by module (`LFM2_COMPILE=0` turns the default compile off, not the fused step).
+    Where compiling fails, decoding stays eager.
 
     `mmproj` is the vision part of an LFM2-VL model as llama.cpp keeps it (an mmproj .gguf file, written
     by `lfm2 convert` or llama.cpp's converter), beside a `.gguf` text model: the LLM then reads images
@@ -520,7 +523,7 @@ def load(
     An LFM2-VL model (`llm.vision`) takes all three on its language model, `llm.model`: `quantize`
     and `lfm2 quantize` leave the vision tower and projector float (in `dtype`); an adapter adapts the
     language model's projections, under the names PEFT gives them on transformers' LFM2-VL (`lfm2.lora`);
-    the compiled decode step is the language model's, which is all decoding runs (images reach the
+    the fused or compiled decode step is the language model's, which is all decoding runs (images reach the
     model once, as the prefill's `inputs_embeds`).
     """
     native = quantize is None  # a GGUF file's own Q8_0 / Q4_0 blocks, where nothing else is asked

@@ -1793,8 +1793,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="largest remote image fetched, K, M, G suffixes (default: %(default)s, 32 MiB)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode steps at start-up (about a minute the first time, seconds once "
-                        "cached on disk). Default: on the CPU for models of 50M+ weights; --compile: for any model; "
-                        "--no-compile: never")
+                        "cached on disk). Default: the fused decode step (lfm2.step, nothing to compile) where it fits "
+                        "the model, else compiled on the CPU for models of 50M+ weights; --compile: for any model; "
+                        "--no-compile: never, and no fused step (eager Python)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="how much the server logs (default: %(default)s)")
     p.set_defaults(handler=cmd_serve)

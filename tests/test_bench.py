@@ -256,3 +256,16 @@ def test_gguf_mode_rows_and_llama_bench_arguments(tmp_path, monkeypatch):
     assert calls[0][3:] == ["-m", str(gguf), "-p", "64", "-n", "0", "-t", "2", "-r", "1", "-o", "json"]
     assert calls[1][5:11] == ["-p", "0", "-n", "16", "-d", "64"]
     assert got["prefill"] == 100.0 and got["decode"] == 20.0 and got["rss"] == 1002 * 1024
+
+
+def test_compiled_and_eager_rows_beside_the_default(tmp_path):
+    """`--compiled` / `--eager` add lfm2 rows through torch.compile / eager Python beside the default path (the
+    fused step where it fits); `--no-compile` leaves one eager row."""
+    from lfm2.bench import lfm2_rows
+
+    both = argparse.Namespace(compiled=True, eager=True, no_compile=False)
+    rows = lfm2_rows("lfm2 Q4_0", tmp_path, "int4", 1e9, both)
+    assert [(r.label, r.engine) for r in rows] == [
+        ("lfm2 Q4_0", "lfm2"), ("lfm2 Q4_0 compiled", "lfm2-compile"), ("lfm2 Q4_0 eager", "lfm2-eager")]
+    none = argparse.Namespace(compiled=True, eager=True, no_compile=True)
+    assert [r.engine for r in lfm2_rows("lfm2 Q4_0", tmp_path, "int4", 1e9, none)] == ["lfm2-eager"]
