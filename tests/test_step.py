@@ -12,7 +12,7 @@ from lfm2.kquant import KQuantLinear
 from lfm2.lora import LoraConfig, apply_lora
 from lfm2.quant import quantize_model
 from lfm2.sampling import SamplingParams
-from lfm2.step import FusedDecode, _Unfit, fuse_decode, plan
+from lfm2.step import FusedDecode, Unfit, fuse_decode, plan
 from tests.conftest import engine_decode, random_model, tiny_config, write_checkpoint
 from tests.test_kquant import random_blocks
 
@@ -71,11 +71,26 @@ def test_the_fused_step_gives_the_eager_models_bits(kind, moe):
     model = _model(kind, moe)
     step = fuse_decode(model)
     assert isinstance(step, FusedDecode) and model.decode_step is step
-    for rows in (1, 3):
+    for rows in (1, 3, 8):  # 8: the int8 GEMM's rows on VNNI CPUs (`QuantLinear.forward`)
         fused = _steps(model, step, rows)
         assert torch.equal(fused, _steps(model, model, rows))
         assert fused[:, :, :].argmax(-1).unique().numel() > 2  # the logits depend on the context
     assert step.eager == 0
+
+
+@pytest.mark.skipif(not kernels.has_int8_gemm(), reason="no int8 GEMM here")
+def test_rows_past_the_gemms_threshold_take_the_gemm_as_the_eager_model_does(monkeypatch):
+    """On VNNI CPUs `QuantLinear.forward` multiplies 6 rows or more by the int8 GEMM; the fused step does the
+    same (on other CPUs the GEMM's AVX2 code stands in for it here)."""
+    model = _model("int8")
+    before = _steps(model, model, 8, n=3)
+    vnni = kernels.has_vnni()
+    monkeypatch.setattr(kernels, "has_vnni", lambda: True)
+    step = fuse_decode(model)
+    assert step.plan.max_rows == 16
+    eager = _steps(model, model, 8, n=3)
+    assert vnni or not torch.equal(before, eager)  # the GEMM's sums, not the GEMV's
+    assert torch.equal(_steps(model, step, 8, n=3), eager) and step.eager == 0
 
 
 def test_a_dense_cache_and_a_masked_one_give_the_same_bits():
@@ -134,7 +149,7 @@ def test_models_it_does_not_fit_keep_their_own_step(change):
         model.eval()
     if change == "bf16":
         model.to(torch.bfloat16)
-    with pytest.raises(_Unfit):
+    with pytest.raises(Unfit):
         plan(model)
     assert fuse_decode(model) is None and not hasattr(model, "decode_step")
 
@@ -180,3 +195,11 @@ def test_a_plan_that_does_not_fit_the_state_is_refused():
         with pytest.raises(RuntimeError, match="ints end early"):
             ops.decode_layers(x, p.weights, p.ints[:-1], p.reals, [cache.conv[0], cache.keys[1], cache.values[1]],
                               cos, sin, None, 3)
+
+
+def test_kernels_turned_off_after_the_load_decode_eagerly(monkeypatch):
+    model = _model("int8")
+    step = fuse_decode(model)
+    fused = _steps(model, step, 1, n=2)
+    monkeypatch.setenv("LFM2_NO_KERNELS", "1")
+    assert _steps(model, step, 1, n=2).shape == fused.shape and step.eager == 2

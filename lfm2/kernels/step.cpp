@@ -24,7 +24,7 @@
 //              weights [expert bias, if any], reals [scaling], then per tensor list of the op (6 or 3)
 //              ints [its length] and weights [its tensors], then ints [the op's 3 integer arguments]
 //   linear:    ints [kind]: 0 float32 GEMV, weights [w]; 1 F.linear, weights [w]; 2 lfm2 int8/int4,
-//              weights [qweight, scales], ints [bits, group size, int8 activations, x16]; 3 GGUF
+//              weights [qweight, scales], ints [bits, group size, int8 activations, x16, GEMM from rows]; 3 GGUF
 //              blocks, weights [blocks], ints [type, k]
 
 #include <ATen/ATen.h>
@@ -52,6 +52,10 @@ struct Kernels {
                                       bool, bool)>
       qgemv = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool,
                                 bool)>("lfm2_quant::qgemv");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                      bool)>
+      qgemm = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool)>(
+          "lfm2_quant::qgemm");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)> kgemv =
       handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>("lfm2_quant::kgemv");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double)> rms_norm =
@@ -123,6 +127,8 @@ at::Tensor linear(Plan& p, const at::Tensor& x) {
       const at::Tensor& s = p.tensor();
       const int64_t bits = p.integer(), group = p.integer();
       const bool int8 = p.integer() != 0, x16 = p.integer() != 0;
+      const int64_t gemm_from = p.integer();  // rows from which `QuantLinear.forward` takes the GEMM
+      if (x.size(0) >= gemm_from) return k.qgemm.call(x, q, s, bits, group, x16);
       return k.qgemv.call(x, q, s, bits, group, int8, x16);
     }
     case 3: {
