@@ -172,8 +172,8 @@ class FusedDecode:
         state = []
         for i in range(len(model.model.layers)):
             state += [cache.conv[i]] if i in cache.conv else [cache.keys[i], cache.values[i]]
-        x = ops.decode_layers(x, self.plan.weights, self.plan.ints, self.plan.reals, state,
-                                        cos.view(B, -1), sin.view(B, -1), valid, start)
+        x = ops.decode_layers(x, self.plan.weights, self.plan.ints, self.plan.reals, state, cos.view(B, -1),
+                              sin.view(B, -1), valid, start)
         return model.lm_head(model.model.embedding_norm(x))
 
 
