@@ -273,9 +273,11 @@ def state(model: torch.nn.Module) -> str:
     """The decode step's state, for health reports: "fused" (`lfm2.step`, nothing to compile), "off"
     (eager), or the compiled step's: "pending" (compiles at the first step), "ready" or "failed"
     (decoding eagerly)."""
+    from lfm2.step import FusedDecode
+
     step = getattr(model, "decode_step", None)
     if not isinstance(step, CompiledDecode):
-        return "fused" if type(step).__name__ == "FusedDecode" else "off"
+        return "fused" if isinstance(step, FusedDecode) else "off"
     if step.failed is not None:
         return "failed"
     return "ready" if step.ready(1) else "pending"

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -304,9 +305,7 @@ class QuantLinear(nn.Module):
         xf = x if x.dtype == torch.float32 else x.float()
         ops = kernels.ops() if xf.is_cpu else None
         m = xf.numel() // self.in_features
-        # the GEMM from QGEMM_MIN_ROWS rows with VNNI; its AVX2 code (2-2.8x slower) only past the GEMV's rows
-        first = QGEMM_MIN_ROWS if kernels.has_vnni() else GEMV_MAX_ROWS + 1
-        gemm = ops is not None and m >= first and self._int8_gemm()
+        gemm = ops is not None and m >= self.gemm_rows()
         if ops is not None and m <= GEMV_MAX_ROWS and not gemm:
             y = ops.qgemv(xf.contiguous(), self.qweight, self.scales, self.bits,
                           self.group_size or self.in_features, self._int8_activations, self.x16)
@@ -318,6 +317,14 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def gemm_rows(self) -> int:
+        """The rows from which `forward` multiplies by the int8 GEMM: QGEMM_MIN_ROWS with VNNI, its AVX2 code
+        (2-2.8x slower) only past the GEMV's rows, never (sys.maxsize) where the GEMM cannot take the layer.
+        The fused decode step (`lfm2.step`) makes the same choice from it."""
+        if not self._int8_gemm():
+            return sys.maxsize
+        return QGEMM_MIN_ROWS if kernels.has_vnni() else GEMV_MAX_ROWS + 1
 
     def _int8_gemm(self) -> bool:
         """Whether the int8 GEMM can take this layer's products (the SIMD build, int8 activations)."""

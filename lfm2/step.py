@@ -56,10 +56,8 @@ class Plan:
         elif type(m) is quant.QuantLinear:
             if m.bias is not None:
                 raise Unfit(f"{name}: a quantized layer with a bias")
-            # the rows from which `QuantLinear.forward` takes its GEMM (VNNI CPUs: from a few rows on)
-            gemm_from = quant.QGEMM_MIN_ROWS if kernels.has_vnni() else quant.GEMV_MAX_ROWS + 1
-            gemm_from = gemm_from if m._int8_gemm() else quant.GEMV_MAX_ROWS + 1
-            self.ints += [2, m.bits, m.group_size or m.in_features, int(m._int8_activations), int(m.x16), gemm_from]
+            self.ints += [2, m.bits, m.group_size or m.in_features, int(m._int8_activations), int(m.x16),
+                          m.gemm_rows()]
             self.weights += [m.qweight, m.scales]
             self.max_rows = min(self.max_rows, quant.GEMV_MAX_ROWS)
         elif type(m) is kquant.KQuantLinear:
