@@ -38,7 +38,7 @@ from torch import nn
 
 from lfm2.errors import CheckpointError, ConfigError
 from lfm2.files import atomic_write
-from lfm2.models.lfm2 import is_plain_linear
+from lfm2.models.lfm2 import drop_decode_step, is_plain_linear
 from lfm2.weights import save_tensors
 
 # LFM2's real projections: attention q/k/v/out, convolution in/out, SwiGLU w1/w2/w3.
@@ -119,6 +119,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
         known = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ConfigError(f"LoRA target(s) {unknown} match no linear layer of this model; "
                           f"LFM2's projections are {known} (defaults: {list(DEFAULT_TARGETS)})")
+    drop_decode_step(model)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = [n for n in linear if any(_matches(n, t) for t in cfg.targets)]
@@ -239,6 +240,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraConfig
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain `nn.Linear` layers back."""
+    drop_decode_step(model)
     for name, m in list(lora_layers(model)):
         # A new tensor rather than an in-place update: loaded weights may be read-only memory maps.
         m.base.weight = nn.Parameter(m.merged_weight().detach(), requires_grad=False)

@@ -67,7 +67,7 @@ from torch import nn
 from lfm2 import kernels
 from lfm2.errors import CheckpointError, ConfigError
 from lfm2.kquant import KQuantEmbedding, KQuantLinear
-from lfm2.models.lfm2 import is_plain_linear
+from lfm2.models.lfm2 import drop_decode_step, is_plain_linear
 
 KINDS = {"int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128)
@@ -532,6 +532,7 @@ def quantize_model(model: nn.Module, kind: str, group_size: int | None = 32,
     for name, linear in layers:
         check_format(kind, group_size, linear.in_features, what=f"layer {name!r}")
     check_format(embedding_kind, group_size, text.config.hidden_size, what="the embedding")
+    drop_decode_step(model)
     for name, linear in layers:
         _set_module(text, name, QuantLinear.from_linear(linear, kind, group_size))
     backbone = text.model

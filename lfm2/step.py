@@ -14,8 +14,8 @@ no copies), integers and reals that `step.cpp`'s header describes. A model it do
 adapters, biases, bfloat16, layers narrower than the kernels' threshold, experts no grouped kernel
 takes) gets no plan: `lfm2.load` then compiles its step where it would have (`lfm2.compile.auto_compile`).
 A step it cannot take (more rows than the kernels' GEMV range, a prefill's marks) runs the model
-eagerly. As with the compiled step, changing the model after `lfm2.load` (adapters, quantizing)
-needs a new `fuse_decode`.
+eagerly. Changing the model after `lfm2.load` (`apply_lora`, `merge_lora`, `quantize_model`) drops
+its step (`drop_decode_step`), fused or compiled: the model then decodes eagerly until a new `fuse_decode`.
 """
 
 from __future__ import annotations

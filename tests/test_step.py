@@ -214,3 +214,29 @@ def test_kernels_turned_off_after_the_load_decode_eagerly(monkeypatch):
     fused = _steps(model, step, 1, n=2)
     monkeypatch.setenv("LFM2_NO_KERNELS", "1")
     assert _steps(model, step, 1, n=2).shape == fused.shape and step.eager == 2
+
+
+@pytest.mark.parametrize("change", ["lora", "merge", "quantize"])
+def test_a_model_changed_after_fusing_decodes_as_changed(change):
+    """Adapters attached, merged or a model quantized after `lfm2.load` fused its step: the stale plan
+    (the old weights) is dropped, so decoding follows the change instead of the weights it replaced."""
+    from lfm2.lora import lora_layers, merge_lora
+
+    model = _model("float32")
+    assert fuse_decode(model) is not None
+    if change in ("lora", "merge"):
+        apply_lora(model, LoraConfig(rank=4, targets=["q_proj", "w2"]))
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        model.eval()
+        if change == "merge":
+            merge_lora(model)
+    else:
+        quantize_model(model, "int4", 32)
+    assert not hasattr(model, "decode_step")
+    eager = _steps(model, model, 1, n=3)
+    reference = _model("float32")
+    assert not torch.equal(eager, _steps(reference, reference, 1, n=3))  # the change changed the logits
+    if change != "lora":  # a model without adapters fits a new plan, with the changed model's bits
+        assert torch.equal(_steps(model, fuse_decode(model), 1, n=3), eager)

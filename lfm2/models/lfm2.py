@@ -66,6 +66,15 @@ def is_plain_linear(m: nn.Module) -> bool:
     return type(m) in (nn.Linear, Linear)
 
 
+def drop_decode_step(model: nn.Module) -> None:
+    """Forget the decode step `lfm2.load` made for `model` or any module in it (`lfm2.step`'s fused one holds
+    the weights it was planned from, a compiled one its graphs): called where layers are replaced (adapters,
+    merges, quantizing), so that decoding follows the change, eagerly, instead of the weights it replaced.
+    `lfm2.step.fuse_decode` or `lfm2.compile.compile_decode` makes a new one."""
+    for m in model.modules():
+        m.__dict__.pop("decode_step", None)
+
+
 class RMSNorm(nn.Module):
     """`kernel`: at inference on a CPU, lfm2's one-pass norm (`kernels/norm.cpp`) where PyTorch makes
     five or six whole-tensor operations (a 512-token prefill of LFM2-350M: ~40 ms of its norms). Set for
