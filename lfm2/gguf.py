@@ -59,7 +59,15 @@ from lfm2.models.lfm2 import is_plain_linear
 from lfm2.models.lfm2_vl import VlConfig, is_vl_config
 from lfm2.shards import read_tensor
 from lfm2.tokenizer import Tokenizer
-from lfm2.weights import PROGRESS_BYTES, move_to_huge_pages, resolve_checkpoint, save_checkpoint, tensor_table
+from lfm2.weights import (
+    PROGRESS_BYTES,
+    WeightArena,
+    move_to_huge_pages,
+    resolve_checkpoint,
+    save_checkpoint,
+    tensor_table,
+    use_huge_pages,
+)
 
 GGMLType = gguf.GGMLQuantizationType
 TokenType = gguf.TokenType
@@ -298,13 +306,35 @@ class GGUFFile:
         against llama.cpp's 1.26). Only whole pages inside the tensor go, and only for tensors nothing
         holds a view of: a later read faults them in again from the file (nothing here writes to the map)."""
         info = self.tensors[name]
+        self._release(info.offset, info.nbytes)
+
+    def maps(self, t: torch.Tensor) -> bool:
+        """Whether `t` is a view of this file's map (a tensor `tensor` gave without a copy)."""
+        base = self._map.ctypes.data
+        return t.device.type == "cpu" and base <= t.untyped_storage().data_ptr() < base + len(self._map)
+
+    def _release(self, offset: int, nbytes: int) -> None:
         view = getattr(self._map, "_mmap", None)
         if view is None or not hasattr(view, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        end = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start:
             view.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def row_chunks(self, name: str, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, bytes a row) uint8 view of the map) over a tensor's rows (its innermost
+        dimension's blocks; leading dimensions flattened), about CHUNK_BYTES at a time, each chunk's pages
+        dropped (`release`) when the next is asked for: the caller copies a chunk out before that. A
+        tensor copied out whole is resident twice at once, map and copy (LFM2-1.2B Q8_0's 142 MB
+        embedding: +130 MiB at the load's peak); chunk by chunk, once."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
+        blocks = self.raw(name).reshape(-1, row_bytes)
+        step = rows or max(1, CHUNK_BYTES // row_bytes)
+        for r in range(0, blocks.shape[0], step):
+            yield r, blocks[r : r + step]
+            self._release(info.offset + r * row_bytes, min(step, blocks.shape[0] - r) * row_bytes)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A tensor's values: F32/F16/BF16 as stored (F32 without a copy), quantized types as float32."""
@@ -556,6 +586,8 @@ def _resolve_names(f: GGUFFile, config: ModelConfig) -> list[tuple[str, str, lis
     return resolved
 
 
+# Bytes copied out of a file's map at once (`GGUFFile.row_chunks`).
+CHUNK_BYTES = 16 * 2**20
 # Float32 bytes dequantized at once when a matrix is requantized as it is read (`load_model`).
 REQUANT_CHUNK_BYTES = 16 * 2**20
 # GGUF block types that are our quantized layouts byte for byte (group size 32), by our format name.
@@ -609,6 +641,11 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                 # the embedding and an untied head stay int8, as in our int4 models and llama.cpp's files
                 requantized[src] = quantize if all(o in linear for o in ours) else "int8"
     total = sum(f.tensors[src].nbytes for src, _, _ in resolved)
+    # On the CPU the blocks taken as they are (nearly all of a quantized file) go straight into their slots of
+    # one huge-page arena, which `move_to_huge_pages` below then leaves alone: moving them after the load
+    # would hold the largest (the embedding) twice at the load's peak (LFM2-1.2B Q8_0: +113 MiB).
+    cpu = torch.device(device).type == "cpu"
+    arena = WeightArena(_block_specs(f, kept, direct)) if cpu and use_huge_pages() and (kept or direct) else None
     disable = total < PROGRESS_BYTES if progress is None else not progress
     state = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=disable) as bar:
@@ -617,13 +654,11 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                 info = f.tensors[src]
                 K = info.shape[-1]
                 rows = (-1, info.shape[-2], kquant.row_bytes(info.type, K))  # (experts or 1, N, bytes)
-                blocks = torch.from_numpy(np.array(f.raw(src))).reshape(rows)
+                blocks = _copy_blocks(f, src, arena).reshape(rows)
                 for e, name in enumerate(ours):  # stacked MoE experts: one layer per expert
                     _put_kquant(model, name, blocks[e].to(device), info.type, K, dtype)
             elif src in direct:
-                info = f.tensors[src]
-                to_packed = quant.from_gguf_q8_0 if info.type == GGMLType.Q8_0 else quant.from_gguf_q4_0
-                qweight, scales = (t.to(device) for t in to_packed(f.raw(src), info.shape))
+                qweight, scales = (t.to(device) for t in _copy_direct(f, src, arena))
                 for e, name in enumerate(ours):
                     q, sc = (qweight[e], scales[e]) if len(ours) > 1 else (qweight, scales)
                     _put_quantized(model, name, q, sc, dtype)
@@ -640,8 +675,12 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                     _put_quantized(model, name, q.to(device), sc.to(device), dtype)
             else:
                 for name, t in zip(ours, _to_ours(gname, f.tensor(src)), strict=True):
-                    state[name] = t.to(device=device, dtype=torch.float32 if _keep_fp32(name) else dtype)
-            if src in kept or src in direct or src in requantized:  # copied out: no view of the map remains
+                    t = t.to(device=device, dtype=torch.float32 if _keep_fp32(name) else dtype)
+                    # A quantized model's few float tensors (norms, conv kernels) are copied out too: moved to huge
+                    # pages from the map later, each would map the file's pages around it (a large folio at a time:
+                    # LFM2-350M Q8_0, 65 MiB of other tensors' pages at the load's peak).
+                    state[name] = t.clone() if arena is not None and f.maps(t) else t
+            if src in kept or src in direct or src in requantized or arena is not None:  # nothing holds the map
                 f.release(src)
             bar.update(f.tensors[src].nbytes)
     embedding_direct = isinstance(model.model.embed_tokens, quant.QuantEmbedding | kquant.KQuantEmbedding)
@@ -660,7 +699,55 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
         model.lm_head.weight = model.model.embed_tokens.weight
     if quantize is not None:
         quant.quantize_model(model, quantize, group_size)
+    if cpu and isinstance(model.model.embed_tokens, quant.QuantEmbedding | kquant.KQuantEmbedding):  # quantized
+        move_to_huge_pages(model, skip=arena)  # weights made in memory from the file's blocks (see lfm2.weights)
     return model.eval()
+
+
+def _block_specs(f: GGUFFile, kept: set[str], direct: dict[str, str]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of what `_copy_blocks` and `_copy_direct` make of these tensors, in `load_model`'s order."""
+    specs: list[tuple[tuple[int, ...], torch.dtype]] = []
+    for src, info in f.tensors.items():
+        if src in kept:
+            specs.append(((info.nbytes,), torch.uint8))
+        elif src in direct:
+            specs += _direct_specs(info)
+    return specs
+
+
+def _direct_specs(info: TensorInfo) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(qweight, scales) shapes and dtypes of a Q8_0 / Q4_0 tensor in our layout (`quant.from_gguf_q8_0`)."""
+    *lead, K = info.shape
+    q8 = info.type == GGMLType.Q8_0
+    return [((*lead, K if q8 else K // 2), torch.int8 if q8 else torch.uint8), ((*lead, K // 32), torch.float16)]
+
+
+def _take(arena: WeightArena | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype) if arena is None else arena.take(shape, dtype)
+
+
+def _copy_blocks(f: GGUFFile, src: str, arena: WeightArena | None) -> torch.Tensor:
+    """A tensor's bytes (flat uint8), copied out of the file's map a chunk at a time (`GGUFFile.row_chunks`)."""
+    out = _take(arena, (f.tensors[src].nbytes,), torch.uint8)
+    flat = out.numpy()
+    for r, chunk in f.row_chunks(src):
+        flat[r * chunk.shape[1] : (r + chunk.shape[0]) * chunk.shape[1]] = chunk.reshape(-1)
+    return out
+
+
+def _copy_direct(f: GGUFFile, src: str, arena: WeightArena | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) of a Q8_0 / Q4_0 tensor in our layout, converted a chunk of rows at a time."""
+    from lfm2 import quant
+
+    info = f.tensors[src]
+    to_packed = quant.from_gguf_q8_0 if info.type == GGMLType.Q8_0 else quant.from_gguf_q4_0
+    q, sc = (_take(arena, shape, dtype) for shape, dtype in _direct_specs(info))
+    rows_q, rows_sc = q.view(-1, q.shape[-1]), sc.view(-1, sc.shape[-1])
+    for r, chunk in f.row_chunks(src):
+        cq, csc = to_packed(chunk, (chunk.shape[0], info.shape[-1]))
+        rows_q[r : r + chunk.shape[0]] = cq
+        rows_sc[r : r + chunk.shape[0]] = csc
+    return q, sc
 
 
 def _put_quantized(model: torch.nn.Module, name: str, qweight: torch.Tensor, scales: torch.Tensor,
@@ -881,11 +968,6 @@ def load_gguf(
         check_is_lfm2_mmproj(vision_file)
     config, model, tokenizer, f = read_gguf(path, dtype, device, quantize=quantize,
                                             group_size=group_size, native=native and device.type == "cpu")
-    from lfm2.kquant import KQuantEmbedding
-    from lfm2.quant import QuantEmbedding
-
-    if device.type == "cpu" and isinstance(model.model.embed_tokens, QuantEmbedding | KQuantEmbedding):  # quantized
-        move_to_huge_pages(model)  # weights made in memory from the file's blocks (see lfm2.weights)
     loaded = Loaded(model=model, config=config, tokenizer=tokenizer, path=f.path,
                     generation_defaults=generation_defaults_from_gguf(f))
     if vision_file is not None:

@@ -123,20 +123,22 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def move_to_huge_pages(model: torch.nn.Module) -> torch.nn.Module:
+def move_to_huge_pages(model: torch.nn.Module, skip: WeightArena | None = None) -> torch.nn.Module:
     """Move a CPU model's parameters and buffers into one huge-page arena, tensor by tensor.
 
     For weights made in memory (quantized on load, converted from GGUF blocks): each old tensor
     is freed as soon as its copy is made, so memory grows by one tensor at most. Tensors shared
-    between modules stay shared."""
+    between modules stay shared. Tensors already in `skip` (made in their slots as they were read)
+    stay where they are."""
     if not use_huge_pages():
         return model
+    placed = None if skip is None else skip.buffer.untyped_storage().data_ptr()
     slots: dict[int, list[tuple[dict, str]]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for mod in model.modules():
         for table in (mod._parameters, mod._buffers):
             for name, t in table.items():
-                if t is not None and t.device.type == "cpu":
+                if t is not None and t.device.type == "cpu" and t.untyped_storage().data_ptr() != placed:
                     slots.setdefault(id(t), []).append((table, name))
                     tensors[id(t)] = t
     arena = WeightArena([(tuple(t.shape), t.dtype) for t in tensors.values()])

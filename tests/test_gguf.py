@@ -751,6 +751,52 @@ def test_released_tensor_pages_read_back_from_the_file(dense_gguf):
         np.testing.assert_array_equal(np.array(f.raw(n)), before[n])
 
 
+@pytest.fixture(scope="module")
+def wide_vocab_gguf(chat_checkpoint, tmp_path_factory):
+    """Q8_0 and Q4_0 files whose embedding (65536 x 256, 17 MiB in Q8_0) is most of the file."""
+    cfg = tiny_config(vocab_size=65536, hidden_size=256, intermediate_size=256, max_position_embeddings=512)
+    ckpt = _with_tokenizer(tmp_path_factory.mktemp("wide-vocab"), chat_checkpoint, cfg, seed=7)
+    return {t: export_gguf(ckpt, ckpt.parent / f"wide-{t}.gguf", t, progress=False) for t in ("q8_0", "q4_0")}
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_blocks_are_read_into_their_slots_a_chunk_at_a_time(wide_vocab_gguf, monkeypatch, kind):
+    """A quantized file's blocks go from the map straight into one huge-page arena, a chunk of rows at a time
+    with each chunk's pages dropped (a tensor copied out whole, then moved, was resident twice at the load's
+    peak), and make the model they made before (`LFM2_MMAP=1`: plain tensors, no arena)."""
+    import lfm2.gguf as lg
+    from lfm2.quant import QuantEmbedding, QuantLinear
+
+    path, chunk_bytes = wide_vocab_gguf[kind], 256 * 1024
+    monkeypatch.setattr(lg, "CHUNK_BYTES", chunk_bytes)
+    chunks, resident = [], []
+    real = lg.GGUFFile.row_chunks
+
+    def watched(self: GGUFFile, name: str, rows: int | None = None):
+        for r, chunk in real(self, name, rows):
+            chunks.append(chunk.nbytes)
+            yield r, chunk
+            resident.append(_mapped_kib(self.path))
+
+    monkeypatch.setattr(lg.GGUFFile, "row_chunks", watched)
+    llm = lfm2.load(path)
+    embedding = GGUFFile(path).tensors["token_embd.weight"].nbytes
+    assert len(chunks) >= embedding // chunk_bytes and max(chunks) <= chunk_bytes
+    layers = [m for m in llm.model.modules() if isinstance(m, QuantLinear | QuantEmbedding)]
+    storages = {t.untyped_storage().data_ptr() for m in layers for t in (m.qweight, m.scales)}
+    if lg.use_huge_pages():
+        assert len(storages) == 1  # one arena, nothing moved after the load
+        if resident[0] is not None:
+            # The file's pages mapped at once: the header, a chunk or two, and what the kernel maps around a fault
+            # (its page cache folios, up to 2 MiB each), never the embedding whole.
+            assert max(resident) * 1024 <= 6 * 2**20 < embedding // 2, max(resident)
+    monkeypatch.setenv("LFM2_MMAP", "1")
+    plain = lfm2.load(path)
+    ids = torch.tensor([[1, 5, 9, 30, 2, 8000]])
+    with torch.inference_mode():
+        assert torch.equal(llm.model(ids)[0], plain.model(ids)[0])
+
+
 def _mapped_kib(path: Path) -> int | None:
     """Resident KiB of `path`'s mappings in this process (/proc/self/smaps), None where unavailable."""
     try:
