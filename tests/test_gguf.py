@@ -429,6 +429,28 @@ def test_truncated_tensor_data(dense_gguf, tmp_path):
         lfm2.load(tmp_path / "junk.gguf")
 
 
+def test_a_vocabulary_cut_short_or_not_utf8_is_named(dense_gguf, tmp_path):
+    """The tokens array, read in one loop (`_Cursor.strings`): a file cut anywhere inside it, or a token that is
+    not UTF-8, is a clear error naming the key, never a short vocabulary."""
+    data = dense_gguf["q8_0"].read_bytes()
+    key = data.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens")
+    first = key + 4 + 4 + 8  # the value type, the element type, the count: then the first token's length
+    for cut in (first + 3, first + 8 + 1, first + 5000, first + 5001):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"cut\.gguf: the file ends at byte \d+ while reading the value of "
+                                                  r"metadata key 'tokenizer\.ggml\.tokens'.* is truncated"):
+            GGUFFile(tmp_path / "cut.gguf")
+    bad = bytearray(data)
+    bad[first + 8] = 0xFF  # the first token's first byte
+    (tmp_path / "bad.gguf").write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError, match=r"bad\.gguf: .*'tokenizer\.ggml\.tokens'.*string 0 at byte \d+ is not "
+                                              r"valid UTF-8"):
+        GGUFFile(tmp_path / "bad.gguf")
+    field = gguf.GGUFReader(dense_gguf["q8_0"]).fields["tokenizer.ggml.tokens"]  # gguf-py's reader as the reference
+    tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    assert len(tokens) > 100 and GGUFFile(dense_gguf["q8_0"]).metadata["tokenizer.ggml.tokens"] == tokens
+
+
 def test_missing_tensor(dense_gguf, tmp_path):
     path = _gguf_with(dense_gguf["f16"], tmp_path / "m.gguf", drop=("blk.2.shortconv.conv.weight",))
     with pytest.raises(CheckpointError, match=r"m\.gguf: tensor 'blk\.2\.shortconv\.conv\.weight' is missing; it holds "
