@@ -348,9 +348,9 @@ class GGUFFile:
 
     def read_into(self, name: str, out: np.ndarray, start: int = 0) -> None:
         """Bytes start .. start + out.nbytes of a tensor's data into `out` (contiguous), with plain reads of
-        CHUNK_BYTES. Through the map, each 4 KiB page was a fault that mapped it (and its neighbours) into
-        this process, and a tensor copied out whole was resident twice, map and copy: LFM2-8B-A1B Q4_K_M's
-        blocks copied at 0.9 GB/s, and LFM2-1.2B Q8_0's 142 MB embedding added 130 MiB to the load's peak."""
+        CHUNK_BYTES. Through the map, each page read was a fault that mapped it (and the page cache's folio
+        around it) into this process until released, and a tensor copied out whole was resident twice, map
+        and copy (LFM2-1.2B Q8_0's 142 MB embedding: +130 MiB at the load's peak)."""
         info = self.tensors[name]
         view = memoryview(out).cast("B")
         if start < 0 or start + len(view) > info.nbytes:
