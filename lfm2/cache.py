@@ -24,11 +24,31 @@ turn a few tokens before the prompt's end) without splitting the chunk into more
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
 
 from lfm2.config import ModelConfig
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros whose memory becomes resident only where written, on the CPU: an anonymous map is zero already, where
+    `torch.zeros` writes every byte. The server's KV cache is `max_batch x max_len` slots (16 x 4096: 1.5 GiB for
+    LFM2-350M in float32) and its first request made all of it resident; this way a cache costs the slots its
+    rows use. Its pages stay 4 KiB (MADV_NOHUGEPAGE): a row's kv head spans 1 MiB of slots, and 2 MiB pages
+    made six short requests resident in 600 MiB. Elsewhere (small tensors, GPUs) `torch.zeros`."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes < LAZY_ZEROS_BYTES:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    block = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        block.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(block, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps `block` alive
+
+
+LAZY_ZEROS_BYTES = 1 << 20  # smaller tensors: a map of their own would not pay
 
 
 @dataclass
@@ -60,8 +80,8 @@ class Cache:
         self.conv: dict[int, torch.Tensor] = {}
         for i, kind in enumerate(config.layer_types):
             if kind == "full_attention":
-                self.keys[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
-                self.values[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+                self.keys[i] = lazy_zeros(kv_shape, dtype, device)
+                self.values[i] = lazy_zeros(kv_shape, dtype, device)
             else:
                 shape = (batch_size, config.hidden_size, config.conv_L_cache - 1)
                 self.conv[i] = torch.zeros(shape, dtype=dtype, device=device)

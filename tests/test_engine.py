@@ -149,6 +149,29 @@ def test_clear_row_and_leading_free_slots(llm):
     assert cache.leading_free_slots() == cache.length == 3
 
 
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return None
+
+
+def test_a_large_cache_is_resident_only_where_written(llm):
+    """A server's cache (16 rows x 4096 slots by default; here 128 x 512, the fixture's context) costs the slots
+    its requests use, not its whole size: its K/V come zero from the system a page at a time
+    (`lfm2.cache.lazy_zeros`), and decode the same tokens."""
+    before = _rss()
+    cache = llm.model.make_cache(128, 512)
+    nominal = sum(t.nbytes for t in [*cache.keys.values(), *cache.values.values()])
+    if before is not None:
+        assert _rss() - before < nominal // 8
+    assert nominal >= 16 * 2**20 and not any(t.any() for t in cache.keys.values())
+    prompt = prompts_for(llm, 3)[2]
+    want = list(Engine(llm.model, max_batch=1, max_len=64).generate([prompt], GREEDY, 12, ignore_eos=True))
+    assert list(Engine(llm.model, max_batch=128, max_len=512).generate([prompt], GREEDY, 12, ignore_eos=True)) == want
+
+
 # -- scheduler ----------------------------------------------------------------------------------
 
 
