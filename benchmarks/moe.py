@@ -103,18 +103,28 @@ def random_quantized_model(name: str, kind: str, seed: int = 0) -> torch.nn.Modu
     q, s = _random_packed(config.vocab_size, config.hidden_size, 8, rnd)
     model.model.embed_tokens = QuantEmbedding.from_packed(q, (s.float() * config.hidden_size**0.5).half())
     model.lm_head = TiedQuantHead(model.model.embed_tokens)
-    model.to_empty(device="cpu")  # the float rest: norms, conv kernels, routers, expert biases
+    # The float rest (norms, conv kernels, routers, expert biases) is still on the meta device: made here, and
+    # only it. (`to_empty` would remake every tensor, the random layers above too: until 2026-12-06 every
+    # quantized weight of these models came out zero, every token took the same experts, and each MoE figure
+    # measured on them was of that degenerate model; docs/benchmarks.md says which.)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif pname.endswith("gate.weight"):
-                p.normal_(0, config.hidden_size**-0.5)
-            else:  # conv kernels
-                p.normal_(0, 0.3)
-        for b in model.buffers():
-            b.zero_()
+        for m in model.modules():
+            for table in (m._parameters, m._buffers):
+                for name, t in table.items():
+                    if t is None or not t.is_meta:
+                        continue
+                    new = torch.empty_like(t, device="cpu")
+                    if name == "weight" and isinstance(m, torch.nn.Linear):  # the routers
+                        new.normal_(0, config.hidden_size**-0.5)
+                    elif name == "weight" and isinstance(m, torch.nn.Conv1d):
+                        new.normal_(0, 0.3)
+                    elif name == "weight":  # norms
+                        new.fill_(1.0)
+                    else:  # expert biases
+                        new.zero_()
+                    is_param = isinstance(t, torch.nn.Parameter)
+                    table[name] = torch.nn.Parameter(new, requires_grad=False) if is_param else new
     return model.eval()
 
 
