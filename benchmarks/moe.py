@@ -39,7 +39,7 @@ import torch
 
 import lfm2
 from lfm2 import kernels
-from lfm2.config import preset
+from lfm2.config import ModelConfig, preset
 from lfm2.models import build_model
 from lfm2.models.lfm2 import is_plain_linear
 from lfm2.models.lfm2_moe import SparseMoeBlock
@@ -88,10 +88,10 @@ def _random_packed(n: int, k: int, bits: int, rnd: _RandomBytes) -> tuple[torch.
     return q, scales.to(torch.float16)
 
 
-def random_quantized_model(name: str, kind: str, seed: int = 0) -> torch.nn.Module:
-    """A `name`-shaped model with random `kind` (group 32) linear layers and an int8 embedding, built
-    without float32 weights: meta first, then each layer filled with random packed values."""
-    config = preset(name)
+def random_quantized_model(name: str | ModelConfig, kind: str, seed: int = 0) -> torch.nn.Module:
+    """A model of preset `name` (or of a config) with random `kind` (group 32) linear layers and an int8
+    embedding, built without float32 weights: meta first, then each layer filled with random packed values."""
+    config = preset(name) if isinstance(name, str) else name
     model = build_model(config, device="meta")
     rnd = _RandomBytes(torch.Generator().manual_seed(seed))
     bits = KINDS[kind]

@@ -432,3 +432,23 @@ def test_a_stacked_argument_with_another_expert_count_is_refused():
     with pytest.raises(RuntimeError, match="same number of experts"):
         ops.moe_experts(x, torch.tensor([[0, 1, 2]]), torch.ones(1, 3), [w1[0][:4]], s1, w3, s3, w2, s2, bits, group,
                         x16)
+
+
+def test_the_benchmarks_random_quantized_moe_model_is_random():
+    """`benchmarks/moe.py`'s model for the MoE benchmark files: its quantized layers keep their random values (a
+    `to_empty` once remade them and every buffer was zeroed: zero logits, every token routed to the same experts)."""
+    from benchmarks.moe import random_quantized_model
+    from lfm2.models.lfm2_moe import SparseMoeBlock
+
+    config = tiny_config(model_type="lfm2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                         num_dense_layers=1, hidden_size=256, intermediate_size=256)
+    model = random_quantized_model(config, "int4")
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    big = {n: t for n, t in model.named_buffers() if t.numel() > 64}
+    assert big and all(t.float().abs().sum() > 0 for t in big.values())
+    with torch.inference_mode():
+        logits = model(torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)))
+        block = next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
+        chosen, _ = block.route(torch.randn(32, config.hidden_size, generator=torch.Generator().manual_seed(1)))
+    assert logits.abs().max() > 0 and len(set(chosen.flatten().tolist())) >= config.num_experts // 2
+
