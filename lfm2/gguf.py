@@ -63,6 +63,7 @@ from lfm2.weights import (
     PROGRESS_BYTES,
     WeightArena,
     move_to_huge_pages,
+    read_exact,
     resolve_checkpoint,
     save_checkpoint,
     tensor_table,
@@ -347,32 +348,24 @@ class GGUFFile:
         return t.device.type == "cpu" and base <= t.untyped_storage().data_ptr() < base + len(self._map)
 
     def read_into(self, name: str, out: np.ndarray, start: int = 0) -> None:
-        """Bytes start .. start + out.nbytes of a tensor's data into `out` (contiguous), with plain reads of
-        CHUNK_BYTES. Through the map, each page read was a fault that mapped it (and the page cache's folio
-        around it) into this process until released, and a tensor copied out whole was resident twice, map
-        and copy (LFM2-1.2B Q8_0's 142 MB embedding: +130 MiB at the load's peak)."""
+        """Bytes start .. start + out.nbytes of a tensor's data into `out` (contiguous), with plain reads
+        (`lfm2.weights.read_exact`). Through the map, each page read was a fault that mapped it (and the page
+        cache's folio around it) into this process until released, and a tensor copied out whole was resident
+        twice, map and copy (LFM2-1.2B Q8_0's 142 MB embedding: +130 MiB at the load's peak)."""
         info = self.tensors[name]
-        view = memoryview(out).cast("B")
-        if start < 0 or start + len(view) > info.nbytes:
-            raise ValueError(f"bytes {start}..{start + len(view)} are outside tensor {name!r} ({info.nbytes} bytes)")
+        if start < 0 or start + out.nbytes > info.nbytes:
+            raise ValueError(f"bytes {start}..{start + out.nbytes} are outside tensor {name!r} ({info.nbytes} bytes)")
         with open(self.path, "rb", buffering=0) as fh:
-            fh.seek(info.offset + start)
-            got = 0
-            while got < len(view):
-                n = fh.readinto(view[got : got + CHUNK_BYTES])
-                if not n:
-                    raise CheckpointError(f"{self.path}: the file ended while reading tensor {name!r} (it was "
-                                          "shortened after it was opened?)")
-                got += n
+            read_exact(fh, info.offset + start, torch.from_numpy(out), self.path, name)
 
-    def row_chunks(self, name: str, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def row_chunks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, (rows, bytes a row) uint8 array) over a tensor's rows (its innermost dimension's
         blocks; leading dimensions flattened), about CHUNK_BYTES at a time, read (`read_into`) into one
         buffer that the next chunk overwrites: the caller copies a chunk out before asking for the next."""
         info = self.tensors[name]
         row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
         total = info.nbytes // row_bytes
-        step = rows or max(1, CHUNK_BYTES // row_bytes)
+        step = max(1, CHUNK_BYTES // row_bytes)
         buf = np.empty((min(step, total), row_bytes), dtype=np.uint8)
         for r in range(0, total, step):
             chunk = buf[: min(step, total - r)]
@@ -629,7 +622,7 @@ def _resolve_names(f: GGUFFile, config: ModelConfig) -> list[tuple[str, str, lis
     return resolved
 
 
-# Bytes read from a file at once (`GGUFFile.read_into`).
+# Bytes of a tensor converted at once as it is read (`GGUFFile.row_chunks`).
 CHUNK_BYTES = 16 * 2**20
 # Float32 bytes dequantized at once when a matrix is requantized as it is read (`load_model`).
 REQUANT_CHUNK_BYTES = 16 * 2**20
@@ -723,7 +716,7 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
                     # pages from the map later, each would map the file's pages around it (a large folio at a time:
                     # LFM2-350M Q8_0, 65 MiB of other tensors' pages at the load's peak).
                     state[name] = t.clone() if arena is not None and f.maps(t) else t
-            if src in kept or src in direct or src in requantized or arena is not None:  # nothing holds the map
+            if src in requantized or arena is not None:  # pages of the map read for it (kept / direct: plain reads)
                 f.release(src)
             bar.update(f.tensors[src].nbytes)
     embedding_direct = isinstance(model.model.embed_tokens, quant.QuantEmbedding | kquant.KQuantEmbedding)
@@ -748,7 +741,7 @@ def load_model(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: tor
 
 
 def _block_specs(f: GGUFFile, kept: set[str], direct: dict[str, str]) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """The (shape, dtype) of what `_copy_blocks` and `_copy_direct` make of these tensors, in `load_model`'s order."""
+    """The (shape, dtype) of what `_copy_blocks` and `_copy_direct` make of these tensors: the arena's slots."""
     specs: list[tuple[tuple[int, ...], torch.dtype]] = []
     for src, info in f.tensors.items():
         if src in kept:

@@ -30,7 +30,7 @@ import torch
 
 from lfm2.errors import CheckpointError
 from lfm2.files import atomic_path, atomic_write
-from lfm2.weights import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE, _read_exact
+from lfm2.weights import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE, read_exact
 
 # Bytes of tensor data per shard. Hugging Face's writers default to 5 GB; 2 GB keeps each file small
 # enough to copy or re-download on its own.
@@ -131,7 +131,7 @@ def read_tensor(path: Path, info: dict, name: str, rows: tuple[int, int] | None 
     out = torch.empty(shape, dtype=dtype)
     if out.numel():
         with open(path, "rb", buffering=0) as f:
-            _read_exact(f, offset, out, path, name)
+            read_exact(f, offset, out, path, name)
     return out
 
 

@@ -300,7 +300,7 @@ def read_tensors(
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which lfm2 cannot load")
             slot = arena.take(shape, dtype)
             target = slot if stored == dtype else torch.empty(shape, dtype=stored)
-            _read_exact(files[path], info["file_offset"], target, path, name)
+            read_exact(files[path], info["file_offset"], target, path, name)
             if target is not slot:
                 slot.copy_(target)
             bar.update(target.numel() * target.element_size())
@@ -308,7 +308,8 @@ def read_tensors(
     return out
 
 
-def _read_exact(f: Any, offset: int, out: torch.Tensor, path: Path, name: str) -> None:
+def read_exact(f: Any, offset: int, out: torch.Tensor, path: Path, name: str) -> None:
+    """Bytes from `offset` of open file `f` into `out` (contiguous) with plain reads, short reads continued."""
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
     f.seek(offset)
     got = 0
